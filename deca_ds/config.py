@@ -1,0 +1,416 @@
+"""Every deca_ds setting, in one place, checked before anything runs.
+
+A recipe run is described by a YAML file plus dotted ``key=value`` overrides (``optim.lr=1e-4``). DeepSpeed's own
+settings stay in the DeepSpeed JSON named by ``ds_config``; everything about blocks, the DECA correction, the graph
+and the data lives here. Loading is strict: an unknown key, a wrong type or an out-of-range value raises
+:class:`ConfigError` with a one-line message naming the setting and the fix, before any process group, model load or
+output exists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+METHODS = ("deca", "badam_gossip", "trivial_bma", "dadam", "local", "centralized")
+ORDERS = ("ascending", "descending", "fixed", "random")
+STATE_POLICIES = ("reset", "offload")
+OFFLOAD_DTYPES = ("fp32", "int8")
+SIGNALS = ("qgm", "discrepancy", "raw")
+DTYPES = ("fp32", "bf16", "fp16")
+TOPOLOGIES = (
+    "ring", "torus", "exponential", "one_peer_exponential", "erdos_renyi", "bipartite", "complete", "star", "custom",
+)
+MIXING_WEIGHTS = ("metropolis", "uniform")
+PARTITIONS = ("iid", "dirichlet", "shards", "natural")
+DATA_FORMATS = ("auto", "alpaca", "chat")
+TASKS = ("classification", "generation")
+NAN_POLICIES = ("skip", "stop")
+BACKENDS = ("launcher", "simulate")
+CENTRALIZED_OPTIMIZERS = ("block_adam", "adamw")
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown, of the wrong type or out of range; the message names it and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    """Which model to fine-tune and in which precision."""
+
+    path: str | None = None
+    """Local Hugging Face model directory (or hub name when online). ``None``: the embedded tiny Llama."""
+    dtype: str = "fp32"
+    """Weights' dtype on the training device: ``fp32``, ``bf16`` or ``fp16``. BlockAdam keeps an fp32 master of the
+    active block only. Do not also enable DeepSpeed's ``bf16``/``fp16`` sections (see DESIGN.md §3)."""
+    gradient_checkpointing: bool = False
+    """Non-reentrant activation checkpointing; backward still stops at the lowest active block."""
+    save_client_models: bool = False
+    """Also write each client's own model next to the consensus model at the end of a run."""
+
+
+@dataclass
+class DataConfig:
+    """Where each client's data comes from and how it is split and tokenized."""
+
+    path: str | None = None
+    """Local JSON/JSONL/CSV/Parquet file, a hub name, or a per-client pattern containing ``{client}``
+    (``data/client_{client}.jsonl``). ``None``: the embedded synthetic task."""
+    format: str = "auto"
+    """``alpaca`` (instruction/input/output), ``chat`` (messages) or ``auto`` (detected from the fields)."""
+    task: str = "classification"
+    """Synthetic task of the embedded default: ``classification`` (label-skewed) or ``generation`` (task-skewed)."""
+    num_examples: int = 4000
+    """Size of the synthetic dataset (all clients together, before the test split)."""
+    num_labels: int = 4
+    """Labels (classification) or task families (generation) of the synthetic data."""
+    partition: str = "dirichlet"
+    """How one shared dataset is split over clients: ``iid``, ``dirichlet``, ``shards`` or ``natural``."""
+    partition_by: str = "label"
+    """Column whose values drive ``dirichlet``/``shards``, or that names the client for ``natural``."""
+    alpha: float = 0.25
+    """Dirichlet concentration; small is more skewed (the paper uses 0.25)."""
+    shards_per_client: int = 2
+    """Labels per client for ``shards``."""
+    min_partition_size: int = 10
+    """Dirichlet draws are repeated until every client holds at least this many rows."""
+    max_length: int = 128
+    """Tokens per example; longer examples lose the end of the prompt first, then of the response."""
+    packing: bool = False
+    """Concatenate examples into full ``max_length`` rows (loss masks kept per example)."""
+    test_size: float = 0.1
+    """Fraction held out as the global test split (shared by all clients for evaluation)."""
+    eval_examples: int = 64
+    """Test examples used for the periodic and final evaluation."""
+    seed: int = 42
+    """Seed of generation, partition and per-client shuffling."""
+
+
+@dataclass
+class BlocksConfig:
+    """How parameters are cut into blocks and in which order blocks are trained."""
+
+    layers_per_block: int = 1
+    """Consecutive decoder layers per block (the paper uses 2)."""
+    switch_every: int = 8
+    """Optimizer steps a block stays active (R in the paper)."""
+    order: str = "ascending"
+    """``ascending``, ``descending``, ``fixed`` (see ``fixed_order``) or ``random`` (a permutation per round from
+    the shared seed, identical on every client)."""
+    fixed_order: list[int] | None = None
+    """Block indices visited each round when ``order: fixed``."""
+    include_embeddings: bool = False
+    """Make the input embeddings a block of their own."""
+    include_lm_head: bool = False
+    """Make the final norm and LM head a block of their own (a tied head goes with the embeddings)."""
+    prefixes: list[str] | None = None
+    """Explicit blocks: one parameter-name prefix or regex per block; overrides layer detection."""
+
+
+@dataclass
+class OptimConfig:
+    """BlockAdam's local step and what happens to a block's state when it goes inactive."""
+
+    lr: float = 1e-3
+    """Learning rate (γ)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Decay of the fresh local statistics (α1, α2)."""
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    """Decoupled (AdamW) weight decay."""
+    state_policy: str = "reset"
+    """``reset`` drops an inactive block's master and moments (BAdam); ``offload`` keeps them in CPU memory."""
+    offload_dtype: str = "fp32"
+    """Storage of offloaded state: ``fp32`` or ``int8`` (bitsandbytes blockwise quantization)."""
+
+
+@dataclass
+class DecaConfig:
+    """DECA's consensus correction of the moments."""
+
+    signal: str = "qgm"
+    """Consensus signal h: ``qgm`` (x - x_new)/lr, ``discrepancy`` (x_half - x_new)/lr, or ``raw`` x_new - x."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Decay applied when folding h into the moments (β1, β2); 1.0 disables the correction."""
+
+
+@dataclass
+class TopologyConfig:
+    """The communication graph between clients."""
+
+    name: str = "ring"
+    weights: str = "metropolis"
+    """Mixing weights: ``metropolis`` (Metropolis-Hastings) or ``uniform``."""
+    p: float = 0.5
+    """Edge probability for ``erdos_renyi``."""
+    seed: int = 0
+    """Seed for random graphs."""
+    path: str | None = None
+    """Edge list or weight matrix file for ``custom``."""
+
+
+@dataclass
+class ClientsConfig:
+    """How launcher ranks form clients."""
+
+    ranks_per_client: int = 1
+    """Contiguous ranks per client; the client's ranks are one DeepSpeed data-parallel group."""
+
+
+@dataclass
+class GossipConfig:
+    """Transport of the neighbour exchange."""
+
+    dtype: str = "fp32"
+    """Wire dtype of exchanged blocks (``fp32`` or ``bf16``); mixing arithmetic stays fp32."""
+    chunk_mb: float = 64.0
+    """Receive buffers are bounded to this many MiB per neighbour, whatever the block size."""
+
+
+@dataclass
+class RunConfig:
+    """A whole fine-tuning run."""
+
+    ds_config: str | None = None
+    """Path to a DeepSpeed JSON. ``None``: ``ds_configs/cpu_fp32.json`` without a GPU, else ``gpu_bf16.json``."""
+    output_dir: str = "runs/default"
+    max_steps: int = 96
+    """Optimizer steps per client."""
+    seed: int = 0
+    resume: bool = False
+    """Continue from ``output_dir/checkpoints/latest``; without it an existing run is never overwritten."""
+    method: str = "deca"
+    """``deca``, ``badam_gossip`` (no BMA), ``trivial_bma``, ``dadam`` (full Adam + full-model gossip), ``local``
+    (no communication) or ``centralized`` (all ranks one data-parallel group)."""
+    centralized_optimizer: str = "block_adam"
+    """Optimizer of ``method: centralized``: ``block_adam`` or ``adamw`` (full-parameter)."""
+    checkpoint_every: int = 0
+    """Steps between checkpoints (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Complete checkpoints kept; older ones are deleted after a newer one is complete."""
+    comm_timeout: float = 300.0
+    """Seconds to wait for a neighbour before stopping with an error that names it."""
+    log_every: int = 1
+    eval_every: int = 0
+    """Steps between evaluations of every client (0: only at the end)."""
+    nan_policy: str = "stop"
+    """Non-finite loss or gradients: ``skip`` the step on that client, or ``stop`` every client."""
+    backend: str = "launcher"
+    """``launcher`` (one process per rank) or ``simulate`` (all clients in one process)."""
+    num_clients: int | None = None
+    """Clients for ``backend: simulate`` (the launcher derives it from the world size)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    blocks: BlocksConfig = field(default_factory=BlocksConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deca: DecaConfig = field(default_factory=DecaConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+
+    def validate(self) -> "RunConfig":
+        """Check value ranges and names; returns self. Raises :class:`ConfigError` on the first problem."""
+        _choice("method", self.method, METHODS)
+        _choice("centralized_optimizer", self.centralized_optimizer, CENTRALIZED_OPTIMIZERS)
+        _choice("nan_policy", self.nan_policy, NAN_POLICIES)
+        _choice("backend", self.backend, BACKENDS)
+        _positive("max_steps", self.max_steps)
+        _at_least("checkpoint_every", self.checkpoint_every, 0)
+        _at_least("keep_checkpoints", self.keep_checkpoints, 1)
+        _positive("comm_timeout", self.comm_timeout)
+        _positive("log_every", self.log_every)
+        _at_least("eval_every", self.eval_every, 0)
+        if self.num_clients is not None:
+            _positive("num_clients", self.num_clients)
+        _choice("model.dtype", self.model.dtype, DTYPES)
+        d = self.data
+        _choice("data.format", d.format, DATA_FORMATS)
+        _choice("data.task", d.task, TASKS)
+        _choice("data.partition", d.partition, PARTITIONS)
+        _positive("data.alpha", d.alpha, fix="use a value > 0 (small = more skewed; 1000 is nearly IID)")
+        _positive("data.num_examples", d.num_examples)
+        _at_least("data.num_labels", d.num_labels, 2)
+        _positive("data.shards_per_client", d.shards_per_client)
+        _at_least("data.min_partition_size", d.min_partition_size, 0)
+        _at_least("data.max_length", d.max_length, 8)
+        if not 0.0 <= d.test_size < 1.0:
+            raise ConfigError(f"data.test_size={d.test_size!r} is out of range: use a fraction in [0, 1)")
+        _at_least("data.eval_examples", d.eval_examples, 0)
+        b = self.blocks
+        _positive("blocks.layers_per_block", b.layers_per_block)
+        _positive("blocks.switch_every", b.switch_every)
+        _choice("blocks.order", b.order, ORDERS)
+        if b.order == "fixed" and not b.fixed_order:
+            raise ConfigError("blocks.order=fixed needs blocks.fixed_order: give the block indices to visit, e.g. [0, 2, 1]")
+        o = self.optim
+        _positive("optim.lr", o.lr)
+        _betas("optim.betas", o.betas)
+        _positive("optim.eps", o.eps)
+        _at_least("optim.weight_decay", o.weight_decay, 0.0)
+        _choice("optim.state_policy", o.state_policy, STATE_POLICIES)
+        _choice("optim.offload_dtype", o.offload_dtype, OFFLOAD_DTYPES)
+        _choice("deca.signal", self.deca.signal, SIGNALS)
+        _betas("deca.betas", self.deca.betas, allow_one=True)
+        t = self.topology
+        _choice("topology.name", t.name, TOPOLOGIES)
+        _choice("topology.weights", t.weights, MIXING_WEIGHTS)
+        if not 0.0 < t.p <= 1.0:
+            raise ConfigError(f"topology.p={t.p!r} is out of range: use an edge probability in (0, 1]")
+        if t.name == "custom" and not t.path:
+            raise ConfigError("topology.name=custom needs topology.path: an edge-list or weight-matrix file")
+        _positive("clients.ranks_per_client", self.clients.ranks_per_client)
+        _choice("gossip.dtype", self.gossip.dtype, ("fp32", "bf16"))
+        _positive("gossip.chunk_mb", self.gossip.chunk_mb)
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain nested dict (YAML/JSON-serializable) of every setting."""
+        return dataclasses.asdict(self)
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        hint = difflib.get_close_matches(str(value), choices, n=1)
+        extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise ConfigError(f"{key}={value!r} is not known{extra}: use one of {', '.join(choices)}")
+
+
+def _positive(key: str, value: float, fix: str = "use a value > 0") -> None:
+    if not value > 0:
+        raise ConfigError(f"{key}={value!r} is out of range: {fix}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if value < low:
+        raise ConfigError(f"{key}={value!r} is out of range: use a value >= {low}")
+
+
+def _betas(key: str, value: list[float], allow_one: bool = False) -> None:
+    if len(value) != 2:
+        raise ConfigError(f"{key}={value!r} needs two numbers: write {key}=[0.9,0.999]")
+    for b in value:
+        if not (0.0 <= b < 1.0 or (allow_one and b == 1.0)):
+            upper = "1]" if allow_one else "1)"
+            raise ConfigError(f"{key}={value!r} is out of range: each decay must lie in [0, {upper}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading: YAML + dotted overrides -> typed dataclasses, strictly.
+
+
+def _type_of(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Convert ``value`` (from YAML or an override) to the declared type ``tp`` or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected a list like [a, b]")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} has the wrong type: expected a string")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of settings, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            hint = difflib.get_close_matches(key, fields, n=1)
+            extra = f"; did you mean {prefix}{hint[0]}?" if hint else f"; known: {', '.join(fields)}"
+            raise ConfigError(f"unknown setting {full!r}{extra}")
+        tp = _type_of(cls, key)
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(full, value, tp)
+    return cls(**kwargs)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value: write e.g. optim.lr=1e-4")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 1e-4 as a string (no dot); accept it as a number.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a recipe config: YAML file (optional) plus dotted ``key=value`` overrides, then validate.
+
+    Args:
+        path: YAML file; ``None`` starts from the embedded defaults.
+        overrides: e.g. ``["optim.lr=1e-4", "blocks.order=random"]``; applied in order after the file.
+
+    Returns:
+        A validated :class:`RunConfig`.
+
+    Raises:
+        ConfigError: missing/malformed file, unknown key (with a did-you-mean), wrong type, or bad value.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise ConfigError(f"--config {str(path)!r} does not exist: give the path of a recipe YAML")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError as e:
+            first = str(e).splitlines()[0]
+            raise ConfigError(f"--config {str(path)!r} is not valid YAML ({first}): fix the file") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"--config {str(path)!r} must hold a mapping of settings at the top level")
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k!r} is not a section")
+        node[keys[-1]] = value
+    return _build(RunConfig, data).validate()

@@ -1,0 +1,335 @@
+"""DeepSpeed integration: the only module that imports deepspeed.
+
+It builds one DeepSpeed engine per rank around :class:`deca_ds.optim.BlockAdam`, with the client layout's ``mpu`` so
+that gradients are averaged inside a client and never across clients, and runs DECA's between-steps hook
+(:class:`deca_ds.consensus.ConsensusStep`) at every gradient-accumulation boundary:
+
+    forward/backward (only the active block needs grad) -> engine.step() (local half step)
+        -> gossip the active block -> consensus signal -> moment correction -> switch?
+
+Why the DeepSpeed config is restricted (measured, DESIGN.md §3): at stage 0 DeepSpeed hands our optimizer the
+model's own parameters only when its ``bf16``/``fp16`` sections are off (otherwise it wraps it with fp32 copies of
+every parameter and block switching breaks), and ZeRO 1-3 freeze the trainable set at ``initialize``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+from deca_ds.config import ConfigError, RunConfig
+from deca_ds.consensus import ConsensusStep, method_spec
+
+REPO_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
+DEFAULT_MICRO_BATCH = 8
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DeepSpeed config
+
+
+def default_ds_config_path() -> Path:
+    """``ds_configs/cpu_fp32.json`` without an accelerator, else ``ds_configs/gpu_bf16.json``."""
+    name = "cpu_fp32.json" if get_accelerator().device_name() == "cpu" else "gpu_bf16.json"
+    return REPO_DS_CONFIGS / name
+
+
+def load_ds_config(path: str | os.PathLike | None) -> dict[str, Any]:
+    """Read a DeepSpeed JSON (the default one when ``path`` is None) and fill batch keys it leaves out.
+
+    Raises:
+        ConfigError: missing or malformed file.
+    """
+    if path is None:
+        path = default_ds_config_path()
+        if not Path(path).is_file():  # installed without the repository: same settings as cpu_fp32.json
+            return {"train_micro_batch_size_per_gpu": DEFAULT_MICRO_BATCH, "gradient_accumulation_steps": 1,
+                    "steps_per_print": 1000000, "wall_clock_breakdown": False}
+    if not Path(path).is_file():
+        raise ConfigError(f"ds_config={str(path)!r} does not exist: give the path of a DeepSpeed JSON "
+                          "(see ds_configs/)")
+    try:
+        with open(path) as f:
+            ds = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"ds_config={str(path)!r} is not valid JSON (line {e.lineno}: {e.msg}): fix the file") \
+            from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"ds_config={str(path)!r} must hold a JSON object")
+    if "train_micro_batch_size_per_gpu" not in ds and "train_batch_size" not in ds:
+        ds["train_micro_batch_size_per_gpu"] = DEFAULT_MICRO_BATCH
+    ds.setdefault("gradient_accumulation_steps", 1)
+    ds.setdefault("steps_per_print", 1000000)
+    return ds
+
+
+def check_ds_config(ds: dict[str, Any], cfg: RunConfig) -> None:
+    """Refuse DeepSpeed settings that silently break block-wise training, with the fix in one line.
+
+    Raises:
+        ConfigError: bf16/fp16 sections, ZeRO stage >= 1, an ``optimizer`` section, or optimizer offload.
+    """
+    adamw_baseline = cfg.method == "centralized" and cfg.centralized_optimizer == "adamw"
+    for key in ("bf16", "fp16"):
+        if ds.get(key, {}).get("enabled", False) and not adamw_baseline:
+            raise ConfigError(f"ds_config enables {key}: deca_ds keeps {key} weights with an fp32 master of the "
+                              f"active block itself; remove the {key} section and set model.dtype="
+                              f"{key} in the recipe")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, None):
+        raise ConfigError(f"ds_config zero_optimization.stage={stage} is not supported yet (block switching inside "
+                          "ZeRO partitions is issue 9): use stage 0")
+    if "optimizer" in ds:
+        raise ConfigError("ds_config has an 'optimizer' section: deca_ds supplies BlockAdam; remove the section "
+                          "and set optim.lr/optim.betas/optim.weight_decay in the recipe")
+    if "train_batch_size" in ds and "train_micro_batch_size_per_gpu" not in ds:
+        raise ConfigError("ds_config sets train_batch_size without train_micro_batch_size_per_gpu: set "
+                          "train_micro_batch_size_per_gpu (batch per rank; a client's batch is that x its ranks)")
+    if adamw_baseline and cfg.model.dtype != "fp32":
+        raise ConfigError("centralized_optimizer=adamw needs model.dtype=fp32: torch AdamW has no fp32 master of "
+                          "low-precision weights")
+
+
+def uses_activation_checkpointing(ds: dict[str, Any]) -> bool:
+    """A ds_config ``activation_checkpointing`` section turns on the model's (non-reentrant) checkpointing."""
+    return "activation_checkpointing" in ds
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Process start
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup_distributed(comm_timeout: float) -> None:
+    """Start torch.distributed the way DeepSpeed expects, under the deepspeed launcher, torchrun or plain python.
+
+    A plain ``python recipe.py`` becomes a one-rank world (DeepSpeed would otherwise try MPI discovery). On the CPU
+    accelerator the unused shared-memory all-reduce op is not built (saves ~45 s and 66 MB of /dev/shm per rank).
+    """
+    if "RANK" not in os.environ and "OMPI_COMM_WORLD_RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(_free_port()))
+    if get_accelerator().device_name() == "cpu":
+        # NB: `import deepspeed.comm.torch as m` would bind the real torch module (name clash): go through importlib.
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    if not dist.is_initialized():
+        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
+                                   timeout=timedelta(seconds=comm_timeout), verbose=False)
+
+
+def device() -> torch.device:
+    """This rank's training device."""
+    return torch.device(get_accelerator().current_device_name())
+
+
+def barrier() -> None:
+    """World barrier (no-op without a process group)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def peak_memory_bytes() -> int:
+    """Peak accelerator memory allocated (GPU) or peak resident set size of this process (CPU)."""
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        return int(acc.max_memory_allocated())
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The engine
+
+
+def build_optimizer(cfg: RunConfig, model: torch.nn.Module):
+    """The client optimizer of ``cfg.method``: BlockAdam (one block per layer group, or one block for D-Adam), or
+    torch AdamW for the centralized full-parameter baseline."""
+    from deca_ds.blocks import partition_blocks
+    from deca_ds.optim import BlockAdam
+
+    if cfg.method == "centralized" and cfg.centralized_optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                 eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    spec = method_spec(cfg.method)
+    b = cfg.blocks
+    partition = partition_blocks(model, layers_per_block=b.layers_per_block, include_embeddings=b.include_embeddings,
+                                 include_lm_head=b.include_lm_head, prefixes=b.prefixes)
+    blocks = [[n for blk in partition.blocks for n in blk.param_names]] if spec.single_block else partition
+    o = cfg.optim
+    return BlockAdam(model, blocks, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                     switch_every=b.switch_every, order=b.order, state_policy=o.state_policy,
+                     fixed_order=b.fixed_order, seed=cfg.seed, offload_dtype=o.offload_dtype, auto_switch=False,
+                     local_moments=spec.local_moments)
+
+
+class DecaEngine:
+    """One rank's DeepSpeed engine plus DECA's between-steps hook.
+
+    Attributes:
+        engine: the DeepSpeed engine (``engine.module`` is the model).
+        optimizer: the client optimizer (BlockAdam, or AdamW for the centralized baseline).
+        mixer: neighbour exchange, or None when the method does not gossip.
+    """
+
+    def __init__(self, cfg: RunConfig, model: torch.nn.Module, ds_config: dict[str, Any], groups, mixer=None):
+        """Args:
+            cfg: the run's settings.
+            model: the model in its training dtype (cast before the engine is built).
+            ds_config: DeepSpeed config dict (already checked).
+            groups: :class:`deca_ds.gossip.ClientGroups` (created before this, in the same order on every rank).
+            mixer: :class:`deca_ds.gossip.Mixer` for gossiping methods.
+        """
+        self.cfg = cfg
+        self.spec = method_spec(cfg.method)
+        self.device = device()
+        model.to(self.device)  # before the optimizer: its fp32 masters live where the weights live
+        self.optimizer = build_optimizer(cfg, model)
+        self.mixer = mixer if self.spec.gossip else None
+        self.block_optimizer = self.optimizer if hasattr(self.optimizer, "apply_consensus_") else None
+        self.hook = None
+        if self.block_optimizer is not None:
+            self.hook = ConsensusStep(self.block_optimizer, cfg.method,
+                                      mix=self.mixer.mix_ if self.mixer is not None else None,
+                                      signal=cfg.deca.signal, betas=cfg.deca.betas)
+        mpu = None if self.spec.world_data_parallel else groups.mpu
+        self.engine, _, _, self.lr_scheduler = deepspeed.initialize(model=model, optimizer=self.optimizer,
+                                                                    config=ds_config, mpu=mpu)
+        self.global_step = 0
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The trained model (unwrapped)."""
+        return self.engine.module
+
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step."""
+        return self.engine.gradient_accumulation_steps()
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Rows per micro-batch on this rank."""
+        return self.engine.train_micro_batch_size_per_gpu()
+
+    def active_block(self) -> int:
+        """Index of the active block (0 for full-parameter optimizers)."""
+        return self.block_optimizer.active_block_idx if self.block_optimizer is not None else 0
+
+    def active_tensors(self) -> list[torch.Tensor]:
+        """fp32 values of the active block (every trainable parameter for full-parameter optimizers)."""
+        if self.block_optimizer is not None:
+            return self.block_optimizer.master_params()
+        return [p.data for p in self.model.parameters() if p.requires_grad]
+
+    def lr(self) -> float:
+        """Current learning rate."""
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        """One optimizer step over ``gradient_accumulation_steps`` micro-batches, then the DECA hook.
+
+        A non-finite loss or gradient never reaches the weights: the update is skipped on this client (the schedule
+        still advances, so every client stays on the same block) and ``nonfinite`` is reported; the caller applies
+        ``nan_policy``.
+
+        Returns:
+            ``loss`` (mean over micro-batches), ``nonfinite`` (bool), ``block`` (trained this step),
+            ``bytes_sent``/``bytes_received`` (gossip of this step), ``tokens`` (non-padding input tokens),
+            ``switched`` (the next step trains another block).
+        """
+        losses, tokens, nonfinite = [], 0, False
+        block = self.active_block()
+        stats = None
+        switched = False
+        for mb in micro_batches:
+            mb = {k: v.to(self.device) for k, v in mb.items()}
+            loss = self.engine(**mb).loss
+            self.engine.backward(loss)
+            losses.append(loss.detach().float())
+            tokens += int(mb["attention_mask"].sum()) if "attention_mask" in mb else mb["input_ids"].numel()
+            boundary = self.engine.is_gradient_accumulation_boundary()
+            if boundary:
+                nonfinite = not all(torch.isfinite(x).all() for x in losses) or not self._grads_finite()
+                if nonfinite:
+                    self._skip_update()
+                if self.hook is not None:
+                    self.hook.before_step()
+            self.engine.step()
+            if boundary:
+                if self.hook is not None:
+                    switched = self.hook.after_step(self.global_step)
+                    stats = self.hook.last_mix_stats
+                elif self.mixer is not None:  # full-parameter AdamW never gossips (centralized only)
+                    stats = None
+                self.global_step += 1
+        return {
+            "loss": float(torch.stack(losses).mean()),
+            "nonfinite": bool(nonfinite),
+            "block": block,
+            "bytes_sent": int(getattr(stats, "bytes_sent", 0) or 0),
+            "bytes_received": int(getattr(stats, "bytes_received", 0) or 0),
+            "tokens": tokens,
+            "switched": bool(switched),
+        }
+
+    def _grads_finite(self) -> bool:
+        return all(bool(torch.isfinite(p.grad).all()) for p in self.model.parameters() if p.grad is not None)
+
+    def _skip_update(self) -> None:
+        if self.block_optimizer is not None:
+            self.block_optimizer.skip_next_step = True
+        else:  # AdamW baseline: drop the gradients so the step is a no-op apart from weight decay
+            for p in self.model.parameters():
+                p.grad = None
+
+    # --- checkpoint state ----------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything this rank needs to continue bit-identically: weights, optimizer, LR scheduler, counters."""
+        return {
+            "model": {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
+            "global_step": self.global_step,
+            "engine_global_steps": self.engine.global_steps,
+            "engine_global_samples": self.engine.global_samples,
+            "engine_micro_steps": self.engine.micro_steps,
+            "mixer": ({"sent": self.mixer.total_bytes_sent, "received": self.mixer.total_bytes_received}
+                      if self.mixer is not None else None),
+            "rng": {"torch": torch.get_rng_state()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (from a checkpoint of the same client)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.lr_scheduler is not None and state.get("lr_scheduler") is not None:
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.global_step = state["global_step"]
+        self.engine.global_steps = state["engine_global_steps"]
+        self.engine.global_samples = state["engine_global_samples"]
+        self.engine.micro_steps = state["engine_micro_steps"]
+        if self.mixer is not None and state.get("mixer"):
+            self.mixer.total_bytes_sent = state["mixer"]["sent"]
+            self.mixer.total_bytes_received = state["mixer"]["received"]
+        torch.set_rng_state(state["rng"]["torch"])
+
+    def close(self) -> None:
+        """Release DeepSpeed's hooks and buffers."""
+        self.engine.destroy()

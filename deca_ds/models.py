@@ -1,0 +1,103 @@
+"""Model and tokenizer loading: the embedded tiny Llama (no files, no network) or a user's Hugging Face model.
+
+Every client must start from the same weights. For the embedded model the initialisation is seeded identically on
+every process; a pretrained model is the same file everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from importlib import resources
+
+import torch
+
+from deca_ds.config import ConfigError, ModelConfig
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def embedded_model_config():
+    """The shipped tiny Llama configuration (``deca_ds/assets/tiny_llama.json``) sized for the byte tokenizer."""
+    from transformers import LlamaConfig
+
+    from deca_ds.data import BYTE_VOCAB_SIZE, make_byte_tokenizer
+
+    data = json.loads(resources.files("deca_ds").joinpath("assets/tiny_llama.json").read_text())
+    tok = make_byte_tokenizer()
+    data.update(vocab_size=BYTE_VOCAB_SIZE, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                eos_token_id=tok.eos_token_id)
+    return LlamaConfig(**{k: v for k, v in data.items() if k not in ("architectures", "model_type")})
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Fail early, with one line, on a model path that cannot be loaded.
+
+    Raises:
+        ConfigError: a local-looking path that does not exist, or a directory without ``config.json``.
+    """
+    if cfg.path is None:
+        return
+    path = os.path.expanduser(cfg.path)
+    looks_local = path.startswith((".", "/", "~")) or os.path.sep in path and not _looks_like_hub_name(path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ConfigError(f"model.path={cfg.path!r} has no config.json: point it at a Hugging Face model directory")
+    elif looks_local or os.path.exists(path):
+        raise ConfigError(f"model.path={cfg.path!r} does not exist: give a local Hugging Face model directory")
+
+
+def _looks_like_hub_name(path: str) -> bool:
+    parts = path.split("/")
+    return len(parts) == 2 and all(parts) and not path.startswith((".", "/"))
+
+
+def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 0):
+    """Build the model (in ``cfg.dtype``) and its tokenizer.
+
+    Args:
+        cfg: model settings; ``path=None`` builds the embedded tiny Llama with the byte tokenizer.
+        seed: initialisation seed of the embedded model (identical on every client).
+
+    Returns:
+        ``(model, tokenizer)``; the model is in train mode on CPU, cast to ``cfg.dtype``.
+
+    Raises:
+        ConfigError: the model or tokenizer cannot be loaded, or the tokenizer has more tokens than the model's
+            vocabulary.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = DTYPES[cfg.dtype]
+    if cfg.path is None:
+        from transformers import LlamaForCausalLM
+
+        from deca_ds.data import make_byte_tokenizer
+
+        tokenizer = make_byte_tokenizer()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(embedded_model_config())
+    else:
+        check_model_config(cfg)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(cfg.path)
+            model = AutoModelForCausalLM.from_pretrained(cfg.path, dtype=dtype)
+        except (OSError, ValueError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ConfigError(f"model.path={cfg.path!r} could not be loaded ({first[:200]}): give a local model "
+                              "directory with config.json, weights and tokenizer files") from None
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+    vocab = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > vocab:
+        raise ConfigError(f"model.path={cfg.path!r}: the tokenizer has {len(tokenizer)} tokens but the model's "
+                          f"vocabulary is {vocab}: use the tokenizer that belongs to this model")
+    model = model.to(dtype)
+    if cfg.gradient_checkpointing:
+        # Non-reentrant: reentrant checkpointing needs an input that requires grad, and with frozen embeddings
+        # nothing below the active block does, so backward would silently skip the active block (BAdam issue #2).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    model.train()
+    return model, tokenizer

@@ -1,0 +1,605 @@
+"""Memory planner: what fits on one GPU per client, before anything is launched.
+
+Users pick deca_ds because full-parameter Adam does not fit their GPU. This module answers "does it fit, and with
+which settings?" from a model's ``config.json`` alone: the model is built on the ``meta`` device (no weights, no
+memory), partitioned into blocks exactly as training partitions it (:func:`deca_ds.partition_blocks`), and the
+per-GPU bytes of full Adam (DeepSpeed stages 0-3, with and without CPU offload) and of deca_ds are computed in closed
+form. The full-Adam figures follow DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs`` in
+``deepspeed/runtime/zero/stage_1_and_2.py`` and ``estimate_zero3_model_states_mem_needs`` in ``stage3.py``), which the
+tests check against. Everything here is arithmetic on integers; nothing is allocated.
+
+Formulas (Ψ parameters, L parameters of the largest block, N = ranks per client, w = bytes per weight):
+
+* full Adam, mixed precision (DeepSpeed's accounting, 18 = 2 bf16 grads + 4 fp32 grads + 4 fp32 master + 8 m/v):
+  stage 0: 2Ψ + 18Ψ; stage 1: 2Ψ + 2Ψ + 16Ψ/N; stage 2: 2Ψ + 18Ψ/N; stage 3: 4L' + 18Ψ/N (L' = largest module);
+  offload (stages 1-3): the optimizer (and at stage 3 optionally the parameters) moves to CPU.
+  fp32 weights (torch AdamW as users run it on CPU): 4Ψ weights + 4Ψ grads + 8Ψ m/v = 16Ψ.
+* deca_ds: w·Ψ weights + w·L grads (active block only) + 4·L fp32 master (only when w < 4: fp32 weights *are* the
+  master) + 8·L m/v, i.e. 2Ψ + 14L for bf16 and 4Ψ + 12L for fp32; plus gossip receive buffers, bounded by
+  ``min(L·wire_bytes, chunk) × degree``. With ``state_policy: offload`` the inactive blocks' master and moments live in
+  CPU memory (reported apart, never on the GPU); ``offload_dtype: int8`` stores the moments as 1 byte + one fp32
+  absmax per 4096 values (bitsandbytes blockwise), the master stays fp32.
+* activations (see :func:`activation_bytes`): saved tensors of a Llama/Qwen decoder layer with memory-efficient
+  attention (no s×s matrix), per token ``6h + 2h·kv/heads + 4f`` values in the weight dtype, plus the logits
+  (``V`` per token: weight dtype + fp32 upcast + fp32 gradient). Upper bound: the active block is the lowest one,
+  so every layer saves activations; backward stops at the active block, so visits to higher blocks need less.
+  With activation checkpointing only each layer's input is kept, plus one layer's activations during recompute.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+GIB = 1024**3
+MIB = 1024**2
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
+          "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": MIB, "gib": GIB, "tib": 1024**4}
+_WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+INT8_BLOCKSIZE = 4096
+"""Values per fp32 absmax in bitsandbytes' blockwise 8-bit quantization (``quantize_blockwise`` default)."""
+
+
+def parse_bytes(text: str | int) -> int:
+    """Parse a memory size such as ``24GiB``, ``80GB``, ``512MiB`` or ``1e9`` into bytes.
+
+    Args:
+        text: A number with an optional unit (``B``, ``KB``/``MB``/``GB``/``TB`` decimal, ``KiB``/``MiB``/``GiB``/
+            ``TiB`` binary; a bare ``G`` is decimal). Case-insensitive.
+
+    Returns:
+        The size in bytes.
+
+    Raises:
+        ValueError: the text is not a size.
+    """
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r} is not a memory size: write e.g. 24GiB, 80GB or 512MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    """Human-readable binary size (``23.45 GiB``)."""
+    for unit, size in (("GiB", GIB), ("MiB", MIB), ("KiB", 1024)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model shape: counts from a meta-device model.
+
+
+@dataclass
+class ModelShape:
+    """What the planner needs to know about a model; built by :func:`inspect_model`.
+
+    Attributes:
+        params: Unique parameters Ψ (tied embeddings counted once).
+        trainable_params: Parameters inside blocks (the rest stays frozen for the whole run).
+        num_blocks: Blocks of the partition.
+        largest_block_params: L, parameters of the largest block.
+        largest_module_params: Largest single module (DeepSpeed's ZeRO-3 "largest layer").
+        num_layers: Decoder layers.
+        hidden_size: h.
+        intermediate_size: f.
+        num_attention_heads: Query heads.
+        num_key_value_heads: Key/value heads (GQA).
+        vocab_size: V.
+        layers_per_block: Decoder layers per block used for the partition.
+    """
+
+    params: int
+    trainable_params: int
+    num_blocks: int
+    largest_block_params: int
+    largest_module_params: int
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    layers_per_block: int = 1
+
+
+def build_meta_model(model_dir: str):
+    """Build a causal LM from ``model_dir/config.json`` on the meta device: shapes only, no weights, no memory.
+
+    Args:
+        model_dir: A directory holding a Hugging Face ``config.json`` (e.g. ``recipes/models/llama-3.1-8b``).
+
+    Returns:
+        The ``transformers`` model whose parameters live on ``torch.device("meta")``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise FileNotFoundError(f"--model {model_dir!r} has no config.json: give a Hugging Face model directory "
+                                f"(e.g. recipes/models/llama-3.1-8b)")
+    config = AutoConfig.from_pretrained(model_dir)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def inspect_model(model, layers_per_block: int = 1, include_embeddings: bool = False,
+                  include_lm_head: bool = False) -> ModelShape:
+    """Count a model's parameters and partition it into blocks as training does.
+
+    Args:
+        model: A causal LM (meta device is fine).
+        layers_per_block: Consecutive decoder layers per block.
+        include_embeddings: Make the embeddings a block.
+        include_lm_head: Make the final norm and LM head a block.
+
+    Returns:
+        The :class:`ModelShape`.
+    """
+    from deca_ds.blocks import partition_blocks
+
+    named = dict(model.named_parameters())  # deduplicates tied weights
+    part = partition_blocks(model, layers_per_block=layers_per_block, include_embeddings=include_embeddings,
+                            include_lm_head=include_lm_head)
+    sizes = [sum(named[n].numel() for n in b.param_names if n in named) for b in part.blocks]
+    largest_module = 0
+    for module in model.modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        largest_module = max(largest_module, own)
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    return ModelShape(
+        params=sum(p.numel() for p in named.values()),
+        trainable_params=sum(sizes),
+        num_blocks=len(sizes),
+        largest_block_params=max(sizes),
+        largest_module_params=largest_module,
+        num_layers=cfg.num_hidden_layers,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_attention_heads=heads,
+        num_key_value_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        vocab_size=cfg.vocab_size,
+        layers_per_block=layers_per_block,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Closed forms.
+
+
+def full_adam_bytes(params: int, stage: int, ranks: int = 1, offload: bool = False, offload_params: bool = False,
+                    largest_module_params: int = 0, dtype: str = "bf16") -> dict[str, int]:
+    """Per-GPU model-state bytes of full-parameter Adam under DeepSpeed, and the CPU bytes it needs.
+
+    GPU figures equal DeepSpeed's ``estimate_zero2_model_states_mem_needs`` (stages 1-2, and stage 0 as stage 2 on
+    one rank) and ``estimate_zero3_model_states_mem_needs`` (stage 3, ``zero_init=True``) with
+    ``additional_buffer_factor=1.5`` for the CPU side. Stage 1 keeps the bf16 gradients whole (2Ψ + 2Ψ + 16Ψ/N).
+
+    Args:
+        params: Ψ.
+        stage: ZeRO stage 0-3.
+        ranks: Ranks sharing one client's ZeRO partition (the client's data-parallel group, not the world).
+        offload: ``offload_optimizer: cpu`` (stages 1-3 only).
+        offload_params: ``offload_param: cpu`` (stage 3 only).
+        largest_module_params: Largest single module, for stage 3's gathered-parameter working set.
+        dtype: ``bf16``/``fp16`` (mixed precision, DeepSpeed) or ``fp32`` (plain AdamW: 4Ψ weights, 4Ψ grads,
+            8Ψ moments; stage 0 only).
+
+    Returns:
+        ``{"gpu": bytes, "cpu": bytes}``.
+    """
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"stage={stage!r}: DeepSpeed ZeRO stages are 0, 1, 2, 3")
+    if offload and stage == 0:
+        raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3 (DeepSpeed has no stage-0 offload)")
+    if offload_params and stage != 3:
+        raise ValueError("offload_param exists only at ZeRO stage 3")
+    if dtype == "fp32":
+        if stage != 0 or offload:
+            raise ValueError("the fp32 full-Adam figure is plain torch AdamW (stage 0, no offload)")
+        return {"gpu": 16 * params, "cpu": 0}
+    n = ranks
+    if stage in (0, 1, 2):
+        if offload:
+            return {"gpu": 2 * params, "cpu": int(params * max(4 * n, 16) * 1.5)}
+        if stage == 0:
+            return {"gpu": 2 * params + 18 * params, "cpu": int(params * 4 * n * 1.5)}
+        if stage == 1:
+            return {"gpu": 2 * params + 2 * params + int(16 * params / n), "cpu": int(params * 4 * n * 1.5)}
+        return {"gpu": 2 * params + int(18 * params / n), "cpu": int(params * 4 * n * 1.5)}
+    largest = 4 * largest_module_params
+    if offload and offload_params:
+        return {"gpu": largest, "cpu": int(params * 18 * 1.5)}
+    if offload:
+        return {"gpu": largest + int(2 * params / n), "cpu": int(params * 16 * 1.5)}
+    return {"gpu": largest + int(18 * params / n), "cpu": int(largest_module_params * 4 * n * 1.5)}
+
+
+def deca_state_bytes(params: int, block_params: int, dtype: str = "bf16", state_policy: str = "reset",
+                     offload_dtype: str = "fp32", trainable_params: int | None = None, degree: int = 2,
+                     gossip_wire_bytes: int = 4, gossip_chunk_bytes: int = 64 * MIB) -> dict[str, int]:
+    """Per-GPU model-state bytes of deca_ds, by category, plus the CPU bytes of offloaded block state.
+
+    Args:
+        params: Ψ.
+        block_params: L, the largest block.
+        dtype: Weight dtype on the device (``bf16``, ``fp16`` or ``fp32``).
+        state_policy: ``reset`` (inactive state dropped) or ``offload`` (kept in CPU memory).
+        offload_dtype: ``fp32`` or ``int8`` storage of offloaded moments.
+        trainable_params: Parameters in all blocks (default Ψ); the offloaded state covers these minus L.
+        degree: Neighbours of a client in the gossip graph (largest degree for irregular graphs).
+        gossip_wire_bytes: Bytes per exchanged element (4 fp32, 2 bf16).
+        gossip_chunk_bytes: Receive buffer per neighbour is ``min(L·wire_bytes, chunk)``.
+
+    Returns:
+        Dict with ``weights``, ``grads``, ``master``, ``moments``, ``model_states`` (their sum, on the GPU),
+        ``gossip_buffers`` (GPU, apart) and ``cpu_offload`` (CPU).
+    """
+    w = _WEIGHT_BYTES[dtype]
+    trainable = params if trainable_params is None else trainable_params
+    master_per = 0 if w == 4 else 4  # fp32 weights are the master: no second copy
+    out = {
+        "weights": w * params,
+        "grads": w * block_params,
+        "master": master_per * block_params,
+        "moments": 8 * block_params,
+    }
+    out["model_states"] = out["weights"] + out["grads"] + out["master"] + out["moments"]
+    out["gossip_buffers"] = degree * min(block_params * gossip_wire_bytes, gossip_chunk_bytes)
+    inactive = max(trainable - block_params, 0)
+    if state_policy == "reset":
+        out["cpu_offload"] = 0
+    elif state_policy == "offload":
+        per_moment = 4 if offload_dtype == "fp32" else 1 + 4 / INT8_BLOCKSIZE
+        out["cpu_offload"] = int(inactive * (master_per + 2 * per_moment))
+    else:
+        raise ValueError(f"state_policy={state_policy!r}: use reset or offload")
+    return out
+
+
+def layer_activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, act_bytes: int) -> int:
+    """Bytes saved for backward by one decoder layer (memory-efficient attention, no s×s scores).
+
+    Per token: layer input, normed input, q, k, v (GQA: ``h·kv/heads`` each), attention output, post-attention
+    residual, normed residual (6h + 2h·kv/heads) and the MLP's gate, up, silu(gate) and product (4f).
+
+    Args:
+        shape: The model's shape.
+        seq_len: Tokens per sequence.
+        micro_batch: Sequences per micro-batch.
+        act_bytes: Bytes per activation value (the weight dtype).
+
+    Returns:
+        Bytes.
+    """
+    h, f = shape.hidden_size, shape.intermediate_size
+    kv = h * shape.num_key_value_heads // shape.num_attention_heads
+    return micro_batch * seq_len * (6 * h + 2 * kv + 4 * f) * act_bytes
+
+
+def activation_bytes(shape: ModelShape, seq_len: int, micro_batch: int, act_bytes: int = 2,
+                     checkpointing: bool = False) -> int:
+    """Peak activation bytes of one training step (upper bound: the lowest block is active).
+
+    Args:
+        shape: The model's shape.
+        seq_len: Tokens per sequence.
+        micro_batch: Sequences per micro-batch.
+        act_bytes: Bytes per activation value.
+        checkpointing: Non-reentrant activation checkpointing per decoder layer.
+
+    Returns:
+        Bytes: the layers' saved tensors (all layers, or with checkpointing the layer inputs plus one layer
+        recomputed) plus the logits (weight dtype, fp32 upcast for the loss, and its fp32 gradient).
+    """
+    tokens = micro_batch * seq_len
+    per_layer = layer_activation_bytes(shape, seq_len, micro_batch, act_bytes)
+    if checkpointing:
+        layers = shape.num_layers * tokens * shape.hidden_size * act_bytes + per_layer
+    else:
+        layers = shape.num_layers * per_layer
+    logits = tokens * shape.vocab_size * (act_bytes + 4 + 4)
+    return layers + logits
+
+
+def ring_degree(num_clients: int, topology: str = "ring") -> int:
+    """Largest neighbour count of a client for the named graph (gossip buffers scale with it).
+
+    Args:
+        num_clients: Clients in the graph.
+        topology: ``ring``, ``complete``, ``star`` (the hub), ``torus`` (4 on a 2-D torus of ≥ 9),
+            ``exponential`` (⌈log2 n⌉) or ``one_peer_exponential`` (1). Random or custom graphs need an explicit
+            degree.
+
+    Returns:
+        The degree.
+    """
+    n = num_clients
+    if n <= 1:
+        return 0
+    table = {
+        "ring": 1 if n == 2 else 2,
+        "complete": n - 1,
+        "star": n - 1,
+        "torus": min(4, n - 1),
+        "exponential": min(n - 1, math.ceil(math.log2(n))),
+        "one_peer_exponential": 1,
+    }
+    if topology not in table:
+        raise ValueError(f"topology {topology!r} has no fixed degree: pass --max-degree for random/custom graphs")
+    return table[topology]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A plan.
+
+
+@dataclass
+class PlanRequest:
+    """What the user asked the planner (one CLI invocation)."""
+
+    gpu_memory: int
+    seq_len: int = 2048
+    micro_batch: int = 1
+    clients: int = 8
+    ranks_per_client: int = 1
+    layers_per_block: int = 1
+    state_policy: str = "offload"
+    offload_dtype: str = "fp32"
+    activation_checkpointing: bool = False
+    dtype: str = "bf16"
+    topology: str = "ring"
+    max_degree: int | None = None
+    gossip_chunk_mb: float = 64.0
+    overhead: int = GIB
+    """Bytes set aside for the CUDA context, kernels' workspaces and allocator fragmentation."""
+
+
+@dataclass
+class Plan:
+    """Result of :func:`make_plan`; ``to_dict`` is the ``--json`` output."""
+
+    request: PlanRequest
+    shape: ModelShape
+    full_adam: list[dict[str, Any]]
+    deca: dict[str, int]
+    activation_bytes: int
+    deca_total_bytes: int
+    fits: bool
+    full_adam_fits: bool
+    recommended: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat summary first (the keys users script against), then the details."""
+        return {
+            "params": self.shape.params,
+            "num_blocks": self.shape.num_blocks,
+            "largest_block_params": self.shape.largest_block_params,
+            "full_adam_model_state_bytes": self.full_adam[0]["gpu_bytes"],
+            "deca_model_state_bytes": self.deca["model_states"],
+            "gossip_buffer_bytes": self.deca["gossip_buffers"],
+            "cpu_offload_bytes": self.deca["cpu_offload"],
+            "activation_bytes": self.activation_bytes,
+            "deca_total_bytes": self.deca_total_bytes,
+            "gpu_memory_bytes": self.request.gpu_memory,
+            "fits": self.fits,
+            "full_adam_fits": self.full_adam_fits,
+            "deca_breakdown": self.deca,
+            "full_adam": self.full_adam,
+            "shape": asdict(self.shape),
+            "request": asdict(self.request),
+            "recommended": self.recommended,
+        }
+
+
+def _evaluate(shape: ModelShape, req: PlanRequest) -> tuple[dict[str, int], int, int]:
+    degree = req.max_degree if req.max_degree is not None else ring_degree(req.clients, req.topology)
+    deca = deca_state_bytes(shape.params, shape.largest_block_params, req.dtype, req.state_policy,
+                            req.offload_dtype, shape.trainable_params, degree,
+                            gossip_chunk_bytes=int(req.gossip_chunk_mb * MIB))
+    act = activation_bytes(shape, req.seq_len, req.micro_batch, _WEIGHT_BYTES[req.dtype],
+                           req.activation_checkpointing)
+    total = deca["model_states"] + deca["gossip_buffers"] + act + req.overhead
+    return deca, act, total
+
+
+def full_adam_table(shape: ModelShape, req: PlanRequest) -> list[dict[str, Any]]:
+    """Full Adam at stages 0-3 with and without offload for the client layout, with activations and a verdict.
+
+    Full Adam trains every layer, so its activations are the same upper bound as deca's (lowest block active).
+    """
+    act = activation_bytes(shape, req.seq_len, req.micro_batch, _WEIGHT_BYTES[req.dtype],
+                           req.activation_checkpointing)
+    rows = []
+    dtype = "bf16" if req.dtype != "fp32" else "fp32"
+    settings = [(0, False, False), (1, False, False), (2, False, False), (3, False, False),
+                (1, True, False), (2, True, False), (3, True, False), (3, True, True)]
+    if dtype == "fp32":
+        settings = [(0, False, False)]
+    for stage, off, off_p in settings:
+        b = full_adam_bytes(shape.params, stage, req.ranks_per_client, off, off_p, shape.largest_module_params,
+                            dtype)
+        label = f"zero{stage}" + ("+offload_optimizer" if off else "") + ("+offload_param" if off_p else "")
+        total = b["gpu"] + act + req.overhead
+        rows.append({"setting": label, "stage": stage, "offload_optimizer": off, "offload_param": off_p,
+                     "gpu_bytes": b["gpu"], "cpu_bytes": b["cpu"], "total_gpu_bytes": total,
+                     "fits": total <= req.gpu_memory})
+    return rows
+
+
+def make_plan(shape_for, req: PlanRequest) -> Plan:
+    """Evaluate the requested settings and, if they do not fit, search for settings that do.
+
+    Search order (first that fits wins): the request as given; with activation checkpointing; then fewer layers
+    per block (down to 1); then micro-batch 1.
+
+    Args:
+        shape_for: ``layers_per_block -> ModelShape`` (partitioning depends on it).
+        req: The request.
+
+    Returns:
+        The :class:`Plan` for the request, with ``recommended`` holding the settings that fit (empty if none).
+    """
+    shape = shape_for(req.layers_per_block)
+    deca, act, total = _evaluate(shape, req)
+    plan = Plan(req, shape, full_adam_table(shape, req), deca, act, total, total <= req.gpu_memory,
+                any(r["fits"] for r in full_adam_table(shape, req)))
+    candidates = [req]
+    if not req.activation_checkpointing:
+        candidates.append(PlanRequest(**{**asdict(req), "activation_checkpointing": True}))
+    for lpb in range(req.layers_per_block - 1, 0, -1):
+        candidates.append(PlanRequest(**{**asdict(req), "activation_checkpointing": True, "layers_per_block": lpb}))
+    if req.micro_batch > 1:
+        candidates.append(PlanRequest(**{**asdict(req), "activation_checkpointing": True, "layers_per_block": 1,
+                                         "micro_batch": 1}))
+    for cand in candidates:
+        s = shape if cand.layers_per_block == req.layers_per_block else shape_for(cand.layers_per_block)
+        _, _, t = _evaluate(s, cand)
+        if t <= cand.gpu_memory:
+            plan.recommended = {"layers_per_block": cand.layers_per_block, "micro_batch": cand.micro_batch,
+                                "activation_checkpointing": cand.activation_checkpointing,
+                                "state_policy": cand.state_policy, "offload_dtype": cand.offload_dtype,
+                                "total_gpu_bytes": t, "num_blocks": s.num_blocks}
+            break
+    return plan
+
+
+def plan_from_model_dir(model_dir: str, req: PlanRequest) -> Plan:
+    """Build the meta model from ``model_dir/config.json`` and plan for it (see :func:`make_plan`)."""
+    model = build_meta_model(model_dir)
+    cache: dict[int, ModelShape] = {}
+
+    def shape_for(lpb: int) -> ModelShape:
+        if lpb not in cache:
+            cache[lpb] = inspect_model(model, layers_per_block=lpb)
+        return cache[lpb]
+
+    return make_plan(shape_for, req)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Output.
+
+
+def format_plan(plan: Plan) -> str:
+    """Plain-text report: the model, full Adam per stage, deca_ds by category, the verdict."""
+    s, r, d = plan.shape, plan.request, plan.deca
+    lines = [
+        f"model: {s.params / 1e9:.3f}B params, {s.num_layers} layers, {s.num_blocks} blocks of {s.layers_per_block} "
+        f"layer(s), largest block {s.largest_block_params / 1e6:.1f}M params",
+        f"per GPU: {format_bytes(r.gpu_memory)}; seq_len {r.seq_len}, micro-batch {r.micro_batch}, {r.dtype} "
+        f"weights, activation checkpointing {'on' if r.activation_checkpointing else 'off'}, "
+        f"{r.clients} clients x {r.ranks_per_client} rank(s); overhead {format_bytes(r.overhead)}",
+        f"activations (upper bound): {format_bytes(plan.activation_bytes)}",
+        "",
+        "full-parameter Adam (DeepSpeed):",
+        f"  {'setting':40s} {'GPU states':>12s} {'CPU':>12s} {'GPU total':>12s}  fits",
+    ]
+    for row in plan.full_adam:
+        lines.append(f"  {row['setting']:40s} {format_bytes(row['gpu_bytes']):>12s} "
+                     f"{format_bytes(row['cpu_bytes']):>12s} {format_bytes(row['total_gpu_bytes']):>12s}  "
+                     f"{'yes' if row['fits'] else 'no'}")
+    lines += [
+        "",
+        f"deca_ds (state_policy {r.state_policy}, offload_dtype {r.offload_dtype}):",
+        f"  weights {format_bytes(d['weights'])} + block grads {format_bytes(d['grads'])} + block master "
+        f"{format_bytes(d['master'])} + block m,v {format_bytes(d['moments'])} = model states "
+        f"{format_bytes(d['model_states'])}",
+        f"  gossip buffers {format_bytes(d['gossip_buffers'])}; offloaded state on CPU {format_bytes(d['cpu_offload'])}",
+        f"  GPU total {format_bytes(plan.deca_total_bytes)} -> {'FITS' if plan.fits else 'does NOT fit'}",
+    ]
+    if plan.recommended:
+        rec = plan.recommended
+        lines.append(f"recommended: layers_per_block={rec['layers_per_block']} ({rec['num_blocks']} blocks), "
+                     f"micro_batch={rec['micro_batch']}, activation_checkpointing="
+                     f"{str(rec['activation_checkpointing']).lower()} -> {format_bytes(rec['total_gpu_bytes'])}")
+    else:
+        lines.append("recommended: nothing fits; use a larger GPU, shorter sequences or more ranks per client")
+    return "\n".join(lines)
+
+
+def recommended_ds_config(plan: Plan) -> dict[str, Any]:
+    """DeepSpeed JSON for the recommended settings.
+
+    Stage 0 with DeepSpeed's ``bf16``/``fp16`` sections off: the model is cast by deca_ds and BlockAdam owns the fp32
+    master (DESIGN.md §3); with several ranks per client, ZeRO-2 partitions the active block's state inside the
+    client (the engine re-initializes DeepSpeed on each block switch).
+    """
+    rec = plan.recommended or {}
+    r = plan.request
+    stage = 0 if r.ranks_per_client == 1 else 2
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": rec.get("micro_batch", r.micro_batch),
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 1.0,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 1000000,
+        "wall_clock_breakdown": False,
+    }
+    # Activation checkpointing is the recipe's model.gradient_checkpointing (Hugging Face, non-reentrant), not
+    # DeepSpeed's activation_checkpointing section, which only serves models calling deepspeed.checkpointing.
+    return cfg
+
+
+def recommended_recipe(plan: Plan, model_dir: str, ds_config_path: str) -> dict[str, Any]:
+    """Recipe YAML content (keys of :class:`deca_ds.config.RunConfig`) for the recommended settings."""
+    rec = plan.recommended or {}
+    r = plan.request
+    return {
+        "ds_config": ds_config_path,
+        "output_dir": "runs/planned",
+        # T = 4 rounds of B blocks x R = 48 steps, the paper's schedule.
+        "max_steps": 4 * rec.get("num_blocks", plan.shape.num_blocks) * 48,
+        "seed": 0,
+        "method": "deca",
+        "model": {"path": model_dir, "dtype": r.dtype,
+                  "gradient_checkpointing": bool(rec.get("activation_checkpointing", r.activation_checkpointing))},
+        "data": {"path": None, "max_length": r.seq_len},
+        "blocks": {"layers_per_block": rec.get("layers_per_block", r.layers_per_block), "switch_every": 48,
+                   "order": "ascending"},
+        "optim": {"lr": 5e-5, "state_policy": r.state_policy, "offload_dtype": r.offload_dtype},
+        "deca": {"signal": "qgm", "betas": [0.9, 0.999]},
+        "topology": {"name": r.topology if r.topology in ("ring", "complete", "star", "torus", "exponential",
+                                                           "one_peer_exponential") else "ring"},
+        "clients": {"ranks_per_client": r.ranks_per_client},
+    }
+
+
+def write_plan(plan: Plan, model_dir: str, out_dir: str) -> tuple[str, str]:
+    """Write ``OUT/ds_config.json`` and ``OUT/recipe.yaml`` for the recommended settings.
+
+    Returns:
+        The two paths written.
+
+    Raises:
+        ValueError: nothing fits, so there is nothing to recommend.
+    """
+    import yaml
+
+    if not plan.recommended:
+        raise ValueError("nothing fits on this GPU, so no config was written: use a larger GPU, shorter sequences "
+                         "(--seq-len) or more ranks per client")
+    os.makedirs(out_dir, exist_ok=True)
+    ds_path = os.path.join(out_dir, "ds_config.json")
+    with open(ds_path, "w") as f:
+        json.dump(recommended_ds_config(plan), f, indent=2)
+        f.write("\n")
+    recipe_path = os.path.join(out_dir, "recipe.yaml")
+    recipe = recommended_recipe(plan, os.path.abspath(model_dir), os.path.abspath(ds_path))
+    header = (f"# Written by: deca-ds plan --model {model_dir} --gpu-memory {plan.request.gpu_memory / GIB:g}GiB "
+              f"--seq-len {plan.request.seq_len} --write {out_dir}\n"
+              f"# Run: deepspeed --num_gpus {plan.request.clients * plan.request.ranks_per_client} "
+              f"recipes/finetune.py --config {recipe_path}\n")
+    with open(recipe_path, "w") as f:
+        f.write(header)
+        yaml.safe_dump(recipe, f, sort_keys=False)
+    return ds_path, recipe_path

@@ -1,0 +1,496 @@
+"""Communication graphs between clients and their mixing matrices.
+
+DECA has no server: after every step a client replaces its active block by a weighted average of its own copy and
+its graph neighbours' copies, ``x_i <- sum_j W[i, j] x_j``. How fast the clients agree depends only on ``W``: it must be
+symmetric and doubly stochastic (the network average is preserved) and its graph connected (every client is
+eventually reached), and the disagreement shrinks per round by ``|lambda_2(W)|``. This module builds the graphs
+(:func:`make_topology`), checks any matrix a user brings (:func:`check_mixing_matrix`) and reports the figures that
+predict consensus speed (:attr:`Topology.spectral_gap`, :meth:`Topology.rounds_to_shrink`). It is pure numpy: no
+process group is needed, so the engine, the single-process simulator and the tests share it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+TOPOLOGY_NAMES = (
+    "ring", "torus", "exponential", "one_peer_exponential", "erdos_renyi", "bipartite", "complete", "star", "custom",
+)
+WEIGHT_SCHEMES = ("metropolis", "uniform")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checks and weights
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _is_connected(adjacency: np.ndarray) -> bool:
+    """Breadth-first search from client 0 over the non-zero off-diagonal entries."""
+    n = adjacency.shape[0]
+    seen = np.zeros(n, dtype=bool)
+    seen[0] = True
+    frontier = [0]
+    while frontier:
+        nxt = []
+        for i in frontier:
+            for j in np.flatnonzero(adjacency[i]):
+                if not seen[j]:
+                    seen[j] = True
+                    nxt.append(int(j))
+        frontier = nxt
+    return bool(seen.all())
+
+
+def check_mixing_matrix(weights, tol: float = 1e-6) -> np.ndarray:
+    """Check that a matrix is a valid gossip mixing matrix.
+
+    Args:
+        weights: an ``n x n`` array-like.
+        tol: absolute tolerance for symmetry and for row/column sums equal to 1 (entries may be ``-tol``).
+
+    Returns:
+        The matrix as a float64 numpy array.
+
+    Raises:
+        ValueError: one line naming the first failing property: ``square``, ``finite``, ``symmetric``,
+            ``non-negative``, ``doubly stochastic`` (rows or columns not summing to 1) or ``connected``.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 2 or w.shape[0] != w.shape[1] or w.shape[0] == 0:
+        raise ValueError(f"mixing matrix is not square: shape {w.shape}")
+    if not np.isfinite(w).all():
+        raise ValueError("mixing matrix is not finite: it contains NaN or inf")
+    asym = float(np.abs(w - w.T).max())
+    if asym > tol:
+        raise ValueError(f"mixing matrix is not symmetric: max |W - W.T| = {asym:.3g} > tol {tol:g}")
+    if float(w.min()) < -tol:
+        raise ValueError(f"mixing matrix is not doubly stochastic: negative entry {float(w.min()):.3g}")
+    rows, cols = np.abs(w.sum(axis=1) - 1).max(), np.abs(w.sum(axis=0) - 1).max()
+    if max(rows, cols) > tol:
+        raise ValueError(
+            f"mixing matrix is not doubly stochastic: max |row sum - 1| = {rows:.3g}, "
+            f"max |column sum - 1| = {cols:.3g} (tol {tol:g})"
+        )
+    off = np.abs(w) > tol
+    np.fill_diagonal(off, False)
+    if not _is_connected(off):
+        raise ValueError("mixing matrix is not connected: some clients can never exchange values")
+    return w
+
+
+def mixing_weights(adjacency: np.ndarray, scheme: str = "metropolis") -> np.ndarray:
+    """Symmetric doubly-stochastic weights for an undirected graph.
+
+    Args:
+        adjacency: boolean ``n x n`` symmetric adjacency (the diagonal is ignored).
+        scheme: ``metropolis``: Metropolis-Hastings ``w_ij = 1/(1 + max(d_i, d_j))`` on edges; ``uniform``: every edge
+            gets ``1/(1 + d_max)`` (``d_max`` the largest degree). In both, ``w_ii = 1 - sum_{j != i} w_ij >= 0``.
+
+    Returns:
+        float64 ``n x n`` mixing matrix.
+    """
+    if scheme not in WEIGHT_SCHEMES:
+        raise ValueError(f"unknown mixing weights {scheme!r}: use one of {', '.join(WEIGHT_SCHEMES)}")
+    adj = np.asarray(adjacency, dtype=bool).copy()
+    np.fill_diagonal(adj, False)
+    deg = adj.sum(axis=1)
+    if scheme == "metropolis":
+        w = np.where(adj, 1.0 / (1.0 + np.maximum.outer(deg, deg)), 0.0)
+    else:
+        w = np.where(adj, 1.0 / (1.0 + deg.max(initial=0)), 0.0)
+    np.fill_diagonal(w, 1.0 - w.sum(axis=1))
+    return w
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Topology
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Topology:
+    """A communication graph with its mixing matrix (or a periodic sequence of them for time-varying graphs).
+
+    Attributes:
+        name: the builder name (``ring``, ``torus`` ...).
+        num_clients: number of clients ``n``.
+        time_varying: whether ``weights_at(step)`` changes with the step (period ``period``).
+        period: number of distinct matrices; ``weights_at(step) = sequence[step % period]``.
+    """
+
+    def __init__(self, name: str, weights_sequence: list[np.ndarray], tol: float = 1e-6):
+        """Build from one or more matrices; each one is checked to be symmetric and doubly stochastic.
+
+        Args:
+            name: topology name shown in messages and renderings.
+            weights_sequence: the matrices of one period. A static graph passes one matrix, which must be connected;
+                for a time-varying graph only the union over the period must be connected.
+            tol: tolerance of :func:`check_mixing_matrix`.
+        """
+        if not weights_sequence:
+            raise ValueError(f"topology {name!r} has no mixing matrix")
+        self.name = name
+        mats = [np.asarray(w, dtype=np.float64) for w in weights_sequence]
+        if len(mats) == 1:
+            check_mixing_matrix(mats[0], tol)
+        else:
+            for w in mats:
+                try:
+                    check_mixing_matrix(w, tol)
+                except ValueError as err:
+                    if "connected" not in str(err):  # one step of a time-varying graph may be disconnected
+                        raise
+            check_mixing_matrix(sum(mats) / len(mats), tol)  # the union over one period must be connected
+        self._weights = mats
+        self.num_clients = mats[0].shape[0]
+        self.time_varying = len(mats) > 1
+        self.period = len(mats)
+
+    # -- matrices and neighbours ------------------------------------------------------------------------------
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The mixing matrix of step 0 (the only one for a static graph)."""
+        return self._weights[0]
+
+    def weights_at(self, step: int) -> np.ndarray:
+        """The mixing matrix used at optimizer step ``step`` (periodic for time-varying graphs)."""
+        return self._weights[step % self.period]
+
+    def neighbors(self, i: int, step: int = 0) -> list[int]:
+        """Clients that client ``i`` exchanges with at ``step``: non-zero off-diagonal entries of its row, sorted."""
+        row = self.weights_at(step)[i]
+        return [int(j) for j in np.flatnonzero(row) if j != i]
+
+    @property
+    def degree(self) -> np.ndarray:
+        """Number of neighbours of every client at step 0 (int array of length ``num_clients``)."""
+        return np.array([len(self.neighbors(i)) for i in range(self.num_clients)], dtype=np.int64)
+
+    # -- consensus speed -------------------------------------------------------------------------------------
+
+    def _contraction(self) -> float:
+        """Per-period contraction ``||P - J/n||_2`` of disagreement, ``P`` the product of one period's matrices."""
+        n = self.num_clients
+        product = np.eye(n)
+        for w in self._weights:
+            product = w @ product
+        return float(np.linalg.norm(product - np.full((n, n), 1.0 / n), ord=2))
+
+    @property
+    def spectral_gap(self) -> float:
+        """``1 - |lambda_2|`` of the mixing matrix.
+
+        For a static symmetric ``W`` this is ``1 - |lambda_2(W)|`` (second largest eigenvalue in magnitude). For a
+        time-varying graph it is ``1 - ||P - J/n||_2`` with ``P`` the product of the matrices of one period (which
+        equals ``1 - |lambda_2(P)|`` whenever ``P`` is symmetric): disagreement shrinks at least by that factor per
+        period. A single client has gap 1.
+        """
+        return 1.0 - self._contraction()
+
+    def rounds_to_shrink(self, factor: float = 10.0) -> float:
+        """Mixing steps after which the disagreement ``||X - mean||`` is at most ``1/factor`` of what it was.
+
+        ``ceil(log(1/factor) / log|lambda_2|)`` rounds (times the period for time-varying graphs, where the bound is
+        per period); 0 for a single client; ``inf`` when the gap is 0 (the graph never mixes).
+        """
+        if self.num_clients == 1:
+            return 0
+        rho = self._contraction()
+        if rho >= 1.0 - 1e-12:
+            return math.inf
+        periods = 1 if rho <= 1e-12 else max(1, math.ceil(math.log(1.0 / factor) / math.log(rho) - 1e-9))
+        return periods * self.period
+
+    # -- display ---------------------------------------------------------------------------------------------
+
+    def render(self, console=None):
+        """Print a rich table (client, neighbours, degree) and the spectral gap; return the table.
+
+        Args:
+            console: a ``rich.console.Console``; a new one writing to stdout when ``None``.
+        """
+        from rich.console import Console
+        from rich.table import Table
+
+        console = console or Console()
+        steps = range(self.period) if self.time_varying else [0]
+        table = Table(title=f"topology {self.name}: {self.num_clients} clients")
+        table.add_column("client", justify="right")
+        for s in steps:
+            table.add_column("neighbours" + (f" (step % {self.period} = {s})" if self.time_varying else ""))
+        table.add_column("degree", justify="right")
+        for i in range(self.num_clients):
+            cells = [" ".join(map(str, self.neighbors(i, s))) or "-" for s in steps]
+            table.add_row(str(i), *cells, str(int(self.degree[i])))
+        console.print(table)
+        rounds = self.rounds_to_shrink()
+        console.print(
+            f"spectral gap {self.spectral_gap:.4f}" + (" (of the product over one period)" if self.time_varying else "")
+            + f"; {rounds} mixing steps shrink disagreement 10x"
+        )
+        return table
+
+    def draw(self, path) -> Path:
+        """Save a PNG drawing of the graph (clients on a circle; edge width ~ weight; union over one period).
+
+        Args:
+            path: output file.
+
+        Returns:
+            The path written.
+        """
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        n = self.num_clients
+        angle = 2 * np.pi * np.arange(n) / n
+        xy = np.stack([np.cos(angle), np.sin(angle)], axis=1)
+        fig, ax = plt.subplots(figsize=(4, 4))
+        colors = plt.get_cmap("tab10")
+        for s in range(self.period):
+            w = self._weights[s]
+            for i in range(n):
+                for j in range(i + 1, n):
+                    if w[i, j] > 0:
+                        ax.plot(*xy[[i, j]].T, color=colors(s % 10), lw=0.5 + 4 * w[i, j], alpha=0.7, zorder=1)
+        ax.scatter(*xy.T, s=300, color="white", edgecolors="black", zorder=2)
+        for i in range(n):
+            ax.annotate(str(i), xy[i], ha="center", va="center", zorder=3)
+        ax.set_title(f"{self.name} (n={n}, gap {self.spectral_gap:.3f})")
+        ax.set_aspect("equal")
+        ax.axis("off")
+        path = Path(path)
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+    def __repr__(self) -> str:
+        return (
+            f"Topology(name={self.name!r}, num_clients={self.num_clients}, time_varying={self.time_varying}, "
+            f"spectral_gap={self.spectral_gap:.4f})"
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Graph builders (adjacency matrices)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _empty(n: int) -> np.ndarray:
+    return np.zeros((n, n), dtype=bool)
+
+
+def _connect(adj: np.ndarray, i: int, j: int) -> None:
+    if i != j:
+        adj[i, j] = adj[j, i] = True
+
+
+def _ring(n: int) -> np.ndarray:
+    adj = _empty(n)
+    for i in range(n):
+        _connect(adj, i, (i + 1) % n)
+    return adj
+
+
+def _square_factors(n: int) -> tuple[int, int]:
+    rows = int(math.isqrt(n))
+    while n % rows:
+        rows -= 1
+    return rows, n // rows
+
+
+def _torus(n: int, rows: int | None = None, cols: int | None = None) -> np.ndarray:
+    if rows is None and cols is None:
+        rows, cols = _square_factors(n)
+    elif rows is None:
+        rows = n // cols
+    elif cols is None:
+        cols = n // rows
+    if rows * cols != n or rows < 1 or cols < 1:
+        raise ValueError(f"topology torus: rows={rows} x cols={cols} does not equal num_clients={n}")
+    adj = _empty(n)
+    for r in range(rows):
+        for c in range(cols):
+            i = r * cols + c
+            _connect(adj, i, r * cols + (c + 1) % cols)  # duplicates (2 columns/rows) collapse to one edge
+            _connect(adj, i, ((r + 1) % rows) * cols + c)
+    return adj
+
+
+def _exponential(n: int) -> np.ndarray:
+    adj = _empty(n)
+    hop = 1
+    while hop < n:
+        for i in range(n):
+            _connect(adj, i, (i + hop) % n)
+        hop *= 2
+    return adj
+
+
+def _one_peer_exponential(n: int) -> list[np.ndarray]:
+    # Symmetric one-peer variant: at step t client i pairs with its hypercube partner i XOR 2^(t mod tau). For n a
+    # power of two, the product over tau = log2(n) steps of (I + P_t)/2 is exactly J/n. For other n, a client whose
+    # partner index is >= n sits that step out; clearing bits from the top always stays below n, so the union is
+    # connected.
+    tau = max(1, math.ceil(math.log2(n)))
+    steps = []
+    for t in range(tau):
+        adj = _empty(n)
+        for i in range(n):
+            j = i ^ (1 << t)
+            if j < n:
+                _connect(adj, i, j)
+        steps.append(adj)
+    return steps
+
+
+def _erdos_renyi(n: int, seed: int = 0, p: float = 0.5, max_tries: int = 1000) -> np.ndarray:
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"topology erdos_renyi: p={p} is out of range: use an edge probability in (0, 1]")
+    rng = np.random.default_rng(seed)
+    for _ in range(max_tries):
+        upper = np.triu(rng.random((n, n)) < p, k=1)
+        adj = upper | upper.T
+        if _is_connected(adj):
+            return adj
+    raise ValueError(
+        f"topology erdos_renyi: no connected graph in {max_tries} draws with n={n}, p={p}, seed={seed}; raise p"
+    )
+
+
+def _bipartite(n: int) -> np.ndarray:
+    adj = _empty(n)
+    half = n // 2
+    for i in range(half):
+        for j in range(half, n):
+            _connect(adj, i, j)
+    return adj
+
+
+def _complete(n: int) -> np.ndarray:
+    adj = np.ones((n, n), dtype=bool)
+    np.fill_diagonal(adj, False)
+    return adj
+
+
+def _star(n: int, center: int = 0) -> np.ndarray:
+    if not 0 <= center < n:
+        raise ValueError(f"topology star: center={center} is not a client index in [0, {n})")
+    adj = _empty(n)
+    for i in range(n):
+        _connect(adj, center, i)
+    return adj
+
+
+def _read_custom(path, n: int):
+    """Read a custom graph file; returns ``("matrix", W)`` or ``("edges", adjacency)``.
+
+    ``.npy``: an ``n x n`` weight matrix. ``.csv``: a comma-separated ``n x n`` weight matrix. Any other text file:
+    an ``n x n`` whitespace-separated weight matrix if it has ``n`` rows of ``n`` numbers and either ``n > 2`` or a
+    non-integer entry; otherwise an edge list, one ``i j`` pair of client indices per line (``#`` comments allowed).
+    """
+    if path is None:
+        raise ValueError("topology custom needs the option path: an edge-list or weight-matrix file")
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"topology custom: file {str(path)!r} does not exist")
+    if path.suffix == ".npy":
+        return "matrix", np.load(path)
+    if path.suffix == ".csv":
+        return "matrix", np.loadtxt(path, delimiter=",", ndmin=2)
+    rows = []
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            rows.append(line.replace(",", " ").split())
+    try:
+        values = [[float(v) for v in row] for row in rows]
+    except ValueError as err:
+        raise ValueError(f"topology custom: {path} is neither a weight matrix nor an edge list: {err}") from None
+    is_square = len(values) == n and all(len(r) == n for r in values)
+    integral = all(v == int(v) for r in values for v in r)
+    if is_square and (n > 2 or not integral):
+        return "matrix", np.array(values)
+    if not all(len(r) == 2 for r in values) or not integral:
+        raise ValueError(f"topology custom: {path} is not an edge list of 'i j' integer pairs nor an {n}x{n} matrix")
+    adj = _empty(n)
+    for i, j in values:
+        i, j = int(i), int(j)
+        if not (0 <= i < n and 0 <= j < n):
+            raise ValueError(f"topology custom: edge ({i}, {j}) in {path} names a client outside [0, {n})")
+        _connect(adj, i, j)
+    return "edges", adj
+
+
+_STATIC: dict[str, Callable[..., np.ndarray]] = {
+    "ring": _ring, "torus": _torus, "exponential": _exponential, "erdos_renyi": _erdos_renyi,
+    "bipartite": _bipartite, "complete": _complete, "star": _star,
+}
+
+
+def make_topology(name: str, num_clients: int, seed: int = 0, weights: str = "metropolis", **options) -> Topology:
+    """Build a named communication graph and its mixing matrix.
+
+    Args:
+        name: one of ``ring``, ``torus`` (2-D grid with wrap-around; options ``rows``/``cols``, default the most square
+            factorisation), ``exponential`` (static, neighbours at distance ``2^k`` both ways),
+            ``one_peer_exponential`` (time-varying: at step ``t`` client ``i`` pairs with ``i XOR 2^(t mod ceil(log2
+            n))``; averages exactly in ``log2 n`` steps for ``n`` a power of two), ``erdos_renyi`` (option ``p``,
+            default 0.5, and ``max_tries``; resampled with ``seed`` until connected), ``bipartite`` (complete bipartite
+            between clients ``[0, n//2)`` and ``[n//2, n)``), ``complete``, ``star`` (option ``center``, default 0),
+            ``custom`` (option ``path``: an edge list, whose edges get ``weights``, or a weight matrix, which is
+            validated and used as is).
+        num_clients: number of clients; 1 gives the trivial ``[[1]]`` matrix for every name.
+        seed: seed of random graphs.
+        weights: ``metropolis`` (Metropolis-Hastings) or ``uniform``; see :func:`mixing_weights`.
+        **options: per-topology options listed above.
+
+    Returns:
+        The :class:`Topology`.
+
+    Raises:
+        ValueError: unknown name, bad option or a custom matrix that fails :func:`check_mixing_matrix`.
+    """
+    if name not in TOPOLOGY_NAMES:
+        raise ValueError(f"unknown topology {name!r}: use one of {', '.join(TOPOLOGY_NAMES)}")
+    if weights not in WEIGHT_SCHEMES:
+        raise ValueError(f"unknown mixing weights {weights!r}: use one of {', '.join(WEIGHT_SCHEMES)}")
+    if int(num_clients) != num_clients or num_clients < 1:
+        raise ValueError(f"topology {name}: num_clients={num_clients} must be a positive integer")
+    allowed = {"torus": {"rows", "cols"}, "erdos_renyi": {"p", "max_tries"}, "star": {"center"}, "custom": {"path"}}
+    unknown = set(options) - allowed.get(name, set())
+    if unknown:
+        raise ValueError(
+            f"topology {name}: unknown option(s) {', '.join(sorted(unknown))}; "
+            f"accepted: {', '.join(sorted(allowed.get(name, set()))) or 'none'}"
+        )
+    if num_clients == 1:
+        return Topology(name, [np.ones((1, 1))])
+    if name == "one_peer_exponential":
+        return Topology(name, [mixing_weights(adj, weights) for adj in _one_peer_exponential(num_clients)])
+    if name == "custom":
+        kind, data = _read_custom(options.get("path"), num_clients)
+        if kind == "matrix":
+            if data.shape != (num_clients, num_clients):
+                raise ValueError(
+                    f"topology custom: matrix in {options['path']} has shape {data.shape}, "
+                    f"expected ({num_clients}, {num_clients})"
+                )
+            try:
+                return Topology(name, [check_mixing_matrix(data)])
+            except ValueError as err:
+                raise ValueError(f"topology custom ({options['path']}): {err}") from None
+        adjacency = data
+    elif name == "erdos_renyi":
+        adjacency = _erdos_renyi(num_clients, seed=seed, **options)
+    else:
+        adjacency = _STATIC[name](num_clients, **options)
+    if not _is_connected(adjacency):
+        raise ValueError(f"topology {name}: the graph is not connected")
+    return Topology(name, [mixing_weights(adjacency, weights)])

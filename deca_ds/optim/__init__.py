@@ -1,0 +1,18 @@
+"""DECA's optimizer: block-wise AdamW with per-block state and the consensus correction of the moments.
+
+``BlockAdam`` does the maths and the bookkeeping of the active block; ``state_store`` parks inactive blocks' state in
+host memory (fp32 or 8-bit) for ``state_policy="offload"``; ``memory_report`` counts the bytes each part holds.
+"""
+
+from deca_ds.optim.block_adam import STATE_POLICIES, BlockAdam, adamw_step_, memory_report
+from deca_ds.optim.state_store import OFFLOAD_DTYPES, BlockStateStore, quantization_bound
+
+__all__ = [
+    "BlockAdam",
+    "BlockStateStore",
+    "OFFLOAD_DTYPES",
+    "STATE_POLICIES",
+    "adamw_step_",
+    "memory_report",
+    "quantization_bound",
+]

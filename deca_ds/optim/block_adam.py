@@ -1,0 +1,498 @@
+"""BlockAdam: AdamW on one block of parameters at a time, holding optimizer state for that block only.
+
+This is the local half of DECA (DESIGN.md §1): the active block takes an AdamW step on its fp32 master copy; the
+engine then gossips the block (through :meth:`BlockAdam.master_params`), folds the consensus signal into the moments
+(:meth:`BlockAdam.apply_consensus_`) and lets the schedule switch blocks (:meth:`BlockAdam.switch_if_due`). Used alone
+(``auto_switch=True``) it is BAdam-style block coordinate descent.
+
+Memory: gradients, the fp32 master (only for bf16/fp16 models; an fp32 model's weights are their own master) and the
+moments exist for the active block only. With ``state_policy="offload"`` inactive blocks' state waits in host memory
+(:class:`~deca_ds.optim.state_store.BlockStateStore`).
+
+Bookkeeping (which block, which parameters, state moves) is kept apart from the maths (:func:`adamw_step_`), as in
+``torch.optim.adam``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from deca_ds.blocks import Block, BlockPartition, BlockSchedule
+from deca_ds.optim.state_store import OFFLOAD_DTYPES, BlockStateStore
+
+STATE_POLICIES = ("reset", "offload")
+
+
+@torch.no_grad()
+def adamw_step_(
+    x: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    local_moments: bool = True,
+) -> None:
+    """One AdamW update of the fp32 tensor ``x`` in place, written with the same operations as ``torch.optim.AdamW``.
+
+    Args:
+        x: fp32 weights (the master), updated in place.
+        grad: fp32 gradient.
+        exp_avg: First moment m, fp32; updated in place only when ``local_moments``.
+        exp_avg_sq: Second moment v, fp32; updated in place only when ``local_moments``.
+        step: Bias-correction step t (1 at the first update).
+        lr: Learning rate.
+        beta1: Decay of m (α1).
+        beta2: Decay of v (α2).
+        eps: Added to the denominator.
+        weight_decay: Decoupled weight decay: ``x -= lr * weight_decay * x`` before the Adam update.
+        local_moments: ``False`` ("trivial BMA"): the step uses ``m' = α1 m + (1-α1) g`` and
+            ``v' = α2 v + (1-α2) g²`` but the stored m and v are left unchanged.
+    """
+    if weight_decay != 0:
+        x.mul_(1 - lr * weight_decay)
+    if local_moments:
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        m, v = exp_avg, exp_avg_sq
+    else:
+        m = exp_avg.lerp(grad, 1 - beta1)
+        v = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = (1 - beta2**step) ** 0.5  # as torch (not math.sqrt): bit-identical results
+    denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+    x.addcdiv_(m, denom, value=-lr / bias_correction1)
+
+
+def _normalize_blocks(model: nn.Module, blocks) -> list[Block]:
+    named = dict(model.named_parameters())
+    if isinstance(blocks, BlockPartition):
+        out = list(blocks.blocks)
+    else:
+        out = [Block(i, f"block{i}", tuple(names)) for i, names in enumerate(blocks)]
+        BlockPartition(out)  # disjoint, non-empty
+    if not out:
+        raise ValueError("blocks is empty: give at least one block of parameter names")
+    unknown = [n for b in out for n in b.param_names if n not in named]
+    if unknown:
+        raise ValueError(f"parameters not in model.named_parameters(): {unknown}")
+    return out
+
+
+class BlockAdam(torch.optim.Optimizer):
+    """Block-wise AdamW with DECA's consensus correction of the moments.
+
+    ``param_groups`` holds exactly one group with the active block's parameters (and ``lr``, ``betas``, ``eps``,
+    ``weight_decay``), so DeepSpeed (stage 0, client optimizer) and LR schedulers work unchanged; on a switch the
+    same group dict gets the new block's parameters. ``opt.state[p]`` exists for active-block parameters only, with
+    torch's keys ``step``, ``exp_avg``, ``exp_avg_sq`` (fp32) and ``master`` (fp32) when ``p`` is not fp32.
+
+    Args:
+        model: The model; only its parameters in ``blocks`` are trained, the others get ``requires_grad=False``.
+        blocks: A :class:`~deca_ds.blocks.BlockPartition`, or a list of lists of parameter names.
+        lr: Learning rate γ.
+        betas: (α1, α2) of the local statistics.
+        eps: Denominator term.
+        weight_decay: Decoupled (AdamW) weight decay.
+        switch_every: Optimizer steps a block stays active (R).
+        order: Block order, see :class:`~deca_ds.blocks.BlockSchedule`.
+        state_policy: ``"reset"`` (drop master and moments of a block leaving; its next visit starts from the model
+            weights and zero moments, bias correction restarting at 1) or ``"offload"`` (park them in host memory
+            and restore them at the next visit; the block's ``step`` counter continues).
+        fixed_order: Block indices for ``order="fixed"``.
+        seed: Shared seed of ``order="random"``.
+        offload_dtype: ``"fp32"`` or ``"int8"`` storage of offloaded moments (see ``state_store``).
+        auto_switch: Switch blocks at the end of :meth:`step` when the schedule says so. Set ``False`` when something
+            must happen between the step and the switch (gossip + consensus), then call :meth:`switch_if_due`.
+        local_moments: ``False`` for the "trivial BMA" ablation: gradients do not update the stored moments.
+
+    Raises:
+        ValueError: unknown ``state_policy``/``offload_dtype``/``order``, bad hyperparameters, or block names not in
+            the model.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        blocks: BlockPartition | Sequence[Sequence[str]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        switch_every: int = 50,
+        order: str = "ascending",
+        state_policy: str = "reset",
+        *,
+        fixed_order: Sequence[int] | None = None,
+        seed: int = 0,
+        offload_dtype: str = "fp32",
+        auto_switch: bool = True,
+        local_moments: bool = True,
+    ):
+        if state_policy not in STATE_POLICIES:
+            raise ValueError(f"unknown state_policy {state_policy!r}; choose one of {STATE_POLICIES}")
+        if offload_dtype not in OFFLOAD_DTYPES:
+            raise ValueError(f"unknown offload_dtype {offload_dtype!r}; choose one of {OFFLOAD_DTYPES}")
+        if not lr > 0:
+            raise ValueError(f"lr must be > 0, got {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if not eps >= 0 or not weight_decay >= 0:
+            raise ValueError(f"eps and weight_decay must be >= 0, got {eps}, {weight_decay}")
+        self._model = model
+        self._blocks = _normalize_blocks(model, blocks)
+        self._schedule = BlockSchedule(len(self._blocks), switch_every, order, fixed_order, seed)
+        self.state_policy = state_policy
+        self.offload_dtype = offload_dtype
+        self.auto_switch = auto_switch
+        self.local_moments = local_moments
+        self.skip_next_step = False
+        """Set by the caller (nan_policy=skip): the next step updates nothing but still advances the schedule."""
+        self._store = BlockStateStore(offload_dtype) if state_policy == "offload" else None
+        named = dict(model.named_parameters())
+        self._block_params: list[list[nn.Parameter]] = [[named[n] for n in b.param_names] for b in self._blocks]
+        self._names: dict[nn.Parameter, str] = {p: n for n, p in named.items()}
+        self._global_step = 0
+        first = self._schedule.position(0).block_idx
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(list(self._block_params[first]), defaults)
+        self._active = first
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in self._block_params[first]:
+            p.requires_grad_(True)
+
+    # ------------------------------------------------------------------------------------------------ properties
+
+    @property
+    def blocks(self) -> list[Block]:
+        """The blocks, indexed by block index."""
+        return list(self._blocks)
+
+    @property
+    def schedule(self) -> BlockSchedule:
+        """The block schedule (shared by every client)."""
+        return self._schedule
+
+    @property
+    def active_block_idx(self) -> int:
+        """Index of the block being trained."""
+        return self._active
+
+    @property
+    def active_block(self) -> Block:
+        """The block being trained."""
+        return self._blocks[self._active]
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken so far (the schedule position)."""
+        return self._global_step
+
+    @property
+    def inner_step(self) -> int:
+        """Steps since the block scheduled at ``global_step`` became active."""
+        return self._schedule.position(self._global_step).inner_step
+
+    def active_params(self) -> list[nn.Parameter]:
+        """The active block's model parameters, in ``Block.param_names`` order."""
+        return list(self._block_params[self._active])
+
+    def param_name(self, p: nn.Parameter) -> str:
+        """The model's name of parameter ``p``."""
+        return self._names[p]
+
+    # ------------------------------------------------------------------------------------------------ state
+
+    def _device_of_block(self, block_idx: int) -> torch.device:
+        return self._block_params[block_idx][0].device
+
+    def _state_for(self, p: nn.Parameter) -> dict:
+        """The active parameter's state, created on first use (zero moments, master from the weights)."""
+        st = self.state[p]
+        if not st:
+            # Hazard (dtype): moments and master are fp32 whatever the model dtype.
+            st["step"] = torch.tensor(0.0)
+            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            if p.dtype != torch.float32:
+                st["master"] = p.detach().float()
+        return st
+
+    def master_params(self) -> list[torch.Tensor]:
+        """fp32 tensors holding the active block's weights x, in :meth:`active_params` order.
+
+        For fp32 parameters this is ``param.data`` itself (in-place writes change the model); for bf16/fp16 it is
+        the fp32 master: after writing to it, call :meth:`sync_params_from_master_`.
+        """
+        out = []
+        for p in self.active_params():
+            out.append(p.data if p.dtype == torch.float32 else self._state_for(p)["master"])
+        return out
+
+    @torch.no_grad()
+    def sync_params_from_master_(self) -> None:
+        """Copy the active block's fp32 masters into the low-precision model weights (rounded); no-op for fp32."""
+        for p in self.active_params():
+            st = self.state.get(p)
+            if st and "master" in st:
+                p.data.copy_(st["master"])
+
+    @torch.no_grad()
+    def apply_consensus_(self, signals: Sequence[torch.Tensor], betas: tuple[float, float] = (0.9, 0.999)) -> None:
+        """Fold DECA's consensus signal h into the active block's moments, in fp32.
+
+        ``m ← β1·m + (1−β1)·h`` and ``v ← β2·v + (1−β2)·h²``.
+
+        Args:
+            signals: One tensor per active parameter, in :meth:`active_params` order.
+            betas: (β1, β2); ``(1.0, 1.0)`` leaves the moments unchanged.
+        """
+        params = self.active_params()
+        if len(signals) != len(params):
+            raise ValueError(f"apply_consensus_ got {len(signals)} signals for {len(params)} active parameters")
+        beta1, beta2 = betas
+        for p, h in zip(params, signals):
+            if h.shape != p.shape:
+                raise ValueError(f"signal for {self._names[p]} has shape {tuple(h.shape)}, expected {tuple(p.shape)}")
+            st = self._state_for(p)
+            h = h.to(device=st["exp_avg"].device, dtype=torch.float32)
+            st["exp_avg"].mul_(beta1).add_(h, alpha=1 - beta1)
+            st["exp_avg_sq"].mul_(beta2).addcmul_(h, h, value=1 - beta2)
+
+    # ------------------------------------------------------------------------------------------------ step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        """One AdamW step on the active block, then (with ``auto_switch``) a block switch if the schedule says so.
+
+        Parameters whose ``.grad`` is None are skipped. Gradients of the active block are freed afterwards.
+
+        Returns:
+            The closure's loss, if a closure was given.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        group = self.param_groups[0]
+        beta1, beta2 = group["betas"]
+        skip, self.skip_next_step = self.skip_next_step, False
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if not skip:
+                # Phase 1: state (fp32 master for low-precision weights), gradient in fp32.
+                st = self._state_for(p)
+                x = st.get("master", p.data)
+                grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
+                # Phase 2: the AdamW maths on the master.
+                st["step"] += 1
+                adamw_step_(x, grad, st["exp_avg"], st["exp_avg_sq"], int(st["step"].item()), group["lr"], beta1,
+                            beta2, group["eps"], group["weight_decay"], self.local_moments)
+                # Phase 3: write the master back into the model weights (rounded to bf16/fp16).
+                if "master" in st:
+                    p.data.copy_(x)
+            # Memory: the block's gradients are not needed after the step.
+            p.grad = None
+        self._global_step += 1
+        if self.auto_switch:
+            self.switch_if_due()
+        return loss
+
+    # ------------------------------------------------------------------------------------------------ switching
+
+    def switch_if_due(self) -> bool:
+        """Switch to the block the schedule assigns to ``global_step`` if it is not the active one.
+
+        Returns:
+            Whether a switch happened.
+        """
+        target = self._schedule.position(self._global_step).block_idx
+        if target == self._active:
+            return False
+        self.switch_to(target)
+        return True
+
+    @torch.no_grad()
+    def switch_to(self, block_idx: int) -> None:
+        """Make ``block_idx`` the active block.
+
+        Frees the old block's gradients, moves ``requires_grad``, and applies the state policy to the old block's
+        state (drop it, or park it in host memory); with ``offload`` the new block's parked state is restored.
+        """
+        if not 0 <= block_idx < len(self._blocks):
+            raise ValueError(f"block_idx {block_idx} out of range [0, {len(self._blocks)})")
+        if block_idx == self._active:
+            return
+        old = self._block_params[self._active]
+        parked = {}
+        for p in old:
+            p.grad = None
+            p.requires_grad_(False)
+            st = self.state.pop(p, None)
+            if st:
+                parked[self._names[p]] = st
+        if self._store is not None and parked:
+            self._store.put(self._active, parked)
+        new = self._block_params[block_idx]
+        for p in new:
+            p.requires_grad_(True)
+        # Keep the same group dict: LR schedulers and DeepSpeed hold references to it.
+        self.param_groups[0]["params"] = list(new)
+        self._active = block_idx
+        if self._store is not None:
+            restored = self._store.take(block_idx, self._device_of_block(block_idx))
+            for p in new:
+                if restored and self._names[p] in restored:
+                    st = restored[self._names[p]]
+                    self.state[p] = {k: (v if v.dim() == 0 else v.to(p.device)) for k, v in st.items()}
+            self._prefetch_next()
+
+    def _prefetch_next(self) -> None:
+        """Start bringing the next scheduled block's parked state to the device (accelerators only)."""
+        pos = self._schedule.position(self._global_step)
+        if pos.block_idx != self._active:
+            return
+        nxt = self._schedule.position(self._global_step - pos.inner_step + self._schedule.switch_every).block_idx
+        if nxt != self._active:
+            self._store.prefetch(nxt, self._device_of_block(nxt))
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the active block's gradients (inactive blocks have none)."""
+        super().zero_grad(set_to_none=set_to_none)
+
+    # ------------------------------------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue bit-identically: schedule, position, hyperparameters, all block state.
+
+        State is keyed by parameter name (not id), so a freshly built model and optimizer can load it.
+        """
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        active = {self._names[p]: {k: v.clone() for k, v in st.items()} for p, st in self.state.items() if st}
+        return {
+            "format": "deca_ds.BlockAdam/1",
+            "global_step": self._global_step,
+            "active_block_idx": self._active,
+            "skip_next_step": self.skip_next_step,
+            "schedule": self._schedule.state_dict(),
+            "block_names": [list(b.param_names) for b in self._blocks],
+            "state_policy": self.state_policy,
+            "local_moments": self.local_moments,
+            "param_group": group,
+            "state": active,
+            "offloaded": self._store.state_dict() if self._store is not None else None,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore a state saved by :meth:`state_dict` (the model weights are restored separately).
+
+        Raises:
+            ValueError: the checkpoint's blocks or state policy differ from this optimizer's.
+        """
+        if state_dict.get("format") != "deca_ds.BlockAdam/1":
+            raise ValueError("not a BlockAdam state dict (missing format 'deca_ds.BlockAdam/1')")
+        mine = [list(b.param_names) for b in self._blocks]
+        if state_dict["block_names"] != mine:
+            raise ValueError("checkpoint blocks differ from this optimizer's blocks (same partition settings needed)")
+        if state_dict["state_policy"] != self.state_policy:
+            raise ValueError(
+                f"checkpoint uses state_policy={state_dict['state_policy']!r}, this optimizer {self.state_policy!r}"
+            )
+        self._schedule.load_state_dict(state_dict["schedule"])
+        # Drop whatever state exists now (without parking it), then activate the checkpoint's block.
+        self.state = defaultdict(dict)
+        if self._store is not None:
+            self._store = BlockStateStore(self.offload_dtype)
+        target = state_dict["active_block_idx"]
+        for p in self._block_params[self._active]:
+            p.grad = None
+            p.requires_grad_(False)
+        self._active = target
+        for p in self._block_params[target]:
+            p.requires_grad_(True)
+        group = self.param_groups[0]
+        group.update(state_dict["param_group"])
+        group["params"] = list(self._block_params[target])
+        named = dict(self._model.named_parameters())
+        for name, st in state_dict["state"].items():
+            p = named[name]
+            self.state[p] = {k: (v.detach().cpu().clone() if k == "step" else v.detach().to(p.device).clone())
+                             for k, v in st.items()}
+        if self._store is not None and state_dict["offloaded"] is not None:
+            self._store.load_state_dict(state_dict["offloaded"])
+        self._global_step = int(state_dict["global_step"])
+        self.skip_next_step = bool(state_dict["skip_next_step"])
+
+    @property
+    def state_store(self) -> BlockStateStore | None:
+        """The host store of inactive blocks' state (``None`` with ``state_policy="reset"``)."""
+        return self._store
+
+    @property
+    def model(self) -> nn.Module:
+        """The model whose parameters are trained."""
+        return self._model
+
+
+def _tensor_bytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def memory_report(optimizer: torch.optim.Optimizer, model: nn.Module | None = None) -> dict:
+    """Bytes held, by category and device, counted from the tensors themselves (shared storage counted once).
+
+    Works for :class:`BlockAdam` and for any torch optimizer (pass ``model`` to count all weights, else the
+    optimizer's parameters are the weights).
+
+    Returns:
+        ``{"weights", "gradients", "master", "moments", "offloaded", "total": bytes, "by_device": {device:
+        {category: bytes}}}``. ``moments`` is every non-scalar optimizer state tensor other than ``master``.
+    """
+    if model is None and isinstance(optimizer, BlockAdam):
+        model = optimizer.model
+    if model is not None:
+        weights: Iterable[torch.Tensor] = list(model.parameters())
+    else:
+        weights = [p for g in optimizer.param_groups for p in g["params"]]
+    cats = ("weights", "gradients", "master", "moments", "offloaded")
+    report: dict = {c: 0 for c in cats}
+    by_device: dict[str, dict[str, int]] = {}
+    seen: set[tuple[str, int]] = set()
+
+    def add(cat: str, t: torch.Tensor) -> None:
+        key = (str(t.device), t.data_ptr())
+        if t.numel() == 0 or key in seen:
+            return
+        seen.add(key)
+        n = _tensor_bytes(t)
+        report[cat] += n
+        dev = by_device.setdefault(str(t.device), {c: 0 for c in cats})
+        dev[cat] += n
+
+    for p in weights:
+        add("weights", p.data)
+    for p in weights:
+        if p.grad is not None:
+            add("gradients", p.grad)
+    for st in optimizer.state.values():
+        for k, v in st.items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0:
+                add("master" if k == "master" else "moments", v)
+    store = getattr(optimizer, "state_store", None)
+    if store is not None:
+        for t in store.tensors():
+            add("offloaded", t)
+    report["total"] = sum(report[c] for c in cats)
+    report["by_device"] = by_device
+    return report

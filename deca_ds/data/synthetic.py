@@ -46,7 +46,7 @@ GENERATION_TASKS = ("reverse", "sort", "add", "lookup", "upper", "count")
 def make_classification_rows(num_examples: int, num_labels: int, seed: int) -> tuple[dict[str, list], list[str]]:
     """Topic classification as instruction following.
 
-    Each text has 6-9 words, of which 2-4 come from the topic vocabulary and the rest from the shared distractors,
+    Each text has 5-8 words, of which 3-5 come from the topic vocabulary and the rest from the shared distractors,
     in random order; labels are balanced (round robin, then shuffled).
 
     Args:
@@ -67,8 +67,8 @@ def make_classification_rows(num_examples: int, num_labels: int, seed: int) -> t
     labels = rng.permutation(np.arange(num_examples) % num_labels)
     cols: dict[str, list] = {"instruction": [], "input": [], "output": [], "label": []}
     for k in labels.tolist():
-        n_topic = int(rng.integers(2, 5))
-        n_noise = int(rng.integers(6, 10)) - n_topic
+        n_topic = int(rng.integers(3, 6))
+        n_noise = int(rng.integers(5, 9)) - n_topic
         words = list(rng.choice(TOPICS[names[k]], size=n_topic)) + list(rng.choice(DISTRACTORS, size=n_noise))
         rng.shuffle(words)
         cols["instruction"].append(CLASSIFY_INSTRUCTION)

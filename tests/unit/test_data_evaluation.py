@@ -1,0 +1,122 @@
+"""Evaluation: metric maths against hand-computed values, decoding and scoring against unbatched references."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from deca_ds.config import RunConfig
+from deca_ds.data import BYTE_VOCAB_SIZE, build_client_data, classification_metrics, evaluate, make_byte_tokenizer
+from deca_ds.data.evaluation import continuation_logprobs, greedy_generate, token_loss
+
+
+def test_classification_metrics_hand_computed():
+    # rows:      0  1  2  3   4  5
+    pred = [0, 0, 1, 2, -1, 1]
+    true = [0, 1, 1, 2, 2, 0]
+    m = classification_metrics(pred, true, 3)
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    # F1: label 0 tp1 fp1 fn1 -> 1/2; label 1 tp1 fp1 fn1 -> 1/2; label 2 tp1 fp0 fn1 -> 2/3.
+    assert m["macro_f1"] == pytest.approx((0.5 + 0.5 + 2 / 3) / 3)
+    assert m["per_label_accuracy"] == pytest.approx([0.5, 0.5, 0.5])
+    # A label never seen nor predicted is left out of the macro average and has nan per-label accuracy.
+    m = classification_metrics([0, 1, 1], [0, 1, 0], 3)
+    assert m["macro_f1"] == pytest.approx((2 / 3 + 2 / 3) / 2)
+    assert math.isnan(m["per_label_accuracy"][2])
+
+
+def test_token_loss_matches_an_explicit_loop():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7)
+    labels = torch.tensor([[-100, -100, 3, 4, -100], [-100, 1, 2, -100, -100]])
+    total, count = token_loss(logits, labels)
+    ref = 0.0
+    for b, t in [(0, 2), (0, 3), (1, 1), (1, 2)]:
+        ref -= torch.log_softmax(logits[b, t - 1], -1)[labels[b, t]].item()
+    assert count == 4 and total == pytest.approx(ref, rel=1e-5)
+
+
+class _Successor(torch.nn.Module):
+    """Toy LM: the next token is always (current token + 1) mod vocab."""
+
+    def __init__(self, vocab=16):
+        super().__init__()
+        self.vocab = vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+    def forward(self, input_ids, attention_mask=None):
+        logits = torch.nn.functional.one_hot((input_ids + 1) % self.vocab, self.vocab).float() * 10 + self.anchor
+        return SimpleNamespace(logits=logits)
+
+
+def test_greedy_generate_reads_each_rows_own_last_position():
+    out = greedy_generate(_Successor(), [[5, 6], [1], [12, 13, 14]], max_new_tokens=4, eos_id=9, pad_id=0,
+                          batch_size=2)
+    assert out == [[7, 8], [2, 3, 4, 5], [15, 0, 1, 2]]
+
+
+def _tiny_llama(tok):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=BYTE_VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
+                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@torch.no_grad()
+def test_continuation_logprobs_batched_equals_unpadded_reference():
+    tok = make_byte_tokenizer()
+    model = _tiny_llama(tok)
+    prompts, conts = [[1, 2, 3, 4, 5], [7, 8], [9]], [[10, 11], [12], [13, 14, 15]]
+    got = continuation_logprobs(model, prompts, conts, tok.pad_token_id, batch_size=3)
+    for p, c, g in zip(prompts, conts, got):
+        ids = torch.tensor([p + c])
+        logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+        ref = sum(logp[len(p) - 1 + j, t].item() for j, t in enumerate(c))
+        assert g == pytest.approx(ref, abs=1e-4)
+
+
+class _Uniform(torch.nn.Module):
+    """Every token equally likely: loss = log V, and label log-likelihoods favour the shortest label."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+        self.anchor = torch.nn.Parameter(torch.zeros(()))
+        self.seen_training = []
+
+    def forward(self, input_ids, attention_mask=None):
+        self.seen_training.append(self.training)
+        return SimpleNamespace(logits=torch.zeros(*input_ids.shape, self.vocab) + self.anchor)
+
+
+def test_evaluate_uniform_model_closed_form():
+    tok = make_byte_tokenizer()
+    cfg = RunConfig()
+    cfg.data.num_examples, cfg.data.partition = 200, "iid"
+    data = build_client_data(cfg, tok, 0, 2)
+    model = _Uniform(BYTE_VOCAB_SIZE).train()
+    r = evaluate(model, tok, data, max_examples=12, batch_size=5)
+    assert model.training and not any(model.seen_training)  # evaluated in eval mode, mode restored
+    assert r["examples"] == 12
+    assert r["loss"] == pytest.approx(math.log(BYTE_VOCAB_SIZE))
+    assert r["perplexity"] == pytest.approx(BYTE_VOCAB_SIZE, rel=1e-5)
+    shortest = min(data.label_names, key=len)  # "food": the highest likelihood under a uniform model
+    expect = sum(e["label"] == shortest for e in data.test_examples[:12]) / 12
+    assert r["accuracy_ll"] == r["accuracy"] == pytest.approx(expect)
+    assert r["per_label_accuracy"][shortest] == 1.0
+    assert r["accuracy_gen"] == 0.0  # greedy emits byte 0 forever: never a label
+    json.dumps(r)
+
+
+def test_evaluate_generation_task_reports_exact_match():
+    tok = make_byte_tokenizer()
+    cfg = RunConfig()
+    cfg.data.task, cfg.data.num_examples, cfg.data.partition = "generation", 200, "iid"
+    data = build_client_data(cfg, tok, 0, 2)
+    r = evaluate(_tiny_llama(tok), tok, data, max_examples=8)
+    assert r["exact_match"] == 0.0 and set(r["per_group_exact_match"]) <= set(data.count_names)
+    assert "accuracy" not in r and r["loss"] > 0

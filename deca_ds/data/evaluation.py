@@ -85,6 +85,10 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def _logits(model, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+    return model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+
+
 def continuation_logprobs(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int,
                           batch_size: int = 16) -> list[float]:
     """Sum of log-probabilities of each continuation given its prompt.
@@ -102,10 +106,11 @@ def continuation_logprobs(model, prompts: list[list[int]], continuations: list[l
     device = _device(model)
     out: list[float] = []
     for s in range(0, len(prompts), batch_size):
-        ids = [p + c for p, c in zip(prompts[s:s + batch_size], continuations[s:s + batch_size])]
-        labels = [[IGNORE_INDEX] * len(p) + c for p, c in zip(prompts[s:s + batch_size], continuations[s:s + batch_size])]
+        pairs = list(zip(prompts[s:s + batch_size], continuations[s:s + batch_size]))
+        ids = [p + c for p, c in pairs]
+        labels = [[IGNORE_INDEX] * len(p) + c for p, c in pairs]
         batch = collate({"input_ids": ids, "labels": labels}, pad_id)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = _logits(model, batch, device)
         logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         tgt = batch["labels"][:, 1:].to(device)
         mask = tgt != IGNORE_INDEX
@@ -199,7 +204,7 @@ def _evaluate(model, tokenizer, data, n: int, batch_size: int) -> dict[str, Any]
     total, count = 0.0, 0
     for s in range(0, n, batch_size):
         batch = collate(data.test[s:min(s + batch_size, n)], pad_id)
-        logits = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device)).logits
+        logits = _logits(model, batch, device)
         loss_sum, tokens = token_loss(logits, batch["labels"].to(device))
         total, count = total + loss_sum, count + tokens
     out["loss"] = total / max(count, 1)

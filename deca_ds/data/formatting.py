@@ -25,8 +25,6 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-import numpy as np
-
 __all__ = [
     "IGNORE_INDEX",
     "detect_format",

@@ -148,7 +148,8 @@ def _parse_json(setting: str, name: str, text: str, jsonl: bool) -> list[tuple[s
         try:
             r = json.loads(line)
         except json.JSONDecodeError as e:
-            raise _bad(setting, f"line {lineno} of {name} is not valid JSON ({e.msg}): fix or remove that line") from None
+            msg = f"line {lineno} of {name} is not valid JSON ({e.msg}): fix or remove that line"
+            raise _bad(setting, msg) from None
         if not isinstance(r, dict):
             raise _bad(setting, f"line {lineno} of {name} is not a JSON object: write one object per line")
         rows.append((f"line {lineno} of {name}", r))
@@ -168,7 +169,8 @@ def _parse_csv(setting: str, name: str, text: str) -> list[tuple[str, dict[str, 
                 f"line {reader.line_num} of {name} has {len(values)} fields but the header has {len(header)}: "
                 "quote fields that contain commas",
             )
-        rows.append((f"line {reader.line_num} of {name}", {k: (v if v != "" else None) for k, v in zip(header, values)}))
+        row = {k: (v if v != "" else None) for k, v in zip(header, values)}  # empty cell = missing field
+        rows.append((f"line {reader.line_num} of {name}", row))
     return rows
 
 
@@ -182,7 +184,8 @@ def _check_rows(setting: str, rows: list[tuple[str, dict[str, Any]]], fmt: str, 
         if fmt == "alpaca":
             for key in ("instruction", "output"):
                 if r.get(key) is None or (key == "instruction" and str(r[key]).strip() == ""):
-                    raise _bad(setting, f"{where} has no {key!r}: alpaca rows need instruction and output (input optional)")
+                    msg = f"{where} has no {key!r}: alpaca rows need instruction and output (input optional)"
+                    raise _bad(setting, msg)
         else:
             m = r.get("messages")
             ok = isinstance(m, list) and m and all(isinstance(t, dict) and "role" in t and "content" in t for t in m)
@@ -263,7 +266,8 @@ def make_partitioner(data_cfg, num_clients: int):
     raise ConfigError(f"data.partition={d.partition!r} is not known: use one of {', '.join(PARTITIONS)}")
 
 
-def _split_off(n: int, fraction: float, rng: np.random.Generator, keep_one: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def _split_off(n: int, fraction: float, rng: np.random.Generator,
+               keep_one: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """Random ``(rest, held_out)`` index arrays with ``round(fraction*n)`` held out (at least one when possible)."""
     k = int(round(fraction * n))
     if fraction > 0 and n >= 2:
@@ -375,17 +379,18 @@ def _plan_per_client(cfg, num_clients: int, client_id: int | None) -> _Plan:
 
     d = cfg.data
     clients = range(num_clients) if client_id is None else [client_id]
-    need = d.partition_by if d.partition == "natural" else None
     loaded = {}
     for i in clients:
         path = d.path.format(client=i)
         ds, fmt = load_rows(path, d.format, need=None, setting=d.path)
         loaded[i] = (ds, fmt)
-    test_path = d.path.format(client="test")
+    try:
+        test_path = d.path.format(client="test")
+    except ValueError:  # a numeric format spec such as {client:02d} cannot name the test file
+        test_path = None
     test_source = None
-    if os.path.isfile(test_path):
+    if test_path is not None and os.path.isfile(test_path):
         test_source, _ = load_rows(test_path, d.format, setting=d.path)
-    del need
     me = client_id if client_id is not None else 0
     pool, fmt = loaded[me]
     # Groups (labels) of this client's file plus the test file, so that label names cover the test split.
@@ -518,7 +523,8 @@ def batch_indices(num_rows: int, step: int, batch_size: int, seed: int, client_i
     return out
 
 
-def batch_for_step(dataset, step: int, batch_size: int, seed: int, client_id: int, pad_id: int) -> dict[str, torch.Tensor]:
+def batch_for_step(dataset, step: int, batch_size: int, seed: int, client_id: int,
+                   pad_id: int) -> dict[str, torch.Tensor]:
     """The batch of an optimizer step, as a pure function of its arguments.
 
     Rows are read in the order of a fresh permutation per epoch (``numpy.random.default_rng([seed, client_id,

@@ -79,9 +79,8 @@ class Partitioner:
 
     def _column(self, name: str) -> np.ndarray:
         if name not in self.dataset.column_names:
-            raise ValueError(
-                f"partition_by={name!r} is not a column of the dataset (columns: {', '.join(self.dataset.column_names)})"
-            )
+            columns = ", ".join(self.dataset.column_names)
+            raise ValueError(f"partition_by={name!r} is not a column of the dataset (columns: {columns})")
         return np.asarray(self.dataset[name], dtype=object)
 
 

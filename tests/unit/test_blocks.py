@@ -184,7 +184,8 @@ def test_schedule_validation():
 
 
 def test_random_order_shared_seed():
-    a, b, c = BlockSchedule(8, 3, "random", seed=7), BlockSchedule(8, 3, "random", seed=7), BlockSchedule(8, 3, "random", seed=8)
+    a, b = BlockSchedule(8, 3, "random", seed=7), BlockSchedule(8, 3, "random", seed=7)
+    c = BlockSchedule(8, 3, "random", seed=8)
     steps = range(0, 5 * 24)
     seq_a = [a.position(t) for t in steps]
     assert seq_a == [b.position(t) for t in steps]

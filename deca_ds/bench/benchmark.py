@@ -218,8 +218,9 @@ def format_table(records: list[dict[str, Any]]) -> str:
         rows.append(
             f"| {_label(r)} | {r['params'] / 1e6:.1f}M | {r['largest_block_params'] / 1e6:.2f}M "
             f"| {_mb(r['model_state_bytes'])} | {_mb(peak)} | {r['tokens_per_s']:.0f} "
-            f"| {f'{speed:.2f}' if speed else '–'} | {r['time_forward_s']:.3f} | {r['time_backward_s']:.3f} "
-            f"| {r['time_optimizer_s']:.3f} | {r['time_block_switch_s']:.4f} | {_mb(r.get('bytes_sent_per_step'))} |")
+            f"| {f'{speed:.2f}' if speed else '–'} | {r.get('time_forward_s', 0):.3f} "
+            f"| {r.get('time_backward_s', 0):.3f} | {r.get('time_optimizer_s', 0):.3f} "
+            f"| {r.get('time_block_switch_s', 0):.4f} | {_mb(r.get('bytes_sent_per_step'))} |")
     return "\n".join(rows)
 
 

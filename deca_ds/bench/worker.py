@@ -132,7 +132,19 @@ def make_batches(spec: dict[str, Any], vocab: int, n: int) -> list[torch.Tensor]
 # Methods. Each returns an object with optimizer_step(), switch() -> bool, zero_grad(), states() and extras.
 
 
-class _TorchAdamW:
+class _Plain:
+    """Forward and backward of a plain ``nn.Module`` (every method but the DeepSpeed engines)."""
+
+    model: torch.nn.Module
+
+    def forward(self, x):
+        return self.model(input_ids=x, labels=x).loss
+
+    def backward(self, loss):
+        loss.backward()
+
+
+class _TorchAdamW(_Plain):
     """Full-parameter torch AdamW: what users run on CPU."""
 
     def __init__(self, model, spec):
@@ -154,10 +166,11 @@ class _TorchAdamW:
         return {"optimizer": _state_tensors(self.opt.state)}
 
 
-class _BAdam:
+class _BAdam(_Plain):
     """The released BAdam (PyPI ``badam``): BlockOptimizer over torch AdamW, same blocks as deca."""
 
     def __init__(self, model, spec):
+        self.model = model
         try:
             from badam import BlockOptimizer
         except ImportError as e:  # recorded as skipped by the caller
@@ -190,13 +203,14 @@ class _BAdam:
                 "optimizer": _state_tensors(self.opt.base_optimizer.state)}
 
 
-class _DecaBlockAdam:
+class _DecaBlockAdam(_Plain):
     """deca_ds's BlockAdam, one client (gossip needs neighbours: its time is 0 here and its bytes are computed)."""
 
     def __init__(self, model, spec):
         import deca_ds
         from deca_ds.blocks import partition_blocks
 
+        self.model = model
         part = partition_blocks(model, layers_per_block=spec["layers_per_block"])
         self.blocks = len(part.blocks)
         self.largest_block_params = max(part.block_sizes(model))
@@ -220,11 +234,68 @@ class _DecaBlockAdam:
         return {"optimizer": _state_tensors(self.opt.state)}
 
 
+class _DeepSpeedAdam:
+    """Full-parameter Adam as users run it on a GPU: a DeepSpeed engine with bf16 and FusedAdam (``adamw``), or
+    ZeRO-2 with the optimizer offloaded to DeepSpeedCPUAdam (``zero_offload``). One rank, no launcher needed."""
+
+    def __init__(self, model, spec, offload: bool):
+        if spec["device"] != "cuda":
+            raise _Skip("the DeepSpeed full-Adam baselines run on a GPU; on CPU adamw is torch AdamW")
+        import deepspeed
+
+        for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517"), ("RANK", "0"), ("LOCAL_RANK", "0"),
+                     ("WORLD_SIZE", "1")):
+            os.environ.setdefault(k, v)
+        deepspeed.init_distributed()
+        zero: dict[str, Any] = {"stage": 2 if offload else 0}
+        if offload:
+            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        cfg = {"train_micro_batch_size_per_gpu": spec["micro_batch"], "gradient_accumulation_steps": 1,
+               "bf16": {"enabled": True}, "zero_optimization": zero, "steps_per_print": 10**9,
+               # DeepSpeed picks FusedAdam on the GPU, DeepSpeedCPUAdam when the optimizer is offloaded.
+               "optimizer": {"type": "AdamW", "params": {"lr": spec["lr"], "weight_decay": 0.0}}}
+        self.engine, self.opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                           config=cfg)
+        self.model = model
+        self.blocks = 1
+        self.largest_block_params = sum(p.numel() for p in model.parameters())
+        self.optimizer_impl = type(getattr(self.opt, "optimizer", self.opt)).__name__
+
+    def forward(self, x):
+        return self.engine(input_ids=x, labels=x).loss
+
+    def backward(self, loss):
+        self.engine.backward(loss)
+
+    def optimizer_step(self):
+        self.engine.step()
+
+    def switch(self):
+        return False
+
+    def zero_grad(self):
+        pass  # the engine clears gradients in step()
+
+    def states(self):
+        # DeepSpeed's flat fp32 partitions are not reachable as optimizer.state tensors in a stable way; on a GPU
+        # the model states are read from the allocator after the step instead (see _count_states).
+        return {}
+
+
 class _Skip(Exception):
     """The method cannot run here; the record says why."""
 
 
-METHODS = {"adamw": _TorchAdamW, "badam": _BAdam, "deca": _DecaBlockAdam}
+def _adamw(model, spec):
+    return _DeepSpeedAdam(model, spec, offload=False) if spec["device"] == "cuda" else _TorchAdamW(model, spec)
+
+
+METHODS = {
+    "adamw": _adamw,
+    "zero_offload": lambda model, spec: _DeepSpeedAdam(model, spec, offload=True),
+    "badam": _BAdam,
+    "deca": _DecaBlockAdam,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,10 +339,10 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         measured = i >= spec["warmup"]
         _sync(device)
         t0 = time.perf_counter()
-        loss = model(input_ids=x, labels=x).loss
+        loss = method.forward(x)
         _sync(device)
         t1 = time.perf_counter()
-        loss.backward()
+        method.backward(loss)
         _sync(device)
         t2 = time.perf_counter()
         last = i == len(batches) - 1
@@ -328,6 +399,12 @@ def _count_states(params, method, device, grad_bytes: int) -> dict[str, int]:
     if hasattr(method, "memory_report"):
         out["offloaded_state_bytes"] = int(method.memory_report(method.opt)["offloaded"])
     out["model_state_bytes"] = out["weight_bytes"] + out["grad_bytes"] + out["optimizer_state_bytes"]
+    if isinstance(method, _DeepSpeedAdam):
+        # Activations are freed after step(): what the allocator holds now is the engine's model states
+        # (bf16 weights, fp32 master and moments, gradient buffers). Labelled in "model_state_source".
+        out["model_state_bytes"] = torch.cuda.memory_allocated(device)
+        out["model_state_source"] = "torch.cuda.memory_allocated after step"
+        out["optimizer_impl"] = method.optimizer_impl
     return out
 
 

@@ -1,0 +1,103 @@
+"""Benchmark byte accounting against a model of known size, computed communication, and a smoke run."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from deca_ds.bench.benchmark import annotate, format_compare, format_table
+from deca_ds.bench.worker import measure, tensor_bytes
+
+SHAPE = {"hidden": 32, "intermediate": 64, "layers": 4, "heads": 4, "kv_heads": 2, "vocab": 128}
+
+
+def _layer_params(h=32, f=64, heads=4, kv=2):
+    return 2 * h * h + 2 * h * (h // heads) * kv + 3 * h * f + 2 * h
+
+
+PSI = 2 * 128 * 32 + 4 * _layer_params() + 32  # untied embedding and head, 4 layers, final norm
+LAYER = _layer_params()
+
+
+def _spec(method, **kw):
+    spec = {"device": "cpu", "dtype": "fp32", "model": None, "shape": SHAPE, "seed": 0, "micro_batch": 2,
+            "seq_len": 8, "steps": 4, "warmup": 1, "lr": 1e-3, "threads": 1, "offload_dtype": "fp32",
+            "gradient_checkpointing": False, "layers_per_block": None, "state_policy": None, "switch_every": None,
+            "method": method}
+    spec.update(kw)
+    return spec
+
+
+def test_tensor_bytes_counts_storage_once():
+    a = torch.zeros(10, 10)
+    b = torch.zeros(3, dtype=torch.float64)
+    assert tensor_bytes([a, a[2:5], a.view(-1), b, None]) == 400 + 24
+    assert tensor_bytes([a, torch.zeros(2, device="meta")], "cpu") == 400
+
+
+def test_adamw_model_states_are_16_psi():
+    r = measure(_spec("adamw"))
+    assert r["params"] == PSI
+    # fp32 weights + fp32 grads + exp_avg + exp_avg_sq, counted from tensors.
+    assert (r["weight_bytes"], r["grad_bytes"], r["optimizer_state_bytes"]) == (4 * PSI, 4 * PSI, 8 * PSI)
+    assert r["model_state_bytes"] == 16 * PSI
+    assert r["tokens_per_s"] > 0 and r["peak_rss_bytes"] >= r["baseline_rss_bytes"] > 0 and r["finite"]
+
+
+@pytest.mark.parametrize("policy", ["reset", "offload"])
+def test_deca_model_states_are_4_psi_plus_12_block(policy):
+    r = measure(_spec("deca", layers_per_block=2, state_policy=policy, switch_every=1))
+    block = 2 * LAYER
+    assert r["blocks"] == 2 and r["largest_block_params"] == block
+    assert (r["weight_bytes"], r["grad_bytes"], r["optimizer_state_bytes"]) == (4 * PSI, 4 * block, 8 * block)
+    assert r["model_state_bytes"] == 4 * PSI + 12 * block
+    assert r["switches"] == 4  # switch_every=1 over 4 measured steps: every step switches
+    # With offload the other block's moments are parked in host memory, outside the model states.
+    # (plus the parked blocks' 0-d fp32 step counters: 9 tensors per layer, 4 bytes each)
+    assert r["offloaded_state_bytes"] == (8 * block + 2 * 9 * 4 if policy == "offload" else 0)
+
+
+def test_annotate_computes_communication_and_targets():
+    recs = [
+        {"method": "adamw", "params": 1000, "largest_block_params": 1000, "tokens_per_s": 100.0,
+         "model_state_bytes": 16_000, "model_dtype": "fp32"},
+        {"method": "zero_offload", "not_applicable": True, "reason": "cpu"},
+        {"method": "deca", "blocks": 8, "layers_per_block": 1, "state_policy": "offload", "params": 1000,
+         "largest_block_params": 100, "tokens_per_s": 200.0, "model_state_bytes": 4000 + 1200,
+         "model_dtype": "fp32", "step_time_s": 1.0, "time_block_switch_s": 0.01},
+    ]
+    annotate(recs, clients=8)
+    deca = recs[2]
+    assert deca["bytes_sent_per_step"] == 100 * 4 * 2  # block x fp32 x ring degree
+    assert deca["gossip_buffer_bytes"] == 800 and recs[0]["bytes_sent_per_step"] == 1000 * 4 * 2
+    assert deca["target_model_state_ok"] and deca["speedup_vs_adamw"] == 2.0 and deca["target_speedup_1_8x_ok"]
+    assert deca["target_switch_overhead_ok"]
+    annotate(recs, clients=2)
+    assert recs[2]["bytes_sent_per_step"] == 400  # a 2-client ring has one neighbour
+    assert "not applicable" in format_table(recs) and "2.00" in format_compare(recs)
+
+
+def test_benchmark_smoke(tmp_path):
+    out = tmp_path / "bench"
+    cmd = [sys.executable, "-m", "deca_ds.cli", "bench", "--out", str(out), "--shape", json.dumps(SHAPE),
+           "--methods", "adamw,zero_offload,deca,badam", "--layers-per-block", "2", "--state-policies", "offload",
+           "--steps", "2", "--warmup", "1", "--micro-batch", "2", "--seq-len", "8", "--threads", "1", "--compare"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    records = json.load(open(out / "benchmark.json"))["records"]
+    by = {r["method"]: r for r in records}
+    assert set(by) == {"adamw", "zero_offload", "deca", "badam"}
+    assert by["zero_offload"]["not_applicable"] is True and by["zero_offload"]["reason"]
+    fields = ["method", "blocks", "state_policy", "params", "largest_block_params", "model_dtype",
+              "model_state_bytes", "gossip_buffer_bytes", "peak_rss_bytes", "tokens_per_s", "time_forward_s",
+              "time_backward_s", "time_optimizer_s", "time_gossip_s", "time_block_switch_s", "bytes_sent_per_step"]
+    for method in ("adamw", "deca"):
+        assert all(k in by[method] for k in fields), [k for k in fields if k not in by[method]]
+    assert by["deca"]["model_state_bytes"] == 4 * PSI + 12 * 2 * LAYER and by["deca"]["target_model_state_ok"]
+    assert by["deca"]["time_gossip_s"] == 0.0
+    assert by["badam"].get("skipped") or by["badam"]["largest_block_params"] == 2 * LAYER
+    assert (out / "benchmark.md").read_text().count("\n") >= 6 and (out / "benchmark.png").stat().st_size > 1000
+    assert "ratio to adamw" in proc.stdout

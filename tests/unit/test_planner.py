@@ -1,0 +1,170 @@
+"""Planner arithmetic against hand-computed figures, DeepSpeed's own estimators and the published model sizes."""
+
+import json
+import os
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from deca_ds.bench import planner
+from deca_ds.bench.planner import (GIB, MIB, ModelShape, PlanRequest, activation_bytes, deca_state_bytes,
+                                   full_adam_bytes, inspect_model, parse_bytes, ring_degree)
+from deca_ds.cli import main as cli_main
+
+MODELS = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "models")
+
+
+def _llama_layer_params(h, f, heads, kv):
+    head_dim = h // heads
+    return 2 * h * h + 2 * h * kv * head_dim + 3 * h * f + 2 * h  # q,o + k,v + gate/up/down + 2 norms
+
+
+def test_parse_bytes_units():
+    assert parse_bytes("24GiB") == 24 * 1024**3
+    assert parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("512 MiB") == 512 * 1024**2
+    assert parse_bytes("1e9") == 10**9
+    with pytest.raises(ValueError, match="not a memory size"):
+        parse_bytes("lots")
+
+
+@pytest.mark.parametrize("name,params,layers,block", [
+    ("llama-3.1-8b", 8_030_261_248, 32, _llama_layer_params(4096, 14336, 32, 8)),
+    ("llama-2-7b", 6_738_415_616, 32, _llama_layer_params(4096, 11008, 32, 32)),
+    # Qwen2 has q/k/v biases: h + 2·kv_dim per layer.
+    ("qwen2.5-3b", 3_085_938_688, 36, _llama_layer_params(2048, 11008, 16, 2) + 2048 + 2 * 256),
+    ("qwen2-1.5b", 1_543_714_304, 28, _llama_layer_params(1536, 8960, 12, 2) + 1536 + 2 * 256),
+])
+def test_shipped_configs_match_published_sizes(name, params, layers, block):
+    model = planner.build_meta_model(os.path.join(MODELS, name))
+    assert all(p.device.type == "meta" for p in model.parameters())
+    shape = inspect_model(model, layers_per_block=2)
+    assert shape.params == params  # the models' published parameter counts
+    assert shape.num_layers == layers and shape.num_blocks == layers // 2
+    assert shape.largest_block_params == 2 * block
+
+
+def test_inspect_model_tiny_llama_closed_form():
+    h, f, n, v, heads, kv = 64, 160, 5, 300, 4, 2
+    cfg = LlamaConfig(hidden_size=h, intermediate_size=f, num_hidden_layers=n, num_attention_heads=heads,
+                      num_key_value_heads=kv, vocab_size=v, tie_word_embeddings=True)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    layer = _llama_layer_params(h, f, heads, kv)
+    shape = inspect_model(model, layers_per_block=2)
+    assert shape.params == v * h + n * layer + h  # tied head counted once
+    assert shape.num_blocks == 3 and shape.largest_block_params == 2 * layer
+    assert shape.trainable_params == n * layer
+    assert shape.largest_module_params == v * h
+
+
+@pytest.mark.parametrize("n", [1, 2, 8])
+@pytest.mark.parametrize("offload", [False, True])
+def test_full_adam_matches_deepspeed_estimators(n, offload):
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    psi, largest = 1_234_567_891, 98_765_432
+    cpu2, gpu2 = estimate_zero2_model_states_mem_needs(psi, num_gpus_per_node=n, cpu_offload=offload)
+    assert full_adam_bytes(psi, 2, n, offload) == {"gpu": gpu2, "cpu": cpu2}
+    cpu3, gpu3, _ = estimate_zero3_model_states_mem_needs(psi, largest, num_gpus_per_node=n, cpu_offload=offload,
+                                                          cpu_offload_params=False)
+    assert full_adam_bytes(psi, 3, n, offload, False, largest) == {"gpu": gpu3, "cpu": cpu3}
+    if offload:
+        cpu3p, gpu3p, _ = estimate_zero3_model_states_mem_needs(psi, largest, num_gpus_per_node=n)
+        assert full_adam_bytes(psi, 3, n, True, True, largest) == {"gpu": gpu3p, "cpu": cpu3p}
+
+
+def test_full_adam_hand_figures_and_errors():
+    psi = 1000
+    assert full_adam_bytes(psi, 0)["gpu"] == 20_000  # 2 bf16 weights + 18 (DeepSpeed's per-parameter figure)
+    assert full_adam_bytes(psi, 1, ranks=4)["gpu"] == 2000 + 2000 + 16_000 // 4
+    assert full_adam_bytes(psi, 0, dtype="fp32")["gpu"] == 16_000  # fp32 weights, grads, m, v
+    with pytest.raises(ValueError, match="stage 1, 2 or 3"):
+        full_adam_bytes(psi, 0, offload=True)
+    with pytest.raises(ValueError, match="only at ZeRO stage 3"):
+        full_adam_bytes(psi, 2, offload=True, offload_params=True)
+
+
+def test_deca_state_bytes_hand_figures():
+    psi, blk = 10_000, 1_000
+    bf16 = deca_state_bytes(psi, blk, "bf16", "reset", degree=2)
+    assert bf16["model_states"] == 2 * psi + 14 * blk == 34_000
+    assert (bf16["weights"], bf16["grads"], bf16["master"], bf16["moments"]) == (20_000, 2_000, 4_000, 8_000)
+    assert bf16["gossip_buffers"] == 2 * 4 * blk and bf16["cpu_offload"] == 0
+    fp32 = deca_state_bytes(psi, blk, "fp32", "offload", trainable_params=9_000, degree=2)
+    assert fp32["model_states"] == 4 * psi + 12 * blk and fp32["master"] == 0  # fp32 weights are the master
+    assert fp32["cpu_offload"] == (9_000 - blk) * 8
+    off = deca_state_bytes(psi, blk, "bf16", "offload", trainable_params=9_000)
+    assert off["cpu_offload"] == 8_000 * (4 + 8)
+    q = deca_state_bytes(psi, blk, "bf16", "offload", "int8", trainable_params=9_000)
+    assert q["cpu_offload"] == int(8_000 * (4 + 2 * (1 + 4 / 4096)))
+    # The receive buffer is bounded by the chunk, whatever the block size.
+    big = deca_state_bytes(10**9, 10**8, "bf16", degree=3, gossip_chunk_bytes=64 * MIB)
+    assert big["gossip_buffers"] == 3 * 64 * MIB
+
+
+def test_activation_bytes_hand_figures():
+    shape = ModelShape(params=0, trainable_params=0, num_blocks=4, largest_block_params=0, largest_module_params=0,
+                       num_layers=4, hidden_size=8, intermediate_size=16, num_attention_heads=4,
+                       num_key_value_heads=2, vocab_size=100)
+    tokens = 3 * 5
+    per_layer = tokens * (6 * 8 + 2 * 4 + 4 * 16) * 2  # = 15 * 120 * 2
+    logits = tokens * 100 * (2 + 8)
+    assert activation_bytes(shape, 5, 3, 2) == 4 * per_layer + logits == 3600 * 4 + 15_000
+    assert activation_bytes(shape, 5, 3, 2, checkpointing=True) == 4 * tokens * 8 * 2 + per_layer + logits
+
+
+def test_ring_degree():
+    assert [ring_degree(n) for n in (1, 2, 3, 8)] == [0, 1, 2, 2]
+    assert ring_degree(8, "complete") == 7 and ring_degree(8, "exponential") == 3
+    with pytest.raises(ValueError, match="--max-degree"):
+        ring_degree(8, "erdos_renyi")
+
+
+def test_cli_plan_json_and_write(tmp_path, capsys):
+    model = os.path.join(MODELS, "qwen2-1.5b")
+    rc = cli_main(["plan", "--model", model, "--gpu-memory", "24GiB", "--seq-len", "1024", "--json",
+                   "--write", str(tmp_path)])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    psi, blk = 1_543_714_304, out["largest_block_params"]
+    assert out["params"] == psi and out["num_blocks"] == 28
+    assert out["deca_model_state_bytes"] == 2 * psi + 14 * blk
+    assert out["full_adam_model_state_bytes"] == 20 * psi
+    assert out["fits"] is True and out["full_adam_fits"] is True  # 1.5B fits 24 GiB only with ZeRO-3 offload
+    assert out["deca_total_bytes"] == (out["deca_model_state_bytes"] + out["gossip_buffer_bytes"]
+                                       + out["activation_bytes"] + GIB)
+    from deca_ds.config import load_config
+
+    cfg = load_config(str(tmp_path / "recipe.yaml"))
+    assert cfg.method == "deca" and cfg.model.path.endswith("qwen2-1.5b") and cfg.optim.state_policy == "offload"
+    ds = json.load(open(tmp_path / "ds_config.json"))
+    assert ds["zero_optimization"]["stage"] == 0 and "bf16" not in ds  # BlockAdam owns the master (DESIGN §3)
+
+
+def test_cli_plan_recommends_checkpointing_or_refuses(tmp_path, capsys):
+    model = os.path.join(MODELS, "llama-3.1-8b")
+    assert cli_main(["plan", "--model", model, "--gpu-memory", "24GiB", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["fits"] is False and out["recommended"]["activation_checkpointing"] is True
+    assert out["recommended"]["total_gpu_bytes"] <= 24 * GIB
+    assert cli_main(["plan", "--model", model, "--gpu-memory", "8GiB", "--write", str(tmp_path)]) == 2
+    assert "nothing fits" in capsys.readouterr().err
+    assert not (tmp_path / "recipe.yaml").exists()
+
+
+def test_make_plan_search_order():
+    def shape_for(lpb):
+        return ModelShape(params=10**9, trainable_params=10**9, num_blocks=32 // lpb, largest_block_params=3 * 10**7 * lpb,
+                          largest_module_params=10**8, num_layers=32, hidden_size=2048, intermediate_size=8192,
+                          num_attention_heads=16, num_key_value_heads=16, vocab_size=32000)
+
+    req = PlanRequest(gpu_memory=parse_bytes("4.5GiB"), seq_len=2048, layers_per_block=4, overhead=0)
+    plan = planner.make_plan(shape_for, req)
+    rec = plan.recommended
+    # Checkpointing alone is not enough at 4 layers per block; the planner falls back to fewer layers per block.
+    total_4 = planner._evaluate(shape_for(4), PlanRequest(**{**req.__dict__, "activation_checkpointing": True}))[2]
+    assert total_4 > req.gpu_memory
+    assert rec["layers_per_block"] == 3 and rec["activation_checkpointing"] and rec["total_gpu_bytes"] <= req.gpu_memory

@@ -81,7 +81,7 @@ class DataConfig:
     min_partition_size: int = 10
     """Dirichlet draws are repeated until every client holds at least this many rows."""
     max_length: int = 128
-    """Tokens per example; longer examples lose the end of the prompt first, then of the response."""
+    """Tokens per example; longer examples lose the start of the prompt first (the response keeps at least half)."""
     packing: bool = False
     """Concatenate examples into full ``max_length`` rows (loss masks kept per example)."""
     test_size: float = 0.1
@@ -98,16 +98,17 @@ class BlocksConfig:
 
     layers_per_block: int = 1
     """Consecutive decoder layers per block (the paper uses 2)."""
-    switch_every: int = 8
+    switch_every: int = 4
     """Optimizer steps a block stays active (R in the paper)."""
     order: str = "ascending"
     """``ascending``, ``descending``, ``fixed`` (see ``fixed_order``) or ``random`` (a permutation per round from
     the shared seed, identical on every client)."""
     fixed_order: list[int] | None = None
     """Block indices visited each round when ``order: fixed``."""
-    include_embeddings: bool = False
-    """Make the input embeddings a block of their own."""
-    include_lm_head: bool = False
+    include_embeddings: bool = True
+    """Make the input embeddings a block of their own (full-parameter fine-tuning; set false to freeze them, e.g.
+    for a very large vocabulary whose block would dominate memory)."""
+    include_lm_head: bool = True
     """Make the final norm and LM head a block of their own (a tied head goes with the embeddings)."""
     prefixes: list[str] | None = None
     """Explicit blocks: one parameter-name prefix or regex per block; overrides layer detection."""
@@ -117,8 +118,8 @@ class BlocksConfig:
 class OptimConfig:
     """BlockAdam's local step and what happens to a block's state when it goes inactive."""
 
-    lr: float = 1e-3
-    """Learning rate (γ)."""
+    lr: float = 3e-3
+    """Learning rate (γ); the default suits the embedded tiny model, pretrained LLMs want ~1e-5 to 5e-5."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Decay of the fresh local statistics (α1, α2)."""
     eps: float = 1e-8
@@ -180,7 +181,7 @@ class RunConfig:
     ds_config: str | None = None
     """Path to a DeepSpeed JSON. ``None``: ``ds_configs/cpu_fp32.json`` without a GPU, else ``gpu_bf16.json``."""
     output_dir: str = "runs/default"
-    max_steps: int = 96
+    max_steps: int = 192
     """Optimizer steps per client."""
     seed: int = 0
     resume: bool = False

@@ -82,7 +82,9 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None):
         except (ValueError, OSError) as e:
             raise ConfigError(f"topology.name={cfg.topology.name!r}: {str(e).splitlines()[0]}") from None
         ClientLayout(world_size, 0, cfg.clients.ranks_per_client).check_topology(topo)
-    check_data_config(cfg, num_clients)
+    # Only this rank's client's data: on a real deployment a site holds only its own file.
+    rank = int(os.environ.get("RANK", "0"))
+    check_data_config(cfg, num_clients, client_id=rank // cfg.clients.ranks_per_client)
     ckpt.prepare_output_dir(cfg.output_dir, cfg.resume)
     return ds
 
@@ -121,6 +123,15 @@ def _consensus_distance(tensors: list[torch.Tensor], ranks_per_client: int) -> f
         sq += float((x.detach().float() - mean).pow(2).sum())
         numel += x.numel()
     return math.sqrt(sq / max(numel, 1))
+
+
+def _gather_counts(counts, layout):
+    """Each client's own row of the partition summary, gathered (per-client files: nobody sees all data)."""
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, counts[0].tolist())
+    import numpy as np
+
+    return np.array([rows[layout.client_ranks(c)[0]] for c in range(layout.num_clients)])
 
 
 def _average_over_clients_(model: torch.nn.Module) -> None:
@@ -177,8 +188,11 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
         cfg.model.gradient_checkpointing = True
     model, tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
     data = build_client_data(cfg, tokenizer, layout.client_id, layout.num_clients)
+    counts = data.counts
+    if data.counts_local_only:  # per-client files: only this client's row is known locally
+        counts = _gather_counts(counts, layout)
     if rank == 0:
-        write_partition_summary(data.counts, data.label_names, out, console=console)
+        write_partition_summary(counts, data.count_names, out, console=console)
         if layout.num_clients > 1 and cfg.method not in ("local", "centralized"):
             topo.render(console=console)
     mixer = Mixer(layout, topo, chunk_bytes=int(cfg.gossip.chunk_mb * 2**20),
@@ -266,6 +280,17 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     return summary
 
 
+def _fingerprint(model: torch.nn.Module) -> str:
+    """SHA-1 of every parameter's bytes: ranks of one client must agree exactly."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def _finish(cfg, engine, data, tokenizer, layout, out: Path, last_loss, console, peak_memory_bytes, evaluate):
     """Evaluate every client, build/save/evaluate the consensus model, write summary.json (rank 0)."""
     rank = dist.get_rank()
@@ -277,7 +302,8 @@ def _finish(cfg, engine, data, tokenizer, layout, out: Path, last_loss, console,
     bytes_sent = engine.mixer.total_bytes_sent if engine.mixer is not None else 0
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, {"client": layout.client_id, "local_rank": layout.local_rank, "eval": own,
-                                      "bytes_sent": bytes_sent, "peak_memory_bytes": peak_memory_bytes()})
+                                      "bytes_sent": bytes_sent, "peak_memory_bytes": peak_memory_bytes(),
+                                      "fingerprint": _fingerprint(model)})
     _average_over_clients_(model)
     consensus = None
     if rank == 0:
@@ -291,7 +317,10 @@ def _finish(cfg, engine, data, tokenizer, layout, out: Path, last_loss, console,
         clients.append({"client": c, "final_loss": last_loss.get(c), "test_loss": first["eval"].get("loss"),
                         "test_accuracy": first["eval"].get("accuracy"), "eval": first["eval"],
                         "bytes_sent": sum(r["bytes_sent"] for r in rows),
-                        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rows)})
+                        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rows),
+                        "rank_fingerprints": [r["fingerprint"] for r in sorted(rows, key=lambda r: r["local_rank"])]})
+        if len(set(clients[-1]["rank_fingerprints"])) > 1 and rank == 0:
+            console.print(f"[red]warning: the ranks of client {c} hold different weights[/red]")
     summary = None
     if rank == 0:
         summary = {"method": cfg.method, "steps": engine.global_step, "num_clients": layout.num_clients,

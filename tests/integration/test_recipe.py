@@ -1,0 +1,141 @@
+"""The product's main job, launched for real on CPU: `deepspeed` and `torchrun` with 2 and 4 gloo processes.
+
+Few launches, many checks per launch (each launch costs ~10-25 s of Python start-up on 2 cores).
+"""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = str(ROOT / "recipes" / "finetune.py")
+# Small but real: a few switches per block, enough rows that every client has data.
+FAST = ["data.num_examples=600", "data.eval_examples=16", "blocks.switch_every=2", "log_every=1"]
+
+pytestmark = pytest.mark.integration
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def torchrun(nproc: int, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+           str(_port()), RECIPE, *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if check and res.returncode != 0:
+        raise AssertionError(f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
+def deepspeed_launch(nproc: int, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
+    exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+    cmd = [exe, "--num_gpus", str(nproc), "--master_port", str(_port()), RECIPE, *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        raise AssertionError(f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
+    return res
+
+
+def records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_state(out: Path, client: int) -> dict:
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    return torch.load(out / "checkpoints" / latest / f"client_{client}" / "state.pt", weights_only=False)
+
+
+def test_deepspeed_launcher_four_clients_learn_and_hand_back_a_hf_model(tmp_path):
+    out = tmp_path / "run"
+    deepspeed_launch(4, f"output_dir={out}", "max_steps=40", *FAST)
+    recs = records(out)
+    assert {r["client"] for r in recs} == {0, 1, 2, 3}
+    for key in ("step", "client", "loss", "block", "lr", "consensus_distance", "bytes_sent"):
+        assert key in recs[0]
+    for c in range(4):
+        losses = [r["loss"] for r in recs if r["client"] == c]
+        assert len(losses) == 40
+        assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5, f"client {c} did not learn: {losses}"
+        assert all(r["bytes_sent"] > 0 for r in recs if r["client"] == c)  # ring: every client sends
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_clients"] == 4 and len(summary["clients"]) == 4
+    assert summary["consensus"]["loss"] > 0
+    assert (out / "partition.json").is_file()
+    # The consensus model is a Hugging Face model directory that loads and generates.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(out / "consensus")
+    tok = AutoTokenizer.from_pretrained(out / "consensus")
+    ids = tok("Classify the topic", return_tensors="pt").input_ids
+    gen = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape[1] > ids.shape[1]
+    # It is the average of the clients' final weights.
+    states = [final_state(out, c)["model"] for c in range(4)]
+    name = "model.layers.0.self_attn.q_proj.weight"
+    avg = sum(s[name] for s in states) / 4
+    assert torch.allclose(model.state_dict()[name], avg, atol=1e-6)
+    # Starting again in the same output_dir without resume=true refuses and changes nothing.
+    before = (out / "metrics.jsonl").read_text()
+    res = torchrun(2, f"output_dir={out}", "max_steps=4", check=False)
+    assert res.returncode == 2 and "resume=true" in res.stderr
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_resume_is_bit_equal_to_an_uninterrupted_run(tmp_path):
+    common = ["max_steps=8", "optim.state_policy=offload", "blocks.order=random", *FAST]
+    full, part = tmp_path / "full", tmp_path / "part"
+    torchrun(2, f"output_dir={full}", *common)
+    torchrun(2, f"output_dir={part}", *common[1:], "max_steps=5")
+    torchrun(2, f"output_dir={part}", *common, "resume=true")
+    for c in range(2):
+        a, b = final_state(full, c), final_state(part, c)
+        assert a["global_step"] == b["global_step"] == 8
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), k
+    la = [(r["step"], r["client"], r["loss"]) for r in records(full)]
+    lb = [(r["step"], r["client"], r["loss"]) for r in records(part)]
+    assert la == lb
+
+
+def test_two_ranks_per_client_stay_identical_and_clients_differ(tmp_path):
+    out = tmp_path / "rpc2"
+    torchrun(4, f"output_dir={out}", "max_steps=6", "clients.ranks_per_client=2", *FAST)
+    summary = json.loads((out / "summary.json").read_text())
+    fp = [c["rank_fingerprints"] for c in summary["clients"]]
+    assert len(fp) == 2 and all(len(f) == 2 for f in fp)
+    assert fp[0][0] == fp[0][1] and fp[1][0] == fp[1][1]
+    assert fp[0][0] != fp[1][0]
+
+
+@pytest.mark.parametrize("method", ["deca", "badam_gossip", "trivial_bma", "dadam", "local", "centralized"])
+def test_every_method_runs(tmp_path, method):
+    out = tmp_path / method
+    torchrun(2, f"output_dir={out}", f"method={method}", "max_steps=6", *FAST)
+    recs = records(out)
+    assert len(recs) == 12
+    last = [r for r in recs if r["step"] == 5]
+    sent = sum(r["bytes_sent"] for r in recs)
+    if method in ("local", "centralized"):
+        assert sent == 0
+    else:
+        assert sent > 0
+    if method == "centralized":  # one data-parallel group: both ranks hold the same weights
+        assert last[0]["consensus_distance"] == pytest.approx(0.0, abs=1e-7)
+    if method == "local":  # no communication: clients drift apart
+        assert last[0]["consensus_distance"] > 0

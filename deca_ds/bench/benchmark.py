@@ -286,6 +286,10 @@ def main_from_args(args: argparse.Namespace) -> int:
         if rec.get("failed") or rec.get("skipped"):
             print(f"[bench] {tag}: {rec.get('reason')}", file=sys.stderr, flush=True)
         records.append(rec)
+        # Partial results survive an interrupted run (a long benchmark on a busy machine).
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "benchmark.partial.json"), "w") as f:
+            json.dump({"records": records}, f)
     annotate(records, args.clients, args.topology, args.gossip_chunk_mb)
     write_outputs(records, args.out, command=" ".join(sys.argv))
     print(format_table(records))

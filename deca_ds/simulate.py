@@ -1,0 +1,446 @@
+"""All clients of a decentralized run in one process: the researchers' tool for sweeps and ablations.
+
+Why it exists: a grid of methods x Dirichlet alpha x topology x seeds needs hundreds of runs with 8 clients, and
+launching 8 processes per run on a 2-core machine spends most of the time starting processes and passing messages.
+Here every client keeps its own model replica and its own optimizer in one process, and the run is numerically the
+launcher path (``deca_ds.trainer.run``) on CPU:
+
+- the client optimizer comes from :func:`deca_ds.engine.build_optimizer` (BlockAdam with ``auto_switch=False``,
+  one block for D-Adam, torch AdamW for the centralized full-parameter baseline);
+- the between-steps sequence is :class:`deca_ds.consensus.ConsensusStep` itself, one per client;
+- batches are :func:`deca_ds.data.batch_for_step` with the trainer's step/micro-batch indexing, data partitions are
+  :func:`deca_ds.data.build_client_data`, evaluation is :func:`deca_ds.data.evaluate`;
+- what DeepSpeed does at stage 0 around the optimizer step is redone here: loss / gradient_accumulation_steps,
+  gradient clipping to ``gradient_clipping`` (global norm over the client's gradients), and for ``centralized`` the
+  average of every client's gradient (DeepSpeed's data-parallel all-reduce).
+
+Communication order, one step (hazard: every client must have taken its local step before anyone mixes, exactly as
+neighbours exchange ``x_half`` in the launcher):
+
+    for each client: forward/backward -> clip -> hook.before_step() -> optimizer.step()      (x -> x_half)
+    for each tensor of the active block: stack the clients' copies, mixed = W_step @ X       (one matmul)
+    for each client: hook.after_step(step) with a ``mix`` that copies that client's row     (signal, BMA, switch)
+
+Per-client losses equal the launcher's up to float reduction order (gossip adds neighbours one at a time there, a
+matmul here): measured differences are ~1e-6 relative over a few steps (tests/integration/test_simulate_parity.py).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from deca_ds import checkpoint as ckpt
+from deca_ds.config import ConfigError, RunConfig
+from deca_ds.consensus import ConsensusStep, method_spec
+
+__all__ = ["Simulation", "run_simulation", "mix_rows", "HEADER_BYTES"]
+
+HEADER_BYTES = 4 * 8
+"""Bytes of the int64 header (block, step, client, numel) the launcher's Mixer sends before every payload."""
+
+_WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def mix_rows(stacked: torch.Tensor, weights: np.ndarray, wire_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Mix the clients' stacked copies of one tensor: ``out[i] = sum_j W[i, j] x_j``, fp32 arithmetic.
+
+    With a low-precision wire dtype, neighbours' copies are rounded to it and a client's own copy is not, as in
+    :meth:`deca_ds.gossip.Mixer.mix_`.
+
+    Args:
+        stacked: ``(num_clients, ...)`` fp32 tensor, one slice per client (not modified).
+        weights: ``num_clients x num_clients`` mixing matrix.
+        wire_dtype: dtype neighbours' values travel in.
+
+    Returns:
+        A new fp32 tensor shaped like ``stacked``.
+    """
+    from deca_ds.gossip import mix_stacked_
+
+    if wire_dtype == torch.float32:
+        return mix_stacked_(stacked.detach().float().clone(), weights)
+    n = stacked.shape[0]
+    w = torch.as_tensor(np.asarray(weights), dtype=torch.float32, device=stacked.device)
+    own = stacked.detach().float().reshape(n, -1)
+    wire = own.to(wire_dtype).float()
+    diag = torch.diagonal(w).clone()
+    off = w - torch.diag(diag)
+    return (off @ wire + diag[:, None] * own).view(stacked.shape)
+
+
+class _RowMix:
+    """The ``mix`` callable of one client's ConsensusStep: copies the precomputed mixed rows in place."""
+
+    def __init__(self, sim: "Simulation", client: int):
+        self.sim = sim
+        self.client = client
+
+    def __call__(self, tensors: Sequence[torch.Tensor], step: int, block_idx: int):
+        from deca_ds.gossip import MixStats
+
+        mixed = self.sim._mixed
+        if mixed is None or mixed[0] != (step, block_idx) or len(mixed[1]) != len(tensors):
+            raise RuntimeError(f"simulate: client {self.client} mixes block {block_idx} at step {step} but the "
+                               "precomputed mixture is for another block/step (clients out of schedule)")
+        for t, m in zip(tensors, mixed[1]):
+            t.copy_(m[self.client].to(t.dtype))
+        sent = self.sim._step_bytes[self.client]
+        return MixStats(sent, sent, 0.0)
+
+
+class Simulation:
+    """N clients of one run in this process; :meth:`step` advances every client by one optimizer step.
+
+    Attributes:
+        cfg: the run's settings.
+        num_clients: clients simulated.
+        models: one model per client (a single shared model for ``centralized``).
+        optimizers: one client optimizer per model.
+        hooks: one :class:`~deca_ds.consensus.ConsensusStep` per model (None for the AdamW baseline).
+        data: one :class:`deca_ds.data.ClientData` per client.
+        topology: the communication graph (None when the method does not gossip).
+        bytes_sent: cumulative gossip bytes per client (same accounting as the launcher's Mixer).
+        global_step: optimizer steps taken.
+    """
+
+    def __init__(self, cfg: RunConfig):
+        """Build data, models, optimizers and hooks (no files written).
+
+        Args:
+            cfg: validated settings with ``num_clients`` set.
+
+        Raises:
+            ConfigError: missing ``num_clients``, unsupported DeepSpeed settings or a bad topology/data setting.
+        """
+        from deca_ds.data import build_client_data, check_data_config
+        from deca_ds.engine import build_optimizer, check_ds_config, load_ds_config
+        from deca_ds.models import check_model_config, load_model_and_tokenizer
+        from deca_ds.topology import make_topology
+        from deca_ds.trainer import _topology_options
+
+        if not cfg.num_clients:
+            raise ConfigError("backend=simulate needs num_clients: write num_clients=8")
+        self.cfg = cfg
+        self.num_clients = n = int(cfg.num_clients)
+        self.spec = method_spec(cfg.method)
+        ds = load_ds_config(cfg.ds_config)
+        check_ds_config(ds, cfg)
+        if "scheduler" in ds:
+            raise ConfigError("backend=simulate does not run DeepSpeed LR schedulers: remove the ds_config "
+                              "'scheduler' section (or use the launcher)")
+        if cfg.clients.ranks_per_client != 1:
+            raise ConfigError("backend=simulate runs one rank per client: set clients.ranks_per_client=1")
+        self.micro_batch = int(ds["train_micro_batch_size_per_gpu"])
+        self.gas = int(ds.get("gradient_accumulation_steps", 1))
+        self.clip = float(ds.get("gradient_clipping", 0.0) or 0.0)
+        check_model_config(cfg.model)
+        check_data_config(cfg, n)
+        self.wire_dtype = _WIRE_DTYPES[cfg.gossip.dtype]
+        self.topology = None
+        if self.spec.gossip and n > 1:
+            try:
+                self.topology = make_topology(cfg.topology.name, n, seed=cfg.topology.seed,
+                                              weights=cfg.topology.weights, **_topology_options(cfg))
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"topology.name={cfg.topology.name!r}: {str(e).splitlines()[0]}") from None
+
+        model, self.tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
+        self.pad_id = self.tokenizer.pad_token_id
+        self.data = [build_client_data(cfg, self.tokenizer, c, n) for c in range(n)]
+        # Memory: one replica per client (the centralized baseline trains one shared model, like its all-reduce).
+        replicas = 1 if self.spec.world_data_parallel else n
+        self.models = [model] + [copy.deepcopy(model) for _ in range(replicas - 1)]
+        self.optimizers = [build_optimizer(cfg, m) for m in self.models]
+        self.hooks = []
+        for c, opt in enumerate(self.optimizers):
+            if hasattr(opt, "apply_consensus_"):
+                self.hooks.append(ConsensusStep(opt, cfg.method, mix=_RowMix(self, c) if self.spec.gossip else None,
+                                                signal=cfg.deca.signal, betas=cfg.deca.betas))
+            else:
+                self.hooks.append(None)
+        self.bytes_sent = [0] * n
+        self._step_bytes = [0] * n
+        self._mixed = None
+        self.global_step = 0
+        self.peak_optimizer_state_bytes = 0
+
+    # ----------------------------------------------------------------------------------------------- helpers
+
+    def model_of(self, client: int) -> torch.nn.Module:
+        """Client ``client``'s model (the shared one for ``centralized``)."""
+        return self.models[0 if len(self.models) == 1 else client]
+
+    def _block_optimizer(self, i: int):
+        opt = self.optimizers[i]
+        return opt if hasattr(opt, "apply_consensus_") else None
+
+    def active_block(self) -> int:
+        """Index of the active block (0 for full-parameter optimizers); identical on every client."""
+        opt = self._block_optimizer(0)
+        return opt.active_block_idx if opt is not None else 0
+
+    def active_tensors(self, i: int) -> list[torch.Tensor]:
+        """fp32 values of model ``i``'s active block (every trainable parameter for AdamW)."""
+        opt = self._block_optimizer(i)
+        if opt is not None:
+            return opt.master_params()
+        return [p.data for p in self.models[i].parameters() if p.requires_grad]
+
+    def lr(self) -> float:
+        """Current learning rate."""
+        return float(self.optimizers[0].param_groups[0]["lr"])
+
+    def _batches(self, client: int, step: int) -> list[dict[str, torch.Tensor]]:
+        from deca_ds.data import batch_for_step
+
+        # Same indexing as the trainer with ranks_per_client=1: (step * gas + m) * 1 + local_rank 0.
+        return [batch_for_step(self.data[client].train, step * self.gas + m, self.micro_batch, self.cfg.data.seed,
+                               client, self.pad_id) for m in range(self.gas)]
+
+    def _forward_backward(self, model: torch.nn.Module, client: int, step: int, scale: float) -> tuple[float, bool]:
+        """Accumulate ``scale * mean-over-micro-batches loss`` gradients; returns (mean loss, all finite)."""
+        device = next(model.parameters()).device
+        losses = []
+        for mb in self._batches(client, step):
+            mb = {k: v.to(device) for k, v in mb.items()}
+            loss = model(**mb).loss
+            # DeepSpeed's engine.backward divides by gradient_accumulation_steps.
+            (loss * (scale / self.gas)).backward()
+            losses.append(loss.detach().float())
+        mean = torch.stack(losses).mean()
+        return float(mean), bool(torch.isfinite(mean).all())
+
+    def _clip_and_check(self, model: torch.nn.Module) -> bool:
+        """DeepSpeed stage-0 fp32 clipping (max_norm / (norm + 1e-6)); returns whether every gradient is finite."""
+        grads = [p for p in model.parameters() if p.grad is not None]
+        finite = all(bool(torch.isfinite(p.grad).all()) for p in grads)
+        if self.clip > 0 and grads and finite:
+            torch.nn.utils.clip_grad_norm_(grads, self.clip)
+        return finite
+
+    def _skip(self, i: int) -> None:
+        opt = self._block_optimizer(i)
+        if opt is not None:
+            opt.skip_next_step = True
+        else:
+            for p in self.models[i].parameters():
+                p.grad = None
+
+    # ----------------------------------------------------------------------------------------------- the step
+
+    def step(self) -> dict[str, Any]:
+        """One optimizer step on every client, then gossip, consensus correction and block switch.
+
+        Returns:
+            ``loss`` (per client), ``nonfinite`` (per client), ``block`` (trained this step), ``bytes_sent`` (per
+            client, this step), ``consensus_distance`` (per client, of the block active after the step).
+        """
+        step, n = self.global_step, self.num_clients
+        block = self.active_block()
+        losses, nonfinite = [0.0] * n, [False] * n
+        if self.spec.world_data_parallel:
+            # Centralized: DeepSpeed all-reduces (averages) the gradients of every client's batch, then one step.
+            model = self.models[0]
+            for c in range(n):
+                losses[c], ok = self._forward_backward(model, c, step, 1.0 / n)
+                nonfinite[c] = not ok
+            bad = not self._clip_and_check(model) or any(nonfinite)
+            if bad:
+                nonfinite = [True] * n
+                self._skip(0)
+            self._take_step(0)
+        else:
+            for c in range(n):
+                losses[c], ok = self._forward_backward(self.models[c], c, step, 1.0)
+                nonfinite[c] = not (self._clip_and_check(self.models[c]) and ok)
+                if nonfinite[c]:
+                    self._skip(c)
+                self._take_step(c)
+        self._step_bytes = [0] * n
+        self._mixed = None
+        if self.topology is not None:
+            self._precompute_mixture(step, block)
+        for i, hook in enumerate(self.hooks):
+            if hook is not None:
+                hook.after_step(step)
+        for c in range(n):
+            self.bytes_sent[c] += self._step_bytes[c]
+        self.global_step += 1
+        self._track_memory()
+        return {"loss": losses, "nonfinite": nonfinite, "block": block, "bytes_sent": list(self._step_bytes),
+                "consensus_distance": self.consensus_distances()}
+
+    def _take_step(self, i: int) -> None:
+        if self.hooks[i] is not None:
+            self.hooks[i].before_step()
+        self.optimizers[i].step()
+        if self.hooks[i] is None:
+            self.optimizers[i].zero_grad(set_to_none=True)
+
+    def _precompute_mixture(self, step: int, block: int) -> None:
+        """``W_step @ X`` for every tensor of the active block, and each client's bytes for this exchange."""
+        w = np.asarray(self.topology.weights_at(step), dtype=np.float64)
+        per_client = [self.active_tensors(c) for c in range(self.num_clients)]
+        mixed = []
+        for tensors in zip(*per_client):
+            mixed.append(mix_rows(torch.stack([t.detach().float() for t in tensors]), w, self.wire_dtype))
+        numel = sum(t.numel() for t in per_client[0])
+        itemsize = torch.tensor([], dtype=self.wire_dtype).element_size()
+        for c in range(self.num_clients):
+            degree = int(sum(1 for j in range(self.num_clients) if j != c and w[c, j] != 0.0))
+            self._step_bytes[c] = (numel * itemsize + HEADER_BYTES) * degree
+        self._mixed = ((step, block), mixed)
+
+    def consensus_distances(self) -> list[float]:
+        """Per client, RMS distance of its active block from the clients' average: ``||x_i - xbar|| / sqrt(P)``.
+
+        The launcher's ``metrics.jsonl`` figure (0 for a single client or the centralized shared model).
+        """
+        n = self.num_clients
+        if n == 1 or len(self.models) == 1:
+            return [0.0] * n
+        per_client = [self.active_tensors(c) for c in range(n)]
+        sq = [0.0] * n
+        numel = 0
+        for tensors in zip(*per_client):
+            stacked = torch.stack([t.detach().float() for t in tensors])
+            dev = (stacked - stacked.mean(0, keepdim=True)).double().square().reshape(n, -1).sum(1)
+            for c in range(n):
+                sq[c] += float(dev[c])
+            numel += tensors[0].numel()
+        return [math.sqrt(s / max(numel, 1)) for s in sq]
+
+    def _track_memory(self) -> None:
+        from deca_ds.optim.block_adam import memory_report
+
+        rep = memory_report(self.optimizers[0], self.models[0])
+        self.peak_optimizer_state_bytes = max(self.peak_optimizer_state_bytes,
+                                              rep["master"] + rep["moments"] + rep["offloaded"])
+
+    # ----------------------------------------------------------------------------------------------- the end
+
+    @torch.no_grad()
+    def consensus_model(self) -> torch.nn.Module:
+        """A new model holding the average over clients of every parameter and floating buffer."""
+        avg = copy.deepcopy(self.models[0])
+        if len(self.models) == 1:
+            return avg
+        sources = [{**dict(m.named_buffers()), **dict(m.named_parameters())} for m in self.models]
+        for name, t in list(avg.named_parameters()) + [(n, b) for n, b in avg.named_buffers()
+                                                        if b.is_floating_point()]:
+            acc = torch.stack([src[name].detach().float() for src in sources]).mean(0)
+            t.copy_(acc.to(t.dtype))
+        return avg
+
+
+def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False) -> dict[str, Any]:
+    """Run ``cfg`` with every client in this process; writes ``metrics.jsonl`` and ``summary.json``.
+
+    Args:
+        cfg: validated settings; ``num_clients`` clients are simulated (``backend`` is not consulted).
+        save_models: also save the consensus model (and client models when ``model.save_client_models``) like the
+            launcher; sweeps turn it off.
+        quiet: no progress bar or final table.
+
+    Returns:
+        The summary: ``method``, ``steps``, ``num_clients``, ``clients`` (per client ``final_loss``, ``test_loss``,
+        ``test_accuracy``, ``eval``, ``bytes_sent``, ``optimizer_state_bytes``), ``consensus`` (evaluation of the
+        client average), ``wall_seconds``.
+
+    Raises:
+        ConfigError: bad settings, ``output_dir`` already holds a run, or ``resume``/``checkpoint_every`` (not
+            supported by the simulator: the run is short, start it again).
+        deca_ds.trainer.NonFiniteError: ``nan_policy=stop`` and a client produced a non-finite loss or gradient.
+    """
+    from rich.console import Console
+
+    from deca_ds.data import evaluate
+    from deca_ds.metrics import JsonlWriter, make_progress, summary_table
+    from deca_ds.trainer import NonFiniteError
+
+    if cfg.resume or cfg.checkpoint_every:
+        raise ConfigError("backend=simulate does not write or resume checkpoints: set resume=false and "
+                          "checkpoint_every=0 (or use the launcher)")
+    ckpt.prepare_output_dir(cfg.output_dir, cfg.resume)
+    sim = Simulation(cfg)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ckpt.RUN_MARKER).write_text(json.dumps({"config": cfg.to_dict(), "backend": "simulate",
+                                                    "num_clients": sim.num_clients}, indent=2))
+    console = Console(stderr=True, quiet=quiet)
+    writer = JsonlWriter(out / "metrics.jsonl")
+    last_loss: dict[int, float] = {}
+    t0 = time.perf_counter()
+    progress = None if quiet else make_progress(console)
+    try:
+        if progress is not None:
+            progress.start()
+            task = progress.add_task("train", total=cfg.max_steps, completed=0, round=0, block=0,
+                                     loss=float("nan"), tps=0.0)
+        for step in range(cfg.max_steps):
+            res = sim.step()
+            bad = [c for c, x in enumerate(res["nonfinite"]) if x]
+            if bad and cfg.nan_policy == "stop":
+                raise NonFiniteError(f"client {bad[0]} produced a non-finite loss or gradient at step {step} "
+                                     "(nan_policy=stop)")
+            log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+            for c in range(sim.num_clients):
+                last_loss[c] = res["loss"][c]
+                if log_now:
+                    writer.write({"step": step, "client": c, "loss": res["loss"][c], "block": res["block"],
+                                  "lr": sim.lr(), "consensus_distance": res["consensus_distance"][c],
+                                  "bytes_sent": res["bytes_sent"][c], "nonfinite": res["nonfinite"][c],
+                                  "time": time.perf_counter() - t0})
+            if progress is not None:
+                progress.update(task, completed=step + 1, loss=float(np.mean(res["loss"])), block=res["block"],
+                                round=_round_of(sim, step), tps=0.0)
+    finally:
+        if progress is not None:
+            progress.stop()
+        writer.close()
+    train_seconds = time.perf_counter() - t0
+
+    clients = []
+    evals: dict[int, dict] = {}
+    for c in range(sim.num_clients):
+        key = 0 if len(sim.models) == 1 else c
+        if key not in evals:
+            sim.model_of(c).eval()
+            evals[key] = evaluate(sim.model_of(c), sim.tokenizer, sim.data[c], max_examples=cfg.data.eval_examples)
+            sim.model_of(c).train()
+        own = evals[key]
+        if save_models and cfg.model.save_client_models:
+            sim.model_of(c).save_pretrained(out / "clients" / f"client_{c}")
+            sim.tokenizer.save_pretrained(out / "clients" / f"client_{c}")
+        clients.append({"client": c, "final_loss": last_loss.get(c), "test_loss": own.get("loss"),
+                        "test_accuracy": own.get("accuracy"), "eval": own, "bytes_sent": sim.bytes_sent[c],
+                        "optimizer_state_bytes": sim.peak_optimizer_state_bytes})
+    avg = sim.consensus_model()
+    avg.eval()
+    if save_models:
+        avg.save_pretrained(out / "consensus", safe_serialization=True)
+        sim.tokenizer.save_pretrained(out / "consensus")
+    consensus = evaluate(avg, sim.tokenizer, sim.data[0], max_examples=cfg.data.eval_examples)
+    summary = {"method": cfg.method, "backend": "simulate", "steps": sim.global_step,
+               "num_clients": sim.num_clients, "clients": clients, "consensus": consensus,
+               "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t0}
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=float))
+    os.replace(tmp, out / "summary.json")
+    if not quiet:
+        console.print(summary_table(clients, consensus))
+    return summary
+
+
+def _round_of(sim: Simulation, step: int) -> int:
+    opt = sim._block_optimizer(0)
+    return opt.schedule.position(step).round if opt is not None else 0

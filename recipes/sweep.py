@@ -1,0 +1,310 @@
+"""Experiment grids with the single-process simulator, and their summary tables and curves.
+
+    python recipes/sweep.py run recipes/configs/sweep_main.yaml --results docs/results/sweep_main.jsonl --jobs 2
+    python recipes/sweep.py summarize docs/results/sweep_main.jsonl --out docs/results/
+
+A grid YAML has ``base`` (recipe settings shared by every run, dotted or nested keys) and ``grid``: each axis is
+either a dotted key with a list of values (``seed: [0, 1, 2]``) or a name with a mapping ``label -> settings``
+(``method: {deca_qgm: {method: deca, deca.signal: qgm}, local: {method: local}}``). Runs are the product of the axes;
+methods that never gossip (``local``, ``centralized``) run once per value of the other axes, not per topology.
+``seed`` sets both the model/schedule seed and ``data.seed`` (partition and batch order). Each finished run appends
+one JSON line to the results file; a run already there is skipped, so an interrupted sweep continues where it
+stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import yaml  # noqa: E402
+
+NO_GOSSIP = ("local", "centralized")
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k not in ("grid",):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def expand_grid(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """All runs of a grid spec: ``[{"run_id", "labels": {axis: label}, "settings": {dotted: value}}]``.
+
+    Raises:
+        ValueError: an axis is neither a list nor a mapping.
+    """
+    base = _flatten(spec.get("base") or {})
+    axes = []
+    for axis, values in (spec.get("grid") or {}).items():
+        if isinstance(values, list):
+            axes.append([(axis, _label(v), {axis: v}) for v in values])
+        elif isinstance(values, dict):
+            axes.append([(axis, str(label), _flatten(s or {})) for label, s in values.items()])
+        else:
+            raise ValueError(f"grid axis {axis!r} must be a list of values or a mapping label -> settings")
+    runs, seen = [], set()
+    for combo in itertools.product(*axes):
+        settings = dict(base)
+        labels = {}
+        for axis, label, s in combo:
+            settings.update(s)
+            labels[axis] = label
+        if "seed" in settings:
+            settings.setdefault("data.seed", settings["seed"])
+            if "seed" in labels:
+                settings["data.seed"] = settings["seed"]
+        if settings.get("method") in NO_GOSSIP:
+            for k in [k for k in settings if k.startswith("topology.")]:
+                settings.pop(k)
+            labels = {a: ("-" if a.startswith("topology") else v) for a, v in labels.items()}
+        run_id = "__".join(f"{a}={v}" for a, v in labels.items())
+        if run_id in seen:
+            continue
+        seen.add(run_id)
+        runs.append({"run_id": run_id, "labels": labels, "settings": settings})
+    return runs
+
+
+def _label(v: Any) -> str:
+    return json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+
+
+def _overrides(settings: dict[str, Any]) -> list[str]:
+    return [f"{k}={json.dumps(v) if isinstance(v, (list, dict, bool)) or v is None else v}"
+            for k, v in settings.items()]
+
+
+def run_one(run: dict[str, Any], runs_dir: str) -> dict[str, Any]:
+    """Simulate one run of the grid and reduce it to one results record (curves included)."""
+    from deca_ds.config import load_config
+    from deca_ds.simulate import run_simulation
+
+    out = Path(runs_dir) / run["run_id"].replace("/", "_")
+    cfg = load_config(None, _overrides({**run["settings"], "output_dir": str(out), "backend": "simulate"}))
+    if out.exists():  # a run killed before its line was written: start it again
+        import shutil
+
+        shutil.rmtree(out)
+    t0 = time.perf_counter()
+    summary = run_simulation(cfg, save_models=False, quiet=True)
+    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = sorted({r["step"] for r in recs})
+    by_step = {s: [r for r in recs if r["step"] == s] for s in steps}
+    loss_curve = [sum(r["loss"] for r in by_step[s]) / len(by_step[s]) for s in steps]
+    dist_curve = [sum(r["consensus_distance"] for r in by_step[s]) / len(by_step[s]) for s in steps]
+    tail = max(1, len(steps) // 8)
+    accs = [c["test_accuracy"] for c in summary["clients"]]
+    cons = summary["consensus"] or {}
+    return {
+        "run_id": run["run_id"], "labels": run["labels"], "settings": run["settings"],
+        "consensus_accuracy": cons.get("accuracy"), "consensus_macro_f1": cons.get("macro_f1"),
+        "consensus_test_loss": cons.get("loss"),
+        "client_accuracy_mean": sum(accs) / len(accs), "client_accuracy_worst": min(accs),
+        "client_macro_f1_mean": sum(c["eval"].get("macro_f1", 0.0) for c in summary["clients"]) / len(accs),
+        "final_train_loss": sum(loss_curve[-tail:]) / tail,
+        "consensus_distance_mean": sum(dist_curve) / len(dist_curve),
+        "bytes_sent_per_client": sum(c["bytes_sent"] for c in summary["clients"]) / len(accs),
+        "optimizer_state_bytes": summary["clients"][0]["optimizer_state_bytes"],
+        "loss_curve": loss_curve, "consensus_distance_curve": dist_curve,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def _worker(args):
+    run, runs_dir = args
+    try:
+        return run_one(run, runs_dir)
+    except Exception as e:  # one failed run must not stop the grid; the error is recorded
+        return {"run_id": run["run_id"], "labels": run["labels"], "settings": run["settings"],
+                "error": f"{type(e).__name__}: {e}"}
+
+
+def cmd_run(args) -> int:
+    """Run every missing run of a grid YAML, appending one line per run to ``--results``."""
+    spec = yaml.safe_load(Path(args.grid).read_text())
+    runs = expand_grid(spec)
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if results.exists():
+        for line in results.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "error" not in rec:
+                done.add(rec["run_id"])
+    todo = [r for r in runs if r["run_id"] not in done]
+    if args.limit:
+        todo = todo[: args.limit]
+    runs_dir = args.runs_dir or str(results.with_suffix("")) + "_runs"
+    print(f"{len(runs)} runs in the grid, {len(done)} done, running {len(todo)} with {args.jobs} job(s)",
+          file=sys.stderr)
+    t0 = time.perf_counter()
+    if args.jobs > 1:
+        import multiprocessing as mp
+
+        # spawn + one task per child: every run starts from a fresh interpreter (no state leaks between runs).
+        with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
+            it = pool.imap_unordered(_worker, [(r, runs_dir) for r in todo])
+            _append_all(it, results, t0, len(todo))
+    else:
+        _append_all((_worker((r, runs_dir)) for r in todo), results, t0, len(todo))
+    return 0
+
+
+def _append_all(records, results: Path, t0: float, total: int) -> None:
+    with open(results, "a") as f:
+        for i, rec in enumerate(records, 1):
+            f.write(json.dumps(rec, default=float) + "\n")
+            f.flush()
+            status = rec.get("error") or (f"cons acc {rec['consensus_accuracy']:.3f} loss "
+                                          f"{rec['final_train_loss']:.3f} ({rec['seconds']:.0f}s)")
+            print(f"[{i}/{total} {time.perf_counter() - t0:.0f}s] {rec['run_id']}: {status}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# summarize
+
+METRICS = [
+    ("consensus_accuracy", "cons. acc", 3, 1.0),
+    ("consensus_macro_f1", "cons. F1", 3, 1.0),
+    ("client_accuracy_mean", "client acc mean", 3, 1.0),
+    ("client_accuracy_worst", "client acc worst", 3, 1.0),
+    ("final_train_loss", "train loss", 3, 1.0),
+    ("consensus_distance_mean", "cons. dist", 2, 1.0),
+    ("bytes_sent_per_client", "MiB sent/client", 1, 2.0 ** -20),
+    ("optimizer_state_bytes", "opt. state KiB", 0, 2.0 ** -10),
+]
+
+
+def _mean_std(xs: list[float]) -> tuple[float, float]:
+    m = sum(xs) / len(xs)
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
+    return m, s
+
+
+def _fmt(xs: list[float], digits: int, scale: float, sci: bool = False) -> str:
+    xs = [x * scale for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
+    if not xs:
+        return "-"
+    m, s = _mean_std(xs)
+    if sci:
+        return f"{m:.2e} ± {s:.1e}"
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def load_results(path: str) -> list[dict[str, Any]]:
+    """Successful records of a results file (the last record of a run wins)."""
+    recs = {}
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if "error" not in rec:
+            recs[rec["run_id"]] = rec
+    return list(recs.values())
+
+
+def summarize(path: str, out_dir: str) -> Path:
+    """Markdown tables (mean ± std over seeds, one table per setting) and PNG curves of a results file.
+
+    Returns:
+        The markdown file written (``<out_dir>/<results stem>.md``).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = load_results(path)
+    stem = Path(path).stem
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    axes = [a for a in recs[0]["labels"] if a != "seed"] if recs else []
+    method_axis = "method" if "method" in axes else axes[0]
+    setting_axes = [a for a in axes if a != method_axis]
+    settings = sorted({tuple(r["labels"][a] for a in setting_axes) for r in recs})
+    lines = [f"<!-- generated by: python recipes/sweep.py summarize {path} --out {out_dir} -->", ""]
+    for setting in settings:
+        # Methods without gossip carry topology "-": show them in every topology's table.
+        def matches(r):
+            return all(r["labels"][a] == v or (r["labels"][a] == "-" and a.startswith("topology"))
+                       for a, v in zip(setting_axes, setting))
+        if all(v == "-" for a, v in zip(setting_axes, setting) if a.startswith("topology")) and any(
+                a.startswith("topology") for a in setting_axes) and len(
+                {s for s in settings if s != setting}) > 0:
+            continue
+        rows = [r for r in recs if matches(r)]
+        methods = list(dict.fromkeys(r["labels"][method_axis] for r in rows))
+        title = ", ".join(f"{a}={v}" for a, v in zip(setting_axes, setting)) or "all runs"
+        lines += [f"### {title}", "", "| method | seeds | " + " | ".join(m[1] for m in METRICS) + " |",
+                  "|---" * (len(METRICS) + 2) + "|"]
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+        for m in methods:
+            mr = [r for r in rows if r["labels"][method_axis] == m]
+            cells = [_fmt([r.get(k) for r in mr], d, sc, sci=(k == "consensus_distance_mean")) for k, _, d, sc in
+                     METRICS]
+            lines.append(f"| {m} | {len(mr)} | " + " | ".join(cells) + " |")
+            n = min(len(r["loss_curve"]) for r in mr)
+            loss = [sum(r["loss_curve"][i] for r in mr) / len(mr) for i in range(n)]
+            cd = [sum(r["consensus_distance_curve"][i] for r in mr) / len(mr) for i in range(n)]
+            ax1.plot(_smooth(loss), label=m)
+            if any(x > 0 for x in cd):
+                ax2.plot([max(x, 1e-12) for x in cd], label=m)
+        ax1.set(title=f"train loss (mean over clients, seeds) — {title}", xlabel="step", ylabel="loss")
+        ax2.set(title="consensus distance of the active block", xlabel="step", ylabel="RMS distance", yscale="log")
+        ax1.legend(fontsize=7)
+        ax2.legend(fontsize=7)
+        fig.tight_layout()
+        png = out / (f"{stem}__" + "_".join(f"{v}" for v in setting).replace("/", "_") + ".png")
+        fig.savefig(png, dpi=90)
+        plt.close(fig)
+        lines += ["", f"![curves]({png.name})", ""]
+    md = out / f"{stem}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
+def _smooth(xs: list[float], k: int = 5) -> list[float]:
+    return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run a grid YAML")
+    r.add_argument("grid")
+    r.add_argument("--results", required=True, help="JSONL file to append one line per run to")
+    r.add_argument("--jobs", type=int, default=1, help="runs in parallel (one core each)")
+    r.add_argument("--runs-dir", help="where each run's metrics.jsonl/summary.json go (default: next to results)")
+    r.add_argument("--limit", type=int, default=0, help="run at most this many missing runs")
+    s = sub.add_parser("summarize", help="markdown tables and PNG curves of a results file")
+    s.add_argument("results")
+    s.add_argument("--out", default="docs/results")
+    s.add_argument("--list", action="store_true", help="only print the number of runs per setting")
+    args = parser.parse_args(argv)
+    if args.cmd == "run":
+        return cmd_run(args)
+    print(summarize(args.results, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,161 @@
+"""Unit tests of the single-process simulator: W=I is independent training, mixing is W @ X, runs are deterministic."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from deca_ds.config import ConfigError, load_config
+from deca_ds.simulate import HEADER_BYTES, Simulation, mix_rows, run_simulation
+
+SMALL = ["num_clients=3", "data.num_examples=240", "data.eval_examples=2", "data.min_partition_size=4",
+         "blocks.switch_every=8", "optim.lr=1e-2", "max_steps=3"]
+
+
+def _cfg(*extra, tmp_path=None):
+    out = [f"output_dir={tmp_path / 'run'}"] if tmp_path is not None else []
+    return load_config(None, SMALL + out + list(extra))
+
+
+class _IdentityGraph:
+    """W = I (no real Topology accepts it: it is not connected)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def weights_at(self, step):
+        return np.eye(self.n)
+
+
+def _identity(sim: Simulation) -> None:
+    sim.topology = _IdentityGraph(sim.num_clients)
+
+
+def test_mix_rows_is_w_at_x_and_bf16_wire_rounds_neighbours_only():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 5, generator=g)
+    w = np.array([[0.5, 0.25, 0.0, 0.25], [0.25, 0.5, 0.25, 0.0], [0.0, 0.25, 0.5, 0.25], [0.25, 0.0, 0.25, 0.5]])
+    ref = (w @ x.double().numpy().reshape(4, -1)).reshape(x.shape)
+    got = mix_rows(x, w)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-6, atol=1e-6)
+    assert torch.equal(x, x.clone())  # input not modified
+    got16 = mix_rows(x, w, torch.bfloat16)
+    rounded = x.to(torch.bfloat16).double().numpy().reshape(4, -1)
+    own = x.double().numpy().reshape(4, -1)
+    ref16 = (w - np.diag(np.diag(w))) @ rounded + np.diag(w)[:, None] * own
+    np.testing.assert_allclose(got16.numpy().reshape(4, -1), ref16, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(got16, got, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("method", ["badam_gossip", "local"])
+def test_identity_mixing_equals_independent_adamw_per_client(method):
+    """W = I (or no gossip): each client is plain AdamW on the active block with DeepSpeed's clipping."""
+    cfg = _cfg(f"method={method}")
+    sim = Simulation(cfg)
+    if sim.topology is not None:
+        _identity(sim)
+    # Independent reference: torch.optim.AdamW on block 0 of fresh copies of the initial model.
+    refs = [torch.nn.Module() for _ in range(sim.num_clients)]
+    import copy
+
+    block0 = sim.optimizers[0].active_block.param_names
+    for c in range(sim.num_clients):
+        refs[c] = copy.deepcopy(sim.models[c])
+    opts = [torch.optim.AdamW([dict(r.named_parameters())[n] for n in block0], lr=cfg.optim.lr,
+                              betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=0.0) for r in refs]
+    losses = []
+    for _ in range(cfg.max_steps):
+        losses.append(sim.step()["loss"])
+    for c, (r, opt) in enumerate(zip(refs, opts)):
+        for p in r.parameters():
+            p.requires_grad_(False)
+        for n in block0:
+            dict(r.named_parameters())[n].requires_grad_(True)
+        for step in range(cfg.max_steps):
+            (mb,) = sim._batches(c, step)
+            loss = r(**mb).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in r.parameters() if p.grad is not None], sim.clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            assert loss.item() == pytest.approx(losses[step][c], rel=1e-5)
+        for (name, p), q in zip(r.named_parameters(), sim.models[c].parameters()):
+            torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    # the clients really differ (non-IID data), so the check above is per client
+    assert not torch.equal(next(iter(sim.models[0].parameters())), next(iter(sim.models[1].parameters()))) or \
+        losses[-1][0] != losses[-1][1]
+
+
+def test_one_gossip_step_is_w_at_x_half_and_bytes_match_the_mixer():
+    cfg = _cfg("method=badam_gossip", "topology.name=ring", "max_steps=1")
+    mixed, local = Simulation(cfg), Simulation(cfg)
+    _identity(local)  # after one step, `local` holds every client's x_half
+    mixed.step()
+    local.step()
+    w = mixed.topology.weights_at(0)
+    names = mixed.optimizers[0].active_block.param_names
+    for i, name in enumerate(names):
+        halves = torch.stack([local.active_tensors(c)[i] for c in range(3)]).double().numpy().reshape(3, -1)
+        want = w @ halves
+        got = torch.stack([mixed.active_tensors(c)[i] for c in range(3)]).double().numpy().reshape(3, -1)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+    numel = sum(t.numel() for t in mixed.active_tensors(0))
+    assert mixed.bytes_sent == [(numel * 4 + HEADER_BYTES) * 2] * 3  # ring of 3: two neighbours each
+    assert local.bytes_sent == [0] * 3
+
+
+def test_deterministic_under_seed_and_seed_changes_the_run():
+    a = Simulation(_cfg("method=deca", "topology.name=ring"))
+    b = Simulation(_cfg("method=deca", "topology.name=ring"))
+    c = Simulation(_cfg("method=deca", "topology.name=ring", "seed=1", "data.seed=7"))
+    la = [a.step()["loss"] for _ in range(2)]
+    lb = [b.step()["loss"] for _ in range(2)]
+    lc = [c.step()["loss"] for _ in range(2)]
+    assert la == lb
+    assert la != lc
+    for x, y in zip(a.models[2].parameters(), b.models[2].parameters()):
+        assert torch.equal(x, y)
+
+
+def test_run_simulation_writes_trainer_records_and_refuses_an_existing_run(tmp_path):
+    cfg = _cfg("method=deca", "max_steps=2", "num_clients=2", tmp_path=tmp_path)
+    summary = run_simulation(cfg, save_models=False, quiet=True)
+    recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["client"]) for r in recs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert {"step", "client", "loss", "block", "lr", "consensus_distance", "bytes_sent"} <= set(recs[0])
+    assert summary["num_clients"] == 2 and summary["steps"] == 2
+    assert [c["final_loss"] for c in summary["clients"]] == [recs[2]["loss"], recs[3]["loss"]]
+    assert summary["clients"][0]["bytes_sent"] == recs[0]["bytes_sent"] + recs[2]["bytes_sent"] > 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 2
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run_simulation(cfg, save_models=False, quiet=True)
+
+
+def test_centralized_averages_every_clients_gradient():
+    """One shared model; its step uses the mean of the clients' gradients (DeepSpeed's data-parallel average)."""
+    cfg = _cfg("method=centralized", "max_steps=1", "num_clients=2", "optim.lr=1e-3")
+    sim = Simulation(cfg)
+    import copy
+
+    ref = copy.deepcopy(sim.models[0])
+    names = sim.optimizers[0].active_block.param_names
+    params = [dict(ref.named_parameters())[n] for n in names]
+    opt = torch.optim.AdamW(params, lr=1e-3, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=0.0)
+    grads = []
+    for c in range(2):
+        (mb,) = sim._batches(c, 0)
+        grads.append(torch.autograd.grad(ref(**mb).loss, params))
+    for p, g0, g1 in zip(params, *grads):
+        p.grad = (g0 + g1) / 2
+    torch.nn.utils.clip_grad_norm_(params, sim.clip)
+    opt.step()
+    sim.step()
+    assert len(sim.models) == 1
+    for n, p in zip(names, params):
+        torch.testing.assert_close(dict(sim.models[0].named_parameters())[n], p, rtol=1e-5, atol=1e-6)
+
+
+def test_simulate_needs_num_clients():
+    with pytest.raises(ConfigError, match="num_clients"):
+        Simulation(load_config(None, ["max_steps=1"]))

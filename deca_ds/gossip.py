@@ -304,6 +304,14 @@ class _FlatView:
             out[o:o + e - s].copy_(flat[s:e])
         return out[: b - a]
 
+    def direct(self, a: int, b: int):
+        """The fp32 tensor slice holding elements ``[a, b)`` if they lie in one fp32 tensor, else ``None``."""
+        pieces = list(self._pieces(a, b))
+        if len(pieces) == 1 and pieces[0][0].dtype == torch.float32:
+            flat, s, e, _ = pieces[0]
+            return flat[s:e]
+        return None
+
     def write(self, a: int, b: int, src: torch.Tensor) -> None:
         """Copy ``src[: b - a]`` into elements ``[a, b)`` (casting to each tensor's dtype)."""
         for flat, s, e, o in self._pieces(a, b):
@@ -420,15 +428,18 @@ class Mixer:
         recv = [torch.empty(n, dtype=self.comm_dtype, device=device) for _ in peers]
         for a in range(start, end, self.chunk_numel):
             b = min(a + self.chunk_numel, end)
-            mine = view.read(a, b, own)
-            send = mine if wire is own else wire[: b - a].copy_(mine)  # bf16 wire: rounding happens here only
+            # Zero-copy when the chunk is a slice of one fp32 tensor: send from it and accumulate into it.
+            direct = view.direct(a, b)
+            mine = direct if direct is not None else view.read(a, b, own)
+            send = mine if self.comm_dtype == torch.float32 else wire[: b - a].copy_(mine)  # bf16: rounded here only
             got = [r[: b - a] for r in recv]
             self._exchange(send, got, neighbors, peers, block_idx, step, f"elements [{a}, {b})")
-            # All sends completed above, so `own` (which may be the send buffer) can be overwritten now.
+            # All sends completed above, so `mine` (which may be the send buffer) can be overwritten now.
             mine.mul_(float(w[me, me]))  # own contribution at full precision
             for c, r in zip(neighbors, got):
                 mine.add_(r, alpha=float(w[me, c]))  # fp32 accumulate (bf16 operand is promoted)
-            view.write(a, b, mine)
+            if direct is None:
+                view.write(a, b, mine)
 
         # 3) multi-rank clients: every rank of the client gets every mixed shard.
         if self.layout.ranks_per_client > 1:

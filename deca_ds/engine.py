@@ -231,11 +231,16 @@ class DecaEngine:
         """Index of the active block (0 for full-parameter optimizers)."""
         return self.block_optimizer.active_block_idx if self.block_optimizer is not None else 0
 
-    def active_tensors(self) -> list[torch.Tensor]:
-        """fp32 values of the active block (every trainable parameter for full-parameter optimizers)."""
-        if self.block_optimizer is not None:
-            return self.block_optimizer.master_params()
-        return [p.data for p in self.model.parameters() if p.requires_grad]
+    def block_tensors(self, block_idx: int) -> list[torch.Tensor]:
+        """The model's weights of block ``block_idx`` (every parameter for full-parameter optimizers).
+
+        Read from the model, so valid after the block went inactive (for bf16/fp16 models these are the rounded
+        weights, not the fp32 master).
+        """
+        if self.block_optimizer is None:
+            return [p.data for p in self.model.parameters()]
+        params = dict(self.model.named_parameters())
+        return [params[n].data for n in self.block_optimizer.blocks[block_idx].param_names]
 
     def lr(self) -> float:
         """Current learning rate."""

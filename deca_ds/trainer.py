@@ -234,7 +234,7 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
             while step < cfg.max_steps:
                 res = engine.train_step(_micro_batches(data, engine, cfg, step, layout, tokenizer.pad_token_id))
                 log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
-                cdist = _consensus_distance(engine.active_tensors(), layout.ranks_per_client) if (
+                cdist = _consensus_distance(engine.block_tensors(res["block"]), layout.ranks_per_client) if (
                     log_now and layout.num_clients > 1) else 0.0
                 rows = _gather_rows([res["loss"], float(res["nonfinite"]), float(stop_flag.requested),
                                      float(res["bytes_sent"]), float(res["tokens"]), cdist])

@@ -35,7 +35,12 @@ def main(argv=None) -> int:
 
     try:
         cfg = load_config(args.config, args.overrides)
-        run(cfg, ds_config_path=args.deepspeed_config)
+        if cfg.backend == "simulate":  # every client in this one process (deca_ds.simulate)
+            from deca_ds.simulate import run_simulation
+
+            run_simulation(cfg)
+        else:
+            run(cfg, ds_config_path=args.deepspeed_config)
     except ConfigError as e:
         print(f"deca_ds: error: {e}", file=sys.stderr)
         return 2

@@ -93,7 +93,7 @@ def test_deepspeed_launcher_four_clients_learn_and_hand_back_a_hf_model(tmp_path
     # Starting again in the same output_dir without resume=true refuses and changes nothing.
     before = (out / "metrics.jsonl").read_text()
     res = torchrun(2, f"output_dir={out}", "max_steps=4", check=False)
-    assert res.returncode == 2 and "resume=true" in res.stderr
+    assert res.returncode != 0 and "deca_ds: error: output_dir=" in res.stderr and "ConfigError" not in res.stderr
     assert (out / "metrics.jsonl").read_text() == before
 
 
@@ -115,7 +115,8 @@ def test_resume_is_bit_equal_to_an_uninterrupted_run(tmp_path):
 
 def test_two_ranks_per_client_stay_identical_and_clients_differ(tmp_path):
     out = tmp_path / "rpc2"
-    torchrun(4, f"output_dir={out}", "max_steps=6", "clients.ranks_per_client=2", *FAST)
+    # method=local: with 2 clients any mixing matrix averages them exactly, which would hide a difference.
+    torchrun(4, f"output_dir={out}", "max_steps=6", "clients.ranks_per_client=2", "method=local", *FAST)
     summary = json.loads((out / "summary.json").read_text())
     fp = [c["rank_fingerprints"] for c in summary["clients"]]
     assert len(fp) == 2 and all(len(f) == 2 for f in fp)

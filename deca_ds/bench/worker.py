@@ -359,7 +359,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         _sync(device)
         t4 = time.perf_counter()
         method.zero_grad()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         if measured:
             times["forward"] += t1 - t0
             times["backward"] += t2 - t1

@@ -262,6 +262,8 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
                 if bool(rows[:, 2].any()):
                     stopped_early = True
                     break
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    _evaluate_clients(engine, tokenizer, data, cfg, layout, step, writer, evaluate)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                     save(step)
             save(step)
@@ -278,6 +280,17 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     summary = _finish(cfg, engine, data, tokenizer, layout, out, last_loss, console, peak_memory_bytes, evaluate)
     engine.close()
     return summary
+
+
+def _evaluate_clients(engine, tokenizer, data, cfg, layout, step, writer, evaluate) -> None:
+    """Every client scores its own model on the shared test split; rank 0 logs one ``eval`` record per client."""
+    own = evaluate(engine.model, tokenizer, data, max_examples=cfg.data.eval_examples) if layout.local_rank == 0 \
+        else None
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, own)
+    if writer is not None:
+        for c in range(layout.num_clients):
+            writer.write({"step": step - 1, "client": c, "eval": per_rank[layout.client_ranks(c)[0]]})
 
 
 def _fingerprint(model: torch.nn.Module) -> str:

@@ -1,6 +1,6 @@
 """Experiment grids with the single-process simulator, and their summary tables and curves.
 
-    python recipes/sweep.py run recipes/configs/sweep_main.yaml --results docs/results/sweep_main.jsonl --jobs 2
+    python recipes/sweep.py run recipes/configs/sweeps/sweep_main.yaml --results docs/results/sweep_main.jsonl --jobs 2
     python recipes/sweep.py summarize docs/results/sweep_main.jsonl --out docs/results/
 
 A grid YAML has ``base`` (recipe settings shared by every run, dotted or nested keys) and ``grid``: each axis is
@@ -9,7 +9,7 @@ either a dotted key with a list of values (``seed: [0, 1, 2]``) or a name with a
 methods that never gossip (``local``, ``centralized``) run once per value of the other axes, not per topology.
 ``seed`` sets both the model/schedule seed and ``data.seed`` (partition and batch order). Each finished run appends
 one JSON line to the results file; a run already there is skipped, so an interrupted sweep continues where it
-stopped.
+stopped. ``exclude`` lists label combinations to leave out (``- {method: local, split: ring}``).
 """
 
 from __future__ import annotations
@@ -72,6 +72,8 @@ def expand_grid(spec: dict[str, Any]) -> list[dict[str, Any]]:
             for k in [k for k in settings if k.startswith("topology.")]:
                 settings.pop(k)
             labels = {a: ("-" if a.startswith("topology") else v) for a, v in labels.items()}
+        if any(all(labels.get(a) == str(v) for a, v in ex.items()) for ex in spec.get("exclude") or []):
+            continue
         run_id = "__".join(f"{a}={v}" for a, v in labels.items())
         if run_id in seen:
             continue

@@ -184,6 +184,7 @@ def _append_all(records, results: Path, t0: float, total: int) -> None:
 # summarize
 
 METRICS = [
+    ("consensus_test_loss", "cons. test loss", 3, 1.0),
     ("consensus_accuracy", "cons. acc", 3, 1.0),
     ("consensus_macro_f1", "cons. F1", 3, 1.0),
     ("client_accuracy_mean", "client acc mean", 3, 1.0),

@@ -1,0 +1,340 @@
+"""Fail clearly, lose nothing: kill -9, SIGTERM, a hung neighbour, non-finite values, and what leaves a client.
+
+Real ``torchrun`` launches of ``recipes/finetune.py`` on CPU (gloo), started in their own session so that the test
+can signal the whole run (launcher and workers) the way a scheduler or an operator would. Launches are few and small
+(each costs ~15-25 s of Python start-up on 2 cores), so one test chains several failures on one run directory.
+
+Random kill moments are drawn from a seed that is printed (``pytest -s`` shows it); set ``DECA_FAILURE_SEED`` to
+replay one.
+"""
+
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = str(ROOT / "recipes" / "finetune.py")
+FAST = ["data.num_examples=600", "data.eval_examples=16", "blocks.switch_every=2"]
+
+pytestmark = pytest.mark.integration
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+                HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+
+
+class Run:
+    """One torchrun launch in its own session (process group), output captured to files (no pipe can fill up)."""
+
+    def __init__(self, logdir: Path, name: str, nproc: int, *args: str):
+        self.out, self.err = logdir / f"{name}.out", logdir / f"{name}.err"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+               str(_port()), RECIPE, *args]
+        with open(self.out, "w") as o, open(self.err, "w") as e:
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=o, stderr=e, start_new_session=True)
+        self.pgid = self.proc.pid  # start_new_session: the launcher leads a new process group
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pgid, sig)
+        except ProcessLookupError:
+            pass
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.signal_group(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+            raise AssertionError(f"run did not finish within {timeout} s\n{self.stderr()[-4000:]}") from None
+
+    def cleanup(self) -> None:
+        """Kill whatever is left of this run's process group (a stopped worker, a lingering launcher)."""
+        self.signal_group(signal.SIGCONT)
+        self.signal_group(signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def workers(self) -> dict[int, int]:
+        """``{RANK: pid}`` of the launcher's worker processes (read from each child's environment)."""
+        found = {}
+        ps = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
+        for pid in map(int, ps.stdout.split()):
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for item in env:
+                if item.startswith(b"RANK="):
+                    found[int(item[5:])] = pid
+        return found
+
+
+def _check(run: Run, timeout: float = 300) -> None:
+    rc = run.wait(timeout)
+    assert rc == 0, f"exit {rc}\n{run.stderr()[-6000:]}"
+
+
+def _latest(out: Path) -> str | None:
+    p = out / "checkpoints" / "latest"
+    try:
+        return p.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def _wait_for(cond, run: Run, timeout: float = 240, poll: float = 0.02):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = cond()
+        if v:
+            return v
+        if run.proc.poll() is not None:
+            raise AssertionError(f"run exited ({run.proc.returncode}) before the awaited moment\n"
+                                 f"{run.stderr()[-4000:]}")
+        time.sleep(poll)
+    raise AssertionError(f"timed out waiting\n{run.stderr()[-4000:]}")
+
+
+def _state(out: Path, client: int, step_dir: str | None = None) -> dict:
+    step_dir = step_dir or _latest(out)
+    return torch.load(out / "checkpoints" / step_dir / f"client_{client}" / "state.pt", weights_only=False)
+
+
+def _seed() -> int:
+    seed = int(os.environ.get("DECA_FAILURE_SEED", time.time_ns() % 2**31))
+    print(f"DECA_FAILURE_SEED={seed}")
+    return seed
+
+
+def test_sigterm_then_kill9_then_resume_is_bit_equal_to_an_uninterrupted_run(tmp_path):
+    """SIGTERM stops cleanly with a checkpoint; kill -9 of everything at a random moment loses nothing."""
+    rng = random.Random(_seed())
+    common = ["max_steps=10", "checkpoint_every=2", *FAST]
+    full, part = tmp_path / "full", tmp_path / "part"
+    ref = Run(tmp_path, "full", 2, f"output_dir={full}", *common)
+    _check(ref)
+
+    # 1) SIGTERM to the whole run (launcher + workers) once training has checkpointed: clean stop + checkpoint.
+    run = Run(tmp_path, "term", 2, f"output_dir={part}", *common)
+    try:
+        _wait_for(lambda: _latest(part), run)
+        run.signal_group(signal.SIGTERM)
+        rc = run.wait(120)
+    finally:
+        run.cleanup()
+    err = run.stderr()
+    assert "stopped by signal after step" in err and "resume=true" in err, err[-4000:]
+    stopped_at = int(err.split("stopped by signal after step")[1].split(";")[0])
+    print(f"SIGTERM: launcher exit {rc}, stopped after step {stopped_at}")
+    assert 2 <= stopped_at < 10
+    assert _latest(part) == f"step_{stopped_at:08d}"
+    for c in range(2):
+        assert _state(part, c)["global_step"] == stopped_at
+
+    # 2) kill -9 of the whole process group at a random moment after the resumed run checkpoints again.
+    run = Run(tmp_path, "kill", 2, f"output_dir={part}", *common, "resume=true")
+    try:
+        _wait_for(lambda: _latest(part) not in (None, f"step_{stopped_at:08d}") and _latest(part), run)
+        delay = rng.uniform(0.0, 1.5)
+        time.sleep(delay)
+        alive = run.proc.poll() is None
+        run.signal_group(signal.SIGKILL)
+        run.proc.wait(30)
+    finally:
+        run.cleanup()
+    print(f"kill -9 after {delay:.3f} s (run still alive: {alive}); latest was {_latest(part)}")
+    assert _latest(part) is not None
+
+    # 3) resume to the end: bit-equal to the uninterrupted run.
+    _check(Run(tmp_path, "resume", 2, f"output_dir={part}", *common, "resume=true"))
+    for c in range(2):
+        a, b = _state(full, c), _state(part, c)
+        assert a["global_step"] == b["global_step"] == 10
+        assert a["model"].keys() == b["model"].keys()
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (c, k)
+    assert not list((part / "checkpoints").glob("step_*/client_*.tmp"))
+
+
+def test_a_hung_neighbour_stops_every_rank_with_its_name(tmp_path):
+    """SIGSTOP one of 4 clients: the run exits non-zero within comm_timeout + slack, naming it; checkpoints load."""
+    out = tmp_path / "run"
+    timeout_s = 5
+    run = Run(tmp_path, "hang", 4, f"output_dir={out}", "max_steps=200", "checkpoint_every=2",
+              f"comm_timeout={timeout_s}", *FAST)
+    try:
+        _wait_for(lambda: _latest(out), run)
+        workers = run.workers()
+        assert sorted(workers) == [0, 1, 2, 3], workers
+        os.kill(workers[2], signal.SIGSTOP)
+        t0 = time.monotonic()
+        rc = run.wait(120)
+        elapsed = time.monotonic() - t0
+    finally:
+        run.cleanup()
+    err = run.stderr()
+    print(f"SIGSTOP rank 2: launcher exit {rc} after {elapsed:.1f} s")
+    assert rc != 0
+    assert "neighbour client 2" in err, err[-6000:]
+    # comm_timeout for the neighbours' wait, plus the launcher noticing and tearing the rest down.
+    assert elapsed < timeout_s + 40, elapsed
+    latest = _latest(out)
+    assert latest is not None and not latest.endswith(".tmp")
+    for c in range(4):
+        state = _state(out, c, latest)
+        assert state["global_step"] == int(latest.split("_")[1])
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_nonfinite_weights_stop_naming_client_and_step_and_are_never_checkpointed(tmp_path):
+    """Weight decay of -1e37 per step (lr=1e20, weight_decay=1e17) makes the weights inf on the second step.
+
+    Step 0 leaves huge but finite weights (checkpointed); step 1 overflows them to inf: the checkpoint after it must
+    not be written, the run must exit non-zero naming a client and the step, and ``latest`` stays on step 1.
+    """
+    out = tmp_path / "nan"
+    run = Run(tmp_path, "nan", 2, f"output_dir={out}", "max_steps=8", "checkpoint_every=1", "optim.lr=1e20",
+              "optim.weight_decay=1e17", "nan_policy=stop", *FAST)
+    rc = run.wait(200)
+    err = run.stderr()
+    print(f"non-finite run: launcher exit {rc}")
+    assert rc != 0
+    assert "deca_ds: stopped: client " in err and " at step 2" in err, err[-4000:]
+    assert _latest(out) == "step_00000001"
+    assert not list((out / "checkpoints").glob("step_00000002/client_*/state.pt"))
+    for state_file in (out / "checkpoints").glob("step_*/client_*/state.pt"):
+        state = torch.load(state_file, weights_only=False)
+        assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point()), state_file
+
+
+# -- what leaves a client ------------------------------------------------------------------------------------------
+
+
+def _record_what_leaves(rank, world_size, steps, chunk_bytes):
+    """Train a tiny Llama with BlockAdam + Mixer + ConsensusStep; record every tensor this rank hands to a send."""
+    import torch.distributed as dist
+    import transformers as T
+
+    from deca_ds.blocks import partition_blocks
+    from deca_ds.consensus import ConsensusStep
+    from deca_ds.gossip import ClientLayout, Mixer
+    from deca_ds.optim import BlockAdam
+    from deca_ds.topology import make_topology
+
+    sent = []  # (kind, dtype, values) for every tensor handed to an outgoing operation
+
+    def rec(kind, t):
+        sent.append((kind, str(t.dtype), t.detach().clone().flatten()))
+
+    # dist.isend itself cannot be wrapped: P2POp checks the op's identity. It is seen through batch_isend_irecv.
+    real_batch, real_send = dist.batch_isend_irecv, dist.send
+
+    def batch(ops):
+        for op in ops:
+            if getattr(op.op, "__name__", "") == "isend":
+                rec("batch_isend", op.tensor)
+        return real_batch(ops)
+
+    def wrap(name, real):
+        def f(tensor, *a, **k):
+            rec(name, tensor)
+            return real(tensor, *a, **k)
+        return f
+
+    dist.batch_isend_irecv = batch
+    dist.send = wrap("send", real_send)
+    # Collectives also leave the client: any call here would show up as an unexpected record.
+    for name in ("all_reduce", "all_gather", "broadcast", "reduce_scatter", "all_gather_into_tensor"):
+        real = getattr(dist, name)
+        setattr(dist, name, (lambda n, r: lambda t, *a, **k: (rec(n, t if torch.is_tensor(t) else a[0]),
+                                                               r(t, *a, **k))[1])(name, real))
+
+    torch.manual_seed(0)  # same start on both clients, different data
+    cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=97, pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    model = T.AutoModelForCausalLM.from_config(cfg)
+    part = partition_blocks(model)
+    opt = BlockAdam(model, part, lr=1e-2, switch_every=2, auto_switch=False)
+    layout = ClientLayout(world_size, rank)
+    mixer = Mixer(layout, make_topology("ring", world_size), chunk_bytes=chunk_bytes, timeout=30)
+    expected = []  # per step: (header, flat fp32 block values about to be sent)
+
+    def mix(tensors, step, block_idx):
+        flat = torch.cat([t.detach().float().flatten() for t in tensors])
+        expected.append(([block_idx, step, rank, flat.numel()], flat.clone()))
+        return mixer.mix_(tensors, step, block_idx)
+
+    hook = ConsensusStep(opt, "deca", mix=mix)
+    g = torch.Generator().manual_seed(100 + rank)
+    secrets = {"ids": [], "grads": [], "moments": []}
+    for step in range(steps):
+        ids = torch.randint(1, 97, (2, 12), generator=g)
+        secrets["ids"].append(ids.flatten())
+        model(input_ids=ids, labels=ids).loss.backward()
+        secrets["grads"].append(torch.cat([p.grad.flatten() for p in opt.active_params()]))
+        hook.before_step()
+        opt.step()
+        secrets["moments"].append(torch.cat([opt.state[p]["exp_avg"].flatten() for p in opt.active_params()]))
+        hook.after_step(step)
+        opt.zero_grad()
+    dist.batch_isend_irecv, dist.send = real_batch, real_send
+    # Plain numpy across the process boundary (torch tensors would travel as shared memory of a dead process).
+    return {"sent": [(k, d, x.numpy()) for k, d, x in sent],
+            "expected": [(h, x.numpy()) for h, x in expected],
+            "secrets": {k: [v.numpy() for v in vs] for k, vs in secrets.items()}}
+
+
+def test_only_active_block_weights_leave_a_client():
+    from dist import run_distributed
+
+    steps, chunk_bytes = 4, 4096  # 1024 fp32 per chunk: every block goes out in several chunks
+    results = run_distributed(_record_what_leaves, 2, steps, chunk_bytes, timeout=180)
+    for rank, res in enumerate(results):
+        sent = [(k, d, torch.from_numpy(x)) for k, d, x in res["sent"]]
+        expected = [(h, torch.from_numpy(x)) for h, x in res["expected"]]
+        secrets = {k: [torch.from_numpy(v) for v in vs] for k, vs in res["secrets"].items()}
+        assert all(kind == "batch_isend" for kind, _, _ in sent), {k for k, _, _ in sent}
+        assert len(expected) == steps
+        i = 0
+        for header, flat in expected:
+            # One int64 header [block, step, client, numel] per step, then the block's fp32 values, chunk by chunk.
+            kind, dtype, h = sent[i]
+            assert dtype == "torch.int64" and h.tolist() == header, (h, header)
+            i += 1
+            got = []
+            while sum(x.numel() for x in got) < flat.numel():
+                _, dtype, x = sent[i]
+                assert dtype == "torch.float32" and 0 < x.numel() <= chunk_bytes // 4
+                got.append(x)
+                i += 1
+            assert torch.equal(torch.cat(got), flat), f"rank {rank}: payload is not the active block's weights"
+        assert i == len(sent), f"rank {rank}: {len(sent) - i} unexpected tensors left the client"
+        assert {h[0] for h, _ in expected} == {0, 1}  # two blocks visited (switch_every=2, 4 steps)
+        # Nothing that leaves matches this client's token ids, gradients or Adam moments.
+        payload = torch.cat([x.float() for _, d, x in sent if d == "torch.float32"])
+        for kind, values in secrets.items():
+            for v in values:
+                assert not any(x.numel() == v.numel() and torch.equal(x.float(), v.float()) for _, _, x in sent), kind
+                if kind != "ids":
+                    assert not torch.equal(payload[: v.numel()], v.float()), kind

@@ -245,15 +245,20 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
                     raise NonFiniteError(f"client {bad[0]} produced a non-finite loss or gradient at step {step - 1} "
                                          "(nan_policy=stop); the last complete checkpoint is kept")
                 if rank == 0:
+                    events = []
                     for c in range(layout.num_clients):
                         r = layout.client_ranks(c)
                         loss = float(rows[r, 0].mean())
                         last_loss[c] = loss
+                        events += [(f"Train/Samples/client_{c}/loss", loss, step),
+                                   (f"Train/Samples/client_{c}/consensus_distance", float(rows[r[0], 5]), step)]
                         if log_now:
                             writer.write({"step": step - 1, "client": c, "loss": loss, "block": res["block"],
                                           "lr": engine.lr(), "consensus_distance": float(rows[r[0], 5]),
                                           "bytes_sent": int(rows[r, 3].sum()), "nonfinite": bool(rows[r, 1].any()),
                                           "time": time.perf_counter() - t0})
+                    if log_now and engine.engine.monitor.enabled:  # ds_config tensorboard/csv/wandb monitors
+                        engine.engine.monitor.write_events(events)
                     pos = (engine.block_optimizer.schedule.position(step - 1)
                            if engine.block_optimizer is not None else None)
                     progress.update(task, completed=step, loss=float(rows[:, 0].mean()),

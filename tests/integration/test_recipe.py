@@ -127,7 +127,16 @@ def test_two_ranks_per_client_stay_identical_and_clients_differ(tmp_path):
 @pytest.mark.parametrize("method", ["deca", "badam_gossip", "trivial_bma", "dadam", "local", "centralized"])
 def test_every_method_runs(tmp_path, method):
     out = tmp_path / method
-    torchrun(2, f"output_dir={out}", f"method={method}", "max_steps=6", *FAST)
+    extra = []
+    if method == "deca":  # DeepSpeed monitors from the ds_config keep working
+        ds = json.loads((ROOT / "ds_configs" / "cpu_fp32.json").read_text())
+        ds["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "deca"}
+        (tmp_path / "ds.json").write_text(json.dumps(ds))
+        extra = [f"ds_config={tmp_path / 'ds.json'}"]
+    torchrun(2, f"output_dir={out}", f"method={method}", "max_steps=6", *FAST, *extra)
+    if method == "deca":
+        rows = (tmp_path / "monitor" / "deca" / "Train_Samples_client_1_loss.csv").read_text().splitlines()
+        assert rows[0] == "step,loss" and len(rows) == 7
     recs = records(out)
     assert len(recs) == 12
     last = [r for r in recs if r["step"] == 5]

@@ -30,6 +30,18 @@ def embedded_model_config():
     return LlamaConfig(**{k: v for k, v in data.items() if k not in ("architectures", "model_type")})
 
 
+def build_meta_model(path: str | None):
+    """The model of ``path`` (None: the embedded tiny Llama) on the meta device: shapes only, no weights, no memory.
+
+    Used to check block settings before anything starts, and by the memory planner.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = embedded_model_config() if path is None else AutoConfig.from_pretrained(path)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def check_model_config(cfg: ModelConfig) -> None:
     """Fail early, with one line, on a model path that cannot be loaded.
 

@@ -75,6 +75,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None):
     ds = load_ds_config(ds_config_path or cfg.ds_config)
     check_ds_config(ds, cfg)
     check_model_config(cfg.model)
+    _check_blocks(cfg)
     if cfg.method != "local" and cfg.method != "centralized":
         try:
             topo = make_topology(cfg.topology.name, num_clients, seed=cfg.topology.seed, weights=cfg.topology.weights,
@@ -87,6 +88,30 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None):
     check_data_config(cfg, num_clients, client_id=rank // cfg.clients.ranks_per_client)
     ckpt.prepare_output_dir(cfg.output_dir, cfg.resume)
     return ds
+
+
+def _check_blocks(cfg: RunConfig) -> None:
+    """Partition the model on the meta device as training will, so bad block settings fail before anything runs."""
+    from deca_ds.blocks import partition_blocks
+    from deca_ds.models import build_meta_model
+
+    try:
+        model = build_meta_model(cfg.model.path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path={cfg.model.path!r}: its config.json cannot be read ({str(e).splitlines()[0][:160]})"
+                          ": give a Hugging Face model directory") from None
+    b = cfg.blocks
+    try:
+        part = partition_blocks(model, layers_per_block=b.layers_per_block, include_embeddings=b.include_embeddings,
+                                include_lm_head=b.include_lm_head, prefixes=b.prefixes)
+    except ValueError as e:
+        key = "blocks.prefixes" if b.prefixes else "blocks"
+        raise ConfigError(f"{key}: {' '.join(str(e).split())}") from None
+    if b.fixed_order is not None:
+        bad = [i for i in b.fixed_order if not 0 <= i < len(part)]
+        if bad:
+            raise ConfigError(f"blocks.fixed_order={b.fixed_order} names block(s) {bad} but the model has "
+                              f"{len(part)} blocks: use indices 0..{len(part) - 1}")
 
 
 def _topology_options(cfg: RunConfig) -> dict[str, Any]:

@@ -119,15 +119,12 @@ def build_meta_model(model_dir: str):
     Returns:
         The ``transformers`` model whose parameters live on ``torch.device("meta")``.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"--model {model_dir!r} has no config.json: give a Hugging Face model directory "
                                 f"(e.g. recipes/models/llama-3.1-8b)")
-    config = AutoConfig.from_pretrained(model_dir)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    from deca_ds.models import build_meta_model as _build
+
+    return _build(model_dir)
 
 
 def inspect_model(model, layers_per_block: int = 1, include_embeddings: bool = False,

@@ -277,11 +277,9 @@ class DecaEngine:
                     self.hook.before_step()
             self.engine.step()
             if boundary:
-                if self.hook is not None:
+                if self.hook is not None:  # None only for the centralized AdamW baseline, which never gossips
                     switched = self.hook.after_step(self.global_step)
                     stats = self.hook.last_mix_stats
-                elif self.mixer is not None:  # full-parameter AdamW never gossips (centralized only)
-                    stats = None
                 self.global_step += 1
         return {
             "loss": float(torch.stack(losses).mean()),

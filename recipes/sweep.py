@@ -116,6 +116,8 @@ def run_one(run: dict[str, Any], runs_dir: str) -> dict[str, Any]:
         "run_id": run["run_id"], "labels": run["labels"], "settings": run["settings"],
         "consensus_accuracy": cons.get("accuracy"), "consensus_macro_f1": cons.get("macro_f1"),
         "consensus_test_loss": cons.get("loss"),
+        "client_test_loss_mean": sum(c["test_loss"] for c in summary["clients"]) / len(accs),
+        "client_test_loss_worst": max(c["test_loss"] for c in summary["clients"]),
         "client_accuracy_mean": sum(accs) / len(accs), "client_accuracy_worst": min(accs),
         "client_macro_f1_mean": sum(c["eval"].get("macro_f1", 0.0) for c in summary["clients"]) / len(accs),
         "final_train_loss": sum(loss_curve[-tail:]) / tail,
@@ -185,6 +187,8 @@ def _append_all(records, results: Path, t0: float, total: int) -> None:
 
 METRICS = [
     ("consensus_test_loss", "cons. test loss", 3, 1.0),
+    ("client_test_loss_mean", "client test loss mean", 3, 1.0),
+    ("client_test_loss_worst", "client test loss worst", 3, 1.0),
     ("consensus_accuracy", "cons. acc", 3, 1.0),
     ("consensus_macro_f1", "cons. F1", 3, 1.0),
     ("client_accuracy_mean", "client acc mean", 3, 1.0),

@@ -194,5 +194,5 @@ def test_sweep_summary_is_mean_and_sample_std_over_seeds(tmp_path):
     res = tmp_path / "r.jsonl"
     res.write_text("\n".join(lines) + "\n")
     md = sweep.summarize(str(res), str(tmp_path / "out")).read_text()
-    assert "| a | 2 | - | 0.600 ± 0.141 |" in md  # mean 0.6, sample std 0.1414
+    assert "| a | 2 | - | - | - | 0.600 ± 0.141 |" in md  # mean 0.6, sample std 0.1414
     assert list((tmp_path / "out").glob("*.png"))

@@ -76,26 +76,44 @@ def load_ds_config(path: str | os.PathLike | None) -> dict[str, Any]:
 def check_ds_config(ds: dict[str, Any], cfg: RunConfig) -> None:
     """Refuse DeepSpeed settings that silently break block-wise training, with the fix in one line.
 
+    Stage 0 (:class:`DecaEngine`): no bf16/fp16 section (BlockAdam keeps the fp32 master itself) and no offload.
+    Stages 1-3 (:class:`deca_ds.zero.ZeroBlockEngine`): a ``bf16`` section only with ``model.dtype=bf16``, no fp16,
+    optimizer offload to the CPU allowed, parameter offload refused.
+
     Raises:
-        ConfigError: bf16/fp16 sections, ZeRO stage >= 1, an ``optimizer`` section, or optimizer offload.
+        ConfigError: the first setting deca_ds cannot honour.
     """
     adamw_baseline = cfg.method == "centralized" and cfg.centralized_optimizer == "adamw"
+    zero = ds.get("zero_optimization") or {}
+    stage = zero.get("stage", 0) or 0
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"ds_config zero_optimization.stage={stage} is not a ZeRO stage: use 0, 1, 2 or 3")
     for key in ("bf16", "fp16"):
-        if ds.get(key, {}).get("enabled", False) and not adamw_baseline:
+        if not (ds.get(key) or {}).get("enabled", False):
+            continue
+        if stage == 0 and not adamw_baseline:
             raise ConfigError(f"ds_config enables {key}: deca_ds keeps {key} weights with an fp32 master of the "
                               f"active block itself; remove the {key} section and set model.dtype="
                               f"{key} in the recipe")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, None):
-        raise ConfigError(f"ds_config zero_optimization.stage={stage} is not supported yet (block switching inside "
-                          "ZeRO partitions is issue 9): use stage 0")
+        if stage >= 1 and key == "fp16":
+            raise ConfigError("ds_config enables fp16 with ZeRO: fp16 loss scaling skips steps behind deca_ds's "
+                              "back and is not supported; use a bf16 section with model.dtype=bf16")
+        if stage >= 1 and cfg.model.dtype != "bf16":
+            raise ConfigError(f"ds_config enables bf16 with ZeRO stage {stage} but model.dtype={cfg.model.dtype}: "
+                              "set model.dtype=bf16 (or remove the bf16 section)")
+    if stage == 0 and (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None):
+        raise ConfigError("ds_config offload_optimizer needs ZeRO: set zero_optimization.stage to 1, 2 or 3, or use "
+                          "optim.state_policy=offload to park inactive blocks' state in host memory")
+    if (zero.get("offload_param") or {}).get("device", "none") not in ("none", None):
+        raise ConfigError("ds_config offload_param is not supported with block switching: remove it (use "
+                          "offload_optimizer and optim.state_policy=offload)")
     if "optimizer" in ds:
         raise ConfigError("ds_config has an 'optimizer' section: deca_ds supplies BlockAdam; remove the section "
                           "and set optim.lr/optim.betas/optim.weight_decay in the recipe")
     if "train_batch_size" in ds and "train_micro_batch_size_per_gpu" not in ds:
         raise ConfigError("ds_config sets train_batch_size without train_micro_batch_size_per_gpu: set "
                           "train_micro_batch_size_per_gpu (batch per rank; a client's batch is that x its ranks)")
-    if adamw_baseline and cfg.model.dtype != "fp32":
+    if adamw_baseline and cfg.model.dtype != "fp32" and stage == 0:
         raise ConfigError("centralized_optimizer=adamw needs model.dtype=fp32: torch AdamW has no fp32 master of "
                           "low-precision weights")
 
@@ -336,3 +354,22 @@ class DecaEngine:
     def close(self) -> None:
         """Release DeepSpeed's hooks and buffers."""
         self.engine.destroy()
+
+
+def build_engine(cfg: RunConfig, model: torch.nn.Module, ds_config: dict[str, Any], groups, mixer=None):
+    """The engine for ``ds_config``'s ZeRO stage: :class:`DecaEngine` at stage 0, else
+    :class:`deca_ds.zero.ZeroBlockEngine` (block switching by re-initialization, gossip through ZeRO's masters).
+
+    Args:
+        cfg: the run's settings.
+        model: the model in its training dtype.
+        ds_config: checked DeepSpeed config dict.
+        groups: :class:`deca_ds.gossip.ClientGroups`.
+        mixer: :class:`deca_ds.gossip.Mixer` for gossiping methods.
+    """
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0) or 0
+    if stage == 0:
+        return DecaEngine(cfg, model, ds_config, groups, mixer=mixer)
+    from deca_ds.zero import ZeroBlockEngine
+
+    return ZeroBlockEngine(cfg, model, ds_config, groups, mixer=mixer)

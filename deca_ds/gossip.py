@@ -376,7 +376,7 @@ class Mixer:
         start = min(self.layout.local_rank * shard, numel)
         return start, min(start + shard, numel)
 
-    def mix_(self, tensors: Sequence[torch.Tensor], step: int, block_idx: int) -> MixStats:
+    def mix_(self, tensors: Sequence[torch.Tensor], step: int, block_idx: int, presharded: bool = False) -> MixStats:
         """Replace this client's ``tensors`` by the ``topology.weights_at(step)``-weighted average with neighbours.
 
         Every rank of every client must call it with the same ``step`` and ``block_idx`` and tensors of the same
@@ -387,6 +387,9 @@ class Mixer:
             tensors: the active block's tensors (contiguous, floating point, one device); modified in place.
             step: optimizer step (selects the mixing matrix of time-varying graphs; checked against neighbours).
             block_idx: index of the active block (checked against neighbours).
+            presharded: the tensors are this rank's own shard of the block (e.g. ZeRO-3 local partitions, identically
+                shaped at the same local rank of every client): exchange them whole with the same local rank of
+                neighbour clients and skip the intra-client all-gather. Ranks of a client then hold different values.
 
         Returns:
             :class:`MixStats` of this call.
@@ -421,7 +424,7 @@ class Mixer:
                 )
 
         # 2) payload, streamed in chunks: buffers are chunk-sized whatever the block size.
-        start, end = self.shard_range(view.numel)
+        start, end = (0, view.numel) if presharded else self.shard_range(view.numel)
         n = min(self.chunk_numel, max(end - start, 1))
         own = torch.empty(n, dtype=torch.float32, device=device)
         wire = own if self.comm_dtype == torch.float32 else torch.empty(n, dtype=self.comm_dtype, device=device)
@@ -442,7 +445,7 @@ class Mixer:
                 view.write(a, b, mine)
 
         # 3) multi-rank clients: every rank of the client gets every mixed shard.
-        if self.layout.ranks_per_client > 1:
+        if self.layout.ranks_per_client > 1 and not presharded:
             self._gather_shards(view, device)
 
         wire_bytes = (end - start) * wire.element_size() + header.numel() * header.element_size()

@@ -188,7 +188,7 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     ds = preflight(cfg, world_size, ds_config_path)
 
     from deca_ds.data import build_client_data, evaluate, write_partition_summary
-    from deca_ds.engine import DecaEngine, barrier, peak_memory_bytes, setup_distributed, uses_activation_checkpointing
+    from deca_ds.engine import barrier, build_engine, peak_memory_bytes, setup_distributed, uses_activation_checkpointing
     from deca_ds.gossip import ClientGroups, ClientLayout, Mixer
     from deca_ds.models import load_model_and_tokenizer
     from deca_ds.topology import make_topology
@@ -223,7 +223,7 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     mixer = Mixer(layout, topo, chunk_bytes=int(cfg.gossip.chunk_mb * 2**20),
                   comm_dtype=torch.bfloat16 if cfg.gossip.dtype == "bf16" else torch.float32,
                   timeout=cfg.comm_timeout, dp_group=groups.client_group)
-    engine = DecaEngine(cfg, model, ds, groups, mixer=mixer)
+    engine = build_engine(cfg, model, ds, groups, mixer=mixer)
     start_step = 0
     latest = ckpt.latest_checkpoint(out) if cfg.resume else None
     if latest is not None:

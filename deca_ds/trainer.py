@@ -188,7 +188,8 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     ds = preflight(cfg, world_size, ds_config_path)
 
     from deca_ds.data import build_client_data, evaluate, write_partition_summary
-    from deca_ds.engine import barrier, build_engine, peak_memory_bytes, setup_distributed, uses_activation_checkpointing
+    from deca_ds.engine import (barrier, build_engine, peak_memory_bytes, setup_distributed,
+                                uses_activation_checkpointing)
     from deca_ds.gossip import ClientGroups, ClientLayout, Mixer
     from deca_ds.models import load_model_and_tokenizer
     from deca_ds.topology import make_topology

@@ -11,7 +11,6 @@ replay one.
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,23 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-RECIPE = str(ROOT / "recipes" / "finetune.py")
-FAST = ["data.num_examples=600", "data.eval_examples=16", "blocks.switch_every=2"]
+from launch import FAST, RECIPE, ROOT, free_port, launch_env
 
 pytestmark = pytest.mark.integration
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-                HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
 
 
 class Run:
@@ -44,9 +29,9 @@ class Run:
     def __init__(self, logdir: Path, name: str, nproc: int, *args: str):
         self.out, self.err = logdir / f"{name}.out", logdir / f"{name}.err"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(_port()), RECIPE, *args]
+               str(free_port()), RECIPE, *args]
         with open(self.out, "w") as o, open(self.err, "w") as e:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=o, stderr=e, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=o, stderr=e, start_new_session=True)
         self.pgid = self.proc.pid  # start_new_session: the launcher leads a new process group
 
     def signal_group(self, sig: int) -> None:

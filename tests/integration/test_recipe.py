@@ -4,40 +4,22 @@ Few launches, many checks per launch (each launch costs ~10-25 s of Python start
 """
 
 import json
-import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parents[2]
-RECIPE = str(ROOT / "recipes" / "finetune.py")
-# Small but real: a few switches per block, enough rows that every client has data.
-FAST = ["data.num_examples=600", "data.eval_examples=16", "blocks.switch_every=2", "log_every=1"]
+from launch import FAST, RECIPE, ROOT, free_port, launch_env
 
 pytestmark = pytest.mark.integration
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    return env
-
-
 def torchrun(nproc: int, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(_port()), RECIPE, *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+           str(free_port()), RECIPE, *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     if check and res.returncode != 0:
         raise AssertionError(f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
     return res
@@ -45,8 +27,8 @@ def torchrun(nproc: int, *args: str, check: bool = True, timeout: int = 300) -> 
 
 def deepspeed_launch(nproc: int, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
     exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    cmd = [exe, "--num_gpus", str(nproc), "--master_port", str(_port()), RECIPE, *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
+    cmd = [exe, "--num_gpus", str(nproc), "--master_port", str(free_port()), RECIPE, *args]
+    res = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
     if res.returncode != 0:
         raise AssertionError(f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
     return res

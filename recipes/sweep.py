@@ -19,6 +19,7 @@ import itertools
 import json
 import math
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -280,7 +281,8 @@ def summarize(path: str, out_dir: str) -> Path:
         ax1.legend(fontsize=7)
         ax2.legend(fontsize=7)
         fig.tight_layout()
-        png = out / (f"{stem}__" + "_".join(f"{v}" for v in setting).replace("/", "_") + ".png")
+        name = re.sub(r"[^A-Za-z0-9.-]+", "_", "_".join(str(v) for v in setting)).strip("_") or "all"
+        png = out / f"{stem}__{name}.png"
         fig.savefig(png, dpi=90)
         plt.close(fig)
         lines += ["", f"![curves]({png.name})", ""]

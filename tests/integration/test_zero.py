@@ -86,9 +86,11 @@ def _body(rank, world, stage, dtype_name, policy, zero_extra):
     layout = ClientLayout(world, rank, 2)
     topo = make_topology("ring", layout.num_clients)
     groups = ClientGroups.create(layout)
+    # eps=1e-3: Adam's first steps amplify float noise in near-zero gradients (|g| ~ 1e-8) up to lr-sized
+    # differences; ZeRO-3 sums gradients in another order, so compare in a regime where float noise stays float noise.
     cfg = load_config(None, ["method=deca", f"blocks.switch_every={SWITCH_EVERY}", "blocks.include_embeddings=false",
-                             f"optim.state_policy={policy}", "optim.lr=1e-2", f"model.dtype={dtype_name}",
-                             "blocks.order=ascending"])
+                             f"optim.state_policy={policy}", "optim.lr=1e-2", "optim.eps=1e-3",
+                             f"model.dtype={dtype_name}", "blocks.order=ascending"])
     report = {}
 
     # presharded gossip: each rank's own tensor, averaged with the same local rank of the other client, no gather.
@@ -152,7 +154,7 @@ def _check(results, stage, atol):
         assert got == pytest.approx(want), f"rank {rank} presharded mix"
         assert rep["resume_equal"], f"rank {rank}: resumed run differs from the uninterrupted one"
         live, live_a, live_b = rep["live_bytes"]
-        assert live_b <= live_a * 1.01 + 4096, f"rank {rank}: live tensor bytes grew across switches {rep['live_bytes']}"
+        assert live_b <= live_a * 1.01 + 4096, f"rank {rank}: live tensor bytes grew over 12 switches {rep['live_bytes']}"
         for st in (0, stage):
             run = rep["runs"][st]
             for s in range(1, len(run)):

@@ -103,8 +103,8 @@ class ConsensusStep:
     Memory: at most one extra fp32 copy of the active block (the snapshot), never of the whole model.
     """
 
-    def __init__(self, optimizer, method: str, mix: MixFn | None = None, signal: str = "qgm",
-                 betas: Sequence[float] = (0.9, 0.999)):
+    def __init__(self, optimizer, method: str, mix: MixFn | None = None, signal: str = "raw",
+                 betas: Sequence[float] = (0.99, 0.9999)):
         """Args:
             optimizer: a BlockAdam (``auto_switch=False``).
             method: training method (see :func:`method_spec`).

@@ -7,22 +7,19 @@ max abs 2e-4 / mean abs 1e-6 (Adam amplifies float noise on near-zero gradients 
 """
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from launch import RECIPE, ROOT, free_port, launch_env
 
 from deca_ds.config import load_config
 from deca_ds.simulate import run_simulation
-
-REPO = Path(__file__).resolve().parents[2]
 SETTINGS = ["method=deca", "deca.signal=qgm", "max_steps=6", "blocks.switch_every=2", "optim.lr=1e-2",
             "topology.name=ring", "data.num_examples=400", "data.eval_examples=4", "data.min_partition_size=4",
-            "log_every=1"]
+            "log_every=1", "blocks.include_embeddings=false", "blocks.include_lm_head=false"]
 
 
 def _records(path: Path) -> dict[tuple[int, int], dict]:
@@ -35,19 +32,12 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.integration
 def test_simulator_matches_two_process_launch(tmp_path):
     launched, simulated = tmp_path / "launched", tmp_path / "simulated"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
-           str(REPO / "recipes" / "finetune.py"), f"output_dir={launched}", *SETTINGS]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           RECIPE, f"output_dir={launched}", *SETTINGS]
+    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     summary = run_simulation(load_config(None, [f"output_dir={simulated}", "num_clients=2", "backend=simulate",

@@ -154,7 +154,7 @@ def _check(results, stage, atol):
         assert got == pytest.approx(want), f"rank {rank} presharded mix"
         assert rep["resume_equal"], f"rank {rank}: resumed run differs from the uninterrupted one"
         live, live_a, live_b = rep["live_bytes"]
-        assert live_b <= live_a * 1.01 + 4096, f"rank {rank}: live tensor bytes grew over 12 switches {rep['live_bytes']}"
+        assert live_b <= live_a * 1.01 + 4096, f"rank {rank}: tensor bytes grew over 12 switches {rep['live_bytes']}"
         for st in (0, stage):
             run = rep["runs"][st]
             for s in range(1, len(run)):

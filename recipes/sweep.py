@@ -2,6 +2,7 @@
 
     python recipes/sweep.py run recipes/configs/sweeps/sweep_main.yaml --results docs/results/sweep_main.jsonl --jobs 2
     python recipes/sweep.py summarize docs/results/sweep_main.jsonl --out docs/results/
+    python recipes/sweep.py all --jobs 2     # every grid behind docs/results.md (missing runs only), then summaries
 
 A grid YAML has ``base`` (recipe settings shared by every run, dotted or nested keys) and ``grid``: each axis is
 either a dotted key with a list of values (``seed: [0, 1, 2]``) or a name with a mapping ``label -> settings``
@@ -111,11 +112,15 @@ def run_one(run: dict[str, Any], runs_dir: str) -> dict[str, Any]:
     loss_curve = [sum(r["loss"] for r in by_step[s]) / len(by_step[s]) for s in steps]
     dist_curve = [sum(r["consensus_distance"] for r in by_step[s]) / len(by_step[s]) for s in steps]
     tail = max(1, len(steps) // 8)
-    accs = [c["test_accuracy"] for c in summary["clients"]]
+    # Classification evaluates label accuracy; the generation task has no labels to score, only exact match of a
+    # greedy generation, which is what its "accuracy" columns then hold.
+    accs = [c["test_accuracy"] if c["test_accuracy"] is not None else c["eval"].get("exact_match", 0.0)
+            for c in summary["clients"]]
     cons = summary["consensus"] or {}
     return {
         "run_id": run["run_id"], "labels": run["labels"], "settings": run["settings"],
-        "consensus_accuracy": cons.get("accuracy"), "consensus_macro_f1": cons.get("macro_f1"),
+        "consensus_accuracy": cons.get("accuracy", cons.get("exact_match")),
+        "consensus_macro_f1": cons.get("macro_f1"),
         "consensus_test_loss": cons.get("loss"),
         "client_test_loss_mean": sum(c["test_loss"] for c in summary["clients"]) / len(accs),
         "client_test_loss_worst": max(c["test_loss"] for c in summary["clients"]),
@@ -139,12 +144,9 @@ def _worker(args):
                 "error": f"{type(e).__name__}: {e}"}
 
 
-def cmd_run(args) -> int:
-    """Run every missing run of a grid YAML, appending one line per run to ``--results``."""
-    spec = yaml.safe_load(Path(args.grid).read_text())
-    runs = expand_grid(spec)
-    results = Path(args.results)
-    results.parent.mkdir(parents=True, exist_ok=True)
+def _todo(grid: str, results: Path, limit: int = 0) -> tuple[int, int, list[dict[str, Any]]]:
+    """The runs of a grid YAML not yet in ``results``: ``(runs in grid, runs done, runs to do)``."""
+    runs = expand_grid(yaml.safe_load(Path(grid).read_text()))
     done = set()
     if results.exists():
         for line in results.read_text().splitlines():
@@ -155,32 +157,76 @@ def cmd_run(args) -> int:
             if "error" not in rec:
                 done.add(rec["run_id"])
     todo = [r for r in runs if r["run_id"] not in done]
-    if args.limit:
-        todo = todo[: args.limit]
-    runs_dir = args.runs_dir or str(results.with_suffix("")) + "_runs"
-    print(f"{len(runs)} runs in the grid, {len(done)} done, running {len(todo)} with {args.jobs} job(s)",
-          file=sys.stderr)
-    t0 = time.perf_counter()
-    if args.jobs > 1:
-        import multiprocessing as mp
+    return len(runs), len(runs) - len(todo), todo[:limit] if limit else todo
 
-        # spawn + one task per child: every run starts from a fresh interpreter (no state leaks between runs).
-        with mp.get_context("spawn").Pool(args.jobs, maxtasksperchild=1) as pool:
-            it = pool.imap_unordered(_worker, [(r, runs_dir) for r in todo])
-            _append_all(it, results, t0, len(todo))
-    else:
-        _append_all((_worker((r, runs_dir)) for r in todo), results, t0, len(todo))
+
+def _run_pool(tasks: list[tuple[dict[str, Any], str, Path]], jobs: int) -> None:
+    """Run ``(run, runs_dir, results file)`` tasks, ``jobs`` at a time, appending each record to its file."""
+    t0 = time.perf_counter()
+    files = {res: open(res, "a") for res in {t[2] for t in tasks}}
+    try:
+        if jobs > 1:
+            import multiprocessing as mp
+
+            # spawn + one task per child: every run starts from a fresh interpreter (no state leaks between runs).
+            with mp.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
+                it = pool.imap_unordered(_worker_to, [(r, d, str(res)) for r, d, res in tasks])
+                _append_all(it, files, t0, len(tasks))
+        else:
+            _append_all((_worker_to((r, d, str(res))) for r, d, res in tasks), files, t0, len(tasks))
+    finally:
+        for f in files.values():
+            f.close()
+
+
+def _worker_to(args):
+    run, runs_dir, results = args
+    return Path(results), _worker((run, runs_dir))
+
+
+def cmd_run(args) -> int:
+    """Run every missing run of a grid YAML, appending one line per run to ``--results``."""
+    results = Path(args.results)
+    results.parent.mkdir(parents=True, exist_ok=True)
+    n, done, todo = _todo(args.grid, results, args.limit)
+    runs_dir = args.runs_dir or str(results.with_suffix("")) + "_runs"
+    print(f"{n} runs in the grid, {done} done, running {len(todo)} with {args.jobs} job(s)", file=sys.stderr)
+    _run_pool([(r, runs_dir, results) for r in todo], args.jobs)
     return 0
 
 
-def _append_all(records, results: Path, t0: float, total: int) -> None:
-    with open(results, "a") as f:
-        for i, rec in enumerate(records, 1):
-            f.write(json.dumps(rec, default=float) + "\n")
-            f.flush()
-            status = rec.get("error") or (f"cons acc {rec['consensus_accuracy']:.3f} loss "
-                                          f"{rec['final_train_loss']:.3f} ({rec['seconds']:.0f}s)")
-            print(f"[{i}/{total} {time.perf_counter() - t0:.0f}s] {rec['run_id']}: {status}", file=sys.stderr)
+GRIDS_DIR = Path(__file__).parent / "configs" / "sweeps"
+ALL_GRIDS = ("main", "betas", "blocks", "skew", "generation")
+"""The grids behind docs/results.md, in priority order (``sweep_<name>.yaml`` -> ``<out>/sweep_<name>.jsonl``)."""
+
+
+def cmd_all(args) -> int:
+    """Every grid of docs/results.md in one pool (no core idles between grids), then every summary."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for g in args.grids or ALL_GRIDS:
+        results = out / f"sweep_{g}.jsonl"
+        n, done, todo = _todo(str(GRIDS_DIR / f"sweep_{g}.yaml"), results)
+        print(f"sweep_{g}: {n} runs, {done} done, {len(todo)} to run", file=sys.stderr)
+        tasks += [(r, str(Path(args.runs_dir) / f"sweep_{g}"), results) for r in todo]
+    t0 = time.perf_counter()
+    _run_pool(tasks, args.jobs)
+    print(f"ran {len(tasks)} runs in {time.perf_counter() - t0:.0f}s with {args.jobs} job(s)", file=sys.stderr)
+    for g in args.grids or ALL_GRIDS:
+        if (out / f"sweep_{g}.jsonl").exists():
+            print(summarize(str(out / f"sweep_{g}.jsonl"), str(out)))
+    return 0
+
+
+def _append_all(records, files: dict[Path, Any], t0: float, total: int) -> None:
+    for i, (res, rec) in enumerate(records, 1):
+        f = files[res]
+        f.write(json.dumps(rec, default=float) + "\n")
+        f.flush()
+        status = rec.get("error") or (f"cons test loss {rec['consensus_test_loss']:.3f} train loss "
+                                      f"{rec['final_train_loss']:.3f} ({rec['seconds']:.0f}s)")
+        print(f"[{i}/{total} {time.perf_counter() - t0:.0f}s] {rec['run_id']}: {status}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -304,6 +350,11 @@ def main(argv=None) -> int:
     r.add_argument("--jobs", type=int, default=1, help="runs in parallel (one core each)")
     r.add_argument("--runs-dir", help="where each run's metrics.jsonl/summary.json go (default: next to results)")
     r.add_argument("--limit", type=int, default=0, help="run at most this many missing runs")
+    a = sub.add_parser("all", help="run every grid behind docs/results.md (missing runs only), then summarize")
+    a.add_argument("--jobs", type=int, default=2, help="runs in parallel (one core each)")
+    a.add_argument("--out", default="docs/results", help="where the sweep_<grid>.jsonl/.md/.png files live")
+    a.add_argument("--runs-dir", default="outputs/sweeps", help="per-run metrics.jsonl/summary.json")
+    a.add_argument("--grids", nargs="*", choices=ALL_GRIDS, help=f"a subset of {', '.join(ALL_GRIDS)}")
     s = sub.add_parser("summarize", help="markdown tables and PNG curves of a results file")
     s.add_argument("results")
     s.add_argument("--out", default="docs/results")
@@ -311,6 +362,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.cmd == "run":
         return cmd_run(args)
+    if args.cmd == "all":
+        return cmd_all(args)
     print(summarize(args.results, args.out))
     return 0
 

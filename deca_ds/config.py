@@ -48,7 +48,7 @@ class ModelConfig:
     """Local Hugging Face model directory (or hub name when online). ``None``: the embedded tiny Llama."""
     dtype: str = "fp32"
     """Weights' dtype on the training device: ``fp32``, ``bf16`` or ``fp16``. BlockAdam keeps an fp32 master of the
-    active block only. Do not also enable DeepSpeed's ``bf16``/``fp16`` sections (see DESIGN.md §3)."""
+    active block only. Do not also enable DeepSpeed's ``bf16``/``fp16`` sections (see docs/design.md §3)."""
     gradient_checkpointing: bool = False
     """Non-reentrant activation checkpointing; backward still stops at the lowest active block."""
     save_client_models: bool = False

@@ -1,7 +1,7 @@
 """The between-steps hook of DECA: gossip the active block, form the consensus signal, correct the moments, switch.
 
 This module is transport-agnostic on purpose: the DeepSpeed engine passes a neighbour-exchange ``mix`` function,
-the single-process simulator passes a ``W @ X`` one, and both run exactly this code, in this order (DESIGN.md §1):
+the single-process simulator passes a ``W @ X`` one, and both run exactly this code, in this order (docs/design.md §1):
 
     x_half (after the local step) -> mix -> x_new -> h = signal(x, x_half, x_new) -> apply_consensus_(h) -> switch?
 
@@ -63,7 +63,7 @@ def method_spec(method: str) -> MethodSpec:
 
 def consensus_signal(kind: str, x_prev: torch.Tensor | None, x_half: torch.Tensor | None, x_new: torch.Tensor,
                      lr: float) -> torch.Tensor:
-    """The consensus signal ``h`` of one tensor (DESIGN.md §1; the paper's exact form is unknown).
+    """The consensus signal ``h`` of one tensor (docs/design.md §1; the paper's exact form is unknown).
 
     Args:
         kind: ``qgm`` -> ``(x_prev - x_new) / lr``, the whole step's displacement on gradient scale;

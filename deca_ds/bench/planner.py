@@ -527,7 +527,7 @@ def recommended_ds_config(plan: Plan) -> dict[str, Any]:
     """DeepSpeed JSON for the recommended settings.
 
     Stage 0 with DeepSpeed's ``bf16``/``fp16`` sections off: the model is cast by deca_ds and BlockAdam owns the fp32
-    master (DESIGN.md §3); with several ranks per client, ZeRO-2 partitions the active block's state inside the
+    master (docs/design.md §3); with several ranks per client, ZeRO-2 partitions the active block's state inside the
     client (the engine re-initializes DeepSpeed on each block switch).
     """
     rec = plan.recommended or {}

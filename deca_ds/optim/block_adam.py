@@ -1,6 +1,6 @@
 """BlockAdam: AdamW on one block of parameters at a time, holding optimizer state for that block only.
 
-This is the local half of DECA (DESIGN.md §1): the active block takes an AdamW step on its fp32 master copy; the
+This is the local half of DECA (docs/design.md §1): the active block takes an AdamW step on its fp32 master copy; the
 engine then gossips the block (through :meth:`BlockAdam.master_params`), folds the consensus signal into the moments
 (:meth:`BlockAdam.apply_consensus_`) and lets the schedule switch blocks (:meth:`BlockAdam.switch_if_due`). Used alone
 (``auto_switch=True``) it is BAdam-style block coordinate descent.

@@ -159,12 +159,36 @@ def _gather_counts(counts, layout):
     return np.array([rows[layout.client_ranks(c)[0]] for c in range(layout.num_clients)])
 
 
+def _whole_model(engine, cfg: RunConfig) -> torch.nn.Module:
+    """The client's model with whole weights: the engine's own, or at ZeRO-3 (where it holds shards) a CPU copy
+    built from the gathered weights. Collective inside the client at ZeRO-3."""
+    if getattr(engine, "stage", 0) < 3:
+        return engine.model
+    from deca_ds.models import build_meta_model
+
+    state = engine.full_state_dict()
+    model = build_meta_model(cfg.model.path).to_empty(device="cpu")
+    model.load_state_dict(state)
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():  # non-persistent buffers (e.g. rotary inv_freq) are not in the state dict
+        for name, buf in engine.model.named_buffers():
+            if name in buffers:
+                buffers[name].copy_(buf)
+    model.tie_weights()
+    return model.train(engine.model.training)
+
+
 def _average_over_clients_(model: torch.nn.Module) -> None:
-    """In place: every parameter and buffer becomes the average over all clients (the consensus model)."""
+    """In place: every parameter and buffer becomes the average over all clients (the consensus model).
+
+    One tensor at a time through the communication device, so a CPU copy (ZeRO-3) works on NCCL too.
+    """
+    from deca_ds.engine import device
+
     world = dist.get_world_size()
     with torch.no_grad():
         for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
-            acc = t.detach().float().clone()
+            acc = t.detach().to(device(), torch.float32, copy=True)
             dist.all_reduce(acc)
             t.copy_(acc.div_(world).to(t.dtype))
 
@@ -246,7 +270,12 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
                 raise NonFiniteError(f"client {layout.client_id}: non-finite weights at step {at_step}; "
                                      "the checkpoint was not written")
             return state
-        ckpt.save_checkpoint(out, at_step, layout.client_id, is_writer, state_fn, cfg.keep_checkpoints, barrier)
+        if getattr(engine, "collective_state_dict", False):  # ZeRO: every rank of the client takes part
+            state = state_fn()
+            ckpt.save_checkpoint(out, at_step, layout.client_id, is_writer, lambda: state, cfg.keep_checkpoints,
+                                 barrier)
+        else:
+            ckpt.save_checkpoint(out, at_step, layout.client_id, is_writer, state_fn, cfg.keep_checkpoints, barrier)
 
     t0, tokens_total = time.perf_counter(), 0
     progress = make_progress(console) if rank == 0 else None
@@ -315,8 +344,8 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
 
 def _evaluate_clients(engine, tokenizer, data, cfg, layout, step, writer, evaluate) -> None:
     """Every client scores its own model on the shared test split; rank 0 logs one ``eval`` record per client."""
-    own = evaluate(engine.model, tokenizer, data, max_examples=cfg.data.eval_examples) if layout.local_rank == 0 \
-        else None
+    model = _whole_model(engine, cfg)
+    own = evaluate(model, tokenizer, data, max_examples=cfg.data.eval_examples) if layout.local_rank == 0 else None
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, own)
     if writer is not None:
@@ -338,7 +367,7 @@ def _fingerprint(model: torch.nn.Module) -> str:
 def _finish(cfg, engine, data, tokenizer, layout, out: Path, last_loss, console, peak_memory_bytes, evaluate):
     """Evaluate every client, build/save/evaluate the consensus model, write summary.json (rank 0)."""
     rank = dist.get_rank()
-    model = engine.model
+    model = _whole_model(engine, cfg)
     own = evaluate(model, tokenizer, data, max_examples=cfg.data.eval_examples) if layout.local_rank == 0 else {}
     if cfg.model.save_client_models and layout.local_rank == 0:
         model.save_pretrained(out / "clients" / f"client_{layout.client_id}")

@@ -14,7 +14,11 @@ def test_ds_config_checks_name_the_fix(tmp_path):
     for ds, words in [
         ({"bf16": {"enabled": True}}, "model.dtype=bf16"),
         ({"fp16": {"enabled": True}}, "model.dtype=fp16"),
-        ({"zero_optimization": {"stage": 2}}, "stage=2"),
+        ({"zero_optimization": {"stage": 4}}, "stage=4"),
+        ({"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}, "fp16 with ZeRO"),
+        ({"zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}, "model.dtype=fp32"),
+        ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, "offload_param"),
+        ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer needs ZeRO"),
         ({"optimizer": {"type": "Adam"}}, "optim.lr"),
     ]:
         with pytest.raises(ConfigError, match=words):
@@ -23,7 +27,9 @@ def test_ds_config_checks_name_the_fix(tmp_path):
     bad.write_text("{ nope")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_ds_config(bad)
-    filled = load_ds_config(tmp_path / "x.json" if False else None)
+    for stage in (1, 2, 3):  # ZeRO inside a client is accepted (ZeroBlockEngine)
+        check_ds_config({"zero_optimization": {"stage": stage}}, cfg)
+    filled = load_ds_config(None)
     assert filled["train_micro_batch_size_per_gpu"] > 0 and filled["gradient_accumulation_steps"] == 1
 
 

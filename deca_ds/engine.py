@@ -7,7 +7,7 @@ that gradients are averaged inside a client and never across clients, and runs D
     forward/backward (only the active block needs grad) -> engine.step() (local half step)
         -> gossip the active block -> consensus signal -> moment correction -> switch?
 
-Why the DeepSpeed config is restricted (measured, DESIGN.md §3): at stage 0 DeepSpeed hands our optimizer the
+Why the DeepSpeed config is restricted (measured, docs/design.md §3): at stage 0 DeepSpeed hands our optimizer the
 model's own parameters only when its ``bf16``/``fp16`` sections are off (otherwise it wraps it with fp32 copies of
 every parameter and block switching breaks), and ZeRO 1-3 freeze the trainable set at ``initialize``.
 """

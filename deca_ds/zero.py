@@ -3,7 +3,7 @@
 Why this module exists: at stage 0 :class:`deca_ds.optim.BlockAdam` is DeepSpeed's client optimizer and owns the
 block logic, because DeepSpeed hands it the model's own parameters. Under ZeRO it is handed flat fp32 partitions,
 and ZeRO fixes its trainable set, partitions and gradient hooks at ``initialize`` (toggling ``requires_grad`` later is
-silently wrong or crashes; ``research/deepspeed-cpu.md`` §4). So here the block schedule, the state policy and the
+silently wrong or crashes; ``docs/design.md`` §3). So here the block schedule, the state policy and the
 consensus step live outside DeepSpeed, and on every block switch the engine is destroyed and re-initialized with only
 the new block trainable and a fresh ``torch.optim.AdamW`` over it:
 
@@ -130,7 +130,7 @@ class ZeroBlockEngine:
         self._model = model
         self.ds_config = dict(ds_config)
         # A torch optimizer is a "custom" optimizer to ZeRO; with optimizer offload DeepSpeed would otherwise insist
-        # on its own CPU Adam (research/deepspeed-cpu.md §3, §5).
+        # on its own CPU Adam (docs/design.md §3).
         self.ds_config["zero_allow_untested_optimizer"] = True
         self.ds_config["zero_force_ds_cpu_optimizer"] = False
         self.mixer = mixer if self.spec.gossip else None

@@ -1,7 +1,7 @@
 """One benchmark measurement in a fresh process: ``python -m deca_ds.bench.worker --spec JSON --out FILE``.
 
 Peak memory is only comparable between methods when each starts from a clean process (allocator caches, imports
-and earlier runs dominate otherwise; research/deepspeed-cpu.md §8), so :mod:`deca_ds.bench.benchmark` starts this
+and earlier runs dominate otherwise; docs/design.md §3), so :mod:`deca_ds.bench.benchmark` starts this
 module once per method and setting. It builds the model, runs warm-up then measured steps with every phase timed,
 counts model-state bytes from the tensors actually held, and writes one JSON record.
 """

@@ -336,9 +336,13 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
         if rank == 0:
             console.print(f"stopped by signal after step {step}; checkpoint saved — continue with resume=true")
         engine.close()
+        dist.destroy_process_group()
         return None
     summary = _finish(cfg, engine, data, tokenizer, layout, out, last_loss, console, peak_memory_bytes, evaluate)
     engine.close()
+    # Tear the process group down explicitly: left to interpreter exit, gloo's threads occasionally abort the
+    # process ("terminate called without an active exception") after the run has finished.
+    dist.destroy_process_group()
     return summary
 
 

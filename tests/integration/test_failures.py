@@ -162,8 +162,10 @@ def test_sigterm_then_kill9_then_resume_is_bit_equal_to_an_uninterrupted_run(tmp
     assert not list((part / "checkpoints").glob("step_*/client_*.tmp"))
 
 
-def test_a_hung_neighbour_stops_every_rank_with_its_name(tmp_path):
-    """SIGSTOP one of 4 clients: the run exits non-zero within comm_timeout + slack, naming it; checkpoints load."""
+@pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["SIGSTOP", "SIGKILL"])
+def test_a_hung_neighbour_stops_every_rank_with_its_name(tmp_path, sig):
+    """SIGSTOP (hang) or SIGKILL (death) of one of 4 clients: the run exits non-zero within comm_timeout + slack,
+    naming it; the last complete checkpoint loads."""
     out = tmp_path / "run"
     timeout_s = 5
     run = Run(tmp_path, "hang", 4, f"output_dir={out}", "max_steps=200", "checkpoint_every=2",
@@ -172,16 +174,19 @@ def test_a_hung_neighbour_stops_every_rank_with_its_name(tmp_path):
         _wait_for(lambda: _latest(out), run)
         workers = run.workers()
         assert sorted(workers) == [0, 1, 2, 3], workers
-        os.kill(workers[2], signal.SIGSTOP)
+        os.kill(workers[2], sig)
         t0 = time.monotonic()
         rc = run.wait(120)
         elapsed = time.monotonic() - t0
     finally:
         run.cleanup()
     err = run.stderr()
-    print(f"SIGSTOP rank 2: launcher exit {rc} after {elapsed:.1f} s")
+    print(f"{sig.name} rank 2: launcher exit {rc} after {elapsed:.1f} s")
     assert rc != 0
-    assert "neighbour client 2" in err, err[-6000:]
+    if sig == signal.SIGSTOP:
+        assert "neighbour client 2" in err, err[-6000:]
+    else:  # a dead worker: its neighbours name it, or the launcher does (failed local_rank 2) before they notice
+        assert "neighbour client 2" in err or "local_rank: 2" in err, err[-6000:]
     # comm_timeout for the neighbours' wait, plus the launcher noticing and tearing the rest down.
     assert elapsed < timeout_s + 40, elapsed
     latest = _latest(out)
@@ -323,3 +328,54 @@ def test_only_active_block_weights_leave_a_client():
                 assert not any(x.numel() == v.numel() and torch.equal(x.float(), v.float()) for _, _, x in sent), kind
                 if kind != "ids":
                     assert not torch.equal(payload[: v.numel()], v.float()), kind
+
+
+def _nan_skip_worker(rank, world_size, tmp):
+    """One client (world of 1): a NaN loss at step 2 is skipped, the schedule advances, later steps train."""
+    import torch.distributed as dist
+
+    from deca_ds.config import load_config
+    from deca_ds.data import batch_for_step, build_client_data
+    from deca_ds.engine import build_engine, load_ds_config
+    from deca_ds.gossip import ClientGroups, ClientLayout, Mixer
+    from deca_ds.models import load_model_and_tokenizer
+    from deca_ds.topology import make_topology
+
+    from deca_ds.engine import setup_distributed
+
+    setup_distributed(60)  # as the recipe does (also skips DeepSpeed's shared-memory op build)
+    cfg = load_config(None, [f"output_dir={tmp}", "nan_policy=skip", "blocks.switch_every=2", *FAST])
+    layout = ClientLayout(1, dist.get_rank(), 1)
+    groups = ClientGroups.create(layout)
+    model, tok = load_model_and_tokenizer(cfg.model, seed=0)
+    data = build_client_data(cfg, tok, 0, 1)
+    engine = build_engine(cfg, model, load_ds_config(None), groups, Mixer(layout, make_topology("ring", 1)))
+    forward = model.forward
+
+    def poisoned(*args, **kwargs):  # step 2's loss is NaN (as a corrupt batch or an overflow would make it)
+        out = forward(*args, **kwargs)
+        if engine.global_step == 2:
+            out.loss = out.loss * float("nan")
+        return out
+
+    model.forward = poisoned
+    results, changed = [], []
+    for step in range(5):
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        res = engine.train_step([batch_for_step(data.train, step, 8, 42, 0, tok.pad_token_id)])
+        results.append((res["nonfinite"], res["block"]))
+        changed.append(sorted(n for n, p in model.named_parameters() if not torch.equal(before[n], p)))
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    engine.close()
+    return {"results": results, "changed": changed, "finite": finite, "global_step": engine.global_step}
+
+
+def test_nan_policy_skip_skips_the_update_and_keeps_the_schedule(tmp_path):
+    from dist import run_distributed
+
+    (out,) = run_distributed(_nan_skip_worker, 1, str(tmp_path / "run"), init=False)
+    assert [r[0] for r in out["results"]] == [False, False, True, False, False]
+    assert [r[1] for r in out["results"]] == [0, 0, 1, 1, 2]  # the schedule went on: block 1 at steps 2-3
+    assert out["changed"][2] == []  # the poisoned step changed no weight
+    assert out["changed"][1] and out["changed"][3]  # the steps around it did
+    assert out["finite"] and out["global_step"] == 5

@@ -133,9 +133,10 @@ def test_every_method_runs(tmp_path, method):
         assert last[0]["consensus_distance"] > 0
 
 
-def test_zero3_clients_of_two_ranks_match_stage0_end_to_end(tmp_path):
-    """The recipe with ZeRO-3 inside each client: checkpoints, evaluation and the consensus model work, ranks of a
-    client agree, and per-client losses equal the stage-0 run's (float summation order differs at stage 3)."""
+def test_zero_clients_of_two_ranks_match_stage0_end_to_end(tmp_path):
+    """The recipe with ZeRO inside each client: checkpoints, evaluation and the consensus model work, ranks of a
+    client agree, and per-client losses equal the stage-0 run's (ZeRO-3 fp32: float summation order differs;
+    ZeRO-2 bf16 with optimizer offload: within bf16 rounding)."""
     common = ["max_steps=6", "clients.ranks_per_client=2", "checkpoint_every=3", *FAST]
     z3, z0 = tmp_path / "z3", tmp_path / "z0"
     torchrun(4, f"output_dir={z3}", f"ds_config={ROOT / 'ds_configs' / 'cpu_fp32_zero3.json'}", *common)
@@ -150,3 +151,15 @@ def test_zero3_clients_of_two_ranks_match_stage0_end_to_end(tmp_path):
     assert summary["consensus"]["loss"] == pytest.approx(json.loads((z0 / "summary.json").read_text())
                                                          ["consensus"]["loss"], rel=1e-3)
     assert final_state(z3, 1)["global_step"] == 6
+    # bf16 weights at ZeRO-2 with the optimizer offloaded to the CPU: same run within bf16 rounding.
+    ds = json.loads((ROOT / "ds_configs" / "cpu_fp32_zero2.json").read_text())
+    ds.update(bf16={"enabled": True})
+    ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+    (tmp_path / "z2bf16.json").write_text(json.dumps(ds))
+    zb = tmp_path / "z2bf16"
+    torchrun(4, f"output_dir={zb}", f"ds_config={tmp_path / 'z2bf16.json'}", "model.dtype=bf16", *common)
+    c = {(r["step"], r["client"]): r["loss"] for r in records(zb)}
+    assert sorted(c) == sorted(b)
+    for k in c:
+        assert c[k] == pytest.approx(b[k], rel=2e-2), k
+    assert final_state(zb, 0)["model"]["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16

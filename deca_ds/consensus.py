@@ -11,7 +11,7 @@ the single-process simulator passes a ``W @ X`` one, and both run exactly this c
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 

@@ -23,10 +23,11 @@ import torch.distributed as dist
 
 from deca_ds import checkpoint as ckpt
 from deca_ds.config import ConfigError, RunConfig
-from deca_ds.metrics import JsonlWriter, make_progress, summary_table, truncate_jsonl_after
+from deca_ds.metrics import JsonlWriter, make_progress, truncate_jsonl_after
+from deca_ds.summary import evaluate_clients, finish
 
-# Per-rank monitoring row, all-gathered every step. Fixed layout: float64 for exact byte counts.
-_ROW = ("loss", "nonfinite", "stop", "bytes_sent", "tokens", "consensus_distance")
+# Per-rank monitoring row, all-gathered every step (float64 for exact byte counts), in this order:
+# loss, nonfinite, stop requested, bytes sent, tokens, consensus distance.
 
 
 class NonFiniteError(RuntimeError):
@@ -124,7 +125,7 @@ def _topology_options(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _gather_rows(row: list[float]) -> torch.Tensor:
-    """All ranks' monitoring rows, shape [world, len(_ROW)] (gloo and NCCL alike: done on the row's device)."""
+    """All ranks' monitoring rows, shape [world, 6] (gloo and NCCL alike: done on the row's device)."""
     from deca_ds.engine import device
 
     t = torch.tensor(row, dtype=torch.float64, device=device())
@@ -133,7 +134,7 @@ def _gather_rows(row: list[float]) -> torch.Tensor:
     return torch.stack(out).cpu()
 
 
-def _consensus_distance(tensors: list[torch.Tensor], ranks_per_client: int) -> float:
+def _consensus_distance(tensors: list[torch.Tensor]) -> float:
     """RMS distance of this rank's active block from the network average: ||x_i - mean_j x_j|| / sqrt(numel).
 
     One all-reduce of the block over all ranks (every rank of a client holds the same values, and every client has
@@ -159,40 +160,6 @@ def _gather_counts(counts, layout):
     return np.array([rows[layout.client_ranks(c)[0]] for c in range(layout.num_clients)])
 
 
-def _whole_model(engine, cfg: RunConfig) -> torch.nn.Module:
-    """The client's model with whole weights: the engine's own, or at ZeRO-3 (where it holds shards) a CPU copy
-    built from the gathered weights. Collective inside the client at ZeRO-3."""
-    if getattr(engine, "stage", 0) < 3:
-        return engine.model
-    from deca_ds.models import build_meta_model
-
-    state = engine.full_state_dict()
-    model = build_meta_model(cfg.model.path).to_empty(device="cpu")
-    model.load_state_dict(state)
-    buffers = dict(model.named_buffers())
-    with torch.no_grad():  # non-persistent buffers (e.g. rotary inv_freq) are not in the state dict
-        for name, buf in engine.model.named_buffers():
-            if name in buffers:
-                buffers[name].copy_(buf)
-    model.tie_weights()
-    return model.train(engine.model.training)
-
-
-def _average_over_clients_(model: torch.nn.Module) -> None:
-    """In place: every parameter and buffer becomes the average over all clients (the consensus model).
-
-    One tensor at a time through the communication device, so a CPU copy (ZeRO-3) works on NCCL too.
-    """
-    from deca_ds.engine import device
-
-    world = dist.get_world_size()
-    with torch.no_grad():
-        for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
-            acc = t.detach().to(device(), torch.float32, copy=True)
-            dist.all_reduce(acc)
-            t.copy_(acc.div_(world).to(t.dtype))
-
-
 def _micro_batches(data, engine, cfg: RunConfig, step: int, layout, pad_id: int) -> list[dict[str, torch.Tensor]]:
     from deca_ds.data import batch_for_step
 
@@ -211,8 +178,8 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     ds = preflight(cfg, world_size, ds_config_path)
 
-    from deca_ds.data import build_client_data, evaluate, write_partition_summary
-    from deca_ds.engine import (barrier, build_engine, peak_memory_bytes, setup_distributed,
+    from deca_ds.data import build_client_data, write_partition_summary
+    from deca_ds.engine import (barrier, build_engine, setup_distributed,
                                 uses_activation_checkpointing)
     from deca_ds.gossip import ClientGroups, ClientLayout, Mixer
     from deca_ds.models import load_model_and_tokenizer
@@ -289,7 +256,7 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
             while step < cfg.max_steps:
                 res = engine.train_step(_micro_batches(data, engine, cfg, step, layout, tokenizer.pad_token_id))
                 log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
-                cdist = _consensus_distance(engine.block_tensors(res["block"]), layout.ranks_per_client) if (
+                cdist = _consensus_distance(engine.block_tensors(res["block"])) if (
                     log_now and layout.num_clients > 1) else 0.0
                 rows = _gather_rows([res["loss"], float(res["nonfinite"]), float(stop_flag.requested),
                                      float(res["bytes_sent"]), float(res["tokens"]), cdist])
@@ -323,7 +290,7 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
                     stopped_early = True
                     break
                 if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                    _evaluate_clients(engine, tokenizer, data, cfg, layout, step, writer, evaluate)
+                    evaluate_clients(engine, tokenizer, data, cfg, layout, step, writer)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
                     save(step)
             save(step)
@@ -338,7 +305,7 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
         engine.close()
         dist.destroy_process_group()
         return None
-    summary = _finish(cfg, engine, data, tokenizer, layout, out, last_loss, console, peak_memory_bytes, evaluate)
+    summary = finish(cfg, engine, data, tokenizer, layout, out, last_loss, console)
     engine.close()
     # Tear the process group down explicitly: left to interpreter exit, gloo's threads occasionally abort the
     # process ("terminate called without an active exception") after the run has finished.
@@ -346,65 +313,3 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     return summary
 
 
-def _evaluate_clients(engine, tokenizer, data, cfg, layout, step, writer, evaluate) -> None:
-    """Every client scores its own model on the shared test split; rank 0 logs one ``eval`` record per client."""
-    model = _whole_model(engine, cfg)
-    own = evaluate(model, tokenizer, data, max_examples=cfg.data.eval_examples) if layout.local_rank == 0 else None
-    per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, own)
-    if writer is not None:
-        for c in range(layout.num_clients):
-            writer.write({"step": step - 1, "client": c, "eval": per_rank[layout.client_ranks(c)[0]]})
-
-
-def _fingerprint(model: torch.nn.Module) -> str:
-    """SHA-1 of every parameter's bytes: ranks of one client must agree exactly."""
-    import hashlib
-
-    h = hashlib.sha1()
-    for name, p in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _finish(cfg, engine, data, tokenizer, layout, out: Path, last_loss, console, peak_memory_bytes, evaluate):
-    """Evaluate every client, build/save/evaluate the consensus model, write summary.json (rank 0)."""
-    rank = dist.get_rank()
-    model = _whole_model(engine, cfg)
-    own = evaluate(model, tokenizer, data, max_examples=cfg.data.eval_examples) if layout.local_rank == 0 else {}
-    if cfg.model.save_client_models and layout.local_rank == 0:
-        model.save_pretrained(out / "clients" / f"client_{layout.client_id}")
-        tokenizer.save_pretrained(out / "clients" / f"client_{layout.client_id}")
-    bytes_sent = engine.mixer.total_bytes_sent if engine.mixer is not None else 0
-    per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, {"client": layout.client_id, "local_rank": layout.local_rank, "eval": own,
-                                      "bytes_sent": bytes_sent, "peak_memory_bytes": peak_memory_bytes(),
-                                      "fingerprint": _fingerprint(model)})
-    _average_over_clients_(model)
-    consensus = None
-    if rank == 0:
-        model.save_pretrained(out / "consensus", safe_serialization=True)
-        tokenizer.save_pretrained(out / "consensus")
-        consensus = evaluate(model, tokenizer, data, max_examples=cfg.data.eval_examples)
-    clients = []
-    for c in range(layout.num_clients):
-        rows = [r for r in per_rank if r["client"] == c]
-        first = next(r for r in rows if r["local_rank"] == 0)
-        clients.append({"client": c, "final_loss": last_loss.get(c), "test_loss": first["eval"].get("loss"),
-                        "test_accuracy": first["eval"].get("accuracy"), "eval": first["eval"],
-                        "bytes_sent": sum(r["bytes_sent"] for r in rows),
-                        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rows),
-                        "rank_fingerprints": [r["fingerprint"] for r in sorted(rows, key=lambda r: r["local_rank"])]})
-        if len(set(clients[-1]["rank_fingerprints"])) > 1 and rank == 0:
-            console.print(f"[red]warning: the ranks of client {c} hold different weights[/red]")
-    summary = None
-    if rank == 0:
-        summary = {"method": cfg.method, "steps": engine.global_step, "num_clients": layout.num_clients,
-                   "clients": clients, "consensus": consensus}
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=float))
-        os.replace(tmp, out / "summary.json")
-        console.print(summary_table(clients, consensus))
-    dist.barrier()
-    return summary

@@ -57,7 +57,7 @@ def _mix_every_topology(rank, world_size, ranks_per_client, chunk_bytes):
 
 
 def _single_rank_clients(rank, world_size):
-    from deca_ds.gossip import ClientLayout, Mixer, consensus_distance
+    from deca_ds.gossip import Mixer, consensus_distance
     from deca_ds.topology import make_topology
 
     layout, groups, out = _mix_every_topology(rank, world_size, 1, chunk_bytes=7 * 4)
@@ -108,7 +108,7 @@ def _single_rank_clients(rank, world_size):
 def _two_ranks_per_client(rank, world_size, num_clients):
     import torch.distributed as dist
 
-    from deca_ds.gossip import ClientLayout, Mixer, consensus_distance
+    from deca_ds.gossip import Mixer, consensus_distance
     from deca_ds.topology import make_topology
 
     layout, groups, out = _mix_every_topology(rank, world_size, world_size // num_clients, chunk_bytes=5 * 4)

@@ -1,0 +1,148 @@
+"""The end of a run (and its periodic evaluations): every client's evaluation, the consensus model, summary.json.
+
+The consensus model is the average of all clients' weights; with ZeRO-3 clients it is built from a gathered CPU copy
+of each client's weights, since the engine itself only holds shards.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from deca_ds.config import RunConfig
+from deca_ds.metrics import summary_table
+
+
+def whole_model(engine, cfg: RunConfig) -> torch.nn.Module:
+    """The client's model with whole weights: the engine's own, or at ZeRO-3 (where it holds shards) a CPU copy
+    built from the gathered weights. Collective inside the client at ZeRO-3."""
+    if getattr(engine, "stage", 0) < 3:
+        return engine.model
+    from deca_ds.models import build_meta_model
+
+    state = engine.full_state_dict()
+    model = build_meta_model(cfg.model.path).to_empty(device="cpu")
+    model.load_state_dict(state)
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():  # non-persistent buffers (e.g. rotary inv_freq) are not in the state dict
+        for name, buf in engine.model.named_buffers():
+            if name in buffers:
+                buffers[name].copy_(buf)
+    model.tie_weights()
+    return model.train(engine.model.training)
+
+
+def average_over_clients_(model: torch.nn.Module) -> None:
+    """In place: every parameter and buffer becomes the average over all clients (the consensus model).
+
+    One tensor at a time through the communication device, so a CPU copy (ZeRO-3) works on NCCL too.
+    """
+    from deca_ds.engine import device
+
+    world = dist.get_world_size()
+    with torch.no_grad():
+        for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
+            acc = t.detach().to(device(), torch.float32, copy=True)
+            dist.all_reduce(acc)
+            t.copy_(acc.div_(world).to(t.dtype))
+
+
+def evaluate_clients(engine, tokenizer, data, cfg: RunConfig, layout, step: int, writer) -> None:
+    """Every client scores its own model on the shared test split; rank 0 logs one ``eval`` record per client.
+
+    Collective: every rank calls it.
+
+    Args:
+        engine: this rank's engine (``DecaEngine`` or ``ZeroBlockEngine``).
+        tokenizer: the run's tokenizer.
+        data: this client's :class:`deca_ds.data.ClientData`.
+        cfg: the run's settings (``data.eval_examples`` rows are scored).
+        layout: the :class:`deca_ds.gossip.ClientLayout`.
+        step: optimizer steps completed.
+        writer: rank 0's :class:`deca_ds.metrics.JsonlWriter`, None elsewhere.
+    """
+    from deca_ds.data import evaluate
+
+    model = whole_model(engine, cfg)
+    own = evaluate(model, tokenizer, data, max_examples=cfg.data.eval_examples) if layout.local_rank == 0 else None
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, own)
+    if writer is not None:
+        for c in range(layout.num_clients):
+            writer.write({"step": step - 1, "client": c, "eval": per_rank[layout.client_ranks(c)[0]]})
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """SHA-1 of every parameter's bytes: ranks of one client must agree exactly."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def finish(cfg: RunConfig, engine, data, tokenizer, layout, out: Path, last_loss: dict[int, float], console):
+    """Evaluate every client, build/save/evaluate the consensus model, write summary.json (rank 0).
+
+    Collective: every rank calls it, after the final checkpoint (it averages the model in place).
+
+    Args:
+        cfg: the run's settings.
+        engine: this rank's engine.
+        data: this client's :class:`deca_ds.data.ClientData`.
+        tokenizer: saved next to the consensus (and client) models.
+        layout: the :class:`deca_ds.gossip.ClientLayout`.
+        out: the run's output directory.
+        last_loss: rank 0's last training loss per client.
+        console: rich console for the final table.
+
+    Returns:
+        The summary dict on rank 0, None elsewhere.
+    """
+    from deca_ds.data import evaluate
+    from deca_ds.engine import peak_memory_bytes
+
+    rank = dist.get_rank()
+    model = whole_model(engine, cfg)
+    own = evaluate(model, tokenizer, data, max_examples=cfg.data.eval_examples) if layout.local_rank == 0 else {}
+    if cfg.model.save_client_models and layout.local_rank == 0:
+        model.save_pretrained(out / "clients" / f"client_{layout.client_id}")
+        tokenizer.save_pretrained(out / "clients" / f"client_{layout.client_id}")
+    bytes_sent = engine.mixer.total_bytes_sent if engine.mixer is not None else 0
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, {"client": layout.client_id, "local_rank": layout.local_rank, "eval": own,
+                                      "bytes_sent": bytes_sent, "peak_memory_bytes": peak_memory_bytes(),
+                                      "fingerprint": fingerprint(model)})
+    average_over_clients_(model)
+    consensus = None
+    if rank == 0:
+        model.save_pretrained(out / "consensus", safe_serialization=True)
+        tokenizer.save_pretrained(out / "consensus")
+        consensus = evaluate(model, tokenizer, data, max_examples=cfg.data.eval_examples)
+    clients = []
+    for c in range(layout.num_clients):
+        rows = [r for r in per_rank if r["client"] == c]
+        first = next(r for r in rows if r["local_rank"] == 0)
+        clients.append({"client": c, "final_loss": last_loss.get(c), "test_loss": first["eval"].get("loss"),
+                        "test_accuracy": first["eval"].get("accuracy"), "eval": first["eval"],
+                        "bytes_sent": sum(r["bytes_sent"] for r in rows),
+                        "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rows),
+                        "rank_fingerprints": [r["fingerprint"] for r in sorted(rows, key=lambda r: r["local_rank"])]})
+        if len(set(clients[-1]["rank_fingerprints"])) > 1 and rank == 0:
+            console.print(f"[red]warning: the ranks of client {c} hold different weights[/red]")
+    summary = None
+    if rank == 0:
+        summary = {"method": cfg.method, "steps": engine.global_step, "num_clients": layout.num_clients,
+                   "clients": clients, "consensus": consensus}
+        tmp = out / "summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2, default=float))
+        os.replace(tmp, out / "summary.json")
+        console.print(summary_table(clients, consensus))
+    dist.barrier()
+    return summary

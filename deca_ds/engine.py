@@ -331,8 +331,7 @@ class DecaEngine:
             "engine_global_steps": self.engine.global_steps,
             "engine_global_samples": self.engine.global_samples,
             "engine_micro_steps": self.engine.micro_steps,
-            "mixer": ({"sent": self.mixer.total_bytes_sent, "received": self.mixer.total_bytes_received}
-                      if self.mixer is not None else None),
+            "mixer": self.mixer.state_dict() if self.mixer is not None else None,
             "rng": {"torch": torch.get_rng_state()},
         }
 
@@ -347,8 +346,7 @@ class DecaEngine:
         self.engine.global_samples = state["engine_global_samples"]
         self.engine.micro_steps = state["engine_micro_steps"]
         if self.mixer is not None and state.get("mixer"):
-            self.mixer.total_bytes_sent = state["mixer"]["sent"]
-            self.mixer.total_bytes_received = state["mixer"]["received"]
+            self.mixer.load_state_dict(state["mixer"])
         torch.set_rng_state(state["rng"]["torch"])
 
     def close(self) -> None:

@@ -376,6 +376,15 @@ class Mixer:
         start = min(self.layout.local_rank * shard, numel)
         return start, min(start + shard, numel)
 
+    def state_dict(self) -> dict[str, int]:
+        """The cumulative byte counters, for checkpoints (``{"sent", "received"}``)."""
+        return {"sent": self.total_bytes_sent, "received": self.total_bytes_received}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore :meth:`state_dict` output."""
+        self.total_bytes_sent = state["sent"]
+        self.total_bytes_received = state["received"]
+
     def mix_(self, tensors: Sequence[torch.Tensor], step: int, block_idx: int, presharded: bool = False) -> MixStats:
         """Replace this client's ``tensors`` by the ``topology.weights_at(step)``-weighted average with neighbours.
 

@@ -568,8 +568,7 @@ class ZeroBlockEngine:
             "lr_scheduler": self.lr_scheduler.state_dict() if self.lr_scheduler is not None else None,
             "global_step": self.global_step,
             "engine_counters": (self.engine.global_steps, self.engine.global_samples, self.engine.micro_steps),
-            "mixer": ({"sent": self.mixer.total_bytes_sent, "received": self.mixer.total_bytes_received}
-                      if self.mixer is not None else None),
+            "mixer": self.mixer.state_dict() if self.mixer is not None else None,
             "rng": {"torch": torch.get_rng_state()},
         }
 
@@ -612,8 +611,7 @@ class ZeroBlockEngine:
                 g["lr"] = lr
         self.global_step = int(state["global_step"])
         if self.mixer is not None and state.get("mixer"):
-            self.mixer.total_bytes_sent = state["mixer"]["sent"]
-            self.mixer.total_bytes_received = state["mixer"]["received"]
+            self.mixer.load_state_dict(state["mixer"])
         torch.set_rng_state(state["rng"]["torch"])
 
     def close(self) -> None:

@@ -195,6 +195,15 @@ class Simulation:
             return opt.master_params()
         return [p.data for p in self.models[i].parameters() if p.requires_grad]
 
+    def block_tensors(self, i: int, block_idx: int) -> list[torch.Tensor]:
+        """Model ``i``'s weights of block ``block_idx``, read from the model (valid after the block went inactive),
+        as :meth:`deca_ds.engine.DecaEngine.block_tensors` reads them; every parameter for full-parameter AdamW."""
+        opt = self._block_optimizer(i)
+        if opt is None:
+            return [p.data for p in self.models[i].parameters()]
+        params = dict(self.models[i].named_parameters())
+        return [params[n].data for n in opt.blocks[block_idx].param_names]
+
     def lr(self) -> float:
         """Current learning rate."""
         return float(self.optimizers[0].param_groups[0]["lr"])
@@ -242,7 +251,8 @@ class Simulation:
 
         Returns:
             ``loss`` (per client), ``nonfinite`` (per client), ``block`` (trained this step), ``bytes_sent`` (per
-            client, this step), ``consensus_distance`` (per client, of the block active after the step).
+            client, this step), ``consensus_distance`` (per client, of the block trained this step — the
+            launcher's figure; after a switch the next block would read ~0).
         """
         step, n = self.global_step, self.num_clients
         block = self.active_block()
@@ -277,7 +287,7 @@ class Simulation:
         self.global_step += 1
         self._track_memory()
         return {"loss": losses, "nonfinite": nonfinite, "block": block, "bytes_sent": list(self._step_bytes),
-                "consensus_distance": self.consensus_distances()}
+                "consensus_distance": self.consensus_distances(block)}
 
     def _take_step(self, i: int) -> None:
         if self.hooks[i] is not None:
@@ -300,15 +310,19 @@ class Simulation:
             self._step_bytes[c] = (numel * itemsize + HEADER_BYTES) * degree
         self._mixed = ((step, block), mixed)
 
-    def consensus_distances(self) -> list[float]:
-        """Per client, RMS distance of its active block from the clients' average: ``||x_i - xbar|| / sqrt(P)``.
+    def consensus_distances(self, block_idx: int | None = None) -> list[float]:
+        """Per client, RMS distance of a block from the clients' average: ``||x_i - xbar|| / sqrt(P)``.
+
+        Args:
+            block_idx: the block to measure (default: the active one).
 
         The launcher's ``metrics.jsonl`` figure (0 for a single client or the centralized shared model).
         """
         n = self.num_clients
         if n == 1 or len(self.models) == 1:
             return [0.0] * n
-        per_client = [self.active_tensors(c) for c in range(n)]
+        block_idx = self.active_block() if block_idx is None else block_idx
+        per_client = [self.block_tensors(c, block_idx) for c in range(n)]
         sq = [0.0] * n
         numel = 0
         for tensors in zip(*per_client):

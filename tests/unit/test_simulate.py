@@ -196,3 +196,13 @@ def test_sweep_summary_is_mean_and_sample_std_over_seeds(tmp_path):
     md = sweep.summarize(str(res), str(tmp_path / "out")).read_text()
     assert "| a | 2 | - | - | - | 0.600 ± 0.141 |" in md  # mean 0.6, sample std 0.1414
     assert list((tmp_path / "out").glob("*.png"))
+
+
+def test_consensus_distance_is_of_the_block_trained_this_step():
+    """At a switching step the distance is measured on the block just trained (as the launcher does), not on the
+    next, still untrained block that every client holds identically."""
+    sim = Simulation(_cfg("method=local", "blocks.switch_every=1"))
+    out = sim.step()
+    assert out["block"] == 0 and sim.active_block() == 1  # the step switched blocks
+    assert min(out["consensus_distance"]) > 0  # local clients trained block 0 on different data
+    assert max(sim.consensus_distances(1)) < 1e-8  # block 1: still the shared initial weights (float mean only)

@@ -196,7 +196,7 @@ def cmd_run(args) -> int:
 
 
 GRIDS_DIR = Path(__file__).parent / "configs" / "sweeps"
-ALL_GRIDS = ("main", "betas", "blocks", "blocks_bytes", "skew", "generation")
+ALL_GRIDS = ("main", "betas", "blocks", "blocks_bytes", "skew", "generation", "lr")
 """The grids behind docs/results.md, in priority order (``sweep_<name>.yaml`` -> ``<out>/sweep_<name>.jsonl``)."""
 
 

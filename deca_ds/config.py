@@ -178,6 +178,20 @@ class GossipConfig:
 
 
 @dataclass
+class SimulateConfig:
+    """Where ``backend: simulate`` keeps its client replicas (ignored by the launcher)."""
+
+    device: str = "auto"
+    """Training device of the simulator: ``auto`` (DeepSpeed's accelerator: the GPU when there is one, else the
+    CPU), ``cpu``, or a torch device string such as ``cuda:1``."""
+    park_replicas: bool = False
+    """Keep every client's replica (weights, gradients, optimizer state) in CPU memory and move it to ``device``
+    only for its own forward, backward and optimizer step: device memory for one client instead of all of them,
+    at the cost of copying one model to and from the device per client per step. No effect for ``centralized``
+    (one shared model) or when ``device`` is the CPU."""
+
+
+@dataclass
 class RunConfig:
     """A whole fine-tuning run."""
 
@@ -217,6 +231,7 @@ class RunConfig:
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
 
     def validate(self) -> "RunConfig":
         """Check value ranges and names; returns self. Raises :class:`ConfigError` on the first problem."""
@@ -271,6 +286,8 @@ class RunConfig:
         _positive("clients.ranks_per_client", self.clients.ranks_per_client)
         _choice("gossip.dtype", self.gossip.dtype, ("fp32", "bf16"))
         _positive("gossip.chunk_mb", self.gossip.chunk_mb)
+        if not self.simulate.device.strip():
+            raise ConfigError("simulate.device='' is empty: use auto, cpu or a torch device such as cuda:0")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -124,6 +124,13 @@ class ConsensusStep:
         self._snapshot: list[torch.Tensor] | None = None
         self.last_mix_stats = None
 
+    def to(self, device: torch.device) -> "ConsensusStep":
+        """Move the pending pre-step snapshot (if any) to ``device``; for callers that move the model between
+        :meth:`before_step` and :meth:`after_step` (the simulator's parked replicas). Returns self."""
+        if self._snapshot is not None:
+            self._snapshot = [s.to(device) for s in self._snapshot]
+        return self
+
     @property
     def _needs_prev(self) -> bool:
         return self.spec.consensus and self.signal in ("qgm", "raw")

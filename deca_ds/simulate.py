@@ -21,6 +21,12 @@ neighbours exchange ``x_half`` in the launcher):
     for each tensor of the active block: stack the clients' copies, mixed = W_step @ X       (one matmul)
     for each client: hook.after_step(step) with a ``mix`` that copies that client's row     (signal, BMA, switch)
 
+Where replicas live (``simulate.device``, ``simulate.park_replicas``): by default every replica, its gradients and
+its optimizer state sit on the training device (DeepSpeed's accelerator, else the CPU). Parked, they sit in CPU
+memory and each client's replica is moved to the device for its own forward/backward/step and back; the mixing
+matmul runs on the device one tensor of the active block at a time, and the consensus hook (elementwise work on one
+block) runs where the replica is parked. Device memory then holds one replica instead of N.
+
 Per-client losses equal the launcher's up to float reduction order (gossip adds neighbours one at a time there, a
 matmul here): measured differences are ~1e-6 relative over a few steps (tests/integration/test_simulate_parity.py).
 """
@@ -42,12 +48,43 @@ from deca_ds import checkpoint as ckpt
 from deca_ds.config import ConfigError, RunConfig
 from deca_ds.consensus import ConsensusStep, method_spec
 
-__all__ = ["Simulation", "run_simulation", "mix_rows", "HEADER_BYTES"]
+__all__ = ["Simulation", "run_simulation", "mix_rows", "resolve_device", "HEADER_BYTES"]
 
 HEADER_BYTES = 4 * 8
 """Bytes of the int64 header (block, step, client, numel) the launcher's Mixer sends before every payload."""
 
 _WIRE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_HOST = torch.device("cpu")
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device a ``simulate.device`` setting names.
+
+    Args:
+        name: ``auto`` (DeepSpeed's accelerator device, the CPU without one), ``cpu`` or a torch device string.
+
+    Raises:
+        ConfigError: the string is not a device, or names a device type this machine does not have.
+    """
+    if name == "auto":
+        from deca_ds.engine import device
+
+        return device()
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"simulate.device={name!r} is not a device: use auto, cpu or e.g. cuda:0") from None
+    if dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise ConfigError(f"simulate.device={name!r}: this machine has no {dev.type} device; use "
+                              "simulate.device=auto or cpu") from None
+        count = getattr(backend, "device_count", lambda: 1)()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"simulate.device={name!r}: only {count} {dev.type} device(s) here; use "
+                              f"{dev.type}:0 to {dev.type}:{count - 1}")
+    return dev
 
 
 def mix_rows(stacked: torch.Tensor, weights: np.ndarray, wire_dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -104,6 +141,9 @@ class Simulation:
         cfg: the run's settings.
         num_clients: clients simulated.
         models: one model per client (a single shared model for ``centralized``).
+        device: the training device (``simulate.device`` resolved).
+        park: whether replicas are parked in CPU memory between their own steps (``simulate.park_replicas`` and more
+            than one replica).
         optimizers: one client optimizer per model.
         hooks: one :class:`~deca_ds.consensus.ConsensusStep` per model (None for the AdamW baseline).
         data: one :class:`deca_ds.data.ClientData` per client.
@@ -153,11 +193,15 @@ class Simulation:
             except (ValueError, OSError) as e:
                 raise ConfigError(f"topology.name={cfg.topology.name!r}: {str(e).splitlines()[0]}") from None
 
+        self.device = resolve_device(cfg.simulate.device)
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
         self.pad_id = self.tokenizer.pad_token_id
         self.data = [build_client_data(cfg, self.tokenizer, c, n) for c in range(n)]
         # Memory: one replica per client (the centralized baseline trains one shared model, like its all-reduce).
         replicas = 1 if self.spec.world_data_parallel else n
+        self.park = bool(cfg.simulate.park_replicas) and replicas > 1
+        # Replicas are placed before the optimizers exist: optimizer state is created lazily on the weights' device.
+        model.to(_HOST if self.park else self.device)
         self.models = [model] + [copy.deepcopy(model) for _ in range(replicas - 1)]
         self.optimizers = [build_optimizer(cfg, m) for m in self.models]
         self.hooks = []
@@ -178,6 +222,20 @@ class Simulation:
     def model_of(self, client: int) -> torch.nn.Module:
         """Client ``client``'s model (the shared one for ``centralized``)."""
         return self.models[0 if len(self.models) == 1 else client]
+
+    def place(self, client: int, device: torch.device) -> None:
+        """Move client ``client``'s replica (weights and gradients), optimizer state and pending consensus snapshot
+        to ``device``. Parameters keep their identity (``Module.to`` swaps ``.data``), so the optimizer still
+        holds them. Used by parked replicas; a no-op where everything already is on ``device``."""
+        self.models[client].to(device)
+        opt = self.optimizers[client]
+        for st in opt.state.values():
+            for k, v in list(st.items()):
+                # Hazard: scalar ``step`` counters stay on the CPU, as torch's (non-capturable) Adam keeps them.
+                if torch.is_tensor(v) and v.dim() > 0 and v.device != device:
+                    st[k] = v.to(device)
+        if self.hooks[client] is not None:
+            self.hooks[client].to(device)
 
     def _block_optimizer(self, i: int):
         opt = self.optimizers[i]
@@ -270,11 +328,15 @@ class Simulation:
             self._take_step(0)
         else:
             for c in range(n):
+                if self.park:
+                    self.place(c, self.device)
                 losses[c], ok = self._forward_backward(self.models[c], c, step, 1.0)
                 nonfinite[c] = not (self._clip_and_check(self.models[c]) and ok)
                 if nonfinite[c]:
                     self._skip(c)
                 self._take_step(c)
+                if self.park:
+                    self.place(c, _HOST)
         self._step_bytes = [0] * n
         self._mixed = None
         if self.topology is not None:
@@ -301,8 +363,11 @@ class Simulation:
         w = np.asarray(self.topology.weights_at(step), dtype=np.float64)
         per_client = [self.active_tensors(c) for c in range(self.num_clients)]
         mixed = []
+        # One tensor of the block at a time on the device; parked runs keep the mixed rows in CPU memory.
+        keep = _HOST if self.park else self.device
         for tensors in zip(*per_client):
-            mixed.append(mix_rows(torch.stack([t.detach().float() for t in tensors]), w, self.wire_dtype))
+            stacked = torch.stack([t.detach().float() for t in tensors]).to(self.device)
+            mixed.append(mix_rows(stacked, w, self.wire_dtype).to(keep))
         numel = sum(t.numel() for t in per_client[0])
         itemsize = torch.tensor([], dtype=self.wire_dtype).element_size()
         for c in range(self.num_clients):
@@ -326,7 +391,7 @@ class Simulation:
         sq = [0.0] * n
         numel = 0
         for tensors in zip(*per_client):
-            stacked = torch.stack([t.detach().float() for t in tensors])
+            stacked = torch.stack([t.detach().float() for t in tensors]).to(self.device)
             dev = (stacked - stacked.mean(0, keepdim=True)).double().square().reshape(n, -1).sum(1)
             for c in range(n):
                 sq[c] += float(dev[c])
@@ -428,9 +493,13 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
     for c in range(sim.num_clients):
         key = 0 if len(sim.models) == 1 else c
         if key not in evals:
+            if sim.park:
+                sim.place(c, sim.device)
             sim.model_of(c).eval()
             evals[key] = evaluate(sim.model_of(c), sim.tokenizer, sim.data[c], max_examples=cfg.data.eval_examples)
             sim.model_of(c).train()
+            if sim.park:
+                sim.place(c, _HOST)
         own = evals[key]
         if save_models and cfg.model.save_client_models:
             sim.model_of(c).save_pretrained(out / "clients" / f"client_{c}")
@@ -438,7 +507,7 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
         clients.append({"client": c, "final_loss": last_loss.get(c), "test_loss": own.get("loss"),
                         "test_accuracy": own.get("accuracy"), "eval": own, "bytes_sent": sim.bytes_sent[c],
                         "optimizer_state_bytes": sim.peak_optimizer_state_bytes})
-    avg = sim.consensus_model()
+    avg = sim.consensus_model().to(sim.device)
     avg.eval()
     if save_models:
         avg.save_pretrained(out / "consensus", safe_serialization=True)

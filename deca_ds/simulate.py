@@ -391,7 +391,7 @@ class Simulation:
         sq = [0.0] * n
         numel = 0
         for tensors in zip(*per_client):
-            stacked = torch.stack([t.detach().float() for t in tensors]).to(self.device)
+            stacked = torch.stack([t.detach().float() for t in tensors])
             dev = (stacked - stacked.mean(0, keepdim=True)).double().square().reshape(n, -1).sum(1)
             for c in range(n):
                 sq[c] += float(dev[c])

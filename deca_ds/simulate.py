@@ -33,6 +33,7 @@ matmul here): measured differences are ~1e-6 relative over a few steps (tests/in
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -79,7 +80,7 @@ def resolve_device(name: str) -> torch.device:
         available = getattr(backend, "is_available", None)
         if available is None or not available():
             raise ConfigError(f"simulate.device={name!r}: this machine has no {dev.type} device; use "
-                              "simulate.device=auto or cpu") from None
+                              "simulate.device=auto or cpu")
         count = getattr(backend, "device_count", lambda: 1)()
         if dev.index is not None and dev.index >= count:
             raise ConfigError(f"simulate.device={name!r}: only {count} {dev.type} device(s) here; use "
@@ -237,6 +238,18 @@ class Simulation:
         if self.hooks[client] is not None:
             self.hooks[client].to(device)
 
+    @contextlib.contextmanager
+    def on_device(self, client: int):
+        """Client ``client``'s model, on the training device for the ``with`` body: a parked replica is moved in
+        (:meth:`place`) and back to host memory afterwards; a resident one is already there."""
+        if self.park:
+            self.place(client, self.device)
+        try:
+            yield self.model_of(client)
+        finally:
+            if self.park:
+                self.place(client, _HOST)
+
     def _block_optimizer(self, i: int):
         opt = self.optimizers[i]
         return opt if hasattr(opt, "apply_consensus_") else None
@@ -328,15 +341,12 @@ class Simulation:
             self._take_step(0)
         else:
             for c in range(n):
-                if self.park:
-                    self.place(c, self.device)
-                losses[c], ok = self._forward_backward(self.models[c], c, step, 1.0)
-                nonfinite[c] = not (self._clip_and_check(self.models[c]) and ok)
-                if nonfinite[c]:
-                    self._skip(c)
-                self._take_step(c)
-                if self.park:
-                    self.place(c, _HOST)
+                with self.on_device(c) as model:
+                    losses[c], ok = self._forward_backward(model, c, step, 1.0)
+                    nonfinite[c] = not (self._clip_and_check(model) and ok)
+                    if nonfinite[c]:
+                        self._skip(c)
+                    self._take_step(c)
         self._step_bytes = [0] * n
         self._mixed = None
         if self.topology is not None:
@@ -493,13 +503,10 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
     for c in range(sim.num_clients):
         key = 0 if len(sim.models) == 1 else c
         if key not in evals:
-            if sim.park:
-                sim.place(c, sim.device)
-            sim.model_of(c).eval()
-            evals[key] = evaluate(sim.model_of(c), sim.tokenizer, sim.data[c], max_examples=cfg.data.eval_examples)
-            sim.model_of(c).train()
-            if sim.park:
-                sim.place(c, _HOST)
+            with sim.on_device(c) as model:
+                model.eval()
+                evals[key] = evaluate(model, sim.tokenizer, sim.data[c], max_examples=cfg.data.eval_examples)
+                model.train()
         own = evals[key]
         if save_models and cfg.model.save_client_models:
             sim.model_of(c).save_pretrained(out / "clients" / f"client_{c}")

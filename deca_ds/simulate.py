@@ -163,7 +163,8 @@ class Simulation:
             ConfigError: missing ``num_clients``, unsupported DeepSpeed settings or a bad topology/data setting.
         """
         from deca_ds.data import build_client_data, check_data_config
-        from deca_ds.engine import build_optimizer, check_ds_config, load_ds_config
+        from deca_ds.ds_config import check_ds_config, load_ds_config
+        from deca_ds.engine import build_optimizer
         from deca_ds.models import check_model_config, load_model_and_tokenizer
         from deca_ds.topology import make_topology
         from deca_ds.trainer import _topology_options

@@ -64,7 +64,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None):
         ConfigError: the first problem found, as one line naming the setting and the fix.
     """
     from deca_ds.data import check_data_config
-    from deca_ds.engine import check_ds_config, load_ds_config
+    from deca_ds.ds_config import check_ds_config, load_ds_config
     from deca_ds.gossip import ClientLayout
     from deca_ds.models import check_model_config
     from deca_ds.topology import make_topology
@@ -179,8 +179,8 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     ds = preflight(cfg, world_size, ds_config_path)
 
     from deca_ds.data import build_client_data, write_partition_summary
-    from deca_ds.engine import (barrier, build_engine, setup_distributed,
-                                uses_activation_checkpointing)
+    from deca_ds.ds_config import uses_activation_checkpointing
+    from deca_ds.engine import barrier, build_engine, setup_distributed
     from deca_ds.gossip import ClientGroups, ClientLayout, Mixer
     from deca_ds.models import load_model_and_tokenizer
     from deca_ds.topology import make_topology

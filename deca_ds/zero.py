@@ -46,14 +46,10 @@ from deepspeed.utils import (lazy_init_hp_params_optimizer_state, safe_get_full_
 from deca_ds.blocks import BlockSchedule, partition_blocks
 from deca_ds.config import ConfigError, RunConfig
 from deca_ds.consensus import SIGNALS, consensus_signal, method_spec
+from deca_ds.ds_config import zero_stage
 from deca_ds.optim.state_store import BlockStateStore
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
-
-
-def zero_stage(ds_config: dict[str, Any]) -> int:
-    """The ZeRO stage of a DeepSpeed config dict (0 when absent)."""
-    return int((ds_config.get("zero_optimization") or {}).get("stage", 0) or 0)
 
 
 class BlockController:

@@ -336,7 +336,8 @@ def _nan_skip_worker(rank, world_size, tmp):
 
     from deca_ds.config import load_config
     from deca_ds.data import batch_for_step, build_client_data
-    from deca_ds.engine import build_engine, load_ds_config
+    from deca_ds.ds_config import load_ds_config
+    from deca_ds.engine import build_engine
     from deca_ds.gossip import ClientGroups, ClientLayout, Mixer
     from deca_ds.models import load_model_and_tokenizer
     from deca_ds.topology import make_topology

@@ -78,6 +78,7 @@ def _run(engine, layout, steps, start=0):
 def _body(rank, world, stage, dtype_name, policy, zero_extra):
     import deca_ds.engine as E
     from deca_ds.config import load_config
+    from deca_ds.ds_config import check_ds_config
     from deca_ds.gossip import ClientGroups, ClientLayout, Mixer
     from deca_ds.topology import make_topology
 
@@ -107,7 +108,7 @@ def _body(rank, world, stage, dtype_name, policy, zero_extra):
         ds = dict(base, zero_optimization={"stage": st, **(zero_extra if st else {})})
         if st and dtype_name == "bf16":
             ds["bf16"] = {"enabled": True}
-        E.check_ds_config(ds, cfg)
+        check_ds_config(ds, cfg)
         mixer = Mixer(layout, topo, dp_group=groups.client_group)
         eng = E.build_engine(cfg, _tiny_model(dtype), ds, groups, mixer=mixer)
         assert type(eng).__name__ == ("DecaEngine" if st == 0 else "ZeroBlockEngine")

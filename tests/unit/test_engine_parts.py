@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from deca_ds.config import ConfigError, load_config
-from deca_ds.engine import check_ds_config, load_ds_config
+from deca_ds.ds_config import check_ds_config, load_ds_config
 from deca_ds.models import load_model_and_tokenizer
 
 

@@ -1,17 +1,21 @@
-"""The between-steps hook of DECA: gossip the active block, form the consensus signal, correct the moments, switch.
+"""The between-steps sequence of DECA, in one place: gossip the active block, form the consensus signal, correct the
+moments, switch blocks.
 
-This module is transport-agnostic on purpose: the DeepSpeed engine passes a neighbour-exchange ``mix`` function,
-the single-process simulator passes a ``W @ X`` one, and both run exactly this code, in this order (docs/design.md §1):
+Every training path runs exactly this code, in this order (docs/design.md §1): the stage-0 DeepSpeed engine around
+:class:`deca_ds.optim.BlockAdam`, the ZeRO engine around a view of DeepSpeed's partitioned masters and moments
+(``deca_ds.engine.zero.ZeroBlockView``), and the single-process simulator around one BlockAdam per client:
 
-    x_half (after the local step) -> mix -> x_new -> h = signal(x, x_half, x_new) -> apply_consensus_(h) -> switch?
+    x_half (after the local step) -> mix -> x_new -> h = signal(x, x_half, x_new) -> fold h into m, v -> switch?
 
-``methods`` are the ablations the product compares in one harness; :func:`method_spec` says what each one does.
+What differs between them is only the transport (``mix``: neighbour exchange, or rows of ``W @ X`` in the simulator)
+and where x, m and v live (:class:`ConsensusOptimizer`). ``methods`` are the ablations the product compares in one
+harness; :func:`method_spec` says what each one does.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 
@@ -87,6 +91,49 @@ def consensus_signal(kind: str, x_prev: torch.Tensor | None, x_half: torch.Tenso
     raise ValueError(f"deca.signal={kind!r} is not known: use one of {', '.join(SIGNALS)}")
 
 
+@torch.no_grad()
+def fold_moments_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, signal: torch.Tensor,
+                  betas: Sequence[float]) -> None:
+    """DECA's block-wise moment approximation of one tensor, in place and in fp32.
+
+    ``m <- b1*m + (1-b1)*h`` and ``v <- b2*v + (1-b2)*h^2``; ``betas=(1, 1)`` leaves the moments unchanged.
+
+    Args:
+        exp_avg: first moment m (fp32), updated in place.
+        exp_avg_sq: second moment v (fp32), updated in place.
+        signal: the consensus signal h of the same shape (any float dtype and device; converted to m's).
+        betas: (b1, b2) of the correction.
+    """
+    beta1, beta2 = float(betas[0]), float(betas[1])
+    h = signal.to(device=exp_avg.device, dtype=torch.float32)
+    exp_avg.mul_(beta1).add_(h, alpha=1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(h, h, value=1 - beta2)
+
+
+class ConsensusOptimizer(Protocol):
+    """What :class:`ConsensusStep` needs from a block optimizer: :class:`deca_ds.optim.BlockAdam` at stage 0 and in
+    the simulator, ``deca_ds.engine.zero.ZeroBlockView`` under ZeRO."""
+
+    param_groups: list[dict[str, Any]]
+    """``param_groups[0]["lr"]`` is the learning rate of the step just taken (γ)."""
+
+    @property
+    def active_block_idx(self) -> int:
+        """Index of the block trained by the step just taken."""
+
+    def master_params(self) -> list[torch.Tensor]:
+        """fp32 tensors holding the active block's weights x; in-place writes to them are what gossip changes."""
+
+    def sync_params_from_master_(self) -> None:
+        """Make the model's weights (and any sharded copy) equal to the tensors :meth:`master_params` returned."""
+
+    def apply_consensus_(self, signals: Sequence[torch.Tensor], betas: tuple[float, float]) -> None:
+        """Fold one signal per active parameter into the moments with :func:`fold_moments_`."""
+
+    def switch_if_due(self) -> bool:
+        """Switch to the block the schedule assigns to the next step; return whether it switched."""
+
+
 class MixFn(Protocol):
     """Neighbour mixing of the active block, in place: ``x_i <- sum_j w_ij x_j``."""
 
@@ -94,7 +141,7 @@ class MixFn(Protocol):
 
 
 class ConsensusStep:
-    """Runs DECA's between-steps sequence around a :class:`deca_ds.optim.BlockAdam`.
+    """Runs DECA's between-steps sequence around a :class:`ConsensusOptimizer` (BlockAdam, or ZeRO's view).
 
     Call :meth:`before_step` right before the optimizer step (it snapshots the block when the signal needs the
     pre-step value) and :meth:`after_step` right after it, at every gradient-accumulation boundary. The optimizer
@@ -103,10 +150,10 @@ class ConsensusStep:
     Memory: at most one extra fp32 copy of the active block (the snapshot), never of the whole model.
     """
 
-    def __init__(self, optimizer, method: str, mix: MixFn | None = None, signal: str = "raw",
+    def __init__(self, optimizer: ConsensusOptimizer, method: str, mix: MixFn | None = None, signal: str = "raw",
                  betas: Sequence[float] = (0.99, 0.9999)):
         """Args:
-            optimizer: a BlockAdam (``auto_switch=False``).
+            optimizer: a :class:`ConsensusOptimizer` (a BlockAdam must have ``auto_switch=False``).
             method: training method (see :func:`method_spec`).
             mix: neighbour exchange; required when the method gossips.
             signal: consensus signal kind (see :func:`consensus_signal`).

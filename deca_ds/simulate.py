@@ -3,10 +3,11 @@
 Why it exists: a grid of methods x Dirichlet alpha x topology x seeds needs hundreds of runs with 8 clients, and
 launching 8 processes per run on a 2-core machine spends most of the time starting processes and passing messages.
 Here every client keeps its own model replica and its own optimizer in one process, and the run is numerically the
-launcher path (``deca_ds.trainer.run``) on CPU:
+launcher path (``deca_ds.trainer.run``) on CPU, built from the same pieces without DeepSpeed:
 
-- the client optimizer comes from :func:`deca_ds.engine.build_optimizer` (BlockAdam with ``auto_switch=False``,
+- the client optimizer comes from :func:`deca_ds.build.build_optimizer` (BlockAdam with ``auto_switch=False``,
   one block for D-Adam, torch AdamW for the centralized full-parameter baseline);
+- the micro-batch loop is :func:`deca_ds.step.run_micro_batches`, the run loop :func:`deca_ds.loop.run_loop`;
 - the between-steps sequence is :class:`deca_ds.consensus.ConsensusStep` itself, one per client;
 - batches are :func:`deca_ds.data.batch_for_step` with the trainer's step/micro-batch indexing, data partitions are
   :func:`deca_ds.data.build_client_data`, evaluation is :func:`deca_ds.data.evaluate`;
@@ -37,7 +38,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -46,10 +46,13 @@ import numpy as np
 import torch
 
 from deca_ds import checkpoint as ckpt
+from deca_ds.build import build_consensus_step, build_optimizer, build_topology, uses_torch_adamw
 from deca_ds.config import ConfigError, RunConfig
-from deca_ds.consensus import ConsensusStep, method_spec
+from deca_ds.consensus import method_spec
+from deca_ds.loop import StepRecord, run_loop, write_summary
+from deca_ds.step import run_micro_batches
 
-__all__ = ["Simulation", "run_simulation", "mix_rows", "resolve_device", "HEADER_BYTES"]
+__all__ = ["Simulation", "SimulatorDriver", "run_simulation", "mix_rows", "resolve_device", "HEADER_BYTES"]
 
 HEADER_BYTES = 4 * 8
 """Bytes of the int64 header (block, step, client, numel) the launcher's Mixer sends before every payload."""
@@ -62,15 +65,16 @@ def resolve_device(name: str) -> torch.device:
     """The torch device a ``simulate.device`` setting names.
 
     Args:
-        name: ``auto`` (DeepSpeed's accelerator device, the CPU without one), ``cpu`` or a torch device string.
+        name: ``auto`` (the accelerator DeepSpeed would pick, :func:`deca_ds.devices.default_device`: the current
+            CUDA device, else the CPU), ``cpu`` or a torch device string.
 
     Raises:
         ConfigError: the string is not a device, or names a device type this machine does not have.
     """
     if name == "auto":
-        from deca_ds.engine import device
+        from deca_ds.devices import default_device
 
-        return device()
+        return default_device()
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
@@ -164,17 +168,15 @@ class Simulation:
         """
         from deca_ds.data import build_client_data, check_data_config
         from deca_ds.ds_config import check_ds_config, load_ds_config
-        from deca_ds.engine import build_optimizer
         from deca_ds.models import check_model_config, load_model_and_tokenizer
-        from deca_ds.topology import make_topology
-        from deca_ds.trainer import _topology_options
 
         if not cfg.num_clients:
             raise ConfigError("backend=simulate needs num_clients: write num_clients=8")
         self.cfg = cfg
         self.num_clients = n = int(cfg.num_clients)
         self.spec = method_spec(cfg.method)
-        ds = load_ds_config(cfg.ds_config)
+        self.device = resolve_device(cfg.simulate.device)
+        ds = load_ds_config(cfg.ds_config, device_type=self.device.type)
         check_ds_config(ds, cfg)
         if "scheduler" in ds:
             raise ConfigError("backend=simulate does not run DeepSpeed LR schedulers: remove the ds_config "
@@ -189,13 +191,8 @@ class Simulation:
         self.wire_dtype = _WIRE_DTYPES[cfg.gossip.dtype]
         self.topology = None
         if self.spec.gossip and n > 1:
-            try:
-                self.topology = make_topology(cfg.topology.name, n, seed=cfg.topology.seed,
-                                              weights=cfg.topology.weights, **_topology_options(cfg))
-            except (ValueError, OSError) as e:
-                raise ConfigError(f"topology.name={cfg.topology.name!r}: {str(e).splitlines()[0]}") from None
+            self.topology = build_topology(cfg, n)
 
-        self.device = resolve_device(cfg.simulate.device)
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
         self.pad_id = self.tokenizer.pad_token_id
         self.data = [build_client_data(cfg, self.tokenizer, c, n) for c in range(n)]
@@ -206,13 +203,10 @@ class Simulation:
         model.to(_HOST if self.park else self.device)
         self.models = [model] + [copy.deepcopy(model) for _ in range(replicas - 1)]
         self.optimizers = [build_optimizer(cfg, m) for m in self.models]
-        self.hooks = []
-        for c, opt in enumerate(self.optimizers):
-            if hasattr(opt, "apply_consensus_"):
-                self.hooks.append(ConsensusStep(opt, cfg.method, mix=_RowMix(self, c) if self.spec.gossip else None,
-                                                signal=cfg.deca.signal, betas=cfg.deca.betas))
-            else:
-                self.hooks.append(None)
+        # The torch-AdamW baseline has no blocks and never gossips: no hook.
+        self.block_wise = not uses_torch_adamw(cfg)
+        self.hooks = [build_consensus_step(cfg, opt, _RowMix(self, c)) if self.block_wise else None
+                      for c, opt in enumerate(self.optimizers)]
         self.bytes_sent = [0] * n
         self._step_bytes = [0] * n
         self._mixed = None
@@ -252,8 +246,12 @@ class Simulation:
                 self.place(client, _HOST)
 
     def _block_optimizer(self, i: int):
-        opt = self.optimizers[i]
-        return opt if hasattr(opt, "apply_consensus_") else None
+        return self.optimizers[i] if self.block_wise else None
+
+    @property
+    def schedule(self):
+        """The block schedule shared by every client (None for the torch-AdamW baseline)."""
+        return self.optimizers[0].schedule if self.block_wise else None
 
     def active_block(self) -> int:
         """Index of the active block (0 for full-parameter optimizers); identical on every client."""
@@ -287,18 +285,14 @@ class Simulation:
         return [batch_for_step(self.data[client].train, step * self.gas + m, self.micro_batch, self.cfg.data.seed,
                                client, self.pad_id) for m in range(self.gas)]
 
-    def _forward_backward(self, model: torch.nn.Module, client: int, step: int, scale: float) -> tuple[float, bool]:
-        """Accumulate ``scale * mean-over-micro-batches loss`` gradients; returns (mean loss, all finite)."""
+    def _forward_backward(self, model: torch.nn.Module, client: int, step: int, scale: float):
+        """Accumulate ``scale * mean-over-micro-batches loss`` gradients; returns the
+        :class:`deca_ds.step.MicroBatchLosses`."""
         device = next(model.parameters()).device
-        losses = []
-        for mb in self._batches(client, step):
-            mb = {k: v.to(device) for k, v in mb.items()}
-            loss = model(**mb).loss
-            # DeepSpeed's engine.backward divides by gradient_accumulation_steps.
-            (loss * (scale / self.gas)).backward()
-            losses.append(loss.detach().float())
-        mean = torch.stack(losses).mean()
-        return float(mean), bool(torch.isfinite(mean).all())
+        # DeepSpeed's engine.backward divides by gradient_accumulation_steps.
+        mbs = run_micro_batches(self._batches(client, step), device, lambda b: model(**b).loss,
+                                lambda loss: (loss * (scale / self.gas)).backward())
+        return mbs
 
     def _clip_and_check(self, model: torch.nn.Module) -> bool:
         """DeepSpeed stage-0 fp32 clipping (max_norm / (norm + 1e-6)); returns whether every gradient is finite."""
@@ -318,23 +312,25 @@ class Simulation:
 
     # ----------------------------------------------------------------------------------------------- the step
 
-    def step(self) -> dict[str, Any]:
+    def step(self, measure_distance: bool = True) -> StepRecord:
         """One optimizer step on every client, then gossip, consensus correction and block switch.
 
+        Args:
+            measure_distance: compute each client's consensus distance (of the block trained this step — the
+                launcher's figure; after a switch the next block would read ~0); 0.0 otherwise.
+
         Returns:
-            ``loss`` (per client), ``nonfinite`` (per client), ``block`` (trained this step), ``bytes_sent`` (per
-            client, this step), ``consensus_distance`` (per client, of the block trained this step — the
-            launcher's figure; after a switch the next block would read ~0).
+            Every client's figures for this step.
         """
         step, n = self.global_step, self.num_clients
         block = self.active_block()
-        losses, nonfinite = [0.0] * n, [False] * n
+        losses, nonfinite, tokens = [0.0] * n, [False] * n, 0
         if self.spec.world_data_parallel:
             # Centralized: DeepSpeed all-reduces (averages) the gradients of every client's batch, then one step.
             model = self.models[0]
             for c in range(n):
-                losses[c], ok = self._forward_backward(model, c, step, 1.0 / n)
-                nonfinite[c] = not ok
+                mbs = self._forward_backward(model, c, step, 1.0 / n)
+                losses[c], nonfinite[c], tokens = mbs.mean, not mbs.finite, tokens + mbs.tokens
             bad = not self._clip_and_check(model) or any(nonfinite)
             if bad:
                 nonfinite = [True] * n
@@ -343,8 +339,9 @@ class Simulation:
         else:
             for c in range(n):
                 with self.on_device(c) as model:
-                    losses[c], ok = self._forward_backward(model, c, step, 1.0)
-                    nonfinite[c] = not (self._clip_and_check(model) and ok)
+                    mbs = self._forward_backward(model, c, step, 1.0)
+                    losses[c], tokens = mbs.mean, tokens + mbs.tokens
+                    nonfinite[c] = not (self._clip_and_check(model) and mbs.finite)
                     if nonfinite[c]:
                         self._skip(c)
                     self._take_step(c)
@@ -359,8 +356,11 @@ class Simulation:
             self.bytes_sent[c] += self._step_bytes[c]
         self.global_step += 1
         self._track_memory()
-        return {"loss": losses, "nonfinite": nonfinite, "block": block, "bytes_sent": list(self._step_bytes),
-                "consensus_distance": self.consensus_distances(block)}
+        schedule = self.schedule
+        return StepRecord(block=block, round=schedule.position(step).round if schedule is not None else 0,
+                          lr=self.lr(), losses=losses, nonfinite=nonfinite, bytes_sent=list(self._step_bytes),
+                          consensus_distance=self.consensus_distances(block) if measure_distance else [0.0] * n,
+                          tokens=tokens)
 
     def _take_step(self, i: int) -> None:
         if self.hooks[i] is not None:
@@ -385,6 +385,21 @@ class Simulation:
             degree = int(sum(1 for j in range(self.num_clients) if j != c and w[c, j] != 0.0))
             self._step_bytes[c] = (numel * itemsize + HEADER_BYTES) * degree
         self._mixed = ((step, block), mixed)
+
+    def evaluate_clients(self) -> list[dict[str, Any]]:
+        """Each client's model scored on the shared test split (the centralized shared model once), indexed by
+        client."""
+        from deca_ds.data import evaluate
+
+        evals: dict[int, dict] = {}
+        for c in range(self.num_clients):
+            key = 0 if len(self.models) == 1 else c
+            if key not in evals:
+                with self.on_device(c) as model:
+                    model.eval()
+                    evals[key] = evaluate(model, self.tokenizer, self.data[c], max_examples=self.cfg.data.eval_examples)
+                    model.train()
+        return [evals[0 if len(self.models) == 1 else c] for c in range(self.num_clients)]
 
     def consensus_distances(self, block_idx: int | None = None) -> list[float]:
         """Per client, RMS distance of a block from the clients' average: ``||x_i - xbar|| / sqrt(P)``.
@@ -432,6 +447,37 @@ class Simulation:
         return avg
 
 
+class SimulatorDriver:
+    """A :class:`Simulation` as :func:`deca_ds.loop.run_loop` drives it (no checkpoints, no monitors)."""
+
+    checkpoints = False
+
+    def __init__(self, sim: Simulation):
+        """Args:
+            sim: the simulation to drive.
+        """
+        self.sim = sim
+        self.num_clients = sim.num_clients
+
+    def step(self, step: int, measure_distance: bool, stop_requested: bool) -> StepRecord:
+        """Step ``step`` on every client."""
+        if step != self.sim.global_step:
+            raise RuntimeError(f"simulate: asked for step {step} at step {self.sim.global_step}")
+        rec = self.sim.step(measure_distance=measure_distance)
+        rec.stop_requested = stop_requested
+        return rec
+
+    def evaluate(self, step: int) -> list[dict[str, Any]]:
+        """Each client's evaluation of its own model on the test split."""
+        return self.sim.evaluate_clients()
+
+    def save_checkpoint(self, step: int) -> None:
+        """The simulator writes no checkpoints (refused up front: ``checkpoint_every``/``resume``)."""
+
+    def write_monitor_events(self, events: list[tuple[str, float, int]]) -> None:
+        """No DeepSpeed monitors in the simulator."""
+
+
 def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False) -> dict[str, Any]:
     """Run ``cfg`` with every client in this process; writes ``metrics.jsonl`` and ``summary.json``.
 
@@ -449,13 +495,13 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
     Raises:
         ConfigError: bad settings, ``output_dir`` already holds a run, or ``resume``/``checkpoint_every`` (not
             supported by the simulator: the run is short, start it again).
-        deca_ds.trainer.NonFiniteError: ``nan_policy=stop`` and a client produced a non-finite loss or gradient.
+        deca_ds.loop.NonFiniteError: ``nan_policy=stop`` and a client produced a non-finite loss or gradient.
+        KeyboardInterrupt: SIGINT/SIGTERM stopped the run (after finishing the step on every client).
     """
     from rich.console import Console
 
     from deca_ds.data import evaluate
-    from deca_ds.metrics import JsonlWriter, make_progress, summary_table
-    from deca_ds.trainer import NonFiniteError
+    from deca_ds.metrics import JsonlWriter
 
     if cfg.resume or cfg.checkpoint_every:
         raise ConfigError("backend=simulate does not write or resume checkpoints: set resume=false and "
@@ -467,52 +513,24 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
     (out / ckpt.RUN_MARKER).write_text(json.dumps({"config": cfg.to_dict(), "backend": "simulate",
                                                     "num_clients": sim.num_clients}, indent=2))
     console = Console(stderr=True, quiet=quiet)
-    writer = JsonlWriter(out / "metrics.jsonl")
-    last_loss: dict[int, float] = {}
     t0 = time.perf_counter()
-    progress = None if quiet else make_progress(console)
+    writer = JsonlWriter(out / "metrics.jsonl")
     try:
-        if progress is not None:
-            progress.start()
-            task = progress.add_task("train", total=cfg.max_steps, completed=0, round=0, block=0,
-                                     loss=float("nan"), tps=0.0)
-        for step in range(cfg.max_steps):
-            res = sim.step()
-            bad = [c for c, x in enumerate(res["nonfinite"]) if x]
-            if bad and cfg.nan_policy == "stop":
-                raise NonFiniteError(f"client {bad[0]} produced a non-finite loss or gradient at step {step} "
-                                     "(nan_policy=stop)")
-            log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
-            for c in range(sim.num_clients):
-                last_loss[c] = res["loss"][c]
-                if log_now:
-                    writer.write({"step": step, "client": c, "loss": res["loss"][c], "block": res["block"],
-                                  "lr": sim.lr(), "consensus_distance": res["consensus_distance"][c],
-                                  "bytes_sent": res["bytes_sent"][c], "nonfinite": res["nonfinite"][c],
-                                  "time": time.perf_counter() - t0})
-            if progress is not None:
-                progress.update(task, completed=step + 1, loss=float(np.mean(res["loss"])), block=res["block"],
-                                round=_round_of(sim, step), tps=0.0)
+        outcome = run_loop(SimulatorDriver(sim), cfg, 0, writer, console, show_progress=not quiet)
     finally:
-        if progress is not None:
-            progress.stop()
         writer.close()
-    train_seconds = time.perf_counter() - t0
+    if outcome.stopped_early:
+        console.print(f"stopped by signal after step {outcome.step} (the simulator writes no checkpoints)")
+        raise KeyboardInterrupt(f"simulation stopped by signal after step {outcome.step}")
 
     clients = []
-    evals: dict[int, dict] = {}
+    evals = sim.evaluate_clients()
     for c in range(sim.num_clients):
-        key = 0 if len(sim.models) == 1 else c
-        if key not in evals:
-            with sim.on_device(c) as model:
-                model.eval()
-                evals[key] = evaluate(model, sim.tokenizer, sim.data[c], max_examples=cfg.data.eval_examples)
-                model.train()
-        own = evals[key]
+        own = evals[c]
         if save_models and cfg.model.save_client_models:
             sim.model_of(c).save_pretrained(out / "clients" / f"client_{c}")
             sim.tokenizer.save_pretrained(out / "clients" / f"client_{c}")
-        clients.append({"client": c, "final_loss": last_loss.get(c), "test_loss": own.get("loss"),
+        clients.append({"client": c, "final_loss": outcome.last_loss.get(c), "test_loss": own.get("loss"),
                         "test_accuracy": own.get("accuracy"), "eval": own, "bytes_sent": sim.bytes_sent[c],
                         "optimizer_state_bytes": sim.peak_optimizer_state_bytes})
     avg = sim.consensus_model().to(sim.device)
@@ -523,15 +541,6 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
     consensus = evaluate(avg, sim.tokenizer, sim.data[0], max_examples=cfg.data.eval_examples)
     summary = {"method": cfg.method, "backend": "simulate", "steps": sim.global_step,
                "num_clients": sim.num_clients, "clients": clients, "consensus": consensus,
-               "train_seconds": train_seconds, "wall_seconds": time.perf_counter() - t0}
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
-    os.replace(tmp, out / "summary.json")
-    if not quiet:
-        console.print(summary_table(clients, consensus))
+               "train_seconds": outcome.train_seconds, "wall_seconds": time.perf_counter() - t0}
+    write_summary(out, summary, None if quiet else console)
     return summary
-
-
-def _round_of(sim: Simulation, step: int) -> int:
-    opt = sim._block_optimizer(0)
-    return opt.schedule.position(step).round if opt is not None else 0

@@ -1,39 +1,21 @@
-"""The end of a run (and its periodic evaluations): every client's evaluation, the consensus model, summary.json.
+"""The launcher's end of a run (and its periodic evaluations): every client's evaluation, the consensus model,
+summary.json. Collective: every rank calls these functions.
 
 The consensus model is the average of all clients' weights; with ZeRO-3 clients it is built from a gathered CPU copy
-of each client's weights, since the engine itself only holds shards.
+of each client's weights (``Engine.whole_model``), since the engine itself only holds shards.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from deca_ds.config import RunConfig
-from deca_ds.metrics import summary_table
-
-
-def whole_model(engine, cfg: RunConfig) -> torch.nn.Module:
-    """The client's model with whole weights: the engine's own, or at ZeRO-3 (where it holds shards) a CPU copy
-    built from the gathered weights. Collective inside the client at ZeRO-3."""
-    if getattr(engine, "stage", 0) < 3:
-        return engine.model
-    from deca_ds.models import build_meta_model
-
-    state = engine.full_state_dict()
-    model = build_meta_model(cfg.model.path).to_empty(device="cpu")
-    model.load_state_dict(state)
-    buffers = dict(model.named_buffers())
-    with torch.no_grad():  # non-persistent buffers (e.g. rotary inv_freq) are not in the state dict
-        for name, buf in engine.model.named_buffers():
-            if name in buffers:
-                buffers[name].copy_(buf)
-    model.tie_weights()
-    return model.train(engine.model.training)
+from deca_ds.engine import device, peak_memory_bytes
+from deca_ds.loop import write_summary
+from deca_ds.step import Engine
 
 
 def average_over_clients_(model: torch.nn.Module) -> None:
@@ -41,8 +23,6 @@ def average_over_clients_(model: torch.nn.Module) -> None:
 
     One tensor at a time through the communication device, so a CPU copy (ZeRO-3) works on NCCL too.
     """
-    from deca_ds.engine import device
-
     world = dist.get_world_size()
     with torch.no_grad():
         for t in list(model.parameters()) + [b for b in model.buffers() if b.is_floating_point()]:
@@ -51,29 +31,28 @@ def average_over_clients_(model: torch.nn.Module) -> None:
             t.copy_(acc.div_(world).to(t.dtype))
 
 
-def evaluate_clients(engine, tokenizer, data, cfg: RunConfig, layout, step: int, writer) -> None:
-    """Every client scores its own model on the shared test split; rank 0 logs one ``eval`` record per client.
-
-    Collective: every rank calls it.
+def evaluate_clients(engine: Engine, tokenizer, data, cfg: RunConfig, layout) -> list[dict] | None:
+    """Every client scores its own model on the shared test split. Collective: every rank calls it.
 
     Args:
-        engine: this rank's engine (``DecaEngine`` or ``ZeroBlockEngine``).
+        engine: this rank's engine.
         tokenizer: the run's tokenizer.
         data: this client's :class:`deca_ds.data.ClientData`.
         cfg: the run's settings (``data.eval_examples`` rows are scored).
         layout: the :class:`deca_ds.gossip.ClientLayout`.
-        step: optimizer steps completed.
-        writer: rank 0's :class:`deca_ds.metrics.JsonlWriter`, None elsewhere.
+
+    Returns:
+        On rank 0 each client's evaluation, indexed by client; None elsewhere.
     """
     from deca_ds.data import evaluate
 
-    model = whole_model(engine, cfg)
+    model = engine.whole_model()
     own = evaluate(model, tokenizer, data, max_examples=cfg.data.eval_examples) if layout.local_rank == 0 else None
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, own)
-    if writer is not None:
-        for c in range(layout.num_clients):
-            writer.write({"step": step - 1, "client": c, "eval": per_rank[layout.client_ranks(c)[0]]})
+    if dist.get_rank() != 0:
+        return None
+    return [per_rank[layout.client_ranks(c)[0]] for c in range(layout.num_clients)]
 
 
 def fingerprint(model: torch.nn.Module) -> str:
@@ -87,7 +66,7 @@ def fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def finish(cfg: RunConfig, engine, data, tokenizer, layout, out: Path, last_loss: dict[int, float], console):
+def finish(cfg: RunConfig, engine: Engine, data, tokenizer, layout, out: Path, last_loss: dict[int, float], console):
     """Evaluate every client, build/save/evaluate the consensus model, write summary.json (rank 0).
 
     Collective: every rank calls it, after the final checkpoint (it averages the model in place).
@@ -106,10 +85,9 @@ def finish(cfg: RunConfig, engine, data, tokenizer, layout, out: Path, last_loss
         The summary dict on rank 0, None elsewhere.
     """
     from deca_ds.data import evaluate
-    from deca_ds.engine import peak_memory_bytes
 
     rank = dist.get_rank()
-    model = whole_model(engine, cfg)
+    model = engine.whole_model()
     own = evaluate(model, tokenizer, data, max_examples=cfg.data.eval_examples) if layout.local_rank == 0 else {}
     if cfg.model.save_client_models and layout.local_rank == 0:
         model.save_pretrained(out / "clients" / f"client_{layout.client_id}")
@@ -140,9 +118,6 @@ def finish(cfg: RunConfig, engine, data, tokenizer, layout, out: Path, last_loss
     if rank == 0:
         summary = {"method": cfg.method, "steps": engine.global_step, "num_clients": layout.num_clients,
                    "clients": clients, "consensus": consensus}
-        tmp = out / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2, default=float))
-        os.replace(tmp, out / "summary.json")
-        console.print(summary_table(clients, consensus))
+        write_summary(out, summary, console)
     dist.barrier()
     return summary

@@ -31,7 +31,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from deca_ds.config import ConfigError, load_config
-    from deca_ds.trainer import NonFiniteError, run
+    from deca_ds.loop import NonFiniteError
+    from deca_ds.trainer import run
 
     try:
         cfg = load_config(args.config, args.overrides)

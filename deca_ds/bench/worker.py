@@ -241,21 +241,9 @@ class _DeepSpeedAdam:
     def __init__(self, model, spec, offload: bool):
         if spec["device"] != "cuda":
             raise _Skip("the DeepSpeed full-Adam baselines run on a GPU; on CPU adamw is torch AdamW")
-        import deepspeed
+        from deca_ds.engine.full_adam import build_full_adam_engine
 
-        for k, v in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29517"), ("RANK", "0"), ("LOCAL_RANK", "0"),
-                     ("WORLD_SIZE", "1")):
-            os.environ.setdefault(k, v)
-        deepspeed.init_distributed()
-        zero: dict[str, Any] = {"stage": 2 if offload else 0}
-        if offload:
-            zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        cfg = {"train_micro_batch_size_per_gpu": spec["micro_batch"], "gradient_accumulation_steps": 1,
-               "bf16": {"enabled": True}, "zero_optimization": zero, "steps_per_print": 10**9,
-               # DeepSpeed picks FusedAdam on the GPU, DeepSpeedCPUAdam when the optimizer is offloaded.
-               "optimizer": {"type": "AdamW", "params": {"lr": spec["lr"], "weight_decay": 0.0}}}
-        self.engine, self.opt, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                           config=cfg)
+        self.engine, self.opt = build_full_adam_engine(model, spec["micro_batch"], spec["lr"], offload)
         self.model = model
         self.blocks = 1
         self.largest_block_params = sum(p.numel() for p in model.parameters())

@@ -21,6 +21,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from deca_ds import consensus
 from deca_ds.blocks import Block, BlockPartition, BlockSchedule
 from deca_ds.optim.state_store import OFFLOAD_DTYPES, BlockStateStore
 
@@ -248,9 +249,7 @@ class BlockAdam(torch.optim.Optimizer):
 
     @torch.no_grad()
     def apply_consensus_(self, signals: Sequence[torch.Tensor], betas: tuple[float, float] = (0.9, 0.999)) -> None:
-        """Fold DECA's consensus signal h into the active block's moments, in fp32.
-
-        ``m ← β1·m + (1−β1)·h`` and ``v ← β2·v + (1−β2)·h²``.
+        """Fold DECA's consensus signal h into the active block's moments (:func:`deca_ds.consensus.fold_moments_`).
 
         Args:
             signals: One tensor per active parameter, in :meth:`active_params` order.
@@ -259,14 +258,11 @@ class BlockAdam(torch.optim.Optimizer):
         params = self.active_params()
         if len(signals) != len(params):
             raise ValueError(f"apply_consensus_ got {len(signals)} signals for {len(params)} active parameters")
-        beta1, beta2 = betas
         for p, h in zip(params, signals):
             if h.shape != p.shape:
                 raise ValueError(f"signal for {self._names[p]} has shape {tuple(h.shape)}, expected {tuple(p.shape)}")
             st = self._state_for(p)
-            h = h.to(device=st["exp_avg"].device, dtype=torch.float32)
-            st["exp_avg"].mul_(beta1).add_(h, alpha=1 - beta1)
-            st["exp_avg_sq"].mul_(beta2).addcmul_(h, h, value=1 - beta2)
+            consensus.fold_moments_(st["exp_avg"], st["exp_avg_sq"], h, betas)
 
     # ------------------------------------------------------------------------------------------------ step
 

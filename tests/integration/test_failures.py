@@ -340,9 +340,8 @@ def _nan_skip_worker(rank, world_size, tmp):
     from deca_ds.engine import build_engine
     from deca_ds.gossip import ClientGroups, ClientLayout, Mixer
     from deca_ds.models import load_model_and_tokenizer
-    from deca_ds.topology import make_topology
-
     from deca_ds.engine import setup_distributed
+    from deca_ds.topology import make_topology
 
     setup_distributed(60)  # as the recipe does (also skips DeepSpeed's shared-memory op build)
     cfg = load_config(None, [f"output_dir={tmp}", "nan_policy=skip", "blocks.switch_every=2", *FAST])
@@ -364,7 +363,7 @@ def _nan_skip_worker(rank, world_size, tmp):
     for step in range(5):
         before = {n: p.detach().clone() for n, p in model.named_parameters()}
         res = engine.train_step([batch_for_step(data.train, step, 8, 42, 0, tok.pad_token_id)])
-        results.append((res["nonfinite"], res["block"]))
+        results.append((res.nonfinite, res.block))
         changed.append(sorted(n for n, p in model.named_parameters() if not torch.equal(before[n], p)))
     finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
     engine.close()

@@ -1,4 +1,4 @@
-"""ZeRO stages 1-3 (:mod:`deca_ds.zero`) against the stage-0 path, on 2 clients x 2 ranks (4 gloo processes).
+"""ZeRO stages 1-3 (:mod:`deca_ds.engine.zero`) against the stage-0 path, on 2 clients x 2 ranks (4 gloo processes).
 
 One launch per stage runs the stage-0 reference (:class:`deca_ds.engine.DecaEngine`, BlockAdam) and the ZeRO engine
 on the same tiny Llama and the same per-client data, recording every weight after every step, and checks:
@@ -71,7 +71,7 @@ def _run(engine, layout, steps, start=0):
     out = []
     for s in range(start, steps):
         res = engine.train_step(_batch(layout.client_id, layout.local_rank, s))
-        out.append((res["block"], res["switched"], _weights(engine)))
+        out.append((res.block, res.switched, _weights(engine)))
     return out
 
 

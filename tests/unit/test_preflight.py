@@ -46,5 +46,5 @@ def test_ds_config_refusals_come_before_anything(tmp_path):
 
 
 def test_good_input_passes(tmp_path):
-    ds = preflight(_cfg(tmp_path), 2, None)
+    ds = preflight(_cfg(tmp_path), 2, None).ds_config
     assert ds["train_micro_batch_size_per_gpu"] > 0

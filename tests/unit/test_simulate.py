@@ -63,7 +63,7 @@ def test_identity_mixing_equals_independent_adamw_per_client(method):
                               betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=0.0) for r in refs]
     losses = []
     for _ in range(cfg.max_steps):
-        losses.append(sim.step()["loss"])
+        losses.append(sim.step().losses)
     for c, (r, opt) in enumerate(zip(refs, opts)):
         for p in r.parameters():
             p.requires_grad_(False)
@@ -105,9 +105,9 @@ def test_deterministic_under_seed_and_seed_changes_the_run():
     a = Simulation(_cfg("method=deca", "topology.name=ring"))
     b = Simulation(_cfg("method=deca", "topology.name=ring"))
     c = Simulation(_cfg("method=deca", "topology.name=ring", "seed=1", "data.seed=7"))
-    la = [a.step()["loss"] for _ in range(2)]
-    lb = [b.step()["loss"] for _ in range(2)]
-    lc = [c.step()["loss"] for _ in range(2)]
+    la = [a.step().losses for _ in range(2)]
+    lb = [b.step().losses for _ in range(2)]
+    lc = [c.step().losses for _ in range(2)]
     assert la == lb
     assert la != lc
     for x, y in zip(a.models[2].parameters(), b.models[2].parameters()):
@@ -220,8 +220,8 @@ def test_consensus_distance_is_of_the_block_trained_this_step():
     next, still untrained block that every client holds identically."""
     sim = Simulation(_cfg("method=local", "blocks.switch_every=1"))
     out = sim.step()
-    assert out["block"] == 0 and sim.active_block() == 1  # the step switched blocks
-    assert min(out["consensus_distance"]) > 0  # local clients trained block 0 on different data
+    assert out.block == 0 and sim.active_block() == 1  # the step switched blocks
+    assert min(out.consensus_distance) > 0  # local clients trained block 0 on different data
     assert max(sim.consensus_distances(1)) < 1e-8  # block 1: still the shared initial weights (float mean only)
 
 
@@ -257,7 +257,7 @@ def test_parked_replicas_move_one_client_at_a_time_and_train_the_same(method, ex
 
     parked.place = spy
     for _ in range(3):
-        assert parked.step()["loss"] == resident.step()["loss"]
+        assert parked.step().losses == resident.step().losses
     n = parked.num_clients
     # In, step, out, client after client: never two replicas on the device.
     assert calls == [(c, d) for _ in range(3) for c in range(n) for d in (str(parked.device), "cpu")]
@@ -271,14 +271,14 @@ def test_parked_replicas_on_gpu_hold_one_replica_and_match_resident():
     common = ["topology.name=ring", "method=deca", "num_clients=4", "simulate.device=cuda", "max_steps=2"]
     torch.cuda.reset_peak_memory_stats()
     resident = Simulation(_cfg(*common))
-    resident_losses = [resident.step()["loss"] for _ in range(2)]
+    resident_losses = [resident.step().losses for _ in range(2)]
     resident_peak = torch.cuda.max_memory_allocated()
     assert all(p.is_cuda for m in resident.models for p in m.parameters())
     del resident
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     parked = Simulation(_cfg(*common, "simulate.park_replicas=true"))
-    parked_losses = [parked.step()["loss"] for _ in range(2)]
+    parked_losses = [parked.step().losses for _ in range(2)]
     parked_peak = torch.cuda.max_memory_allocated()
     assert all(not p.is_cuda for m in parked.models for p in m.parameters())
     assert all(not v.is_cuda for o in parked.optimizers for st in o.state.values() for v in st.values())

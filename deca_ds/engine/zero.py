@@ -3,12 +3,14 @@
 Why this module exists: at stage 0 :class:`deca_ds.optim.BlockAdam` is DeepSpeed's client optimizer and owns the
 block logic, because DeepSpeed hands it the model's own parameters. Under ZeRO it is handed flat fp32 partitions,
 and ZeRO fixes its trainable set, partitions and gradient hooks at ``initialize`` (toggling ``requires_grad`` later is
-silently wrong or crashes; ``docs/design.md`` §3). So here the block schedule, the state policy and the
-consensus step live outside DeepSpeed, and on every block switch the engine is destroyed and re-initialized with only
-the new block trainable and a fresh ``torch.optim.AdamW`` over it:
+silently wrong or crashes; ``docs/design.md`` §3). So here the block schedule and the state policy live outside
+DeepSpeed, and on every block switch the engine is destroyed and re-initialized with only the new block trainable
+and a fresh ``torch.optim.AdamW`` over it. DECA's between-steps sequence is the same
+:class:`deca_ds.consensus.ConsensusStep` the stage-0 engine runs, over :class:`ZeroBlockView`, which reads and writes
+x, m and v through DeepSpeed:
 
     forward/backward -> engine.step() (AdamW on this rank's partition of the active block)
-        -> read x through DeepSpeed's fp32 master -> gossip -> write x_new back -> h -> m, v corrected in place
+        -> ConsensusStep: read x through DeepSpeed's fp32 master -> gossip -> write x_new back -> h -> m, v corrected
         -> schedule says switch? park the block's state (offload policy) -> destroy -> initialize(next block)
 
 The update of the switching step is never lost: it is fully written (fp32 master and model weights) before the
@@ -30,9 +32,11 @@ full tensors at stages 1/2, this rank's shard at stage 3) and writes them back a
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
-from typing import Any
+import time
+from typing import Any, Sequence
 
 import deepspeed
 import torch
@@ -43,19 +47,26 @@ from deepspeed.utils import (lazy_init_hp_params_optimizer_state, safe_get_full_
                              safe_set_full_optimizer_state, safe_set_local_fp32_param,
                              safe_set_local_optimizer_state)
 
-from deca_ds.blocks import BlockSchedule, partition_blocks
+from deca_ds import consensus
+from deca_ds.blocks import Block, BlockSchedule
+from deca_ds.build import block_names_for, build_consensus_step
 from deca_ds.config import ConfigError, RunConfig
-from deca_ds.consensus import SIGNALS, consensus_signal, method_spec
+from deca_ds.consensus import method_spec
 from deca_ds.ds_config import zero_stage
+from deca_ds.engine.accelerator import device
 from deca_ds.optim.state_store import BlockStateStore
+from deca_ds.step import BatchShape, StepResult, run_micro_batches
 
 MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
-class BlockController:
-    """Which block is active and what happens to a block's optimizer state when it goes inactive.
+class ZeroBlockView:
+    """The active block of a :class:`ZeroBlockEngine` as a :class:`deca_ds.consensus.ConsensusOptimizer`.
 
-    The ZeRO counterpart of BlockAdam's bookkeeping (no maths: DeepSpeed's AdamW does the step).
+    ZeRO's counterpart of BlockAdam's bookkeeping (DeepSpeed's AdamW does the maths): which block is active, the
+    schedule, the state policy, and access to the active block's x, m and v through DeepSpeed's ``safe_*`` API (full
+    tensors at stages 1/2 — collective inside the client —, this rank's shard at stage 3), so that
+    :class:`deca_ds.consensus.ConsensusStep` runs here exactly the code it runs around BlockAdam.
 
     Attributes:
         blocks: the :class:`deca_ds.blocks.Block` list, indexed by block index.
@@ -65,36 +76,75 @@ class BlockController:
         active_block_idx: the block being trained.
     """
 
-    def __init__(self, blocks, switch_every: int, order: str, fixed_order, seed: int, state_policy: str,
-                 offload_dtype: str):
+    def __init__(self, engine: "ZeroBlockEngine", blocks: Sequence[Block], schedule: BlockSchedule,
+                 state_policy: str, offload_dtype: str):
         """Args:
-            blocks: list of blocks (each with ``param_names``).
-            switch_every: steps per block visit (R).
-            order: block order (see :class:`~deca_ds.blocks.BlockSchedule`).
-            fixed_order: block indices for ``order="fixed"``.
-            seed: shared seed of ``order="random"``.
+            engine: the engine whose DeepSpeed state this view reads and writes.
+            blocks: the blocks, indexed by block index.
+            schedule: the block schedule.
             state_policy: ``reset`` or ``offload``.
             offload_dtype: ``fp32`` or ``int8`` storage of parked moments.
         """
         if state_policy not in ("reset", "offload"):
             raise ConfigError(f"optim.state_policy={state_policy!r} is not known: use reset or offload")
+        self._engine = engine
         self.blocks = list(blocks)
-        self.schedule = BlockSchedule(len(self.blocks), switch_every, order, fixed_order, seed)
+        self.schedule = schedule
         self.state_policy = state_policy
         self.store = BlockStateStore(offload_dtype) if state_policy == "offload" else None
-        self.active_block_idx = self.schedule.position(0).block_idx
+        self.active_block_idx = schedule.position(0).block_idx
+        self._masters: list[torch.Tensor] = []
 
-    def target(self, step: int) -> int:
-        """Block the schedule assigns to optimizer step ``step``."""
-        return self.schedule.position(step).block_idx
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The current AdamW's parameter groups (``[0]["lr"]`` is the learning rate)."""
+        return self._engine.optimizer.param_groups
+
+    def master_params(self) -> list[torch.Tensor]:
+        """Fresh fp32 copies of the active block's masters (full, or this rank's shard at stage 3); gossip writes into
+        them and :meth:`sync_params_from_master_` writes them back. Collective inside the client at stages 1/2."""
+        e = self._engine
+        self._masters = [e._read(p) for p in e.active_params()]
+        return self._masters
+
+    @torch.no_grad()
+    def sync_params_from_master_(self) -> None:
+        """Write the tensors of the last :meth:`master_params` call into DeepSpeed's masters and the model weights."""
+        e = self._engine
+        params = e.active_params()
+        for p, x in zip(params, self._masters):
+            e._write(p, x)
+        e._refresh_persistent(params)
+
+    @torch.no_grad()
+    def apply_consensus_(self, signals: Sequence[torch.Tensor], betas: tuple[float, float]) -> None:
+        """Fold one signal per active parameter into DeepSpeed's ``exp_avg``/``exp_avg_sq`` (read, fold, write)."""
+        e = self._engine
+        params = e.active_params()
+        if len(signals) != len(params):
+            raise ValueError(f"apply_consensus_ got {len(signals)} signals for {len(params)} active parameters")
+        for p, h in zip(params, signals):
+            m, v = e._read(p, "exp_avg"), e._read(p, "exp_avg_sq")
+            consensus.fold_moments_(m, v, h, betas)
+            e._write(p, m, "exp_avg")
+            e._write(p, v, "exp_avg_sq")
+
+    def switch_if_due(self) -> bool:
+        """Switch (re-initialize the engine) when the schedule assigns another block to the engine's next step."""
+        target = self.schedule.position(self._engine.global_step).block_idx
+        if target == self.active_block_idx:
+            return False
+        self._engine._switch_to(target)
+        return True
 
 
 class ZeroBlockEngine:
-    """One rank's DECA training under ZeRO stage 1, 2 or 3 (same interface as :class:`deca_ds.engine.DecaEngine`).
+    """One rank's DECA training under ZeRO stage 1, 2 or 3; implements :class:`deca_ds.step.Engine`.
 
     Attributes:
         engine: the current DeepSpeed engine (replaced at every block switch).
-        block_optimizer: the :class:`BlockController` (``.schedule`` for progress displays).
+        block_optimizer: the :class:`ZeroBlockView` (blocks, schedule, state policy, active block).
+        hook: the :class:`deca_ds.consensus.ConsensusStep` over :attr:`block_optimizer`.
         mixer: neighbour exchange, or None when the method does not gossip.
         stage: the ZeRO stage.
         global_step: optimizer steps taken.
@@ -112,15 +162,11 @@ class ZeroBlockEngine:
         Raises:
             ConfigError: a setting this path cannot honour.
         """
-        from deca_ds.engine import device
-
         self.cfg = cfg
         self.spec = method_spec(cfg.method)
         self.stage = zero_stage(ds_config)
         if self.stage not in (1, 2, 3):
             raise ConfigError(f"ZeroBlockEngine needs zero_optimization.stage 1, 2 or 3, got {self.stage}")
-        if cfg.deca.signal not in SIGNALS:
-            raise ConfigError(f"deca.signal={cfg.deca.signal!r} is not known: use one of {', '.join(SIGNALS)}")
         self.device = device()
         model.to(self.device)
         self._model = model
@@ -133,17 +179,14 @@ class ZeroBlockEngine:
         self.mpu = None if self.spec.world_data_parallel else groups.mpu
         self.client_group = None if self.spec.world_data_parallel else groups.client_group
         b = cfg.blocks
-        if cfg.method == "centralized" and cfg.centralized_optimizer == "adamw":
-            blocks = [_AllParams(model)]
-        else:
-            partition = partition_blocks(model, layers_per_block=b.layers_per_block,
-                                         include_embeddings=b.include_embeddings,
-                                         include_lm_head=b.include_lm_head, prefixes=b.prefixes)
-            blocks = [_AllParams(model, partition.param_names())] if self.spec.single_block else partition.blocks
-        self.block_optimizer = BlockController(blocks, b.switch_every, b.order, b.fixed_order, cfg.seed,
-                                               cfg.optim.state_policy, cfg.optim.offload_dtype)
+        blocks = [Block(i, f"block{i}", tuple(names)) for i, names in enumerate(block_names_for(cfg, model))]
+        schedule = BlockSchedule(len(blocks), b.switch_every, b.order, b.fixed_order, cfg.seed)
+        self.block_optimizer = ZeroBlockView(self, blocks, schedule, cfg.optim.state_policy, cfg.optim.offload_dtype)
+        mix = None
+        if self.mixer is not None:  # ZeRO-3: each rank mixes its own shard with the same shard of its neighbours
+            mix = functools.partial(self.mixer.mix_, presharded=self.stage == 3)
+        self.hook = build_consensus_step(cfg, self.block_optimizer, mix)
         self._named = dict(model.named_parameters())
-        self._betas = tuple(float(x) for x in cfg.deca.betas)
         self.global_step = 0
         self.switch_seconds: list[float] = []
         self.engine = None
@@ -166,17 +209,22 @@ class ZeroBlockEngine:
         return self._adam
 
     @property
-    def gradient_accumulation_steps(self) -> int:
-        """Micro-batches per optimizer step."""
-        return self.engine.gradient_accumulation_steps()
-
-    @property
-    def micro_batch_size(self) -> int:
-        """Rows per micro-batch on this rank."""
-        return self.engine.train_micro_batch_size_per_gpu()
+    def batch_shape(self) -> BatchShape:
+        """Rows per micro-batch on this rank and micro-batches per step, as DeepSpeed resolved them."""
+        return BatchShape(self.engine.train_micro_batch_size_per_gpu(), self.engine.gradient_accumulation_steps())
 
     collective_state_dict = True
     """:meth:`state_dict` communicates inside the client (every rank of the client must call it)."""
+
+    @property
+    def schedule(self) -> BlockSchedule:
+        """The block schedule shared by every client."""
+        return self.block_optimizer.schedule
+
+    def write_monitor_events(self, events: list[tuple[str, float, int]]) -> None:
+        """Send events to the ds_config's monitors (TensorBoard, CSV, W&B) when any is enabled."""
+        if self.engine.monitor.enabled:
+            self.engine.monitor.write_events(events)
 
     def active_block(self) -> int:
         """Index of the active block."""
@@ -254,8 +302,6 @@ class ZeroBlockEngine:
         gc.collect()
 
     def _switch_to(self, block_idx: int) -> None:
-        import time
-
         t0 = time.perf_counter()
         ctl = self.block_optimizer
         old = ctl.active_block_idx
@@ -360,38 +406,26 @@ class ZeroBlockEngine:
 
     # --- training -----------------------------------------------------------------------------------------------
 
-    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+    def train_step(self, micro_batches: list[dict[str, torch.Tensor]]) -> StepResult:
         """One optimizer step over ``gradient_accumulation_steps`` micro-batches, then gossip, consensus, switch.
 
         A non-finite loss never reaches the weights: the block's master, moments and step counter are put back after
         DeepSpeed's step (the schedule still advances). A non-finite gradient behind a finite loss is seen only after
         the step (global gradient norm): it is reported as ``nonfinite`` and, with ``nan_policy=skip``, raises.
-
-        Returns:
-            ``loss``, ``nonfinite``, ``block`` (trained this step), ``bytes_sent``/``bytes_received``, ``tokens``,
-            ``switched`` (the next step trains another block).
         """
-        losses, tokens = [], 0
         block = self.active_block()
         params = self.active_params()
-        for mb in micro_batches:
-            mb = {k: v.to(self.device) for k, v in mb.items()}
-            loss = self.engine(**mb).loss
-            self.engine.backward(loss)
-            losses.append(loss.detach().float())
-            tokens += int(mb["attention_mask"].sum()) if "attention_mask" in mb else mb["input_ids"].numel()
-            if not self.engine.is_gradient_accumulation_boundary():
-                self.engine.step()
-        loss_bad = not all(bool(torch.isfinite(x).all()) for x in losses)
-        # Snapshots taken before the step (collective at stages 1/2: same decisions on every rank of a client,
-        # because the loss flag is agreed on below).
-        loss_bad = self._client_any(loss_bad)
-        needs_prev = self.spec.consensus and self.cfg.deca.signal in ("qgm", "raw")
-        prev = [self._read(p) for p in params] if (needs_prev or loss_bad) else None
+        # DeepSpeed counts micro-steps in engine.step(): every micro-batch but the last is a non-boundary step.
+        mbs = run_micro_batches(micro_batches, self.device, lambda b: self.engine(**b).loss, self.engine.backward,
+                                between=self.engine.step)
+        # Reads of the master are collective at stages 1/2: every rank of the client decides alike.
+        loss_bad = self._client_any(not mbs.finite)
+        prev = [self._read(p) for p in params] if loss_bad else None
         saved_moments = None
         if loss_bad or not self.spec.local_moments:
             saved_moments = [{k: self._read(p, k) for k in MOMENTS} for p in params]
             saved_step = self._flat_step()
+        self.hook.before_step()
         self.engine.step()
         nonfinite = loss_bad
         if loss_bad:  # undo the step: master (and weights), moments, bias-correction counter
@@ -412,51 +446,19 @@ class ZeroBlockEngine:
                     self._write(p, st[k], k)
             if loss_bad:
                 self._set_flat_step(saved_step)
-        stats = self._consensus(params, prev, block)  # always: neighbours expect the exchange every step
-        self.global_step += 1
-        target = self.block_optimizer.target(self.global_step)
-        switched = target != block
-        if switched:
-            self._switch_to(target)
-        return {
-            "loss": float(torch.stack(losses).mean()),
-            "nonfinite": bool(nonfinite),
-            "block": block,
-            "bytes_sent": int(getattr(stats, "bytes_sent", 0) or 0),
-            "bytes_received": int(getattr(stats, "bytes_received", 0) or 0),
-            "tokens": tokens,
-            "switched": bool(switched),
-        }
+        self.global_step += 1  # the step is taken: the schedule's next position decides the switch
+        # Always: neighbours expect the exchange every step.
+        switched = self.hook.after_step(self.global_step - 1)
+        stats = self.hook.last_mix_stats
+        return StepResult(loss=mbs.mean, nonfinite=nonfinite, block=block, tokens=mbs.tokens,
+                          bytes_sent=stats.bytes_sent if stats is not None else 0,
+                          bytes_received=stats.bytes_received if stats is not None else 0, switched=switched)
 
     def _client_any(self, flag: bool) -> bool:
         """True on every rank of the client when any of them saw ``flag``."""
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         dist.all_reduce(t, group=None if self.spec.world_data_parallel else self.client_group)
         return bool(t.item() > 0)
-
-    @torch.no_grad()
-    def _consensus(self, params, prev, block_idx: int):
-        """Gossip the active block's masters, write them back, fold the consensus signal into m and v."""
-        if not self.spec.gossip:
-            return None
-        xs = [self._read(p) for p in params]
-        x_half = [x.clone() for x in xs] if (self.spec.consensus and self.cfg.deca.signal == "discrepancy") else None
-        stats = self.mixer.mix_(xs, self.global_step, block_idx, presharded=self.stage == 3)
-        for p, x in zip(params, xs):
-            self._write(p, x)
-        self._refresh_persistent(params)
-        if self.spec.consensus:
-            lr = self.lr()
-            b1, b2 = self._betas
-            for k, (p, x) in enumerate(zip(params, xs)):
-                h = consensus_signal(self.cfg.deca.signal, prev[k] if prev else None,
-                                     x_half[k] if x_half else None, x, lr)
-                m, v = self._read(p, "exp_avg"), self._read(p, "exp_avg_sq")
-                m.mul_(b1).add_(h, alpha=1 - b1)
-                v.mul_(b2).addcmul_(h, h, value=1 - b2)
-                self._write(p, m, "exp_avg")
-                self._write(p, v, "exp_avg_sq")
-        return stats
 
     # --- reading whole weights -----------------------------------------------------------------------------------
 
@@ -475,6 +477,23 @@ class ZeroBlockEngine:
             return [p.data for p in params]
         with self._gathered(params):
             return [p.data.detach().clone() for p in params]
+
+    def whole_model(self) -> torch.nn.Module:
+        """The model with whole weights: the engine's own at stages 1/2; at stage 3 (which holds shards) a CPU copy
+        built from the gathered weights. Collective inside the client at stage 3."""
+        if self.stage < 3:
+            return self._model
+        from deca_ds.models import build_meta_model
+
+        model = build_meta_model(self.cfg.model.path).to_empty(device="cpu")
+        model.load_state_dict(self.full_state_dict())
+        buffers = dict(model.named_buffers())
+        with torch.no_grad():  # non-persistent buffers (e.g. rotary inv_freq) are not in the state dict
+            for name, buf in self._model.named_buffers():
+                if name in buffers:
+                    buffers[name].copy_(buf)
+        model.tie_weights()
+        return model.train(self._model.training)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The model's state dict with whole tensors on CPU (stage 3: gathered parameter by parameter; collective)."""
@@ -614,12 +633,3 @@ class ZeroBlockEngine:
         """Release DeepSpeed's hooks and buffers."""
         if self.engine is not None:
             self._teardown()
-
-
-class _AllParams:
-    """One block holding every given parameter (full-parameter methods)."""
-
-    def __init__(self, model: torch.nn.Module, names=None):
-        self.index = 0
-        self.name = "all"
-        self.param_names = tuple(names) if names is not None else tuple(n for n, _ in model.named_parameters())

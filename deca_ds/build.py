@@ -1,0 +1,143 @@
+"""Building a run's parts from its settings, in one place for the launcher, the ZeRO engine and the simulator.
+
+Each function turns one part of a :class:`deca_ds.config.RunConfig` into objects: the blocks a method trains, the
+client optimizer, the graph, and DECA's between-steps hook. Settings errors become one-line
+:class:`deca_ds.config.ConfigError` s naming the setting, so preflight checks and real runs fail the same way.
+No DeepSpeed and no process group here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from deca_ds.blocks import BlockPartition, partition_blocks
+from deca_ds.config import ConfigError, RunConfig
+from deca_ds.consensus import ConsensusStep, MixFn, method_spec
+
+__all__ = ["partition_for", "check_blocks", "block_names_for", "uses_torch_adamw", "build_optimizer",
+           "topology_options", "build_topology", "build_consensus_step"]
+
+
+def partition_for(cfg: RunConfig, model: nn.Module) -> BlockPartition:
+    """The block partition ``cfg.blocks`` describes for ``model`` (layers per block, embeddings/head, prefixes).
+
+    Raises:
+        ValueError: the settings do not fit the model (see :func:`deca_ds.blocks.partition_blocks`).
+    """
+    b = cfg.blocks
+    return partition_blocks(model, layers_per_block=b.layers_per_block, include_embeddings=b.include_embeddings,
+                            include_lm_head=b.include_lm_head, prefixes=b.prefixes)
+
+
+def check_blocks(cfg: RunConfig) -> BlockPartition:
+    """Partition the model on the meta device as training will, so bad block settings fail before anything runs.
+
+    Returns:
+        The partition of the (meta) model.
+
+    Raises:
+        ConfigError: unreadable model config, block settings that do not fit the model, or a ``blocks.fixed_order``
+            index out of range.
+    """
+    from deca_ds.models import build_meta_model
+
+    try:
+        model = build_meta_model(cfg.model.path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path={cfg.model.path!r}: its config.json cannot be read "
+                          f"({str(e).splitlines()[0][:160]}): give a Hugging Face model directory") from None
+    b = cfg.blocks
+    try:
+        part = partition_for(cfg, model)
+    except ValueError as e:
+        key = "blocks.prefixes" if b.prefixes else "blocks"
+        raise ConfigError(f"{key}: {' '.join(str(e).split())}") from None
+    if b.fixed_order is not None:
+        bad = [i for i in b.fixed_order if not 0 <= i < len(part)]
+        if bad:
+            raise ConfigError(f"blocks.fixed_order={b.fixed_order} names block(s) {bad} but the model has "
+                              f"{len(part)} blocks: use indices 0..{len(part) - 1}")
+    return part
+
+
+def uses_torch_adamw(cfg: RunConfig) -> bool:
+    """The centralized full-parameter baseline with torch AdamW (no blocks, no consensus hook)."""
+    return cfg.method == "centralized" and cfg.centralized_optimizer == "adamw"
+
+
+def block_names_for(cfg: RunConfig, model: nn.Module) -> list[list[str]]:
+    """Parameter names of each block the method trains, in block order.
+
+    Block-wise methods get :func:`partition_for`'s blocks; D-Adam (``single_block``) one block of all of them; the
+    torch-AdamW baseline one block of every model parameter.
+    """
+    if uses_torch_adamw(cfg):
+        return [[n for n, _ in model.named_parameters()]]
+    partition = partition_for(cfg, model)
+    if method_spec(cfg.method).single_block:
+        return [partition.param_names()]
+    return [list(b.param_names) for b in partition.blocks]
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    """The client optimizer of ``cfg.method`` for ``model`` (already on its training device).
+
+    :class:`deca_ds.optim.BlockAdam` (``auto_switch=False``: the switch happens in :class:`ConsensusStep`), one block
+    per layer group or one block for D-Adam, or torch AdamW for the centralized full-parameter baseline.
+    """
+    from deca_ds.optim import BlockAdam
+
+    o = cfg.optim
+    if uses_torch_adamw(cfg):
+        return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                 weight_decay=o.weight_decay)
+    spec = method_spec(cfg.method)
+    blocks: Any = partition_for(cfg, model)
+    if spec.single_block:
+        blocks = [blocks.param_names()]
+    b = cfg.blocks
+    return BlockAdam(model, blocks, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                     switch_every=b.switch_every, order=b.order, state_policy=o.state_policy,
+                     fixed_order=b.fixed_order, seed=cfg.seed, offload_dtype=o.offload_dtype, auto_switch=False,
+                     local_moments=spec.local_moments)
+
+
+def topology_options(cfg: RunConfig) -> dict[str, Any]:
+    """The graph-specific keyword arguments of :func:`deca_ds.topology.make_topology` for ``cfg.topology``."""
+    t = cfg.topology
+    if t.name == "erdos_renyi":
+        return {"p": t.p}
+    if t.name == "custom":
+        return {"path": t.path}
+    return {}
+
+
+def build_topology(cfg: RunConfig, num_clients: int):
+    """The communication graph of ``num_clients`` clients that ``cfg.topology`` describes.
+
+    Raises:
+        ConfigError: the graph cannot be built (e.g. a custom file that does not fit ``num_clients``).
+    """
+    from deca_ds.topology import make_topology
+
+    t = cfg.topology
+    try:
+        return make_topology(t.name, num_clients, seed=t.seed, weights=t.weights, **topology_options(cfg))
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"topology.name={t.name!r}: {str(e).splitlines()[0]}") from None
+
+
+def build_consensus_step(cfg: RunConfig, optimizer, mix: MixFn | None) -> ConsensusStep:
+    """DECA's between-steps hook around ``optimizer`` (a :class:`deca_ds.consensus.ConsensusOptimizer`).
+
+    Args:
+        cfg: the run's settings (``method``, ``deca.signal``, ``deca.betas``).
+        optimizer: BlockAdam, or the ZeRO engine's view of its partitioned state.
+        mix: the neighbour exchange; ignored (may be None) when the method does not gossip.
+    """
+    spec = method_spec(cfg.method)
+    return ConsensusStep(optimizer, cfg.method, mix=mix if spec.gossip else None, signal=cfg.deca.signal,
+                         betas=cfg.deca.betas)

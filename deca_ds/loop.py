@@ -1,0 +1,211 @@
+"""Around the step: the run loop shared by the launcher and the simulator.
+
+One loop drives both ways of running clients: the launcher (one process per rank, ``deca_ds.trainer``) and the
+single-process simulator (every client in one process, ``deca_ds.simulate``). Each provides a :class:`Driver` that
+takes one optimizer step on every client and reports every client's figures as a :class:`StepRecord`; the loop owns
+what happens around it, in this order per step:
+
+    driver.step -> nan policy -> metrics.jsonl record + monitors (log steps) -> progress -> stop on SIGTERM/SIGINT
+        -> periodic evaluation -> periodic checkpoint;  after the last step (or a stop): final checkpoint
+
+``summary.json`` is written by :func:`write_summary` for both.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any, Protocol
+
+from deca_ds.config import RunConfig
+from deca_ds.metrics import JsonlWriter, make_progress, summary_table
+
+__all__ = ["NonFiniteError", "StopFlag", "StepRecord", "Driver", "LoopOutcome", "run_loop", "write_summary"]
+
+
+class NonFiniteError(RuntimeError):
+    """A client produced a non-finite loss or gradient and ``nan_policy=stop``."""
+
+
+class StopFlag:
+    """SIGTERM/SIGINT request a clean stop: finish the step on every client, checkpoint, exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """Every client's figures for one optimizer step, as the process that logs sees them.
+
+    Attributes:
+        block: index of the block trained this step (the same on every client).
+        round: the schedule's round of this step.
+        lr: learning rate after the step.
+        losses: training loss per client.
+        nonfinite: per client, whether a loss or gradient was not finite.
+        bytes_sent: per client, gossip bytes sent this step.
+        consensus_distance: per client, RMS distance of the trained block from the clients' average (0 when not
+            measured this step).
+        tokens: non-padding tokens processed by all clients this step.
+        stop_requested: some process received SIGTERM/SIGINT.
+    """
+
+    block: int
+    round: int
+    lr: float
+    losses: list[float]
+    nonfinite: list[bool]
+    bytes_sent: list[int]
+    consensus_distance: list[float]
+    tokens: int = 0
+    stop_requested: bool = False
+
+
+class Driver(Protocol):
+    """What :func:`run_loop` drives: every client's step, evaluation, checkpoints and monitors."""
+
+    num_clients: int
+    checkpoints: bool
+    """Whether :meth:`save_checkpoint` writes checkpoints (the simulator writes none)."""
+
+    def step(self, step: int, measure_distance: bool, stop_requested: bool) -> StepRecord:
+        """Optimizer step ``step`` (0-based) on every client; consensus distances only when ``measure_distance``."""
+
+    def evaluate(self, step: int) -> list[dict[str, Any]] | None:
+        """Each client's evaluation on the test split after ``step`` steps (None on processes that do not log)."""
+
+    def save_checkpoint(self, step: int) -> None:
+        """A complete checkpoint after ``step`` steps (no-op where checkpoints are not supported)."""
+
+    def write_monitor_events(self, events: list[tuple[str, float, int]]) -> None:
+        """``(tag, value, step)`` events for the ds_config's monitors."""
+
+
+@dataclasses.dataclass
+class LoopOutcome:
+    """How the loop ended.
+
+    Attributes:
+        step: optimizer steps completed.
+        stopped_early: a signal stopped the run before ``max_steps``.
+        last_loss: the last training loss of each client.
+        train_seconds: wall time of the loop.
+    """
+
+    step: int
+    stopped_early: bool
+    last_loss: dict[int, float]
+    train_seconds: float
+
+
+def _write_step(writer: JsonlWriter, driver: Driver, rec: StepRecord, step: int, log_now: bool, t0: float) -> None:
+    """The step's metrics.jsonl records (log steps) and monitor events, one per client."""
+    events = []
+    for c in range(driver.num_clients):
+        events += [(f"Train/Samples/client_{c}/loss", rec.losses[c], step + 1),
+                   (f"Train/Samples/client_{c}/consensus_distance", rec.consensus_distance[c], step + 1)]
+        if log_now:
+            writer.write({"step": step, "client": c, "loss": rec.losses[c], "block": rec.block, "lr": rec.lr,
+                          "consensus_distance": rec.consensus_distance[c], "bytes_sent": rec.bytes_sent[c],
+                          "nonfinite": rec.nonfinite[c], "time": time.perf_counter() - t0})
+    if log_now:
+        driver.write_monitor_events(events)
+
+
+def run_loop(driver: Driver, cfg: RunConfig, start_step: int = 0, writer: JsonlWriter | None = None,
+             console=None, show_progress: bool = False) -> LoopOutcome:
+    """Run steps ``start_step .. cfg.max_steps - 1`` and the final checkpoint.
+
+    Collective in the launcher: every rank calls it (the driver's step, evaluation and checkpoints communicate).
+
+    Args:
+        driver: the launcher's or the simulator's :class:`Driver`.
+        cfg: the run's settings (``max_steps``, ``log_every``, ``eval_every``, ``checkpoint_every``, ``nan_policy``).
+        start_step: steps already taken (a resumed run).
+        writer: ``metrics.jsonl`` writer on the process that logs, None elsewhere.
+        console: rich console of the progress bar.
+        show_progress: show a progress bar (the process that logs).
+
+    Returns:
+        The :class:`LoopOutcome`.
+
+    Raises:
+        NonFiniteError: ``nan_policy=stop`` and some client produced a non-finite loss or gradient.
+    """
+    step, last_loss, tokens_total, stopped = start_step, {}, 0, False
+    t0 = time.perf_counter()
+    progress = make_progress(console) if show_progress else None
+    try:
+        with StopFlag() as stop_flag:
+            if progress is not None:
+                progress.start()
+                task = progress.add_task("train", total=cfg.max_steps, completed=start_step, round=0, block=0,
+                                         loss=float("nan"), tps=0.0)
+            while step < cfg.max_steps:
+                log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+                rec = driver.step(step, measure_distance=log_now, stop_requested=stop_flag.requested)
+                tokens_total += rec.tokens
+                bad = [c for c, x in enumerate(rec.nonfinite) if x]
+                if bad and cfg.nan_policy == "stop":
+                    kept = "; the last complete checkpoint is kept" if driver.checkpoints else ""
+                    raise NonFiniteError(f"client {bad[0]} produced a non-finite loss or gradient at step {step} "
+                                         f"(nan_policy=stop){kept}")
+                last_loss.update(enumerate(rec.losses))
+                if writer is not None:
+                    _write_step(writer, driver, rec, step, log_now, t0)
+                step += 1
+                if progress is not None:
+                    progress.update(task, completed=step, loss=sum(rec.losses) / len(rec.losses), round=rec.round,
+                                    block=rec.block, tps=tokens_total / max(time.perf_counter() - t0, 1e-9))
+                if rec.stop_requested:
+                    stopped = True
+                    break
+                if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                    evals = driver.evaluate(step)
+                    if writer is not None and evals is not None:
+                        for c, ev in enumerate(evals):
+                            writer.write({"step": step - 1, "client": c, "eval": ev})
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
+                    driver.save_checkpoint(step)
+            driver.save_checkpoint(step)
+    finally:
+        if progress is not None:
+            progress.stop()
+    return LoopOutcome(step, stopped, last_loss, time.perf_counter() - t0)
+
+
+def write_summary(output_dir: str | os.PathLike, summary: dict[str, Any], console=None) -> None:
+    """Write ``summary.json`` atomically (temporary file, then rename) and print the final table.
+
+    Args:
+        output_dir: the run's directory.
+        summary: the summary; ``clients`` (per-client rows) and ``consensus`` (the average model's evaluation).
+        console: rich console for the table (None: no table).
+    """
+    out = Path(output_dir)
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, default=float))
+    os.replace(tmp, out / "summary.json")
+    if console is not None:
+        console.print(summary_table(summary["clients"], summary["consensus"]))

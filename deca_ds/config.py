@@ -282,7 +282,8 @@ class RunConfig:
         _positive("blocks.switch_every", b.switch_every)
         _choice("blocks.order", b.order, ORDERS)
         if b.order == "fixed" and not b.fixed_order:
-            raise ConfigError("blocks.order=fixed needs blocks.fixed_order: give the block indices to visit, e.g. [0, 2, 1]")
+            raise ConfigError("blocks.order=fixed needs blocks.fixed_order: give the block indices to visit, e.g. "
+                              "[0, 2, 1]")
         if b.fixed_order is not None and b.order != "fixed":
             raise ConfigError(f"blocks.fixed_order is set but blocks.order={b.order}: set blocks.order=fixed, or "
                               "remove blocks.fixed_order")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -136,7 +137,7 @@ def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2)
     """
     path = Path(path)
     text = strict_json(obj, indent=indent) + "\n"
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # unique per writer
     try:
         with open(tmp, "w") as f:
             f.write(text)

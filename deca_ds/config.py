@@ -250,6 +250,10 @@ class RunConfig:
         _resume(self.resume)
         if not self.output_dir.strip():
             raise ConfigError("output_dir='' is empty: give the directory the run writes into, e.g. runs/my_run")
+        for key in ("ds_config", "model.path", "data.path", "topology.path", "data.partition_by"):
+            value = _get(self, key)
+            if isinstance(value, str) and not value.strip():
+                raise ConfigError(f"{key}='' is empty: give a value, or leave the setting out for its default")
         _choice("method", self.method, METHODS)
         _choice("centralized_optimizer", self.centralized_optimizer, CENTRALIZED_OPTIMIZERS)
         _choice("nan_policy", self.nan_policy, NAN_POLICIES)

@@ -55,7 +55,9 @@ class CheckpointError(ConfigError):
 
 
 def _warn(message: str) -> None:
-    print(f"deca_ds: warning: {message}", file=sys.stderr, flush=True)
+    """One line on stderr, from rank 0 only (every rank resolves the same checkpoint)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"deca_ds: warning: {message}", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,16 +89,17 @@ def _resume_select(resume: bool | str) -> str | None:
 
 
 def prepare_output_dir(output_dir: str | os.PathLike, resume: bool | str,
-                       num_clients: int | None = None, warn: Callable[[str], None] | None = _warn) -> Path | None:
+                       num_clients: int | None = None, warn: Callable[[str], None] | None = None) -> Path | None:
     """Check ``output_dir`` before anything starts; never writes or deletes anything.
 
     Args:
         output_dir: the run directory.
         resume: ``False`` (a new run), ``True`` (the newest complete checkpoint), ``"auto"`` (that, or a new run
             when no checkpoint was ever published) or ``"step_N"`` (exactly that checkpoint).
-        num_clients: clients of the run, to check that a checkpoint holds every client's state; None trusts the
-            clients found in the checkpoint ``latest`` names.
-        warn: receives one line per damaged checkpoint skipped (None: silent).
+        num_clients: clients of the run, to check that a checkpoint holds every client's state; None: the number
+            ``run.json`` records (see :func:`find_resume_checkpoint`).
+        warn: receives one line per damaged checkpoint skipped (default: silent, since the training loop resolves
+            the checkpoint again and warns then).
 
     Returns:
         The checkpoint directory to resume from, or None for a run from step 0.
@@ -148,13 +151,14 @@ def _pointer(ckpt: Path) -> str | None:
     return name if _STEP_DIR.fullmatch(name) else None
 
 
-def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The step directory ``checkpoints/latest`` names, or None (no completeness check; see
-    :func:`find_resume_checkpoint`)."""
-    ckpt = Path(output_dir) / "checkpoints"
-    name = _pointer(ckpt)
-    path = ckpt / name if name else None
-    return path if path is not None and path.is_dir() else None
+def latest_checkpoint(output_dir: str | os.PathLike, warn: Callable[[str], None] | None = _warn) -> Path | None:
+    """The newest complete checkpoint: :func:`find_resume_checkpoint` with ``select="latest"`` for the clients
+    ``run.json`` records; None when no checkpoint was ever published.
+
+    Raises:
+        CheckpointError: ``latest`` exists but no checkpoint is complete.
+    """
+    return find_resume_checkpoint(output_dir, "latest", warn=warn)
 
 
 def _step_dirs(ckpt: Path) -> list[Path]:
@@ -170,6 +174,16 @@ def _select_step(select: str) -> str:
     if m is None:
         raise ValueError(f"select={select!r}: use 'latest' or 'step_N'")
     return step_dir_name(int(m.group(1)))
+
+
+def _recorded_clients(out: Path) -> list[int] | None:
+    """``range`` of the clients the last leg in ``run.json`` records, or None when unreadable or not recorded."""
+    try:
+        legs = read_run_legs(out)
+    except CheckpointError:
+        return None
+    n = _num_clients(legs[-1]) if legs else None
+    return list(range(n)) if isinstance(n, int) and n > 0 else None
 
 
 def resume_candidates(output_dir: str | os.PathLike, select: str = "latest") -> list[Path]:
@@ -233,8 +247,9 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, select: str = "latest"
         output_dir: the run directory.
         select: ``"latest"`` or ``"step_N"`` (e.g. ``"step_96"``: the checkpoint taken after step 96).
         client_ids: clients whose state must be there, normally ``range(num_clients)`` (with one disk per machine:
-            the clients on this machine, agreeing with the other machines through a collective). None: the clients
-            found in the checkpoint ``latest`` names.
+            the clients on this machine, agreeing with the other machines through a collective). None: the number
+            of clients the last leg in ``run.json`` records, else the clients found in the checkpoint ``latest``
+            names.
         warn: receives one line per checkpoint skipped (None: silent).
 
     Returns:
@@ -262,6 +277,8 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, select: str = "latest"
                                   "step_N, or resume=true for the newest complete one")
         return path
     if ids is None:
+        ids = _recorded_clients(out)
+    if ids is None:
         if pointer is None or not (ckpt / pointer).is_dir():
             return None  # without the pointer nobody can tell how many clients a checkpoint must hold
         ids = _clients_in(ckpt / pointer)
@@ -277,8 +294,8 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, select: str = "latest"
     if pointer is None:
         return None
     why = "; ".join(f"{name}: {problem}" for name, problem in skipped) or f"{ckpt / pointer} is missing"
-    raise CheckpointError(f"resume: no complete checkpoint in {ckpt} ({why}): resume=step_N names another one, or "
-                          "start a new run in another output_dir")
+    raise CheckpointError(f"resume: no complete checkpoint in {ckpt} ({why}): resume with the number of clients the "
+                          "run had, or start a new run in another output_dir")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,21 +400,21 @@ def read_client_state(checkpoint: Path, client_id: int) -> dict[str, Any]:
     if not path.is_file():
         missing = client if not client.is_dir() else path
         raise CheckpointError(f"resume: {missing} is missing (no state for client {client_id}): resume with the same "
-                              "number of clients and ranks_per_client as the original run, or from another "
-                              "checkpoint (resume=step_N)")
+                              "number of clients and ranks_per_client as the original run")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
         text = " ".join(str(e).split())
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        # torch names the refused type "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module ..."
+        unsafe = re.search(r"GLOBAL ([\w.]+)", text) if "Weights only load failed" in text else None
         if unsafe:
             raise CheckpointError(f"resume: {path} holds a Python object weights-only loading refuses "
                                   f"({unsafe.group(1)}): deca_ds checkpoints hold only tensors and plain values; never "
-                                  "load a file you did not write (delete it to fall back to an older checkpoint)") \
-                from None
-        raise CheckpointError(f"resume: {path} is truncated or corrupt ({text[:160] or type(e).__name__}): resume from "
-                              "another checkpoint (resume=step_N), or delete this step directory to fall back to the "
-                              "older one") from None
+                                  f"load a file you did not write (delete {Path(checkpoint)} and resume=true falls "
+                                  "back to the newest complete checkpoint)") from None
+        raise CheckpointError(f"resume: {path} is truncated or corrupt ({text[:160] or type(e).__name__}): delete "
+                              f"{Path(checkpoint)} and resume=true falls back to the newest complete checkpoint") \
+            from None
 
 
 def all_finite(tensors) -> bool:

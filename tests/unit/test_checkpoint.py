@@ -138,6 +138,9 @@ def test_loading_is_weights_only(tmp_path):
     with pytest.raises(ckpt.CheckpointError) as e:
         ckpt.read_client_state(path.parent.parent, 0)
     assert "weights-only loading refuses" in str(e.value) and "Payload" in str(e.value) and str(path) in str(e.value)
+    torch.save({"model": {}, "evil": os.system}, path)  # unpickling this would hand out os.system
+    with pytest.raises(ckpt.CheckpointError, match=r"refuses \((posix|nt)\.system\)"):
+        ckpt.read_client_state(path.parent.parent, 0)
 
 
 def test_real_engine_states_load_weights_only_and_bit_exact():
@@ -218,6 +221,24 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path):
     with pytest.raises(ckpt.CheckpointError, match="no complete checkpoint .*step_00000004: .*client_1 is missing; "
                                                    "step_00000002: .*truncated or corrupt"):
         ckpt.find_resume_checkpoint(tmp_path, client_ids=range(2), warn=None)
+
+
+def test_latest_checkpoint_skips_damage_for_the_clients_run_json_records(tmp_path):
+    """What the training loop calls: the newest checkpoint complete for every client of the run (run.json's world
+    size / ranks_per_client), warning once per checkpoint skipped."""
+    for step in (2, 4):
+        _save(tmp_path, step)
+    (tmp_path / "run.json").write_text(json.dumps({"config": load_config().to_dict(), "world_size": 2}))
+    import shutil
+
+    shutil.rmtree(_state(tmp_path, 4, 1).parent)  # `latest` names a checkpoint without client 1
+    warnings = []
+    assert ckpt.latest_checkpoint(tmp_path, warn=warnings.append).name == "step_00000002"
+    assert len(warnings) == 1 and "client_1 is missing" in warnings[0]
+    # A run of 3 clients: no checkpoint holds client 2, so nothing is complete; an error, not a silent restart.
+    (tmp_path / "run.json").write_text(json.dumps({"config": load_config().to_dict(), "world_size": 3}))
+    with pytest.raises(ckpt.CheckpointError, match="client_2 is missing.*number of clients"):
+        ckpt.latest_checkpoint(tmp_path, warn=None)
 
 
 def test_no_checkpoint_ever_published(tmp_path):

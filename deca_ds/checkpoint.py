@@ -119,17 +119,17 @@ def prepare_output_dir(output_dir: str | os.PathLike, resume: bool | str,
             raise ConfigError(f"output_dir={str(out)!r} already holds a run: pass resume=true to continue it, or "
                               "choose another output_dir (nothing there was changed)")
         return None
+    shown = str(resume).lower() if isinstance(resume, bool) else resume
     if not has_run:
         if select == "auto":
             return None
-        raise ConfigError(f"resume={resume} but output_dir={str(out)!r} holds no run to resume: drop resume to start "
-                          "a new run there (or use resume=auto, which starts one when there is nothing to resume)")
+        raise ConfigError(f"resume={shown} but output_dir={str(out)!r} holds no run to resume: drop resume={shown} to "
+                          "start a new run there")
     client_ids = range(num_clients) if num_clients is not None else None
     found = find_resume_checkpoint(out, "latest" if select == "auto" else select, client_ids=client_ids, warn=warn)
     if found is None and select != "auto":
-        raise ConfigError(f"resume={resume} but output_dir={str(out)!r} has no complete checkpoint (the run stopped "
-                          "before its first one): start a new run in another output_dir, or use resume=auto to "
-                          "restart this one from step 0")
+        raise ConfigError(f"resume={shown} but output_dir={str(out)!r} has no complete checkpoint (the run stopped "
+                          "before its first one): start a new run in another output_dir")
     return found
 
 

@@ -255,7 +255,7 @@ def test_no_checkpoint_ever_published(tmp_path):
 def test_output_dir_guard_never_overwrites(tmp_path):
     assert ckpt.prepare_output_dir(tmp_path / "new", resume=False) is None  # fresh: fine
     assert ckpt.prepare_output_dir(tmp_path / "new", resume="auto") is None  # nothing to resume: a new run
-    with pytest.raises(ConfigError, match="holds no run to resume: drop resume"):
+    with pytest.raises(ConfigError, match="resume=true but .* holds no run to resume: drop resume=true"):
         ckpt.prepare_output_dir(tmp_path / "new", resume=True)
     assert not (tmp_path / "new").exists()  # checks only
     run = tmp_path / "run"

@@ -283,6 +283,8 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, select: str = "latest"
             return None  # without the pointer nobody can tell how many clients a checkpoint must hold
         ids = _clients_in(ckpt / pointer)
     skipped = []
+    if pointer is not None and not (ckpt / pointer).is_dir():
+        skipped.append((pointer, f"{ckpt / pointer}, which checkpoints/latest names, is missing"))
     for path in resume_candidates(out, "latest"):
         problem = checkpoint_problem(path, ids) if ids else f"{path} holds no client state"
         if problem is None:
@@ -405,8 +407,11 @@ def read_client_state(checkpoint: Path, client_id: int) -> dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
         text = " ".join(str(e).split())
+        weights_only = "Weights only load failed" in text
         # torch names the refused type "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module ..."
-        unsafe = re.search(r"GLOBAL ([\w.]+)", text) if "Weights only load failed" in text else None
+        unsafe = re.search(r"GLOBAL ([\w.]+)", text) if weights_only else None
+        cause = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text) if weights_only else None
+        text = cause.group(1) if cause else text  # e.g. "Unsupported operand 255" for bytes that are not a pickle
         if unsafe:
             raise CheckpointError(f"resume: {path} holds a Python object weights-only loading refuses "
                                   f"({unsafe.group(1)}): deca_ds checkpoints hold only tensors and plain values; never "

@@ -63,7 +63,8 @@ def load_ds_config(path: str | os.PathLike | None, device_type: str | None = Non
         raise ConfigError(f"ds_config={str(path)!r} is not valid JSON (line {e.lineno}: {e.msg}): fix the file") \
             from None
     if not isinstance(ds, dict):
-        raise ConfigError(f"ds_config={str(path)!r} must hold a JSON object")
+        raise ConfigError(f"ds_config={str(path)!r} must hold a JSON object: write {{...}} at the top level, as in "
+                          "ds_configs/cpu_fp32.json")
     if "train_micro_batch_size_per_gpu" not in ds and "train_batch_size" not in ds:
         ds["train_micro_batch_size_per_gpu"] = DEFAULT_MICRO_BATCH
     if "train_batch_size" not in ds:  # with train_batch_size, DeepSpeed derives it (see check_batch_sizes)

@@ -123,7 +123,7 @@ def test_truncated_and_corrupt_states_are_named(tmp_path):
     start = corrupt.find(b"\x80\x02")  # the pickle stream inside the archive
     corrupt[start + 2:start + 6] = b"\xff\xff\xff\xff"
     path.write_bytes(bytes(corrupt))
-    with pytest.raises(ckpt.CheckpointError, match="truncated or corrupt"):
+    with pytest.raises(ckpt.CheckpointError, match=r"truncated or corrupt \(Unsupported operand 255\): delete"):
         ckpt.read_client_state(tmp_path / "checkpoints" / "step_00000002", 1)
 
 
@@ -204,9 +204,16 @@ def test_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path):
     assert "step_00000002" in warnings[0]
     # Without client_ids, the clients of the checkpoint `latest` names are required.
     assert ckpt.find_resume_checkpoint(tmp_path, warn=None).name == "step_00000002"
-    # A missing client directory is damage too.
+    # `latest` naming a directory that is gone: the older one, saying so.
     import shutil
 
+    gone = tmp_path.parent / f"{tmp_path.name}_gone"
+    shutil.copytree(tmp_path, gone)
+    shutil.rmtree(gone / "checkpoints" / "step_00000004")
+    warnings.clear()
+    assert ckpt.find_resume_checkpoint(gone, client_ids=range(2), warn=warnings.append).name == "step_00000002"
+    assert len(warnings) == 1 and "which checkpoints/latest names, is missing" in warnings[0]
+    # A missing client directory is damage too.
     shutil.rmtree(_state(tmp_path, 4, 1).parent)
     assert ckpt.find_resume_checkpoint(tmp_path, client_ids=range(2), warn=None).name == "step_00000002"
     # An explicit step is taken as is, or refused naming the problem (no silent fallback).

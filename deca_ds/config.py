@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,7 +158,8 @@ class TopologyConfig:
     seed: int = 0
     """Seed for random graphs."""
     path: str | None = None
-    """Edge list or weight matrix file for ``custom``."""
+    """Edge list or weight matrix file for ``custom``; its first line names the format (``# format: edges`` or
+    ``# format: matrix``; a ``.npy`` file is a matrix). See :func:`deca_ds.topology.make_topology`."""
 
 
 @dataclass
@@ -201,8 +204,14 @@ class RunConfig:
     max_steps: int = 192
     """Optimizer steps per client."""
     seed: int = 0
-    resume: bool = False
-    """Continue from ``output_dir/checkpoints/latest``; without it an existing run is never overwritten."""
+    """Seed of the model initialisation and the block order; an integer in [0, 2**64)."""
+    resume: bool | str = False
+    """``false``: a new run (an existing run in ``output_dir`` is never overwritten); ``true``: continue from the
+    newest complete checkpoint (an older complete one, with a warning, if the newest is damaged), refused when there
+    is nothing to resume; ``auto``: like ``true`` when there is a checkpoint, else a new run (for launchers that
+    restart crashed workers); ``step_N``: continue from the checkpoint taken after step N exactly. ``auto`` and
+    ``step_N`` are refused until the training loop selects the checkpoint with
+    :func:`deca_ds.checkpoint.find_resume_checkpoint`."""
     method: str = "deca"
     """``deca``, ``badam_gossip`` (no BMA), ``trivial_bma``, ``dadam`` (full Adam + full-model gossip), ``local``
     (no communication) or ``centralized`` (all ranks one data-parallel group)."""
@@ -235,6 +244,16 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         """Check value ranges and names; returns self. Raises :class:`ConfigError` on the first problem."""
+        _finite_floats(self)
+        for key in ("seed", "data.seed", "topology.seed"):
+            _seed(key, _get(self, key))
+        _resume(self.resume)
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir='' is empty: give the directory the run writes into, e.g. runs/my_run")
+        for key in ("ds_config", "model.path", "data.path", "topology.path", "data.partition_by"):
+            value = _get(self, key)
+            if isinstance(value, str) and not value.strip():
+                raise ConfigError(f"{key}='' is empty: give a value, or leave the setting out for its default")
         _choice("method", self.method, METHODS)
         _choice("centralized_optimizer", self.centralized_optimizer, CENTRALIZED_OPTIMIZERS)
         _choice("nan_policy", self.nan_policy, NAN_POLICIES)
@@ -242,7 +261,10 @@ class RunConfig:
         _positive("max_steps", self.max_steps)
         _at_least("checkpoint_every", self.checkpoint_every, 0)
         _at_least("keep_checkpoints", self.keep_checkpoints, 1)
-        _positive("comm_timeout", self.comm_timeout)
+        if not 1e-3 <= self.comm_timeout <= MAX_COMM_TIMEOUT:
+            # torch keeps the process-group timeout as a 64-bit count of milliseconds: below 1 ms it becomes 0.
+            raise ConfigError(f"comm_timeout={self.comm_timeout!r} is out of range: use seconds in "
+                              f"[0.001, {MAX_COMM_TIMEOUT:g}], e.g. 300")
         _positive("log_every", self.log_every)
         _at_least("eval_every", self.eval_every, 0)
         if self.num_clients is not None:
@@ -266,7 +288,16 @@ class RunConfig:
         _positive("blocks.switch_every", b.switch_every)
         _choice("blocks.order", b.order, ORDERS)
         if b.order == "fixed" and not b.fixed_order:
-            raise ConfigError("blocks.order=fixed needs blocks.fixed_order: give the block indices to visit, e.g. [0, 2, 1]")
+            raise ConfigError("blocks.order=fixed needs blocks.fixed_order: give the block indices to visit, e.g. "
+                              "[0, 2, 1]")
+        if b.fixed_order is not None and b.order != "fixed":
+            raise ConfigError(f"blocks.fixed_order is set but blocks.order={b.order}: set blocks.order=fixed, or "
+                              "remove blocks.fixed_order")
+        if b.fixed_order and min(b.fixed_order) < 0:
+            raise ConfigError(f"blocks.fixed_order={b.fixed_order} has a negative index: use block indices >= 0")
+        if b.prefixes is not None and (not b.prefixes or not all(p.strip() for p in b.prefixes)):
+            raise ConfigError(f"blocks.prefixes={b.prefixes!r} has no or an empty entry: give one non-empty "
+                              "parameter-name prefix per block, or remove blocks.prefixes")
         o = self.optim
         _positive("optim.lr", o.lr)
         _betas("optim.betas", o.betas)
@@ -283,9 +314,16 @@ class RunConfig:
             raise ConfigError(f"topology.p={t.p!r} is out of range: use an edge probability in (0, 1]")
         if t.name == "custom" and not t.path:
             raise ConfigError("topology.name=custom needs topology.path: an edge-list or weight-matrix file")
+        if t.path is not None and t.name != "custom":
+            raise ConfigError(f"topology.path is set but topology.name={t.name}: set topology.name=custom to use "
+                              "the file, or remove topology.path")
         _positive("clients.ranks_per_client", self.clients.ranks_per_client)
         _choice("gossip.dtype", self.gossip.dtype, ("fp32", "bf16"))
         _positive("gossip.chunk_mb", self.gossip.chunk_mb)
+        wire_bytes = 2 if self.gossip.dtype == "bf16" else 4
+        if int(self.gossip.chunk_mb * 2**20) < wire_bytes:  # the Mixer's buffers hold int(chunk_mb * 2**20) bytes
+            raise ConfigError(f"gossip.chunk_mb={self.gossip.chunk_mb!r} is less than one {self.gossip.dtype} "
+                              f"value ({wire_bytes} bytes): use a value such as 64 (MiB)")
         if not self.simulate.device.strip():
             raise ConfigError("simulate.device='' is empty: use auto, cpu or a torch device such as cuda:0")
         return self
@@ -293,6 +331,48 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain nested dict (YAML/JSON-serializable) of every setting."""
         return dataclasses.asdict(self)
+
+
+MAX_SEED = 2**64 - 1
+"""Largest seed: ``torch.manual_seed`` takes an unsigned 64-bit integer (numpy accepts any integer >= 0)."""
+MAX_COMM_TIMEOUT = 1e9
+"""Largest ``comm_timeout`` in seconds (about 31 years), well inside torch's 64-bit millisecond timeout."""
+RESUME_STEP = re.compile(r"step_(\d+)")
+
+
+def _get(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _finite_floats(cfg: Any, prefix: str = "") -> None:
+    """Every float setting (and every number in a list of floats) must be finite: ``inf`` passes ``> 0`` checks."""
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            _finite_floats(value, f"{key}.")
+            continue
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(f"{key}={value!r} is not a finite number: give a finite value")
+
+
+def _seed(key: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise ConfigError(f"{key}={value!r} is out of range: use an integer seed in [0, 2**64)")
+
+
+def _resume(value: bool | str) -> None:
+    if isinstance(value, bool):
+        return
+    if value == "auto" or (isinstance(value, str) and RESUME_STEP.fullmatch(value)):
+        # deca_ds.checkpoint.prepare_output_dir/find_resume_checkpoint implement both, but the launcher's training
+        # loop still resumes from checkpoints/latest only: refuse rather than resume from the wrong checkpoint.
+        raise ConfigError(f"resume={value} is not available yet (the trainer resumes from checkpoints/latest "
+                          "only): use resume=true")
+    raise ConfigError(f"resume={value!r} is not known: use true, false, auto or step_N (e.g. step_96, a checkpoint "
+                      "taken after step 96)")
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -325,6 +405,9 @@ def _betas(key: str, value: list[float], allow_one: bool = False) -> None:
 # Loading: YAML + dotted overrides -> typed dataclasses, strictly.
 
 
+_TYPE_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _type_of(cls: type, name: str) -> Any:
     return typing.get_type_hints(cls)[name]
 
@@ -337,7 +420,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
+        if len(inner) == 1:
+            return _coerce(key, value, inner[0])
+        for tp_i in inner:  # e.g. bool | str: the first type that fits
+            try:
+                return _coerce(key, value, tp_i)
+            except ConfigError:
+                pass
+        expected = " or ".join(_TYPE_WORDS.get(t, getattr(t, "__name__", str(t))) for t in inner)
+        raise ConfigError(f"{key}={value!r} has the wrong type: expected {expected}")
     if origin is list:
         if isinstance(value, tuple):
             value = list(value)
@@ -357,7 +448,13 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} has the wrong type: expected a number")
-        return float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer with hundreds of digits
+            raise ConfigError(f"{key}={str(value)[:12]}... is not a finite number: give a finite value") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} is not a finite number: give a finite value")
+        return value
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}={value!r} has the wrong type: expected a string")

@@ -11,6 +11,7 @@ every parameter and block switching breaks), and ZeRO 1-3 freeze the trainable s
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ REPO_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 DEFAULT_MICRO_BATCH = 8
 
 __all__ = ["REPO_DS_CONFIGS", "DEFAULT_MICRO_BATCH", "default_ds_config_path", "load_ds_config", "check_ds_config",
-           "zero_stage", "uses_activation_checkpointing"]
+           "check_batch_sizes", "data_parallel_size", "zero_stage", "uses_activation_checkpointing"]
 
 
 def default_ds_config_path(device_type: str | None = None) -> Path:
@@ -62,62 +63,221 @@ def load_ds_config(path: str | os.PathLike | None, device_type: str | None = Non
         raise ConfigError(f"ds_config={str(path)!r} is not valid JSON (line {e.lineno}: {e.msg}): fix the file") \
             from None
     if not isinstance(ds, dict):
-        raise ConfigError(f"ds_config={str(path)!r} must hold a JSON object")
+        raise ConfigError(f"ds_config={str(path)!r} must hold a JSON object: write {{...}} at the top level, as in "
+                          "ds_configs/cpu_fp32.json")
     if "train_micro_batch_size_per_gpu" not in ds and "train_batch_size" not in ds:
         ds["train_micro_batch_size_per_gpu"] = DEFAULT_MICRO_BATCH
-    ds.setdefault("gradient_accumulation_steps", 1)
+    if "train_batch_size" not in ds:  # with train_batch_size, DeepSpeed derives it (see check_batch_sizes)
+        ds.setdefault("gradient_accumulation_steps", 1)
     ds.setdefault("steps_per_print", 1000000)
     return ds
 
 
+# Sections DeepSpeed reads as JSON objects: a bare value there ("fp16": true) must be refused here, with the fix, not
+# crash a check with AttributeError or reach DeepSpeed. ("bfloat16" is DeepSpeed's old name of "bf16".)
+OBJECT_SECTIONS = (
+    "bf16", "bfloat16", "fp16", "amp", "zero_optimization", "optimizer", "scheduler", "activation_checkpointing",
+    "torch_autocast", "tensorboard", "csv_monitor", "wandb", "comet", "flops_profiler", "comms_logger", "checkpoint",
+    "data_types", "aio", "autotuning", "compression_training", "data_efficiency", "curriculum_learning",
+    "sparse_attention", "pipeline", "nebula", "monitor_config",
+)
+ZERO_OBJECT_SECTIONS = ("offload_optimizer", "offload_param")
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+def _section(ds: dict[str, Any], key: str, where: str = "") -> dict[str, Any]:
+    """The object ``ds[key]`` ({} when absent); ConfigError when it is a bare value."""
+    value = ds.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        example = '{"enabled": true}' if key in ("bf16", "bfloat16", "fp16", "amp", "torch_autocast") else (
+            '{"stage": 2}' if key == "zero_optimization" else '{"device": "cpu"}' if key in ZERO_OBJECT_SECTIONS
+            else "{...}")
+        raise ConfigError(f"ds_config {where}{key}={json.dumps(value)} must be a JSON object: write "
+                          f'"{key}": {example}')
+    return value
+
+
+def _enabled(section: dict[str, Any], name: str) -> bool:
+    flag = section.get("enabled", False)
+    if not isinstance(flag, bool):
+        raise ConfigError(f"ds_config {name}.enabled={json.dumps(flag)} must be true or false: write "
+                          f'"{name}": {{"enabled": true}}')
+    return flag
+
+
 def zero_stage(ds: dict[str, Any]) -> int:
-    """The ZeRO stage of a DeepSpeed config dict (0 when absent)."""
-    return int((ds.get("zero_optimization") or {}).get("stage", 0) or 0)
+    """The ZeRO stage of a DeepSpeed config dict (0 when absent).
+
+    Raises:
+        ConfigError: ``zero_optimization`` is not an object or its ``stage`` is not 0, 1, 2 or 3.
+    """
+    stage = _section(ds, "zero_optimization").get("stage", 0)
+    if stage is None:
+        stage = 0
+    if isinstance(stage, bool) or not isinstance(stage, int) or stage not in (0, 1, 2, 3):
+        raise ConfigError(f"ds_config zero_optimization.stage={json.dumps(stage)} is not a ZeRO stage: use 0, 1, 2 "
+                          "or 3")
+    return stage
 
 
-def check_ds_config(ds: dict[str, Any], cfg: RunConfig) -> None:
+def check_batch_sizes(ds: dict[str, Any], data_parallel_size: int,
+                      group: str = "rank(s) of a client (clients.ranks_per_client)") -> dict[str, int]:
+    """Fill and check the three batch keys exactly as DeepSpeed 0.19.8 does, before anything starts.
+
+    DeepSpeed (``runtime/config.py``: ``_set_batch_related_parameters`` then ``_batch_assertion``) derives the missing
+    keys with floor division by its data-parallel world size and then asserts ``train_batch_size ==
+    train_micro_batch_size_per_gpu * gradient_accumulation_steps * world size``. deca_ds hands DeepSpeed an ``mpu``
+    whose data-parallel group is one client, so that world size is ``clients.ranks_per_client`` (all launched ranks
+    for ``method: centralized``, which passes no ``mpu``). The filled values are written into ``ds`` so that what
+    DeepSpeed, the simulator and the planner read is the same.
+
+    Args:
+        ds: DeepSpeed config dict (changed in place: missing batch keys are filled).
+        data_parallel_size: ranks of DeepSpeed's data-parallel group.
+        group: what those ranks are, for the message.
+
+    Returns:
+        ``{"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"}`` as ints.
+
+    Raises:
+        ConfigError: a batch key that is not a positive integer, none of ``train_batch_size`` and
+            ``train_micro_batch_size_per_gpu`` given, or values whose product DeepSpeed would reject.
+    """
+    if isinstance(data_parallel_size, bool) or not isinstance(data_parallel_size, int) or data_parallel_size < 1:
+        raise ValueError(f"data_parallel_size={data_parallel_size!r} must be a positive integer")
+    given = {}
+    for key in BATCH_KEYS:
+        value = ds.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            hint = " (\"auto\" is a Hugging Face Trainer value, not DeepSpeed's)" if value == "auto" else ""
+            raise ConfigError(f"ds_config {key}={json.dumps(value)} must be a positive integer{hint}: write e.g. "
+                              f'"{key}": {8 if key != "gradient_accumulation_steps" else 1}')
+        given[key] = value
+    train, micro, gas = (given.get(k) for k in BATCH_KEYS)
+    world = data_parallel_size
+    # DeepSpeed's own order of cases (floor divisions included), so that a value filled here is the one it fills.
+    if train is not None and micro is not None and gas is not None:
+        pass
+    elif train is not None and micro is not None:
+        gas = train // micro // world
+    elif train is not None and gas is not None:
+        micro = train // world // gas
+    elif micro is not None and gas is not None:
+        train = micro * gas * world
+    elif train is not None:
+        gas, micro = 1, train // world
+    elif micro is not None:
+        train, gas = micro * world, 1
+    else:
+        raise ConfigError("ds_config sets neither train_micro_batch_size_per_gpu nor train_batch_size: set "
+                          "train_micro_batch_size_per_gpu (rows per rank per micro-step)")
+    derived = [k for k in BATCH_KEYS if k not in given]
+    if micro < 1 or gas < 1 or train != micro * gas * world:
+        via = f" ({', '.join(derived)} derived by DeepSpeed's floor division)" if derived else ""
+        raise ConfigError(
+            f"ds_config batch sizes do not add up: train_batch_size={train} must equal train_micro_batch_size_per_gpu="
+            f"{micro} x gradient_accumulation_steps={gas} x {world} data-parallel {group}{via}: set "
+            "train_micro_batch_size_per_gpu and gradient_accumulation_steps and drop train_batch_size")
+    ds.update({"train_batch_size": train, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas})
+    return {"train_batch_size": train, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": gas}
+
+
+def data_parallel_size(cfg: RunConfig, world_size: int | None) -> int | None:
+    """Ranks of DeepSpeed's data-parallel group: one client's ranks, or every rank for ``method: centralized``.
+
+    Args:
+        cfg: the run's settings.
+        world_size: ranks launched; None when unknown (then ``num_clients x ranks_per_client`` when ``num_clients``
+            is set, as in the simulator).
+
+    Returns:
+        The size, or None when ``method: centralized`` and the world size is unknown.
+    """
+    if cfg.method != "centralized":
+        return cfg.clients.ranks_per_client
+    if world_size is None and cfg.num_clients:
+        world_size = cfg.num_clients * cfg.clients.ranks_per_client
+    return world_size
+
+
+def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int | None = None) -> None:
     """Refuse DeepSpeed settings that silently break block-wise training, with the fix in one line.
 
-    Stage 0 (``deca_ds.engine.DecaEngine``): no bf16/fp16 section (BlockAdam keeps the fp32 master itself) and no
-    offload. Stages 1-3 (``deca_ds.engine.ZeroBlockEngine``): a ``bf16`` section only with ``model.dtype=bf16``, no
-    fp16, optimizer offload to the CPU allowed, parameter offload refused.
+    Every section is type-checked first (a bare value where DeepSpeed expects an object is refused). Stage 0
+    (``deca_ds.engine.DecaEngine``): no bf16/fp16 section (BlockAdam keeps the fp32 master itself) and no offload.
+    Stages 1-3 (``deca_ds.engine.ZeroBlockEngine``): a ``bf16`` section only with ``model.dtype=bf16``, no fp16,
+    optimizer offload to the CPU allowed, parameter offload refused. Batch keys are filled and checked as DeepSpeed
+    does (:func:`check_batch_sizes`).
+
+    Args:
+        ds: DeepSpeed config dict (missing batch keys are filled in place).
+        cfg: the run's settings.
+        world_size: ranks launched. Needed only for ``method: centralized`` (every rank is one data-parallel group);
+            when it is unknown there, only the batch keys' types are checked.
 
     Raises:
         ConfigError: the first setting deca_ds cannot honour.
     """
+    if not isinstance(ds, dict):
+        raise ConfigError(f"ds_config must be a JSON object, got {type(ds).__name__}: write {{...}} at the top level")
+    for key in OBJECT_SECTIONS:
+        _section(ds, key)
+    zero = _section(ds, "zero_optimization")
+    for key in ZERO_OBJECT_SECTIONS:
+        _section(zero, key, "zero_optimization.")
+    stage = zero_stage(ds)
+    clip = ds.get("gradient_clipping", 0.0)
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not math.isfinite(clip)
+                             or clip < 0):
+        raise ConfigError(f"ds_config gradient_clipping={json.dumps(clip)} must be a finite number >= 0 (0: off): "
+                          'write e.g. "gradient_clipping": 1.0')
     adamw_baseline = cfg.method == "centralized" and cfg.centralized_optimizer == "adamw"
-    zero = ds.get("zero_optimization") or {}
-    stage = zero.get("stage", 0) or 0
-    if stage not in (0, 1, 2, 3):
-        raise ConfigError(f"ds_config zero_optimization.stage={stage} is not a ZeRO stage: use 0, 1, 2 or 3")
-    for key in ("bf16", "fp16"):
-        if not (ds.get(key) or {}).get("enabled", False):
+    for key in ("bf16", "bfloat16", "fp16"):
+        if not _enabled(_section(ds, key), key):
             continue
+        name = "bf16" if key == "bfloat16" else key
         if stage == 0 and not adamw_baseline:
-            raise ConfigError(f"ds_config enables {key}: deca_ds keeps {key} weights with an fp32 master of the "
+            raise ConfigError(f"ds_config enables {key}: deca_ds keeps {name} weights with an fp32 master of the "
                               f"active block itself; remove the {key} section and set model.dtype="
-                              f"{key} in the recipe")
-        if stage >= 1 and key == "fp16":
+                              f"{name} in the recipe")
+        if stage >= 1 and name == "fp16":
             raise ConfigError("ds_config enables fp16 with ZeRO: fp16 loss scaling skips steps behind deca_ds's "
                               "back and is not supported; use a bf16 section with model.dtype=bf16")
         if stage >= 1 and cfg.model.dtype != "bf16":
-            raise ConfigError(f"ds_config enables bf16 with ZeRO stage {stage} but model.dtype={cfg.model.dtype}: "
+            raise ConfigError(f"ds_config enables {key} with ZeRO stage {stage} but model.dtype={cfg.model.dtype}: "
                               "set model.dtype=bf16 (or remove the bf16 section)")
-    if stage == 0 and (zero.get("offload_optimizer") or {}).get("device", "none") not in ("none", None):
+    devices = {}
+    for key in ZERO_OBJECT_SECTIONS:
+        device = _section(zero, key).get("device", "none")
+        if device is None:
+            device = "none"
+        if device not in OFFLOAD_DEVICES:
+            raise ConfigError(f"ds_config zero_optimization.{key}.device={json.dumps(device)} is not known: use "
+                              f"{', '.join(OFFLOAD_DEVICES)}")
+        devices[key] = device
+    if stage == 0 and devices["offload_optimizer"] != "none":
         raise ConfigError("ds_config offload_optimizer needs ZeRO: set zero_optimization.stage to 1, 2 or 3, or use "
                           "optim.state_policy=offload to park inactive blocks' state in host memory")
-    if (zero.get("offload_param") or {}).get("device", "none") not in ("none", None):
+    if devices["offload_param"] != "none":
         raise ConfigError("ds_config offload_param is not supported with block switching: remove it (use "
                           "offload_optimizer and optim.state_policy=offload)")
     if "optimizer" in ds:
         raise ConfigError("ds_config has an 'optimizer' section: deca_ds supplies BlockAdam; remove the section "
                           "and set optim.lr/optim.betas/optim.weight_decay in the recipe")
-    if "train_batch_size" in ds and "train_micro_batch_size_per_gpu" not in ds:
-        raise ConfigError("ds_config sets train_batch_size without train_micro_batch_size_per_gpu: set "
-                          "train_micro_batch_size_per_gpu (batch per rank; a client's batch is that x its ranks)")
     if adamw_baseline and cfg.model.dtype != "fp32" and stage == 0:
         raise ConfigError("centralized_optimizer=adamw needs model.dtype=fp32: torch AdamW has no fp32 master of "
                           "low-precision weights")
+    dp = data_parallel_size(cfg, world_size)
+    if dp is not None:
+        check_batch_sizes(ds, dp, "rank(s) of a client (clients.ranks_per_client)" if cfg.method != "centralized"
+                          else "rank(s) (method=centralized: every rank is one data-parallel group)")
+    else:
+        check_batch_sizes(dict(ds), 1)  # types only; the arithmetic needs the world size
 
 
 def uses_activation_checkpointing(ds: dict[str, Any]) -> bool:

@@ -8,7 +8,9 @@ training itself stays decentralized.
 from __future__ import annotations
 
 import json
+import math
 import os
+import threading
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -17,20 +19,220 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 
+NONFINITE_KEY = "nonfinite_fields"
+"""Key added to a record holding non-finite numbers: ``{"/loss": "nan", "/eval/perplexity": "inf"}`` (JSON Pointer,
+RFC 6901, of each value -> ``"nan"``, ``"inf"`` or ``"-inf"``); the values themselves are written as ``null``."""
+
+
+def _pointer(path: str, key: Any) -> str:
+    return f"{path}/{str(key).replace('~', '~0').replace('/', '~1')}"
+
+
+def _nonfinite_name(x: float) -> str:
+    return "nan" if math.isnan(x) else ("inf" if x > 0 else "-inf")
+
+
+def _plain(obj: Any, path: str, found: dict[str, str]) -> Any:
+    """``obj`` with numpy/torch scalars made Python numbers and non-finite floats replaced by None (noted)."""
+    if obj is None or isinstance(obj, (bool, int, str)):
+        return obj
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        found[path] = _nonfinite_name(obj)
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _plain(v, _pointer(path, k), found) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v, _pointer(path, i), found) for i, v in enumerate(obj)]
+    item = getattr(obj, "item", None)  # numpy scalars, 0-d arrays and one-element tensors
+    if callable(item):
+        try:
+            return _plain(item(), path, found)
+        except (ValueError, RuntimeError):
+            pass
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    try:
+        return _plain(float(obj), path, found)
+    except (TypeError, ValueError):
+        raise TypeError(f"{path or '/'} of type {type(obj).__name__} cannot be written as JSON") from None
+
+
+def strict_json(obj: Any, **dumps_kwargs) -> str:
+    """Standard JSON text of ``obj``: never ``NaN``/``Infinity`` tokens (which ``json.dumps`` writes by default and
+    strict parsers such as JavaScript's or ``jq`` reject).
+
+    Non-finite floats become ``null`` and a mapping is given the key ``nonfinite_fields`` naming them (JSON Pointer
+    -> ``"nan"``/``"inf"``/``"-inf"``; see :func:`restore_nonfinite`). numpy and torch scalars are written as numbers.
+
+    Args:
+        obj: a dict (or, when it holds no non-finite number, any JSON-like value).
+        **dumps_kwargs: passed to ``json.dumps`` (e.g. ``indent=2``); ``allow_nan`` is always False.
+
+    Raises:
+        TypeError: a value that is not JSON-like, or non-finite numbers in something other than a dict.
+    """
+    found: dict[str, str] = {}
+    clean = _plain(obj, "", found)
+    if found:
+        if not isinstance(clean, dict):
+            raise TypeError(f"non-finite values at {sorted(found)} need a JSON object to carry {NONFINITE_KEY!r}")
+        clean[NONFINITE_KEY] = found
+    return json.dumps(clean, allow_nan=False, **dumps_kwargs)
+
+
+def restore_nonfinite(record: dict[str, Any]) -> dict[str, Any]:
+    """Put the non-finite numbers named by ``nonfinite_fields`` back (in place) and drop the key; returns ``record``.
+
+    For readers that want ``float("nan")`` where :func:`strict_json` wrote ``null``.
+    """
+    for pointer, name in (record.pop(NONFINITE_KEY, None) or {}).items():
+        node = record
+        parts = [p.replace("~1", "/").replace("~0", "~") for p in pointer.split("/")[1:]]
+        for part in parts[:-1]:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        last = parts[-1]
+        value = float(name)
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+    return record
+
+
+def read_jsonl(path: str | os.PathLike, restore: bool = True) -> list[dict[str, Any]]:
+    """Every complete record of a ``metrics.jsonl`` (a torn last line is skipped, not an error).
+
+    Args:
+        path: the file.
+        restore: put non-finite numbers back as floats (:func:`restore_nonfinite`).
+    """
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        records.append(restore_nonfinite(rec) if restore and isinstance(rec, dict) else rec)
+    return records
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> Path:
+    """Write ``obj`` as strict JSON (:func:`strict_json`) so that a reader never sees a half-written file.
+
+    Written to a temporary file in the same directory, fsynced, then renamed over ``path`` (``os.replace`` is atomic
+    on POSIX and Windows): a kill at any moment leaves the old file or the new one, never a mixture.
+
+    Args:
+        path: destination, e.g. ``output_dir/summary.json``.
+        obj: the data (a dict when it may hold non-finite numbers).
+        indent: ``json.dumps`` indentation.
+
+    Returns:
+        The path written.
+
+    Raises:
+        TypeError: ``obj`` holds a value that cannot be written (checked before anything is written).
+    """
+    path = Path(path)
+    text = strict_json(obj, indent=indent) + "\n"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")  # unique per writer
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return path
+    try:
+        os.fsync(fd)  # the rename itself survives a power loss
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+    return path
+
+
+def repair_jsonl(path: str | os.PathLike) -> int:
+    """Cut a torn tail off a JSON-lines file (a run killed mid-write); returns the number of bytes removed.
+
+    Everything after the last complete record (a partial line, or lines that do not parse, e.g. zeros left by a crash
+    of the file system) is truncated in place; a last object that is whole but lacks only its newline gets the
+    newline instead. Lines before the tail are never touched. A missing file is left missing.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        f.seek(max(0, size - 65536))
+        tail = f.read()
+    if not tail or (tail.endswith(b"\n") and _parses(tail.rstrip(b"\n").rsplit(b"\n", 1)[-1])):
+        return 0  # the usual case, decided from the last 64 KiB
+    data = path.read_bytes()
+    last = data[data.rfind(b"\n") + 1:]
+    if last and _parses(last) and last.strip().startswith(b"{"):
+        # Cut after its closing brace: the record is whole, only its newline is missing.
+        with open(path, "ab") as f:
+            f.write(b"\n")
+            f.flush()
+            os.fsync(f.fileno())
+        return 0
+    end = len(data)
+    while end > 0:
+        cut = data.rfind(b"\n", 0, end)  # data[:cut + 1] are whole lines; the last of them may still be garbage
+        if cut < 0:
+            end = 0
+            break
+        start = data.rfind(b"\n", 0, cut) + 1
+        if _parses(data[start:cut]):
+            end = cut + 1
+            break
+        end = start
+    if end != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+    return len(data) - end
+
+
+def _parses(line: bytes) -> bool:
+    if not line.strip():
+        return True  # an empty line is harmless
+    try:
+        json.loads(line)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return True
+
+
 class JsonlWriter:
-    """Appends one JSON object per line and flushes, so a killed run keeps every record written so far."""
+    """Appends one strict-JSON object per line and flushes, so a killed run keeps every record written so far.
+
+    Opening the file first cuts off a torn last line left by a run killed mid-write (:func:`repair_jsonl`), so that
+    the next record starts on a line of its own.
+    """
 
     def __init__(self, path: str | os.PathLike):
         """Args:
-            path: file to append to (created with its directory when missing).
+            path: file to append to (created with its directory when missing; a torn tail is repaired).
         """
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.repaired_bytes = repair_jsonl(self.path)
         self._f = open(self.path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
-        """Append ``record`` as one line."""
-        self._f.write(json.dumps(record, default=float) + "\n")
+        """Append ``record`` as one line (non-finite numbers as ``null`` plus ``nonfinite_fields``)."""
+        self._f.write(strict_json(record) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -39,18 +241,23 @@ class JsonlWriter:
 
 
 def truncate_jsonl_after(path: str | os.PathLike, step: int) -> None:
-    """Drop records with ``step >= step`` (a resumed run re-logs the steps after its checkpoint)."""
+    """Drop records with ``step >= step`` (a resumed run re-logs the steps after its checkpoint).
+
+    Kept records are re-encoded only when they held ``NaN``/``Infinity`` tokens (files of older versions), so the
+    file is strict JSON afterwards; a torn line is dropped.
+    """
     path = Path(path)
     if not path.is_file():
         return
     kept = []
     for line in path.read_text().splitlines():
+        nonstandard = []
         try:
-            rec = json.loads(line)
+            rec = json.loads(line, parse_constant=lambda name: nonstandard.append(name) or float(name))
         except json.JSONDecodeError:  # a line cut short by a kill
             continue
         if rec.get("step", -1) < step:
-            kept.append(line)
+            kept.append(strict_json(rec) if nonstandard else line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(x + "\n" for x in kept))
     os.replace(tmp, path)

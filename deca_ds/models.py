@@ -59,6 +59,38 @@ def check_model_config(cfg: ModelConfig) -> None:
         raise ConfigError(f"model.path={cfg.path!r} does not exist: give a local Hugging Face model directory")
 
 
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+"""Names model configs give their longest sequence (Llama/Qwen/Mistral; GPT-2; others), tried in this order."""
+
+
+def position_limit(model_config) -> int | None:
+    """The longest sequence a model's positions cover, from its config; None when the config names no limit."""
+    for key in POSITION_LIMIT_KEYS:
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_lengths(cfg, model_config) -> None:
+    """Refuse a ``data.max_length`` beyond the positions the model was built for, before anything runs.
+
+    Past ``max_position_embeddings`` a model with learned positions fails and a rotary one runs on positions it never
+    saw (its outputs, and the evaluation's generations, are then meaningless, and the run is needlessly slow).
+
+    Args:
+        cfg: the run's settings (:class:`deca_ds.config.RunConfig`; ``cfg.data.max_length`` is read).
+        model_config: the model's Hugging Face config (e.g. ``build_meta_model(path).config``).
+
+    Raises:
+        ConfigError: ``data.max_length`` exceeds the model's limit; the message names both and the fix.
+    """
+    limit = position_limit(model_config)
+    if limit is not None and cfg.data.max_length > limit:
+        raise ConfigError(f"data.max_length={cfg.data.max_length} exceeds the model's max_position_embeddings={limit}: "
+                          f"set data.max_length to at most {limit}")
+
+
 def _looks_like_hub_name(path: str) -> bool:
     parts = path.split("/")
     return len(parts) == 2 and all(parts) and not path.startswith((".", "/"))

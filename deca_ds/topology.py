@@ -12,6 +12,7 @@ process group is needed, so the engine, the single-process simulator and the tes
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -388,22 +389,57 @@ def _star(n: int, center: int = 0) -> np.ndarray:
     return adj
 
 
-def _read_custom(path, n: int):
-    """Read a custom graph file; returns ``("matrix", W)`` or ``("edges", adjacency)``.
+CUSTOM_FORMATS = ("edges", "matrix")
+_FORMAT_LINE = re.compile(r"#\s*format\s*:\s*(\S+)\s*", re.IGNORECASE)
 
-    ``.npy``: an ``n x n`` weight matrix. ``.csv``: a comma-separated ``n x n`` weight matrix. Any other text file:
-    an ``n x n`` whitespace-separated weight matrix if it has ``n`` rows of ``n`` numbers and either ``n > 2`` or a
-    non-integer entry; otherwise an edge list, one ``i j`` pair of client indices per line (``#`` comments allowed).
+
+def custom_file_format(path) -> str:
+    """The format a custom topology file declares: ``"matrix"`` or ``"edges"``. Never guessed from the values.
+
+    A ``.npy`` file holds a weight matrix. Any text file (``.txt``, ``.csv``, ...) must say what it holds on its
+    first non-blank line: ``# format: edges`` or ``# format: matrix``. (The values cannot tell: ``0 1`` / ``1 0``
+    is both a 2-client edge list and a 2x2 permutation matrix, and a 0/1 identity matrix is both "no mixing" and a
+    list of edges.)
+
+    Args:
+        path: the file.
+
+    Returns:
+        ``"matrix"`` or ``"edges"``.
+
+    Raises:
+        ValueError: the file is missing, or a text file does not declare one of the two formats.
     """
-    if path is None:
-        raise ValueError("topology custom needs the option path: an edge-list or weight-matrix file")
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"topology custom: file {str(path)!r} does not exist")
     if path.suffix == ".npy":
-        return "matrix", np.load(path)
-    if path.suffix == ".csv":
-        return "matrix", np.loadtxt(path, delimiter=",", ndmin=2)
+        return "matrix"
+    how = ("make the file's first line '# format: edges' (then one 'i j' pair of client indices per line) or "
+           "'# format: matrix' (then n rows of n weights)")
+    first = next((line.strip() for line in path.read_text().splitlines() if line.strip()), "")
+    match = _FORMAT_LINE.fullmatch(first)
+    if match is None:
+        raise ValueError(f"topology custom: {path} does not declare its format: {how}")
+    kind = match.group(1).lower()
+    if kind not in CUSTOM_FORMATS:
+        raise ValueError(f"topology custom: {path} declares an unknown format {kind!r}: {how}")
+    return kind
+
+
+def _read_custom(path, n: int):
+    """Read a custom graph file; returns ``("matrix", W)`` or ``("edges", adjacency)``.
+
+    The format is the one the file declares (:func:`custom_file_format`). ``matrix``: ``n`` rows of ``n`` weights
+    separated by spaces or commas (or a ``.npy`` array). ``edges``: one ``i j`` pair of client indices per line.
+    ``#`` starts a comment in text files.
+    """
+    if path is None:
+        raise ValueError("topology custom needs the option path: an edge-list or weight-matrix file")
+    kind = custom_file_format(path)
+    path = Path(path)
+    if path.suffix == ".npy":
+        return kind, np.load(path, allow_pickle=False)
     rows = []
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
@@ -412,20 +448,22 @@ def _read_custom(path, n: int):
     try:
         values = [[float(v) for v in row] for row in rows]
     except ValueError as err:
-        raise ValueError(f"topology custom: {path} is neither a weight matrix nor an edge list: {err}") from None
-    is_square = len(values) == n and all(len(r) == n for r in values)
-    integral = all(v == int(v) for r in values for v in r)
-    if is_square and (n > 2 or not integral):
-        return "matrix", np.array(values)
-    if not all(len(r) == 2 for r in values) or not integral:
-        raise ValueError(f"topology custom: {path} is not an edge list of 'i j' integer pairs nor an {n}x{n} matrix")
+        raise ValueError(f"topology custom: {path} ({kind}) has an entry that is not a number: {err}") from None
+    if kind == "matrix":
+        if not values or any(len(r) != len(values) for r in values):
+            raise ValueError(f"topology custom: matrix in {path} is not square: {len(values)} rows of "
+                             f"{sorted({len(r) for r in values})} values; expected {n} rows of {n}")
+        return kind, np.array(values)
+    if not all(len(r) == 2 for r in values) or not all(v == int(v) for r in values for v in r):
+        raise ValueError(f"topology custom: edge list {path} must hold one 'i j' pair of integer client indices "
+                         "per line")
     adj = _empty(n)
     for i, j in values:
         i, j = int(i), int(j)
         if not (0 <= i < n and 0 <= j < n):
             raise ValueError(f"topology custom: edge ({i}, {j}) in {path} names a client outside [0, {n})")
         _connect(adj, i, j)
-    return "edges", adj
+    return kind, adj
 
 
 _STATIC: dict[str, Callable[..., np.ndarray]] = {
@@ -445,7 +483,7 @@ def make_topology(name: str, num_clients: int, seed: int = 0, weights: str = "me
             default 0.5, and ``max_tries``; resampled with ``seed`` until connected), ``bipartite`` (complete bipartite
             between clients ``[0, n//2)`` and ``[n//2, n)``), ``complete``, ``star`` (option ``center``, default 0),
             ``custom`` (option ``path``: an edge list, whose edges get ``weights``, or a weight matrix, which is
-            validated and used as is).
+            validated and used as is; the file declares which, see :func:`custom_file_format`).
         num_clients: number of clients; 1 gives the trivial ``[[1]]`` matrix for every name.
         seed: seed of random graphs.
         weights: ``metropolis`` (Metropolis-Hastings) or ``uniform``; see :func:`mixing_weights`.

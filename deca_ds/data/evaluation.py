@@ -9,8 +9,10 @@ hand-computed values; :func:`evaluate` only runs the model.
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Any, Sequence
+import warnings
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -19,7 +21,11 @@ import torch.nn.functional as F
 from deca_ds.data.formatting import IGNORE_INDEX, prompt_ids_for_eval
 from deca_ds.data.loading import collate
 
-__all__ = ["classification_metrics", "token_loss", "evaluate", "greedy_generate", "continuation_logprobs"]
+__all__ = ["classification_metrics", "token_loss", "evaluate", "eval_progress", "greedy_generate",
+           "continuation_logprobs"]
+
+ProgressFn = Callable[[int, int], None]
+"""``progress(done, total)``: forward passes done so far and the most the evaluation will take."""
 
 
 def classification_metrics(predictions: Sequence[int], targets: Sequence[int], num_labels: int) -> dict[str, Any]:
@@ -90,7 +96,7 @@ def _logits(model, batch: dict[str, torch.Tensor], device: torch.device) -> torc
 
 
 def continuation_logprobs(model, prompts: list[list[int]], continuations: list[list[int]], pad_id: int,
-                          batch_size: int = 16) -> list[float]:
+                          batch_size: int = 16, on_forward: Callable[[], None] | None = None) -> list[float]:
     """Sum of log-probabilities of each continuation given its prompt.
 
     Args:
@@ -99,6 +105,7 @@ def continuation_logprobs(model, prompts: list[list[int]], continuations: list[l
         continuations: token ids per row (scored).
         pad_id: padding id (right padding; causal attention never sees it from earlier positions).
         batch_size: rows per forward pass.
+        on_forward: called after every forward pass (progress reporting).
 
     Returns:
         One float per row.
@@ -116,11 +123,13 @@ def continuation_logprobs(model, prompts: list[list[int]], continuations: list[l
         mask = tgt != IGNORE_INDEX
         picked = logp.gather(-1, tgt.clamp(min=0).unsqueeze(-1)).squeeze(-1) * mask
         out.extend(picked.sum(dim=1).tolist())
+        if on_forward is not None:
+            on_forward()
     return out
 
 
 def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int, pad_id: int,
-                    batch_size: int = 16) -> list[list[int]]:
+                    batch_size: int = 16, on_forward: Callable[[int], None] | None = None) -> list[list[int]]:
     """Greedy decoding without a KV cache, right-padded so positions match training exactly.
 
     Each row's next token is read at its own last position and written right after it; with causal attention the
@@ -133,6 +142,8 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id
         eos_id: end-of-sequence id.
         pad_id: padding id.
         batch_size: rows per forward pass.
+        on_forward: called as ``on_forward(k)`` with the forward passes just done or skipped: 1 per decoding step,
+            and the unused rest of a batch's ``max_new_tokens`` when every row of it has stopped early.
 
     Returns:
         Generated token ids per row.
@@ -149,7 +160,7 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id
         done = torch.zeros(len(chunk), dtype=torch.bool, device=device)
         gen: list[list[int]] = [[] for _ in chunk]
         rows = torch.arange(len(chunk), device=device)
-        for _ in range(max_new_tokens):
+        for used in range(1, max_new_tokens + 1):
             cur = int(lens.max())
             mask = (torch.arange(cur, device=device)[None, :] < lens[:, None]).long()
             logits = model(input_ids=ids[:, :cur], attention_mask=mask).logits
@@ -162,14 +173,81 @@ def greedy_generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id
                     gen[i].append(tok)
             ids[rows, lens] = torch.where(done, torch.full_like(nxt, pad_id), nxt)
             lens = lens + (~done).long()
+            if on_forward is not None:
+                on_forward(1 if not bool(done.all()) else 1 + max_new_tokens - used)
             if bool(done.all()):
                 break
         results.extend(gen)
     return results
 
 
+class _Ticker:
+    """Counts forward passes against a known upper bound and reports them to a ``progress(done, total)``."""
+
+    def __init__(self, total: int, progress: ProgressFn | None):
+        self.done, self.total, self.progress = 0, total, progress
+        self.report()
+
+    def report(self) -> None:
+        if self.progress is not None:
+            self.progress(min(self.done, self.total), self.total)
+
+    def __call__(self, k: int = 1) -> None:
+        self.done += k
+        self.report()
+
+
+def _label_ids(tokenizer, names: list[str]) -> list[list[int]]:
+    return [tokenizer(name, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for name in names]
+
+
+def _reference_lengths(tokenizer, rows) -> int:
+    return max(len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in rows) + 1
+
+
+def _forward_passes(tokenizer, data, n: int, batch_size: int) -> int:
+    """Upper bound of the forward passes :func:`evaluate` makes on ``n`` test rows (generation may stop sooner)."""
+    if n == 0:
+        return 0
+    batches = math.ceil(n / batch_size)
+    rows = data.test_examples[:n]
+    if data.label_names:
+        names = list(data.label_names)
+        longest = max(len(c) for c in _label_ids(tokenizer, names))
+        return batches + math.ceil(n * len(names) / batch_size) + batches * longest
+    return batches + batches * _reference_lengths(tokenizer, rows)
+
+
+def _position_limit(model) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    from deca_ds.models import position_limit
+
+    return position_limit(config)
+
+
+@contextlib.contextmanager
+def eval_progress(console=None, description: str = "evaluating") -> Iterator[ProgressFn]:
+    """A rich progress bar (forward passes done / at most) for :func:`evaluate`; yields its ``progress`` callback.
+
+    Args:
+        console: a ``rich.console.Console`` (default: a new one on stderr).
+        description: the text in front of the bar, e.g. ``"evaluating client 3"``.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn(description), BarColumn(), MofNCompleteColumn(), TextColumn("forward passes"),
+                   TimeElapsedColumn(), console=console or Console(stderr=True), transient=False)
+    task = bar.add_task(description, total=None)
+    with bar:
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
 @torch.no_grad()
-def evaluate(model, tokenizer, data, max_examples: int, batch_size: int = 16) -> dict[str, Any]:
+def evaluate(model, tokenizer, data, max_examples: int, batch_size: int = 16,
+             progress: ProgressFn | None = None) -> dict[str, Any]:
     """Score a model on the first ``max_examples`` rows of the global test split.
 
     Args:
@@ -178,6 +256,9 @@ def evaluate(model, tokenizer, data, max_examples: int, batch_size: int = 16) ->
         data: a :class:`~deca_ds.data.loading.ClientData`.
         max_examples: test rows used (``0`` or less: all).
         batch_size: rows per forward pass.
+        progress: called as ``progress(done, total)`` with the forward passes done and the most there will be
+            (greedy generation may stop early; ``done`` then jumps); None (the default) reports nothing. For a bar,
+            see :func:`eval_progress`.
 
     Returns:
         ``examples``, ``loss`` and ``perplexity`` (token-weighted over response tokens). For classification data
@@ -187,15 +268,24 @@ def evaluate(model, tokenizer, data, max_examples: int, batch_size: int = 16) ->
         where rows have groups, ``per_group_exact_match``. All values are plain floats (JSON-serializable).
     """
     n = len(data.test) if max_examples <= 0 else min(max_examples, len(data.test))
+    limit = _position_limit(model)
+    if limit is not None and data.max_length > limit:  # deca_ds.models.check_lengths refuses this before a run
+        warnings.warn(f"evaluating rows of up to data.max_length={data.max_length} tokens with a model of "
+                      f"max_position_embeddings={limit}: positions past {limit} are out of the model's range",
+                      stacklevel=2)
+    tick = _Ticker(_forward_passes(tokenizer, data, n, batch_size), progress)
     was_training = model.training
     model.eval()
     try:
-        return _evaluate(model, tokenizer, data, n, batch_size)
+        out = _evaluate(model, tokenizer, data, n, batch_size, tick)
     finally:
         model.train(was_training)
+    tick.done = tick.total
+    tick.report()
+    return out
 
 
-def _evaluate(model, tokenizer, data, n: int, batch_size: int) -> dict[str, Any]:
+def _evaluate(model, tokenizer, data, n: int, batch_size: int, tick: _Ticker) -> dict[str, Any]:
     device = _device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: dict[str, Any] = {"examples": n}
@@ -207,24 +297,25 @@ def _evaluate(model, tokenizer, data, n: int, batch_size: int) -> dict[str, Any]
         logits = _logits(model, batch, device)
         loss_sum, tokens = token_loss(logits, batch["labels"].to(device))
         total, count = total + loss_sum, count + tokens
+        tick()
     out["loss"] = total / max(count, 1)
     out["perplexity"] = math.exp(min(out["loss"], 700.0))
 
     rows = data.test_examples[:n]
     eos = tokenizer.eos_token_id
-    encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     if data.label_names:
         names = list(data.label_names)
-        conts = [encode(name) + [eos] for name in names]
+        conts = _label_ids(tokenizer, names)
         prompts = [prompt_ids_for_eval(r["prompt"], tokenizer, data.max_length - max(len(c) for c in conts))
                    for r in rows]
         scores = continuation_logprobs(
-            model, [p for p in prompts for _ in names], [c for _ in prompts for c in conts], pad_id, batch_size
+            model, [p for p in prompts for _ in names], [c for _ in prompts for c in conts], pad_id, batch_size,
+            on_forward=tick,
         )
         pred_ll = np.asarray(scores).reshape(n, len(names)).argmax(axis=1)
         lookup = {name: k for k, name in enumerate(names)}
         targets = [lookup[r["label"]] for r in rows]
-        gen = greedy_generate(model, prompts, max(len(c) for c in conts), eos, pad_id, batch_size)
+        gen = greedy_generate(model, prompts, max(len(c) for c in conts), eos, pad_id, batch_size, on_forward=tick)
         pred_gen = [lookup.get(tokenizer.decode(g, skip_special_tokens=True).strip(), -1) for g in gen]
         for suffix, pred in (("_ll", pred_ll), ("_gen", pred_gen)):
             m = classification_metrics(pred, targets, len(names))
@@ -235,9 +326,9 @@ def _evaluate(model, tokenizer, data, n: int, batch_size: int) -> dict[str, Any]
         out["per_label_accuracy"] = out["per_label_accuracy_ll"]
     else:
         refs = [r["response"] for r in rows]
-        longest = max(len(encode(t)) for t in refs) + 1
+        longest = _reference_lengths(tokenizer, rows)
         prompts = [prompt_ids_for_eval(r["prompt"], tokenizer, data.max_length - longest) for r in rows]
-        gen = greedy_generate(model, prompts, longest, eos, pad_id, batch_size)
+        gen = greedy_generate(model, prompts, longest, eos, pad_id, batch_size, on_forward=tick)
         hits = [tokenizer.decode(g, skip_special_tokens=True).strip() == ref.strip() for g, ref in zip(gen, refs)]
         out["exact_match"] = float(np.mean(hits))
         groups = [r.get("group") for r in rows]

@@ -124,7 +124,8 @@ class DirichletPartitioner(Partitioner):
         max_attempts: draws tried before giving up with ``ValueError``.
 
     Raises:
-        ValueError: ``alpha <= 0``, or no draw within ``max_attempts`` satisfies ``min_partition_size``.
+        ValueError: ``alpha <= 0``, fewer than ``num_partitions * min_partition_size`` rows, or no draw within
+            ``max_attempts`` satisfies ``min_partition_size`` (never a too-small draw).
     """
 
     def __init__(
@@ -138,20 +139,23 @@ class DirichletPartitioner(Partitioner):
     ) -> None:
         super().__init__(num_partitions)
         alpha_arr = np.broadcast_to(np.asarray(alpha, dtype=np.float64), (self.num_partitions,)).copy()
-        if not np.all(alpha_arr > 0):
-            raise ValueError(f"alpha={alpha!r} must be > 0 (small = more skewed; 1000 is nearly IID)")
+        if not np.all(alpha_arr > 0) or not np.all(np.isfinite(alpha_arr)):
+            raise ValueError(f"alpha={alpha!r} must be finite and > 0 (small = more skewed; 1000 is nearly IID)")
         self.partition_by = partition_by
         self.alpha = alpha_arr
         self.min_partition_size = int(min_partition_size)
         self.seed = seed
         self.max_attempts = int(max_attempts)
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts={max_attempts!r} must be >= 1")
 
     def _compute(self) -> list[np.ndarray]:
         codes, uniques = _codes(self._column(self.partition_by))
         n = len(codes)
         if n < self.min_partition_size * self.num_partitions:
             raise ValueError(
-                f"{n} rows cannot give {self.num_partitions} partitions of at least {self.min_partition_size} rows"
+                f"{n} rows cannot give {self.num_partitions} partitions of at least {self.min_partition_size} rows: "
+                "lower data.min_partition_size or use more data"
             )
         rng = np.random.default_rng(self.seed)
         for _ in range(self.max_attempts):
@@ -165,10 +169,11 @@ class DirichletPartitioner(Partitioner):
             out = [np.concatenate(p) if p else np.zeros(0, np.int64) for p in parts]
             if min(len(p) for p in out) >= self.min_partition_size:
                 return out
+        # Never fall back to the last draw: a client with fewer rows than promised would train on a repeated handful.
         raise ValueError(
             f"no Dirichlet draw (alpha={self.alpha[0]:g}) gave every one of {self.num_partitions} partitions at least "
-            f"{self.min_partition_size} rows in {self.max_attempts} attempts: lower min_partition_size, raise alpha, "
-            "or use more data"
+            f"{self.min_partition_size} rows in {self.max_attempts} attempts (smallest: {min(len(p) for p in out)} "
+            f"rows): lower data.min_partition_size, raise data.alpha (less skew), or use more data"
         )
 
 

@@ -49,7 +49,36 @@ def test_overrides_are_typed_and_applied_in_order():
     (["deca.signal=foo"], ["deca.signal"]),
     (["deca.betas=[0.9]"], ["deca.betas", "two numbers"]),
     (["optim.betas=[0.9,1.0]"], ["optim.betas"]),
-    (["resume=maybe"], ["resume", "true or false"]),
+    (["resume=maybe"], ["resume='maybe'", "true, false, auto or step_N"]),
+    (["resume=1"], ["resume=1", "true or false or a string"]),
+    (["resume=step_"], ["resume='step_'", "step_N"]),
+    (["optim.lr=inf"], ["optim.lr=inf", "finite"]),
+    (["optim.lr=.nan"], ["optim.lr=nan", "finite"]),
+    (["optim.lr=1" + "0" * 400], ["optim.lr=", "finite"]),
+    (["optim.eps=.inf"], ["optim.eps", "finite"]),
+    (["optim.weight_decay=inf"], ["optim.weight_decay", "finite"]),
+    (["data.alpha=inf"], ["data.alpha", "finite"]),
+    (["topology.p=nan"], ["topology.p", "finite"]),
+    (["comm_timeout=inf"], ["comm_timeout", "finite"]),
+    (["comm_timeout=1e12"], ["comm_timeout", "1e+09"]),
+    (["comm_timeout=1e-6"], ["comm_timeout", "0.001"]),
+    (["gossip.chunk_mb=inf"], ["gossip.chunk_mb", "finite"]),
+    (["gossip.chunk_mb=1e-9"], ["gossip.chunk_mb", "4 bytes"]),
+    (["gossip.dtype=bf16", "gossip.chunk_mb=1e-6"], ["gossip.chunk_mb", "2 bytes"]),
+    (["deca.betas=[0.9,.inf]"], ["deca.betas", "finite"]),
+    (["seed=-1"], ["seed=-1", "[0, 2**64)"]),
+    (["data.seed=-1"], ["data.seed=-1", "[0, 2**64)"]),
+    (["topology.seed=-5"], ["topology.seed=-5", "[0, 2**64)"]),
+    (["seed=18446744073709551616"], ["seed=18446744073709551616", "[0, 2**64)"]),
+    (["output_dir=' '"], ["output_dir=''", "empty"]),
+    (["model.path=''"], ["model.path=''", "empty"]),
+    (["data.path=' '"], ["data.path=''", "empty"]),
+    (["ds_config=''"], ["ds_config=''", "empty"]),
+    (["data.partition_by=''"], ["data.partition_by=''", "empty"]),
+    (["blocks.fixed_order=[1, 0]"], ["blocks.fixed_order is set", "blocks.order=fixed"]),
+    (["blocks.order=fixed", "blocks.fixed_order=[0, -1]"], ["blocks.fixed_order", "negative"]),
+    (["blocks.prefixes=[]"], ["blocks.prefixes", "non-empty"]),
+    (["topology.path=graph.txt"], ["topology.path is set", "topology.name=custom"]),
     (["max_steps=2.5"], ["max_steps", "integer"]),
     (["clients.ranks_per_client=0"], ["clients.ranks_per_client"]),
     (["lr"], ["not key=value"]),
@@ -78,3 +107,25 @@ def test_bad_files(tmp_path):
     nested.write_text("optim: 3\n")
     with pytest.raises(ConfigError, match="optim must be a mapping"):
         load_config(nested)
+
+
+def test_resume_values_and_extremes_that_are_accepted():
+    assert load_config(None, ["resume=true"]).resume is True
+    for value in ("auto", "step_96"):  # parsed, but refused until the training loop selects the checkpoint
+        with pytest.raises(ConfigError, match=f"resume={value} is not available yet"):
+            load_config(None, [f"resume={value}"])
+    cfg = load_config(None, ["seed=0", "data.seed=18446744073709551615", "gossip.chunk_mb=4e-6", "comm_timeout=1e9"])
+    assert cfg.data.seed == 2**64 - 1 and int(cfg.gossip.chunk_mb * 2**20) == 4
+
+
+@pytest.mark.parametrize("dotted, value", [
+    ("optim.lr", float("inf")), ("optim.betas", [0.9, float("nan")]), ("data.test_size", float("nan")),
+    ("gossip.chunk_mb", float("inf")), ("seed", -1), ("topology.seed", -2),
+])
+def test_validate_checks_values_set_in_code(dotted, value):
+    """Dataclasses built in code (not through load_config) get the same checks from validate()."""
+    cfg = RunConfig()
+    section, _, name = dotted.rpartition(".")
+    setattr(cfg if not section else getattr(cfg, section), name, value)
+    with pytest.raises(ConfigError, match=dotted.replace(".", r"\.")):
+        cfg.validate()

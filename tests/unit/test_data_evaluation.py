@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from deca_ds.config import RunConfig
 from deca_ds.data import BYTE_VOCAB_SIZE, build_client_data, classification_metrics, evaluate, make_byte_tokenizer
-from deca_ds.data.evaluation import continuation_logprobs, greedy_generate, token_loss
+from deca_ds.data.evaluation import continuation_logprobs, eval_progress, greedy_generate, token_loss
 
 
 def test_classification_metrics_hand_computed():
@@ -120,3 +120,84 @@ def test_evaluate_generation_task_reports_exact_match():
     r = evaluate(_tiny_llama(tok), tok, data, max_examples=8)
     assert r["exact_match"] == 0.0 and set(r["per_group_exact_match"]) <= set(data.count_names)
     assert "accuracy" not in r and r["loss"] > 0
+
+
+def _classification_data(num_examples=200):
+    tok = make_byte_tokenizer()
+    cfg = RunConfig()
+    cfg.data.num_examples, cfg.data.partition = num_examples, "iid"
+    return tok, build_client_data(cfg, tok, 0, 2)
+
+
+class _Counting(torch.nn.Module):
+    """Wraps a model and counts its forward passes."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, 0
+
+    def forward(self, input_ids, attention_mask=None):
+        self.calls += 1
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
+
+
+@pytest.mark.parametrize("task", ["classification", "generation"])
+def test_evaluate_reports_progress_up_to_the_forward_passes_it_makes(task):
+    tok = make_byte_tokenizer()
+    cfg = RunConfig()
+    cfg.data.task, cfg.data.num_examples, cfg.data.partition = task, 200, "iid"
+    data = build_client_data(cfg, tok, 0, 2)
+    model = _Counting(_Uniform(BYTE_VOCAB_SIZE))  # never emits EOS: generation uses its whole budget
+    seen = []
+    evaluate(model, tok, data, max_examples=12, batch_size=5, progress=lambda done, total: seen.append((done, total)))
+    totals = {t for _, t in seen}
+    assert len(totals) == 1 and seen[0][0] == 0 and seen[-1][0] == seen[-1][1]
+    assert all(a[0] <= b[0] for a, b in zip(seen, seen[1:]))  # monotone
+    # Uniform never stops early, so the bound is met exactly: one report per forward pass (plus start and end).
+    assert totals.pop() == model.calls and len(seen) == model.calls + 2
+
+
+def test_progress_jumps_when_generation_stops_early_and_default_is_quiet(capsys):
+    tok, data = _classification_data()
+    seen = []
+    r = evaluate(_tiny_llama(tok), tok, data, max_examples=6, batch_size=4,
+                 progress=lambda done, total: seen.append((done, total)))
+    assert seen[-1][0] == seen[-1][1] and r["examples"] == 6
+    evaluate(_tiny_llama(tok), tok, data, max_examples=6, batch_size=4)
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+
+
+def test_eval_progress_bar_renders():
+    from rich.console import Console
+
+    tok, data = _classification_data()
+    console = Console(record=True, width=100, force_terminal=False)
+    with eval_progress(console, "evaluating client 1") as progress:
+        evaluate(_Uniform(BYTE_VOCAB_SIZE), tok, data, max_examples=4, batch_size=4, progress=progress)
+    text = console.export_text()
+    assert "evaluating client 1" in text and "forward passes" in text
+
+
+def test_max_length_beyond_the_models_positions():
+    from deca_ds.config import ConfigError, load_config
+    from deca_ds.models import check_lengths, embedded_model_config, position_limit
+
+    limit = embedded_model_config().max_position_embeddings
+    assert position_limit(embedded_model_config()) == limit == 256
+    check_lengths(load_config(None, [f"data.max_length={limit}"]), embedded_model_config())
+    with pytest.raises(ConfigError) as e:
+        check_lengths(load_config(None, [f"data.max_length={limit + 1}"]), embedded_model_config())
+    assert str(e.value) == (f"data.max_length={limit + 1} exceeds the model's max_position_embeddings={limit}: "
+                            f"set data.max_length to at most {limit}")
+    assert position_limit(SimpleNamespace(n_positions=1024)) == 1024  # GPT-2's name for it
+    check_lengths(load_config(None, ["data.max_length=100000"]), SimpleNamespace())  # no limit known: nothing to say
+    # Library use without the check: evaluate warns in one line.
+    tok = make_byte_tokenizer()
+    cfg = RunConfig()
+    cfg.data.num_examples, cfg.data.partition, cfg.data.max_length = 200, "iid", 64
+    data = build_client_data(cfg, tok, 0, 2)
+    model = _tiny_llama(tok)
+    model.config.max_position_embeddings = 32
+    with pytest.warns(UserWarning, match="data.max_length=64 .* max_position_embeddings=32"):
+        evaluate(model, tok, data, max_examples=2)

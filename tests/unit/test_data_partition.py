@@ -85,8 +85,10 @@ def test_dirichlet_min_partition_size_and_errors(labelled):
         DirichletPartitioner(4, "label", -1.0)
     impossible = DirichletPartitioner(8, "label", 0.3, min_partition_size=600)
     impossible.dataset = ds
-    with pytest.raises(ValueError, match="600"):
+    with pytest.raises(ValueError, match="4000 rows cannot give 8 partitions of at least 600"):
         impossible.partition_indices()
+    with pytest.raises(ValueError, match="alpha"):
+        DirichletPartitioner(4, "label", float("inf"))
     missing = DirichletPartitioner(4, "topic", 0.3)
     missing.dataset = ds
     with pytest.raises(ValueError, match="topic"):
@@ -115,3 +117,33 @@ def test_natural_partition_follows_the_field():
     wrong.dataset = ds
     with pytest.raises(ValueError, match="3 clients"):
         wrong.partition_indices()
+
+
+def test_dirichlet_raises_once_its_attempts_run_out_never_returns_a_small_draw(labelled):
+    """Enough rows in total (8 x 400 <= 4000, past the row-count check), but alpha = 0.05 concentrates each label
+    on about one client, so no draw gives all 8 clients 400 rows: the attempts run out and it must raise."""
+    ds, _ = labelled
+    p = DirichletPartitioner(8, "label", 0.05, min_partition_size=400, seed=0, max_attempts=20)
+    p.dataset = ds
+    assert len(ds) >= 8 * 400
+    draws = []
+    real_default_rng = np.random.default_rng
+
+    class CountingRng:  # numpy's Generator cannot be patched; wrap it to count Dirichlet draws
+        def __init__(self, seed):
+            self._rng = real_default_rng(seed)
+
+        def permutation(self, x):
+            return self._rng.permutation(x)
+
+        def dirichlet(self, alpha):
+            draws.append(1)
+            return self._rng.dirichlet(alpha)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(np.random, "default_rng", CountingRng)
+        with pytest.raises(ValueError) as e:
+            p.partition_indices()
+    msg = str(e.value)
+    assert "in 20 attempts" in msg and "data.min_partition_size" in msg and "data.alpha" in msg and "\n" not in msg
+    assert len(draws) == 20 * 4  # every attempt drew once per label: the branch after the loop was reached

@@ -31,7 +31,7 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, world, wo
 
 def test_custom_topology_of_the_wrong_size(tmp_path):
     edges = tmp_path / "edges.txt"
-    edges.write_text("0 1\n1 2\n2 0\n")
+    edges.write_text("# format: edges\n0 1\n1 2\n2 0\n")
     cfg = _cfg(tmp_path, "topology.name=custom", f"topology.path={edges}")
     with pytest.raises(ConfigError, match="topology"):
         preflight(cfg, 4, None)

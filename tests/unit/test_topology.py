@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from deca_ds.gossip import ClientLayout, mix_stacked_
-from deca_ds.topology import TOPOLOGY_NAMES, check_mixing_matrix, make_topology
+from deca_ds.topology import TOPOLOGY_NAMES, check_mixing_matrix, custom_file_format, make_topology
 
 BUILT_IN = [n for n in TOPOLOGY_NAMES if n != "custom"]
 
@@ -132,24 +132,59 @@ def test_bad_matrices_are_refused_naming_the_property(matrix, prop, tmp_path):
 
 def test_custom_files(tmp_path):
     edges = tmp_path / "edges.txt"
-    edges.write_text("# a path 0-1-2-3\n0 1\n1 2\n2 3\n")
+    edges.write_text("# format: edges\n# a path 0-1-2-3\n0 1\n1 2\n2 3\n")
     path_graph = make_topology("custom", 4, path=edges)
     assert path_graph.degree.tolist() == [1, 2, 2, 1]
     np.testing.assert_allclose(path_graph.weights[0, 1], 1 / 3)  # 1/(1+max(1,2))
     w = make_topology("ring", 5).weights
-    np.savetxt(tmp_path / "w.csv", w, delimiter=",")
-    np.savetxt(tmp_path / "w.txt", w)
+    np.savetxt(tmp_path / "w.csv", w, delimiter=",", header="format: matrix")
+    np.savetxt(tmp_path / "w.txt", w, header="Format: Matrix")
     np.save(tmp_path / "w.npy", w)
     for name in ("w.csv", "w.txt", "w.npy"):
         np.testing.assert_allclose(make_topology("custom", 5, path=tmp_path / name).weights, w)
     with pytest.raises(ValueError, match="shape"):
         make_topology("custom", 4, path=tmp_path / "w.npy")
-    (tmp_path / "bad.txt").write_text("0 7\n")
+    (tmp_path / "bad.txt").write_text("# format: edges\n0 7\n")
     with pytest.raises(ValueError, match="outside"):
         make_topology("custom", 4, path=tmp_path / "bad.txt")
-    (tmp_path / "split.txt").write_text("0 1\n2 3\n")
+    (tmp_path / "split.txt").write_text("# format: edges\n0 1\n2 3\n")
     with pytest.raises(ValueError, match="not connected"):
         make_topology("custom", 4, path=tmp_path / "split.txt")
+    (tmp_path / "ragged.txt").write_text("# format: matrix\n0.5 0.5\n0.5\n")
+    with pytest.raises(ValueError, match="not square"):
+        make_topology("custom", 2, path=tmp_path / "ragged.txt")
+    (tmp_path / "float_edges.txt").write_text("# format: edges\n0 1.5\n")
+    with pytest.raises(ValueError, match="integer client indices"):
+        make_topology("custom", 2, path=tmp_path / "float_edges.txt")
+
+
+def test_custom_file_format_is_declared_never_guessed(tmp_path):
+    """The same values mean different graphs; only the file's declaration decides, and an undeclared file is
+    refused with the fix (it used to be guessed: a small integer matrix was read as an edge list)."""
+    values = "0 1\n1 0\n"
+    as_matrix, as_edges = tmp_path / "m.txt", tmp_path / "e.txt"
+    as_matrix.write_text("# format: matrix\n" + values)
+    as_edges.write_text("\n# format: edges\n" + values)  # blank lines before the declaration are fine
+    np.testing.assert_array_equal(make_topology("custom", 2, path=as_matrix).weights, [[0, 1], [1, 0]])  # swap
+    np.testing.assert_array_equal(make_topology("custom", 2, path=as_edges).weights, [[0.5, 0.5], [0.5, 0.5]])
+    # An identity matrix (no mixing at all) must be refused as disconnected, not become full averaging.
+    identity = tmp_path / "identity.txt"
+    identity.write_text("# format: matrix\n1 0 0\n0 1 0\n0 0 1\n")
+    with pytest.raises(ValueError, match="not connected"):
+        make_topology("custom", 3, path=identity)
+    for text in (values, "1 0 0\n0 1 0\n0 0 1\n", "# a comment first\n# format: edges\n0 1\n"):
+        undeclared = tmp_path / "undeclared.txt"
+        undeclared.write_text(text)
+        with pytest.raises(ValueError) as e:
+            make_topology("custom", 2, path=undeclared)
+        assert "does not declare its format" in str(e.value) and "'# format: edges'" in str(e.value)
+        assert "\n" not in str(e.value)
+    (tmp_path / "odd.txt").write_text("# format: adjacency\n0 1\n")
+    with pytest.raises(ValueError, match="unknown format 'adjacency'"):
+        make_topology("custom", 2, path=tmp_path / "odd.txt")
+    assert custom_file_format(tmp_path / "m.txt") == "matrix"
+    with pytest.raises(ValueError, match="does not exist"):
+        custom_file_format(tmp_path / "missing.txt")
 
 
 def test_refusals():

@@ -370,3 +370,27 @@ def test_hf_trainer_single_client_llama_factory_style(tmp_path):
     assert "model.embed_tokens.weight" in untouched and "lm_head.weight" in untouched  # not blocks (BAdam default)
     # The Trainer's linear schedule (no warmup) drove the learning rate through param_groups[0].
     assert rec.lrs == pytest.approx([1e-2 * (steps - t) / steps for t in range(steps)], rel=1e-12)
+
+
+def test_hf_trainer_checkpoint_resume_is_exact(tmp_path):
+    """Trainer saves optimizer.state_dict() and reloads it with weights_only=True; offloaded blocks come back."""
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install -e '.[test]')")
+    steps = 12  # visits (R=2): block 3 x1, 2, 1, 0, 3, 2, 1 x1: blocks 3 and 2 return after the checkpoint at 5
+
+    def train(out, save_steps=None, resume=None):
+        model = tiny_llama()
+        opt = BlockOptimizer(torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0),
+                             list(model.named_parameters()), switch_block_every=2, state_policy="offload", verbose=0)
+        args = T.TrainingArguments(output_dir=str(out), max_steps=steps, per_device_train_batch_size=2,
+                                   learning_rate=1e-2, use_cpu=True, report_to=[], logging_strategy="no", seed=0,
+                                   save_strategy="steps" if save_steps else "no", save_steps=save_steps or steps)
+        trainer = T.Trainer(model=model, args=args, train_dataset=TokenRows(2 * steps), optimizers=(opt, None))
+        trainer.train(resume_from_checkpoint=resume)
+        return {n: p.detach().clone() for n, p in model.named_parameters()}, opt
+
+    straight, _ = train(tmp_path / "a")
+    train(tmp_path / "b", save_steps=5)
+    resumed, opt = train(tmp_path / "b", save_steps=5, resume=str(tmp_path / "b" / "checkpoint-5"))
+    assert opt.global_step == steps and opt.state_store.blocks() == [0, 2, 3]
+    for n in straight:
+        assert torch.equal(resumed[n], straight[n]), n

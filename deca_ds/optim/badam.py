@@ -55,8 +55,9 @@ from deca_ds.optim.state_store import OFFLOAD_DTYPES, BlockStateStore
 SWITCH_MODES = ("ascending", "descending", "random", "fixed")
 _FORMAT = "deca_ds.BlockOptimizer/1"
 _ENGINE_HINT = ("for block-wise Adam on several GPUs or under ZeRO 1-3 use deca_ds's engine, which re-initializes "
-                "DeepSpeed at every switch: `deepspeed --num_gpus N recipes/finetune.py method=centralized "
-                "ds_config=ds_configs/gpu_bf16_zero3.json` (see README, Methods)")
+                "DeepSpeed at every switch: `deepspeed --num_gpus N recipes/finetune.py --config "
+                "recipes/configs/gpu_bf16.yaml method=centralized ds_config=ds_configs/gpu_bf16_zero3.json "
+                "model.path=... data.path=...` (README, Methods)")
 
 
 def infer_block_prefixes(param_names: Iterable[str], include_embedding: bool = False,

@@ -137,9 +137,9 @@ def _refuse_deepspeed_and_multiprocess(ds_zero3_enabled) -> None:
                               f"deca_ds's BlockOptimizer; {_ENGINE_HINT}")
         for section in ("bf16", "fp16"):
             if (cfg.get(section) or {}).get("enabled") is True:
-                raise ConfigError(f"the DeepSpeed config has {section}.enabled=true: DeepSpeed then wraps the optimizer "
-                                  f"with fp32 copies of every parameter; turn the section off and load the model in "
-                                  f"{section} (BlockOptimizer keeps the fp32 master of the active block)")
+                raise ConfigError(f"the DeepSpeed config has {section}.enabled=true: DeepSpeed then wraps the "
+                                  f"optimizer with fp32 copies of every parameter; turn the section off and load the "
+                                  f"model in {section} (BlockOptimizer keeps the fp32 master of the active block)")
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         world = torch.distributed.get_world_size()
         if world > 1:
@@ -536,9 +536,9 @@ class BlockOptimizer(torch.optim.Optimizer):
             ConfigError: not this optimizer's format (e.g. a BAdam checkpoint), or other blocks or state policy.
         """
         if not isinstance(state_dict, dict) or state_dict.get("format") != _FORMAT:
-            raise ConfigError("the optimizer checkpoint is not a deca_ds BlockOptimizer state (a BAdam checkpoint holds "
-                              "only the active block's moments, keyed by position): start the optimizer fresh, e.g. "
-                              "delete optimizer.pt from the checkpoint directory")
+            raise ConfigError("the optimizer checkpoint is not a deca_ds BlockOptimizer state (a BAdam checkpoint "
+                              "holds only the active block's moments, keyed by position): start the optimizer fresh, "
+                              "e.g. delete optimizer.pt from the checkpoint directory")
         if state_dict["block_names"] != [list(b.param_names) for b in self._blocks]:
             raise ConfigError("the checkpoint's blocks differ from this optimizer's: build it with the same "
                               "block_prefix_list / include_embedding / include_lm_head")

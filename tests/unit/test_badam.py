@@ -348,7 +348,7 @@ class RecordBlocks(T.TrainerCallback):
 
 
 def test_hf_trainer_single_client_llama_factory_style(tmp_path):
-    """LLaMA-Factory's use_badam path: Trainer + BlockOptimizer(base AdamW, named params, switch every R, descending)."""
+    """LLaMA-Factory's use_badam path: Trainer + BlockOptimizer(base AdamW, named params, switch every R)."""
     pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate (pip install -e '.[test]')")
     R, steps = 3, 9
     model = tiny_llama()

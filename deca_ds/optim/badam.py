@@ -127,8 +127,11 @@ def _refuse_deepspeed_and_multiprocess(ds_zero3_enabled) -> None:
     if ds_zero3_enabled:
         raise ConfigError(f"ds_zero3_enabled=True: deca_ds's BlockOptimizer does not take BAdam's ZeRO-3 path, "
                           f"which loses the update of every switching step; {_ENGINE_HINT}")
-    hf_ds = sys.modules.get("transformers.integrations.deepspeed")
-    cfg = hf_ds.deepspeed_config() if hf_ds is not None and hasattr(hf_ds, "deepspeed_config") else None
+    hf_ds = sys.modules.get("transformers.integrations.deepspeed")  # only if the user's code loaded it
+    try:
+        cfg = hf_ds.deepspeed_config() if hf_ds is not None and hasattr(hf_ds, "deepspeed_config") else None
+    except AttributeError:  # a half-built HfDeepSpeedConfig (its constructor failed): no DeepSpeed run
+        cfg = None
     if cfg:
         stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
         if stage not in (0, "0"):

@@ -269,22 +269,29 @@ def test_refusals_are_one_line_config_errors(monkeypatch):
         with pytest.raises(ConfigError, match=match) as e:
             make(**kw)
         assert "\n" not in str(e.value)
-    # ZeRO or DeepSpeed's mixed precision announced through transformers' DeepSpeed config.
-    from transformers.integrations import HfDeepSpeedConfig
-
-    for ds, match in [({"zero_optimization": {"stage": 3}}, "stage=3"), ({"zero_optimization": {"stage": 2}},
-                                                                         "stage=2"),
-                      ({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, "bf16.enabled")]:
-        keep = HfDeepSpeedConfig(ds)  # noqa: F841 (transformers holds a weak reference to it)
-        with pytest.raises(ConfigError, match=match):
-            make()
-        del keep
-    make()  # the config is gone: accepted again
     # Several processes: DDP would average the first block only.
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
     with pytest.raises(ConfigError, match="2 processes"):
         make()
+
+
+def test_refuses_zero_and_deepspeed_mixed_precision_from_hf_config():
+    """ZeRO or DeepSpeed's bf16 optimizer, announced through transformers' DeepSpeed config (Trainer --deepspeed)."""
+    pytest.importorskip("accelerate", reason="transformers' HfDeepSpeedConfig needs accelerate (pip install -e "
+                        "'.[test]')")
+    from transformers.integrations import HfDeepSpeedConfig
+
+    model = tiny_llama()
+    for ds, match in [({"zero_optimization": {"stage": 3}}, "stage=3"), ({"zero_optimization": {"stage": 2}},
+                                                                         "stage=2"),
+                      ({"zero_optimization": {"stage": 0}, "bf16": {"enabled": True}}, "bf16.enabled")]:
+        keep = HfDeepSpeedConfig(ds)  # noqa: F841 (transformers holds a weak reference to it)
+        with pytest.raises(ConfigError, match=match):
+            BlockOptimizer(torch.optim.AdamW(model.parameters()), list(model.named_parameters()), verbose=0)
+        del keep
+    # The config is gone: accepted again.
+    BlockOptimizer(torch.optim.AdamW(model.parameters()), list(model.named_parameters()), verbose=0)
 
 
 def test_refuses_when_deepspeed_replaced_the_parameters():

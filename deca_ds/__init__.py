@@ -15,6 +15,7 @@ _EXPORTS = {
     "BlockPartition": "deca_ds.blocks",
     "BlockSchedule": "deca_ds.blocks",
     "BlockAdam": "deca_ds.optim",
+    "BlockOptimizer": "deca_ds.optim",
     "memory_report": "deca_ds.optim",
     "make_topology": "deca_ds.topology",
     "Topology": "deca_ds.topology",

@@ -21,7 +21,13 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, default=1)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--ranks-per-client", type=int, default=1)
-    p.add_argument("--layers-per-block", type=int, default=1)
+    p.add_argument("--layers-per-block", type=int, default=None,
+                   help="decoder layers per block (default: the recipe's, blocks.layers_per_block)")
+    p.add_argument("--include-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the embeddings as a block (default: the recipe's; frozen by the plan only if nothing "
+                   "else fits)")
+    p.add_argument("--include-lm-head", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the final norm and LM head as a block (default as --include-embeddings)")
     p.add_argument("--state-policy", choices=("reset", "offload"), default="offload")
     p.add_argument("--offload-dtype", choices=("fp32", "int8"), default="fp32")
     p.add_argument("--activation-checkpointing", action="store_true")
@@ -40,6 +46,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     req = PlanRequest(
         gpu_memory=parse_bytes(args.gpu_memory), seq_len=args.seq_len, micro_batch=args.micro_batch,
         clients=args.clients, ranks_per_client=args.ranks_per_client, layers_per_block=args.layers_per_block,
+        include_embeddings=args.include_embeddings, include_lm_head=args.include_lm_head,
         state_policy=args.state_policy, offload_dtype=args.offload_dtype,
         activation_checkpointing=args.activation_checkpointing, dtype=args.dtype, topology=args.topology,
         max_degree=args.max_degree, gossip_chunk_mb=args.gossip_chunk_mb, overhead=parse_bytes(args.overhead),

@@ -2,11 +2,13 @@
 
 Users pick deca_ds because full-parameter Adam does not fit their GPU. This module answers "does it fit, and with
 which settings?" from a model's ``config.json`` alone: the model is built on the ``meta`` device (no weights, no
-memory), partitioned into blocks exactly as training partitions it (:func:`deca_ds.partition_blocks`), and the
-per-GPU bytes of full Adam (DeepSpeed stages 0-3, with and without CPU offload) and of deca_ds are computed in closed
-form. The full-Adam figures follow DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs`` in
-``deepspeed/runtime/zero/stage_1_and_2.py`` and ``estimate_zero3_model_states_mem_needs`` in ``stage3.py``), which the
-tests check against. Everything here is arithmetic on integers; nothing is allocated.
+memory), partitioned into blocks exactly as training partitions it (:func:`partition_for`: the same
+:func:`deca_ds.partition_blocks` call with the same :class:`deca_ds.config.BlocksConfig` the written recipe holds, so
+the embeddings and LM head are blocks exactly when the recipe trains them), and the per-GPU bytes of full Adam
+(DeepSpeed stages 0-3, with and without CPU offload) and of deca_ds are computed in closed form. The full-Adam
+figures follow DeepSpeed's own estimators (``estimate_zero2_model_states_mem_needs`` in
+``deepspeed/runtime/zero/stage_1_and_2.py`` and ``estimate_zero3_model_states_mem_needs`` in ``stage3.py``), which
+the tests check against. Everything here is arithmetic on integers; nothing is allocated.
 
 Formulas (Ψ parameters, L parameters of the largest block, N = ranks per client, w = bytes per weight):
 
@@ -32,8 +34,10 @@ import json
 import math
 import os
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Callable
+
+from deca_ds.config import BlocksConfig, DecaConfig, OptimConfig, RunConfig
 
 GIB = 1024**3
 MIB = 1024**2
@@ -42,6 +46,11 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
 _WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 INT8_BLOCKSIZE = 4096
 """Values per fp32 absmax in bitsandbytes' blockwise 8-bit quantization (``quantize_blockwise`` default)."""
+PRETRAINED_LR = 5e-5
+"""Learning rate written for a pretrained model: ``OptimConfig.lr``'s default suits the embedded tiny model only (its
+docstring: pretrained LLMs want ~1e-5 to 5e-5)."""
+ROUNDS = 4
+"""Rounds over all blocks in the written ``max_steps`` (the paper's T = 4)."""
 
 
 def parse_bytes(text: str | int) -> int:
@@ -94,6 +103,9 @@ class ModelShape:
         num_key_value_heads: Key/value heads (GQA).
         vocab_size: V.
         layers_per_block: Decoder layers per block used for the partition.
+        include_embeddings: Whether the embeddings are a block (else frozen).
+        include_lm_head: Whether the final norm and LM head are a block (else frozen).
+        largest_block_name: Name of the largest block (``embeddings``, ``layers.3``, ``lm_head``).
     """
 
     params: int
@@ -108,6 +120,9 @@ class ModelShape:
     num_key_value_heads: int
     vocab_size: int
     layers_per_block: int = 1
+    include_embeddings: bool = False
+    include_lm_head: bool = False
+    largest_block_name: str = ""
 
 
 def build_meta_model(model_dir: str):
@@ -127,25 +142,39 @@ def build_meta_model(model_dir: str):
     return _build(model_dir)
 
 
-def inspect_model(model, layers_per_block: int = 1, include_embeddings: bool = False,
-                  include_lm_head: bool = False) -> ModelShape:
-    """Count a model's parameters and partition it into blocks as training does.
+def partition_for(model, blocks: BlocksConfig):
+    """The partition a recipe with these ``blocks`` settings trains (the call ``trainer``/``engine``/``zero`` make).
 
     Args:
         model: A causal LM (meta device is fine).
-        layers_per_block: Consecutive decoder layers per block.
-        include_embeddings: Make the embeddings a block.
-        include_lm_head: Make the final norm and LM head a block.
+        blocks: The recipe's ``blocks`` section.
+
+    Returns:
+        The :class:`deca_ds.blocks.BlockPartition`.
+    """
+    from deca_ds.blocks import partition_blocks
+
+    return partition_blocks(model, layers_per_block=blocks.layers_per_block,
+                            include_embeddings=blocks.include_embeddings, include_lm_head=blocks.include_lm_head,
+                            prefixes=blocks.prefixes)
+
+
+def inspect_model(model, blocks: BlocksConfig | None = None) -> ModelShape:
+    """Count a model's parameters and partition it into blocks as a recipe with these ``blocks`` settings trains it.
+
+    Args:
+        model: A causal LM (meta device is fine).
+        blocks: The recipe's ``blocks`` section; default: the recipe defaults (:class:`deca_ds.config.BlocksConfig`,
+            which trains the embeddings and the LM head).
 
     Returns:
         The :class:`ModelShape`.
     """
-    from deca_ds.blocks import partition_blocks
-
+    blocks = blocks or BlocksConfig()
     named = dict(model.named_parameters())  # deduplicates tied weights
-    part = partition_blocks(model, layers_per_block=layers_per_block, include_embeddings=include_embeddings,
-                            include_lm_head=include_lm_head)
+    part = partition_for(model, blocks)
     sizes = [sum(named[n].numel() for n in b.param_names if n in named) for b in part.blocks]
+    largest = max(range(len(sizes)), key=sizes.__getitem__)
     largest_module = 0
     for module in model.modules():
         own = sum(p.numel() for p in module.parameters(recurse=False))
@@ -164,7 +193,10 @@ def inspect_model(model, layers_per_block: int = 1, include_embeddings: bool = F
         num_attention_heads=heads,
         num_key_value_heads=getattr(cfg, "num_key_value_heads", None) or heads,
         vocab_size=cfg.vocab_size,
-        layers_per_block=layers_per_block,
+        layers_per_block=blocks.layers_per_block,
+        include_embeddings=blocks.include_embeddings,
+        include_lm_head=blocks.include_lm_head,
+        largest_block_name=part.blocks[largest].name,
     )
 
 
@@ -348,7 +380,13 @@ class PlanRequest:
     micro_batch: int = 1
     clients: int = 8
     ranks_per_client: int = 1
-    layers_per_block: int = 1
+    layers_per_block: int | None = None
+    """Decoder layers per block; ``None``: the recipe default (``BlocksConfig.layers_per_block``)."""
+    include_embeddings: bool | None = None
+    """Train the embeddings as a block; ``None``: the recipe default, which the search turns off only when nothing
+    else fits."""
+    include_lm_head: bool | None = None
+    """Train the final norm and LM head as a block; ``None`` as for ``include_embeddings``."""
     state_policy: str = "offload"
     offload_dtype: str = "fp32"
     activation_checkpointing: bool = False
@@ -359,10 +397,24 @@ class PlanRequest:
     overhead: int = GIB
     """Bytes set aside for the CUDA context, kernels' workspaces and allocator fragmentation."""
 
+    def blocks(self) -> BlocksConfig:
+        """The recipe's ``blocks`` section for this request: the project's defaults, with this request's choices."""
+        d = BlocksConfig()
+        return replace(
+            d,
+            layers_per_block=d.layers_per_block if self.layers_per_block is None else self.layers_per_block,
+            include_embeddings=d.include_embeddings if self.include_embeddings is None else self.include_embeddings,
+            include_lm_head=d.include_lm_head if self.include_lm_head is None else self.include_lm_head,
+        )
+
 
 @dataclass
 class Plan:
-    """Result of :func:`make_plan`; ``to_dict`` is the ``--json`` output."""
+    """Result of :func:`make_plan`; ``to_dict`` is the ``--json`` output.
+
+    ``recommended_request`` is the request whose settings fit (``None`` if nothing fits); ``--write`` writes exactly
+    its settings, and ``recommended`` summarises it (its blocks are those of the written recipe).
+    """
 
     request: PlanRequest
     shape: ModelShape
@@ -373,13 +425,16 @@ class Plan:
     fits: bool
     full_adam_fits: bool
     recommended: dict[str, Any] = field(default_factory=dict)
+    recommended_request: PlanRequest | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Flat summary first (the keys users script against), then the details."""
         return {
             "params": self.shape.params,
+            "trainable_params": self.shape.trainable_params,
             "num_blocks": self.shape.num_blocks,
             "largest_block_params": self.shape.largest_block_params,
+            "largest_block_name": self.shape.largest_block_name,
             "full_adam_model_state_bytes": self.full_adam[0]["gpu_bytes"],
             "deca_model_state_bytes": self.deca["model_states"],
             "gossip_buffer_bytes": self.deca["gossip_buffers"],
@@ -432,39 +487,72 @@ def full_adam_table(shape: ModelShape, req: PlanRequest) -> list[dict[str, Any]]
     return rows
 
 
-def make_plan(shape_for, req: PlanRequest) -> Plan:
+def _candidates(req: PlanRequest) -> list[PlanRequest]:
+    """The request, then each relaxation added to the previous ones, in the search order of :func:`make_plan`."""
+    out = [req]
+    cur = req
+    if not cur.activation_checkpointing:
+        cur = replace(cur, activation_checkpointing=True)
+        out.append(cur)
+    for lpb in range(cur.blocks().layers_per_block - 1, 0, -1):
+        cur = replace(cur, layers_per_block=lpb)
+        out.append(cur)
+    if cur.micro_batch > 1:
+        cur = replace(cur, micro_batch=1)
+        out.append(cur)
+    # Last resort, and only when the user left them to the defaults: freeze the embeddings, then the head too (a
+    # large vocabulary makes each of them the largest block: 525M parameters for Llama-3.1-8B's 128k tokens).
+    if req.include_embeddings is None and cur.blocks().include_embeddings:
+        cur = replace(cur, include_embeddings=False)
+        out.append(cur)
+    if req.include_lm_head is None and cur.blocks().include_lm_head:
+        cur = replace(cur, include_lm_head=False)
+        out.append(cur)
+    return out
+
+
+def make_plan(shape_for: Callable[[BlocksConfig], ModelShape], req: PlanRequest) -> Plan:
     """Evaluate the requested settings and, if they do not fit, search for settings that do.
 
-    Search order (first that fits wins): the request as given; with activation checkpointing; then fewer layers
-    per block (down to 1); then micro-batch 1.
+    Search order (first that fits wins, each step keeping the previous ones): the request as given; activation
+    checkpointing; fewer layers per block (down to 1); micro-batch 1; then, only for settings the user left to the
+    recipe defaults, the embeddings frozen, then the LM head frozen too.
 
     Args:
-        shape_for: ``layers_per_block -> ModelShape`` (partitioning depends on it).
+        shape_for: ``BlocksConfig -> ModelShape`` (the partition depends on the blocks settings).
         req: The request.
 
     Returns:
-        The :class:`Plan` for the request, with ``recommended`` holding the settings that fit (empty if none).
+        The :class:`Plan` for the request, with ``recommended``/``recommended_request`` holding the settings that fit
+        (empty/``None`` if none).
     """
-    shape = shape_for(req.layers_per_block)
+    shape = shape_for(req.blocks())
     deca, act, total = _evaluate(shape, req)
-    plan = Plan(req, shape, full_adam_table(shape, req), deca, act, total, total <= req.gpu_memory,
-                any(r["fits"] for r in full_adam_table(shape, req)))
-    candidates = [req]
-    if not req.activation_checkpointing:
-        candidates.append(PlanRequest(**{**asdict(req), "activation_checkpointing": True}))
-    for lpb in range(req.layers_per_block - 1, 0, -1):
-        candidates.append(PlanRequest(**{**asdict(req), "activation_checkpointing": True, "layers_per_block": lpb}))
-    if req.micro_batch > 1:
-        candidates.append(PlanRequest(**{**asdict(req), "activation_checkpointing": True, "layers_per_block": 1,
-                                         "micro_batch": 1}))
-    for cand in candidates:
-        s = shape if cand.layers_per_block == req.layers_per_block else shape_for(cand.layers_per_block)
+    table = full_adam_table(shape, req)
+    plan = Plan(req, shape, table, deca, act, total, total <= req.gpu_memory, any(r["fits"] for r in table))
+    wanted = req.blocks()
+    unfrozen_total = None  # what training every requested block needs, at the last settings tried before freezing
+    for cand in _candidates(req):
+        blocks = cand.blocks()
+        s = shape if blocks == wanted else shape_for(blocks)
         _, _, t = _evaluate(s, cand)
+        frozen = (blocks.include_embeddings, blocks.include_lm_head) != (wanted.include_embeddings,
+                                                                         wanted.include_lm_head)
+        if not frozen:
+            unfrozen_total = t
         if t <= cand.gpu_memory:
-            plan.recommended = {"layers_per_block": cand.layers_per_block, "micro_batch": cand.micro_batch,
+            plan.recommended_request = cand
+            plan.recommended = {"layers_per_block": blocks.layers_per_block,
+                                "include_embeddings": blocks.include_embeddings,
+                                "include_lm_head": blocks.include_lm_head, "micro_batch": cand.micro_batch,
                                 "activation_checkpointing": cand.activation_checkpointing,
                                 "state_policy": cand.state_policy, "offload_dtype": cand.offload_dtype,
-                                "total_gpu_bytes": t, "num_blocks": s.num_blocks}
+                                "total_gpu_bytes": t, "num_blocks": s.num_blocks,
+                                "largest_block_params": s.largest_block_params,
+                                "largest_block_name": s.largest_block_name,
+                                "trainable_params": s.trainable_params, "frozen_params": s.params - s.trainable_params}
+            if frozen:
+                plan.recommended["unfrozen_total_gpu_bytes"] = unfrozen_total
             break
     return plan
 
@@ -472,12 +560,14 @@ def make_plan(shape_for, req: PlanRequest) -> Plan:
 def plan_from_model_dir(model_dir: str, req: PlanRequest) -> Plan:
     """Build the meta model from ``model_dir/config.json`` and plan for it (see :func:`make_plan`)."""
     model = build_meta_model(model_dir)
-    cache: dict[int, ModelShape] = {}
+    cache: dict[tuple, ModelShape] = {}
 
-    def shape_for(lpb: int) -> ModelShape:
-        if lpb not in cache:
-            cache[lpb] = inspect_model(model, layers_per_block=lpb)
-        return cache[lpb]
+    def shape_for(blocks: BlocksConfig) -> ModelShape:
+        key = (blocks.layers_per_block, blocks.include_embeddings, blocks.include_lm_head,
+               tuple(blocks.prefixes or ()))
+        if key not in cache:
+            cache[key] = inspect_model(model, blocks)
+        return cache[key]
 
     return make_plan(shape_for, req)
 
@@ -486,12 +576,20 @@ def plan_from_model_dir(model_dir: str, req: PlanRequest) -> Plan:
 # Output.
 
 
+def _blocks_text(s: ModelShape) -> str:
+    layer_blocks = s.num_blocks - s.include_embeddings - s.include_lm_head
+    parts = (["embeddings"] if s.include_embeddings else []) + [f"{layer_blocks} x {s.layers_per_block} layer(s)"] + \
+        (["lm_head"] if s.include_lm_head else [])
+    frozen = [n for n, on in (("embeddings", s.include_embeddings), ("LM head", s.include_lm_head)) if not on]
+    return (f"{s.num_blocks} blocks ({' + '.join(parts)}), largest {s.largest_block_name} "
+            f"{s.largest_block_params / 1e6:.1f}M params" + (f"; frozen: {', '.join(frozen)}" if frozen else ""))
+
+
 def format_plan(plan: Plan) -> str:
     """Plain-text report: the model, full Adam per stage, deca_ds by category, the verdict."""
     s, r, d = plan.shape, plan.request, plan.deca
     lines = [
-        f"model: {s.params / 1e9:.3f}B params, {s.num_layers} layers, {s.num_blocks} blocks of {s.layers_per_block} "
-        f"layer(s), largest block {s.largest_block_params / 1e6:.1f}M params",
+        f"model: {s.params / 1e9:.3f}B params, {s.num_layers} layers; {_blocks_text(s)}",
         f"per GPU: {format_bytes(r.gpu_memory)}; seq_len {r.seq_len}, micro-batch {r.micro_batch}, {r.dtype} "
         f"weights, activation checkpointing {'on' if r.activation_checkpointing else 'off'}, "
         f"{r.clients} clients x {r.ranks_per_client} rank(s); overhead {format_bytes(r.overhead)}",
@@ -515,9 +613,15 @@ def format_plan(plan: Plan) -> str:
     ]
     if plan.recommended:
         rec = plan.recommended
-        lines.append(f"recommended: layers_per_block={rec['layers_per_block']} ({rec['num_blocks']} blocks), "
-                     f"micro_batch={rec['micro_batch']}, activation_checkpointing="
-                     f"{str(rec['activation_checkpointing']).lower()} -> {format_bytes(rec['total_gpu_bytes'])}")
+        frozen = [k for k in ("include_embeddings", "include_lm_head") if not rec[k] and getattr(s, k)]
+        lines.append(f"recommended: layers_per_block={rec['layers_per_block']} ({rec['num_blocks']} blocks, largest "
+                     f"{rec['largest_block_name']} {rec['largest_block_params'] / 1e6:.1f}M params), micro_batch="
+                     f"{rec['micro_batch']}, activation_checkpointing={str(rec['activation_checkpointing']).lower()}"
+                     + "".join(f", blocks.{k}=false" for k in frozen) + f" -> {format_bytes(rec['total_gpu_bytes'])}")
+        if frozen:
+            lines.append(f"  ({' and '.join(k.removeprefix('include_') for k in frozen)} frozen: training them as "
+                         f"blocks needs {format_bytes(rec['unfrozen_total_gpu_bytes'])}; "
+                         f"{rec['frozen_params'] / 1e6:.1f}M parameters are not trained)")
     else:
         lines.append("recommended: nothing fits; use a larger GPU, shorter sequences or more ranks per client")
     return "\n".join(lines)
@@ -548,26 +652,32 @@ def recommended_ds_config(plan: Plan) -> dict[str, Any]:
 
 
 def recommended_recipe(plan: Plan, model_dir: str, ds_config_path: str) -> dict[str, Any]:
-    """Recipe YAML content (keys of :class:`deca_ds.config.RunConfig`) for the recommended settings."""
-    rec = plan.recommended or {}
-    r = plan.request
+    """Recipe YAML content (keys of :class:`deca_ds.config.RunConfig`) for the recommended settings.
+
+    Everything the planner does not decide comes from the project's defaults (``deca_ds.config``'s dataclasses):
+    ``method``, the whole ``deca`` section, ``blocks.switch_every``/``order``, ``optim.betas``/``eps``/
+    ``weight_decay``, so the written recipe follows them when they change. The ``blocks`` section is the one the plan
+    partitioned with (:meth:`PlanRequest.blocks`); the learning rate is :data:`PRETRAINED_LR`.
+    """
+    req = plan.recommended_request or plan.request
+    blocks = req.blocks()
+    num_blocks = plan.recommended.get("num_blocks", plan.shape.num_blocks)
+    defaults = RunConfig()
+    topologies = ("ring", "complete", "star", "torus", "exponential", "one_peer_exponential")
     return {
         "ds_config": ds_config_path,
         "output_dir": "runs/planned",
-        # T = 4 rounds of B blocks x R = 48 steps, the paper's schedule.
-        "max_steps": 4 * rec.get("num_blocks", plan.shape.num_blocks) * 48,
-        "seed": 0,
-        "method": "deca",
-        "model": {"path": model_dir, "dtype": r.dtype,
-                  "gradient_checkpointing": bool(rec.get("activation_checkpointing", r.activation_checkpointing))},
-        "data": {"path": None, "max_length": r.seq_len},
-        "blocks": {"layers_per_block": rec.get("layers_per_block", r.layers_per_block), "switch_every": 48,
-                   "order": "ascending"},
-        "optim": {"lr": 5e-5, "state_policy": r.state_policy, "offload_dtype": r.offload_dtype},
-        "deca": {"signal": "qgm", "betas": [0.9, 0.999]},
-        "topology": {"name": r.topology if r.topology in ("ring", "complete", "star", "torus", "exponential",
-                                                           "one_peer_exponential") else "ring"},
-        "clients": {"ranks_per_client": r.ranks_per_client},
+        "max_steps": ROUNDS * num_blocks * blocks.switch_every,
+        "seed": defaults.seed,
+        "method": defaults.method,
+        "model": {"path": model_dir, "dtype": req.dtype, "gradient_checkpointing": bool(req.activation_checkpointing)},
+        "data": {"path": None, "max_length": req.seq_len},
+        "blocks": asdict(blocks),
+        "optim": {**asdict(OptimConfig()), "lr": PRETRAINED_LR, "state_policy": req.state_policy,
+                  "offload_dtype": req.offload_dtype},
+        "deca": asdict(DecaConfig()),
+        "topology": {"name": req.topology if req.topology in topologies else "ring"},
+        "clients": {"ranks_per_client": req.ranks_per_client},
     }
 
 
@@ -595,7 +705,7 @@ def write_plan(plan: Plan, model_dir: str, out_dir: str) -> tuple[str, str]:
     header = (f"# Written by: deca-ds plan --model {model_dir} --gpu-memory {plan.request.gpu_memory / GIB:g}GiB "
               f"--seq-len {plan.request.seq_len} --write {out_dir}\n"
               f"# Run: deepspeed --num_gpus {plan.request.clients * plan.request.ranks_per_client} "
-              f"recipes/finetune.py --config {recipe_path}\n")
+              f"recipes/finetune.py --config {recipe_path} data.path=/data/your-data.jsonl\n")
     with open(recipe_path, "w") as f:
         f.write(header)
         yaml.safe_dump(recipe, f, sort_keys=False)

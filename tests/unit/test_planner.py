@@ -1,5 +1,7 @@
-"""Planner arithmetic against hand-computed figures, DeepSpeed's own estimators and the published model sizes."""
+"""Planner arithmetic against hand-computed figures, DeepSpeed's own estimators and the published model sizes; the
+blocks it plans against a partition of the recipe it writes."""
 
+import dataclasses
 import json
 import os
 
@@ -10,7 +12,11 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from deca_ds.bench import planner
 from deca_ds.bench.planner import (GIB, MIB, ModelShape, PlanRequest, activation_bytes, deca_state_bytes,
                                    full_adam_bytes, inspect_model, parse_bytes, ring_degree)
+from deca_ds.blocks import partition_blocks
 from deca_ds.cli import main as cli_main
+from deca_ds.config import BlocksConfig, DecaConfig, RunConfig, load_config
+
+LAYERS_ONLY = dict(include_embeddings=False, include_lm_head=False)
 
 MODELS = os.path.join(os.path.dirname(__file__), "..", "..", "recipes", "models")
 
@@ -39,10 +45,17 @@ def test_parse_bytes_units():
 def test_shipped_configs_match_published_sizes(name, params, layers, block):
     model = planner.build_meta_model(os.path.join(MODELS, name))
     assert all(p.device.type == "meta" for p in model.parameters())
-    shape = inspect_model(model, layers_per_block=2)
+    shape = inspect_model(model, BlocksConfig(layers_per_block=2, **LAYERS_ONLY))
     assert shape.params == params  # the models' published parameter counts
     assert shape.num_layers == layers and shape.num_blocks == layers // 2
     assert shape.largest_block_params == 2 * block
+    # The recipe defaults train every parameter: embeddings and final norm + head are blocks of their own.
+    cfg = model.config
+    full = inspect_model(model)
+    assert full.num_blocks == layers + 2 and full.trainable_params == params
+    vocab = cfg.vocab_size * cfg.hidden_size
+    head = vocab if cfg.tie_word_embeddings else vocab + cfg.hidden_size  # tied: embeddings; else head + final norm
+    assert full.largest_block_params == max(head, block)
 
 
 def test_inspect_model_tiny_llama_closed_form():
@@ -52,11 +65,18 @@ def test_inspect_model_tiny_llama_closed_form():
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     layer = _llama_layer_params(h, f, heads, kv)
-    shape = inspect_model(model, layers_per_block=2)
+    shape = inspect_model(model, BlocksConfig(layers_per_block=2, **LAYERS_ONLY))
     assert shape.params == v * h + n * layer + h  # tied head counted once
     assert shape.num_blocks == 3 and shape.largest_block_params == 2 * layer
     assert shape.trainable_params == n * layer
     assert shape.largest_module_params == v * h
+    # Defaults: the tied head goes with the embeddings block (v*h), the "lm_head" block is the final norm alone (h);
+    # 5 blocks covering every parameter.
+    full = inspect_model(model, BlocksConfig(layers_per_block=2))
+    assert full.num_blocks == 5 and full.trainable_params == shape.params == v * h + n * layer + h
+    assert (full.largest_block_name, full.largest_block_params) == ("layers.0-1", 2 * layer)
+    wide = inspect_model(model, BlocksConfig(layers_per_block=1, include_lm_head=False))
+    assert wide.trainable_params == v * h + n * layer and wide.largest_block_params == layer
 
 
 @pytest.mark.parametrize("n", [1, 2, 8])
@@ -130,7 +150,8 @@ def test_cli_plan_json_and_write(tmp_path, capsys):
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     psi, blk = 1_543_714_304, out["largest_block_params"]
-    assert out["params"] == psi and out["num_blocks"] == 28
+    assert out["params"] == psi and out["num_blocks"] == 28 + 2  # embeddings (tied head) + layers + final norm
+    assert out["largest_block_name"] == "embeddings" and blk == 151_936 * 1536
     assert out["deca_model_state_bytes"] == 2 * psi + 14 * blk
     assert out["full_adam_model_state_bytes"] == 20 * psi
     assert out["fits"] is True and out["full_adam_fits"] is True  # 1.5B fits 24 GiB only with ZeRO-3 offload
@@ -140,6 +161,7 @@ def test_cli_plan_json_and_write(tmp_path, capsys):
 
     cfg = load_config(str(tmp_path / "recipe.yaml"))
     assert cfg.method == "deca" and cfg.model.path.endswith("qwen2-1.5b") and cfg.optim.state_policy == "offload"
+    assert cfg.blocks.include_embeddings and cfg.blocks.include_lm_head  # fits with every parameter trained
     ds = json.load(open(tmp_path / "ds_config.json"))
     assert ds["zero_optimization"]["stage"] == 0 and "bf16" not in ds  # BlockAdam owns the master (DESIGN §3)
 
@@ -149,22 +171,96 @@ def test_cli_plan_recommends_checkpointing_or_refuses(tmp_path, capsys):
     assert cli_main(["plan", "--model", model, "--gpu-memory", "24GiB", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["fits"] is False and out["recommended"]["activation_checkpointing"] is True
-    assert out["recommended"]["total_gpu_bytes"] <= 24 * GIB
+    assert out["recommended"]["total_gpu_bytes"] <= 24 * GIB < out["recommended"]["unfrozen_total_gpu_bytes"]
     assert cli_main(["plan", "--model", model, "--gpu-memory", "8GiB", "--write", str(tmp_path)]) == 2
     assert "nothing fits" in capsys.readouterr().err
     assert not (tmp_path / "recipe.yaml").exists()
 
 
-def test_make_plan_search_order():
-    def shape_for(lpb):
-        return ModelShape(params=10**9, trainable_params=10**9, num_blocks=32 // lpb, largest_block_params=3 * 10**7 * lpb,
-                          largest_module_params=10**8, num_layers=32, hidden_size=2048, intermediate_size=8192,
-                          num_attention_heads=16, num_key_value_heads=16, vocab_size=32000)
+def synthetic_shape(blocks):
+    lpb = blocks.layers_per_block
+    emb = 2 * 10**8 if blocks.include_embeddings else 0  # a block bigger than 6 layers
+    return ModelShape(params=10**9, trainable_params=10**9 - 2 * 10**8 + emb, num_blocks=32 // lpb + bool(emb),
+                      largest_block_params=max(3 * 10**7 * lpb, emb), largest_module_params=10**8, num_layers=32,
+                      hidden_size=2048, intermediate_size=8192, num_attention_heads=16, num_key_value_heads=16,
+                      vocab_size=32000, layers_per_block=lpb, include_embeddings=blocks.include_embeddings,
+                      largest_block_name="embeddings" if emb else "layers.0")
 
-    req = PlanRequest(gpu_memory=parse_bytes("4.5GiB"), seq_len=2048, layers_per_block=4, overhead=0)
-    plan = planner.make_plan(shape_for, req)
+
+def test_make_plan_search_order():
+    req = PlanRequest(gpu_memory=parse_bytes("4.5GiB"), seq_len=2048, layers_per_block=4, overhead=0,
+                      include_embeddings=False)
+    plan = planner.make_plan(synthetic_shape, req)
     rec = plan.recommended
     # Checkpointing alone is not enough at 4 layers per block; the planner falls back to fewer layers per block.
-    total_4 = planner._evaluate(shape_for(4), PlanRequest(**{**req.__dict__, "activation_checkpointing": True}))[2]
+    total_4 = planner._evaluate(synthetic_shape(req.blocks()),
+                                dataclasses.replace(req, activation_checkpointing=True))[2]
     assert total_4 > req.gpu_memory
     assert rec["layers_per_block"] == 3 and rec["activation_checkpointing"] and rec["total_gpu_bytes"] <= req.gpu_memory
+    assert plan.recommended_request.blocks().layers_per_block == 3
+
+
+def test_make_plan_freezes_embeddings_last_and_only_when_left_to_defaults():
+    base = dict(gpu_memory=parse_bytes("4.5GiB"), seq_len=2048, layers_per_block=2, overhead=0)
+    plan = planner.make_plan(synthetic_shape, PlanRequest(**base))  # embeddings: the recipe default (trained)
+    rec = plan.recommended
+    assert plan.shape.include_embeddings and plan.shape.largest_block_name == "embeddings"
+    # Every other relaxation was tried first (layers per block down to 1), then the embeddings were frozen.
+    assert rec["layers_per_block"] == 1 and rec["include_embeddings"] is False
+    assert rec["unfrozen_total_gpu_bytes"] > base["gpu_memory"] >= rec["total_gpu_bytes"]
+    # Asked for explicitly, they are never frozen: nothing fits.
+    assert planner.make_plan(synthetic_shape, PlanRequest(**base, include_embeddings=True)).recommended == {}
+
+
+@pytest.mark.parametrize("gpu,trains_embeddings", [("24GiB", False), ("80GiB", True)])
+def test_plan_covers_exactly_the_blocks_of_the_written_recipe(tmp_path, capsys, gpu, trains_embeddings):
+    """Llama-3.1-8B: the plan's blocks are those partition_blocks gives for the recipe that --write writes."""
+    model_dir = os.path.join(MODELS, "llama-3.1-8b")
+    assert cli_main(["plan", "--model", model_dir, "--gpu-memory", gpu, "--seq-len", "2048", "--json",
+                     "--write", str(tmp_path)]) == 0
+    rec = json.loads(capsys.readouterr().out)["recommended"]
+    cfg = load_config(str(tmp_path / "recipe.yaml"))
+    meta = planner.build_meta_model(cfg.model.path)
+    part = partition_blocks(meta, layers_per_block=cfg.blocks.layers_per_block,
+                            include_embeddings=cfg.blocks.include_embeddings,
+                            include_lm_head=cfg.blocks.include_lm_head, prefixes=cfg.blocks.prefixes)
+    sizes = part.block_sizes(meta)
+    largest = max(range(len(sizes)), key=sizes.__getitem__)
+    assert (rec["num_blocks"], rec["largest_block_params"], rec["trainable_params"]) == (len(part), max(sizes),
+                                                                                         sum(sizes))
+    assert rec["largest_block_name"] == part[largest].name
+    h, v = meta.config.hidden_size, meta.config.vocab_size
+    if trains_embeddings:  # the 128k-token vocabulary: the head (+ final norm) is the largest block, not a layer
+        assert cfg.blocks.include_embeddings and cfg.blocks.include_lm_head
+        assert max(sizes) == v * h + h and sum(sizes) == 8_030_261_248
+    else:  # on 24 GiB they do not fit as blocks: the written recipe freezes both, and the plan says so
+        assert not cfg.blocks.include_embeddings and not cfg.blocks.include_lm_head
+        assert max(sizes) == _llama_layer_params(4096, 14336, 32, 8) and sum(sizes) == 8_030_261_248 - 2 * v * h - h
+    # The total, recomputed from that partition: 2Ψ + 14L model states (bf16), ring of 8 (2 neighbours) receive
+    # buffers bounded by 64 MiB, activations of the written settings, 1 GiB overhead.
+    psi, big = sum(p.numel() for p in meta.parameters()), max(sizes)
+    act = activation_bytes(planner.inspect_model(meta, cfg.blocks), 2048, 1, 2,
+                           checkpointing=cfg.model.gradient_checkpointing)
+    assert rec["total_gpu_bytes"] == 2 * psi + 14 * big + 2 * min(4 * big, 64 * MIB) + act + GIB <= parse_bytes(gpu)
+    # DECA settings and schedule are the project's defaults, not the planner's.
+    assert dataclasses.asdict(cfg.deca) == dataclasses.asdict(DecaConfig()) and cfg.method == RunConfig().method
+    assert cfg.blocks.switch_every == BlocksConfig().switch_every and cfg.blocks.order == BlocksConfig().order
+    assert cfg.max_steps == planner.ROUNDS * len(part) * cfg.blocks.switch_every
+
+
+def test_written_recipe_follows_changed_defaults(monkeypatch):
+    @dataclasses.dataclass
+    class OtherDeca(DecaConfig):
+        signal: str = "qgm"
+        betas: list = dataclasses.field(default_factory=lambda: [0.5, 0.75])
+
+    @dataclasses.dataclass
+    class OtherBlocks(BlocksConfig):
+        switch_every: int = 48
+
+    monkeypatch.setattr(planner, "DecaConfig", OtherDeca)
+    monkeypatch.setattr(planner, "BlocksConfig", OtherBlocks)
+    plan = planner.make_plan(synthetic_shape, PlanRequest(gpu_memory=80 * GIB, include_embeddings=False))
+    recipe = planner.recommended_recipe(plan, "/m", "/ds.json")
+    assert recipe["deca"] == {"signal": "qgm", "betas": [0.5, 0.75]}
+    assert recipe["blocks"]["switch_every"] == 48 and recipe["max_steps"] == planner.ROUNDS * 32 * 48

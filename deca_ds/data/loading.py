@@ -198,14 +198,14 @@ def _parse_csv(setting: str, name: str, text: str) -> list[tuple[str, dict[str, 
 def _check_rows(setting: str, rows: list[tuple[str, dict[str, Any]]], fmt: str, need: str | None) -> str:
     """Check required fields row by row; returns the resolved format.
 
-    ``need`` must be present in every row, unless no row has it at all (the caller then decides, see
-    :func:`_plan`).
+    ``need`` must have a value in every row, unless no row has the field at all (the caller then decides, see
+    :func:`_plan`); a field that is present but empty (null, an empty CSV cell) is an error.
     """
     try:
         fmt = detect_format(list(rows[0][1].keys()), fmt)
     except ValueError as e:
         raise _bad(setting, f"{rows[0][0]}: {e}") from None
-    if need is not None and all(r.get(need) is None for _, r in rows):
+    if need is not None and all(need not in r for _, r in rows):
         need = None
     for where, r in rows:
         if fmt == "alpaca":

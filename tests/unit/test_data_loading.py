@@ -161,6 +161,9 @@ def test_each_bad_input_gives_its_error(tmp_path):
     (p / "nolabel.jsonl").write_text(good + "\n" + json.dumps({"instruction": "x", "output": "y"}) + "\n")
     msg = _one_line_error(_cfg(path=str(p / "nolabel.jsonl"), partition="dirichlet"))
     assert "line 2 of nolabel.jsonl has no field 'label'" in msg and "data.partition_by" in msg
+    (p / "nulllabel.jsonl").write_text(json.dumps({"instruction": "x", "output": "y", "label": None}) + "\n")
+    msg = _one_line_error(_cfg(path=str(p / "nulllabel.jsonl"), partition="dirichlet"))
+    assert "line 1 of nulllabel.jsonl has no field 'label'" in msg
     (p / "text.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
     assert "cannot detect the format" in _one_line_error(_cfg(path=str(p / "text.jsonl")))
     (p / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")

@@ -31,7 +31,7 @@ TOPOLOGIES = (
 )
 MIXING_WEIGHTS = ("metropolis", "uniform")
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
-DATA_FORMATS = ("auto", "alpaca", "chat")
+DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt")
 TASKS = ("classification", "generation")
 NAN_POLICIES = ("skip", "stop")
 BACKENDS = ("launcher", "simulate")
@@ -65,7 +65,8 @@ class DataConfig:
     """Local JSON/JSONL/CSV/Parquet file, a hub name, or a per-client pattern containing ``{client}``
     (``data/client_{client}.jsonl``). ``None``: the embedded synthetic task."""
     format: str = "auto"
-    """``alpaca`` (instruction/input/output), ``chat`` (messages) or ``auto`` (detected from the fields)."""
+    """``alpaca`` (instruction/input/output), ``chat`` (messages), ``sharegpt`` (conversations of from/value) or
+    ``auto`` (detected from the fields)."""
     task: str = "classification"
     """Synthetic task of the embedded default: ``classification`` (label-skewed) or ``generation`` (task-skewed)."""
     num_examples: int = 4000
@@ -75,7 +76,9 @@ class DataConfig:
     partition: str = "dirichlet"
     """How one shared dataset is split over clients: ``iid``, ``dirichlet``, ``shards`` or ``natural``."""
     partition_by: str = "label"
-    """Column whose values drive ``dirichlet``/``shards``, or that names the client for ``natural``."""
+    """Column whose values drive ``dirichlet``/``shards``, or that names the client for ``natural``. When no row has
+    it (a stock Alpaca file), ``dirichlet``/``shards`` split by ``instruction_category`` (the first word of each
+    instruction) with a warning; ``instruction_category`` asks for that split explicitly."""
     alpha: float = 0.25
     """Dirichlet concentration; small is more skewed (the paper uses 0.25)."""
     shards_per_client: int = 2
@@ -86,6 +89,9 @@ class DataConfig:
     """Tokens per example; longer examples lose the start of the prompt first (the response keeps at least half)."""
     packing: bool = False
     """Concatenate examples into full ``max_length`` rows (loss masks kept per example)."""
+    loss_on: str = "all_assistant"
+    """Which assistant turns of a chat carry the loss: ``all_assistant`` (every answer of a multi-turn chat) or
+    ``last_assistant`` (the final answer only; earlier turns are prompt). The same for single-turn rows."""
     test_size: float = 0.1
     """Fraction held out as the global test split (shared by all clients for evaluation)."""
     eval_examples: int = 64
@@ -280,6 +286,7 @@ class RunConfig:
         _positive("data.shards_per_client", d.shards_per_client)
         _at_least("data.min_partition_size", d.min_partition_size, 0)
         _at_least("data.max_length", d.max_length, 8)
+        _choice("data.loss_on", d.loss_on, ("all_assistant", "last_assistant"))
         if not 0.0 <= d.test_size < 1.0:
             raise ConfigError(f"data.test_size={d.test_size!r} is out of range: use a fraction in [0, 1)")
         _at_least("data.eval_examples", d.eval_examples, 0)

@@ -8,17 +8,29 @@ model was trained on, whatever the tokenizer's merges.
 Formats:
 
 - ``alpaca``: ``instruction``, optional ``input``, ``output``.
-- ``chat``: ``messages``, a list of ``{"role", "content"}``; the last message must be the assistant's and is the
-  response (loss on the final assistant turn only; earlier turns are prompt).
+- ``chat``: ``messages``, a list of ``{"role", "content"}``; the last message must be the assistant's.
+- ``sharegpt``: ``conversations``, a list of ``{"from", "value"}`` with ``from`` one of :data:`SHAREGPT_ROLES`
+  (``human``/``gpt``/``system``, or ``user``/``assistant``), and an optional top-level ``system`` string; the last
+  turn must be the assistant's. Rows are turned into ``chat`` turns (:func:`conversation_turns`).
 
 With a chat template on the tokenizer, the prompt is ``apply_chat_template(turns, add_generation_prompt=True)``
 (alpaca rows become one user turn); without one, alpaca rows use the classic ``### Instruction`` layout and chat
 rows a ``role: content`` transcript.
 
+Loss (``loss_on``, :data:`LOSS_ON`): ``last_assistant`` trains the final assistant turn and EOS, everything before it
+is prompt. ``all_assistant`` (the default) also trains every earlier assistant turn of a multi-turn chat: the
+conversation is built turn by turn, each assistant turn's content tokens followed by EOS carry the loss, every other
+token (system and user turns, role markers, the text between turns) is ``IGNORE_INDEX``. The template's end-of-turn
+text after an answer is replaced by that EOS when it starts with the EOS token's text (so the tokens equal the
+template's rendering for templates that end turns with EOS, e.g. ChatML with ``<|im_end|>``); otherwise the EOS is
+inserted before it (the model must learn to stop after every answer, as at generation time). Single-turn rows
+(every alpaca row) give the same tokens and labels under both settings.
+
 Truncation rule (``max_length`` tokens per example): the prompt gives way first, losing tokens from its *start*
 (the generation marker the response follows and the text next to it are kept), but never below half of
 ``max_length`` while the response needs room; a response (with EOS) longer than what is left keeps its first tokens
-and loses its end, EOS included.
+and loses its end, EOS included. In a multi-turn chat the response is the final assistant turn and the prompt is
+everything before it, earlier answers included: those keep their loss on whatever tokens survive.
 """
 
 from __future__ import annotations
@@ -27,9 +39,14 @@ from typing import Any, Sequence
 
 __all__ = [
     "IGNORE_INDEX",
+    "LOSS_ON",
+    "SHAREGPT_ROLES",
     "detect_format",
+    "conversation_turns",
     "render_example",
     "tokenize_example",
+    "tokenize_conversation",
+    "tokenize_row",
     "pack_examples",
     "fit_lengths",
     "prompt_ids_for_eval",
@@ -38,16 +55,23 @@ __all__ = [
 IGNORE_INDEX = -100
 """Label of tokens without loss (prompt, padding), as ``torch.nn.CrossEntropyLoss`` expects."""
 
+LOSS_ON = ("all_assistant", "last_assistant")
+"""Values of ``data.loss_on``: which assistant turns of a chat carry the loss (module docstring)."""
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+"""ShareGPT ``from`` value -> chat role."""
+
 
 def detect_format(columns: Sequence[str], fmt: str = "auto") -> str:
     """Resolve the data format from a dataset's column names.
 
     Args:
         columns: column names of the dataset.
-        fmt: ``auto``, ``alpaca`` or ``chat``.
+        fmt: ``auto``, ``alpaca``, ``chat`` or ``sharegpt``. ``auto`` picks ``chat`` for a ``messages`` field, else
+            ``sharegpt`` for ``conversations``, else ``alpaca`` for ``instruction`` and ``output``.
 
     Returns:
-        ``alpaca`` or ``chat``.
+        ``alpaca``, ``chat`` or ``sharegpt``.
 
     Raises:
         ValueError: unknown ``fmt``, or the columns required by the format are missing (message names them).
@@ -56,11 +80,13 @@ def detect_format(columns: Sequence[str], fmt: str = "auto") -> str:
     if fmt == "auto":
         if "messages" in cols:
             return "chat"
+        if "conversations" in cols:
+            return "sharegpt"
         if {"instruction", "output"} <= cols:
             return "alpaca"
         raise ValueError(
-            f"cannot detect the format from fields {sorted(cols)}: give alpaca fields (instruction, input, output) "
-            "or chat fields (messages)"
+            f"cannot detect the format from fields {sorted(cols)}: give alpaca fields (instruction, input, output), "
+            "chat fields (messages) or sharegpt fields (conversations)"
         )
     if fmt == "alpaca":
         missing = [c for c in ("instruction", "output") if c not in cols]
@@ -71,7 +97,11 @@ def detect_format(columns: Sequence[str], fmt: str = "auto") -> str:
         if "messages" not in cols:
             raise ValueError("format chat needs a messages field (a list of {role, content})")
         return fmt
-    raise ValueError(f"unknown format {fmt!r}: use auto, alpaca or chat")
+    if fmt == "sharegpt":
+        if "conversations" not in cols:
+            raise ValueError("format sharegpt needs a conversations field (a list of {from, value})")
+        return fmt
+    raise ValueError(f"unknown format {fmt!r}: use auto, alpaca, chat or sharegpt")
 
 
 def _alpaca_user_text(row: dict[str, Any]) -> str:
@@ -79,12 +109,69 @@ def _alpaca_user_text(row: dict[str, Any]) -> str:
     return f"{row['instruction']}\n{extra}" if extra else str(row["instruction"])
 
 
-def render_example(row: dict[str, Any], fmt: str, tokenizer) -> tuple[str, str]:
-    """Turn one row into ``(prompt_text, response_text)``.
+def conversation_turns(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
+    """One row as chat turns ``[{"role", "content"}, ...]`` ending with the assistant's answer.
 
     Args:
         row: a dataset row in format ``fmt``.
-        fmt: ``alpaca`` or ``chat``.
+        fmt: ``alpaca`` (one user turn, then the output), ``chat`` or ``sharegpt`` (roles mapped by
+            :data:`SHAREGPT_ROLES`; a non-empty top-level ``system`` string becomes a leading system turn unless the
+            conversation starts with one).
+
+    Returns:
+        The turns, contents as strings; the last turn's role is ``assistant``.
+
+    Raises:
+        ValueError: malformed turns, an unknown ShareGPT role, or a last turn that is not the assistant's.
+    """
+    if fmt == "alpaca":
+        return [{"role": "user", "content": _alpaca_user_text(row)},
+                {"role": "assistant", "content": str(row["output"])}]
+    if fmt == "chat":
+        messages = row["messages"]
+        if not isinstance(messages, list) or not messages or not all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages
+        ):
+            raise ValueError("messages must be a non-empty list of {role, content}")
+        turns = [{"role": m["role"], "content": str(m["content"])} for m in messages]
+    elif fmt == "sharegpt":
+        conv = row["conversations"]
+        if not isinstance(conv, list) or not conv or not all(
+            isinstance(t, dict) and t.get("from") is not None and t.get("value") is not None for t in conv
+        ):
+            raise ValueError("conversations must be a non-empty list of {from, value}")
+        turns = []
+        for t in conv:
+            role = SHAREGPT_ROLES.get(str(t["from"]).lower())
+            if role is None:
+                raise ValueError(
+                    f"conversations has a turn from {t['from']!r}: use one of {', '.join(SHAREGPT_ROLES)}"
+                )
+            turns.append({"role": role, "content": str(t["value"])})
+        system = row.get("system")
+        if isinstance(system, str) and system.strip() and turns[0]["role"] != "system":
+            turns.insert(0, {"role": "system", "content": system})
+    else:
+        raise ValueError(f"unknown format {fmt!r}: use alpaca, chat or sharegpt")
+    if turns[-1]["role"] != "assistant":
+        raise ValueError("the last message must be the assistant's (it is the response)")
+    return turns
+
+
+def _render_turns(turns: list[dict[str, str]], tokenizer, generation_prompt: bool) -> str:
+    """Text of ``turns`` through the tokenizer's chat template, or the ``role: content`` transcript without one."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=generation_prompt)
+    text = "".join(f"{t['role']}: {t['content']}\n" for t in turns)
+    return text + "assistant: " if generation_prompt else text
+
+
+def render_example(row: dict[str, Any], fmt: str, tokenizer) -> tuple[str, str]:
+    """Turn one row into ``(prompt_text, response_text)``: the final assistant turn and everything before it.
+
+    Args:
+        row: a dataset row in format ``fmt``.
+        fmt: ``alpaca``, ``chat`` or ``sharegpt``.
         tokenizer: a ``transformers`` tokenizer; its chat template is used when it has one.
 
     Returns:
@@ -93,31 +180,16 @@ def render_example(row: dict[str, Any], fmt: str, tokenizer) -> tuple[str, str]:
     Raises:
         ValueError: a chat row whose messages are malformed or do not end with an assistant turn.
     """
-    if fmt == "alpaca":
-        turns = [{"role": "user", "content": _alpaca_user_text(row)}]
-        response = str(row["output"])
-    elif fmt == "chat":
-        messages = row["messages"]
-        if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and "role" in m and "content" in m for m in messages
-        ):
-            raise ValueError("messages must be a non-empty list of {role, content}")
-        if messages[-1]["role"] != "assistant":
-            raise ValueError("the last message must be the assistant's (it is the response)")
-        turns = [{"role": m["role"], "content": str(m["content"])} for m in messages[:-1]]
-        response = str(messages[-1]["content"])
-    else:
-        raise ValueError(f"unknown format {fmt!r}: use alpaca or chat")
-    if getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    elif fmt == "alpaca":
+    turns = conversation_turns(row, fmt)
+    response = turns[-1]["content"]
+    if fmt == "alpaca" and not getattr(tokenizer, "chat_template", None):
         extra = row.get("input") or ""
         prompt = f"### Instruction:\n{row['instruction']}\n\n"
         if extra:
             prompt += f"### Input:\n{extra}\n\n"
         prompt += "### Response:\n"
     else:
-        prompt = "".join(f"{t['role']}: {t['content']}\n" for t in turns) + "assistant: "
+        prompt = _render_turns(turns[:-1], tokenizer, generation_prompt=True)
     return prompt, response
 
 
@@ -170,6 +242,108 @@ def tokenize_example(prompt: str, response: str, tokenizer, max_length: int) -> 
         "labels": [IGNORE_INDEX] * len(p) + r,
         "attention_mask": [1] * (len(p) + len(r)),
     }
+
+
+def tokenize_conversation(turns: list[dict[str, str]], tokenizer, max_length: int) -> dict[str, list[int]]:
+    """Tokenize a chat with loss on every assistant turn (``loss_on: all_assistant``, module docstring).
+
+    The conversation is built turn by turn so that each assistant answer's tokens are known: before answer ``k``
+    comes the part of ``render(turns[:a_k], generation prompt)`` not yet emitted; answer ``k`` is its content tokens
+    plus EOS (loss); after it comes the template's end-of-turn text (the EOS stands for it when it starts with the
+    EOS token's text). The last answer is the response of the truncation rule, everything before it the prompt.
+
+    Args:
+        turns: chat turns ending with an assistant turn (:func:`conversation_turns`).
+        tokenizer: the tokenizer; needs an EOS token.
+        max_length: tokens per example.
+
+    Returns:
+        ``input_ids``, ``labels`` (``IGNORE_INDEX`` on every non-assistant token) and ``attention_mask`` lists.
+
+    Raises:
+        ValueError: no EOS token, no final assistant turn, or a chat template that does not render earlier turns
+            as a prefix of later ones (then only ``data.loss_on=last_assistant`` is well defined).
+    """
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos_token: set one (responses must end with EOS)")
+    answers = [i for i, t in enumerate(turns) if t["role"] == "assistant"]
+    if not answers or answers[-1] != len(turns) - 1:
+        raise ValueError("the last message must be the assistant's (it is the response)")
+
+    def text_ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def not_a_prefix(what: str) -> ValueError:
+        return ValueError(
+            f"the tokenizer's chat template renders {what} differently once later turns follow, so earlier "
+            "answers cannot be located: set data.loss_on=last_assistant"
+        )
+
+    ids: list[int] = []
+    labels: list[int] = []
+    emitted = ""  # rendered text already turned into tokens (the EOS of an answer counts as its end-of-turn text)
+    for k, a in enumerate(answers):
+        prompt = _render_turns(turns[:a], tokenizer, generation_prompt=True)
+        if k == 0:
+            piece = _prompt_ids(tokenizer, prompt)
+        else:
+            if not prompt.startswith(emitted):
+                raise not_a_prefix(f"the conversation up to answer {k}")
+            piece = text_ids(prompt[len(emitted):])
+        ids += piece
+        labels += [IGNORE_INDEX] * len(piece)
+        content = turns[a]["content"]
+        answer = text_ids(content) + [eos]
+        if a == answers[-1]:
+            break
+        ids += answer
+        labels += answer
+        done = _render_turns(turns[:a + 1], tokenizer, generation_prompt=False)
+        if not done.startswith(prompt + content):
+            raise not_a_prefix(f"answer {k + 1}")
+        tail = done[len(prompt) + len(content):]
+        if tokenizer.eos_token and tail.startswith(tokenizer.eos_token):
+            tail = tail[len(tokenizer.eos_token):]
+        tail_ids = text_ids(tail)
+        ids += tail_ids
+        labels += [IGNORE_INDEX] * len(tail_ids)
+        emitted = done
+    kp, kr = fit_lengths(len(ids), len(answer), max_length)
+    ids, labels, answer = ids[len(ids) - kp:], labels[len(labels) - kp:], answer[:kr]
+    return {
+        "input_ids": ids + answer,
+        "labels": labels + answer,
+        "attention_mask": [1] * (len(ids) + len(answer)),
+    }
+
+
+def tokenize_row(row: dict[str, Any], fmt: str, tokenizer, max_length: int,
+                 loss_on: str = "all_assistant") -> dict[str, list[int]]:
+    """Tokenize one dataset row for training (what :mod:`deca_ds.data.loading` calls for every row).
+
+    Args:
+        row: a dataset row in format ``fmt``.
+        fmt: ``alpaca``, ``chat`` or ``sharegpt``.
+        tokenizer: the tokenizer; needs an EOS token.
+        max_length: tokens per example (truncation rule in the module docstring).
+        loss_on: ``all_assistant`` or ``last_assistant`` (:data:`LOSS_ON`).
+
+    Returns:
+        ``input_ids``, ``labels``, ``attention_mask`` lists. A row with one assistant turn gives exactly
+        ``tokenize_example(*render_example(row, fmt, tokenizer), tokenizer, max_length)`` under both settings.
+
+    Raises:
+        ValueError: unknown ``loss_on``, a malformed row, or as :func:`tokenize_conversation`.
+    """
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"unknown loss_on {loss_on!r}: use {' or '.join(LOSS_ON)}")
+    if loss_on == "all_assistant" and fmt != "alpaca":
+        turns = conversation_turns(row, fmt)
+        if sum(t["role"] == "assistant" for t in turns) > 1:
+            return tokenize_conversation(turns, tokenizer, max_length)
+    prompt, response = render_example(row, fmt, tokenizer)
+    return tokenize_example(prompt, response, tokenizer, max_length)
 
 
 def prompt_ids_for_eval(prompt: str, tokenizer, max_prompt: int) -> list[int]:

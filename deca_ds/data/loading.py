@@ -10,7 +10,10 @@ Sources, by ``cfg.data.path``:
 
 - ``None``: the synthetic task ``cfg.data.task`` (:mod:`deca_ds.data.synthetic`);
 - a local ``.json``/``.jsonl``/``.csv``/``.parquet`` file, or a hub name when online: one shared dataset, split by
-  ``cfg.data.partition``;
+  ``cfg.data.partition``. When no row has the ``cfg.data.partition_by`` field (a stock Alpaca or ShareGPT file has
+  no ``label``), ``dirichlet`` and ``shards`` split by :data:`CATEGORY_FIELD` instead, the task type given by the
+  first word of each instruction (:func:`instruction_categories`), with a one-line warning naming
+  ``data.partition_by``; ``natural`` (the field names the client) stops with a ConfigError;
 - a pattern containing ``{client}`` (``data/client_{client}.jsonl``): the deployment where each node holds only its
   own data; a client opens only its own file and no partitioner runs. The global test split is the file the pattern
   names for ``client=test`` when it exists, else the client's own held-out split.
@@ -23,7 +26,10 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
+import re
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +37,8 @@ import numpy as np
 import torch
 
 from deca_ds.config import DATA_FORMATS, PARTITIONS, ConfigError
-from deca_ds.data.formatting import IGNORE_INDEX, detect_format, pack_examples, render_example, tokenize_example
+from deca_ds.data.formatting import (IGNORE_INDEX, conversation_turns, detect_format, pack_examples, render_example,
+                                     tokenize_row)
 from deca_ds.data.partition import DirichletPartitioner, IidPartitioner, NaturalPartitioner, ShardPartitioner
 from deca_ds.data.synthetic import make_synthetic_rows
 
@@ -42,11 +49,24 @@ __all__ = [
     "check_data_config",
     "load_rows",
     "make_partitioner",
+    "instruction_categories",
+    "CATEGORY_FIELD",
     "FILE_TYPES",
 ]
 
+_log = logging.getLogger(__name__)
+
 FILE_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 """File extension -> ``datasets`` builder."""
+
+CATEGORY_FIELD = "instruction_category"
+"""Field derived from the rows when they lack ``data.partition_by`` (or when it names this field): the lower-cased
+first word of each row's instruction (alpaca) or first user turn (chat, ShareGPT), e.g. ``write``, ``generate``,
+``explain``; the :data:`CATEGORY_LIMIT` most frequent words are categories, the rest ``(other)``."""
+
+CATEGORY_LIMIT = 15
+"""Distinct first words kept as categories: enough task types to give every client a different mix, few enough for
+a readable client x category table."""
 
 
 @dataclass
@@ -54,8 +74,8 @@ class ClientData:
     """What one client trains and evaluates on.
 
     Attributes:
-        train: the client's training rows, tokenized (``input_ids``, ``labels`` with ``-100`` outside the response,
-            ``attention_mask``); packed when ``cfg.data.packing``.
+        train: the client's training rows, tokenized (``input_ids``, ``labels`` with ``-100`` outside the assistant
+            turns that ``cfg.data.loss_on`` trains, ``attention_mask``); packed when ``cfg.data.packing``.
         eval: the client's own held-out rows (``test_size`` of its partition), tokenized.
         test: the global test split, tokenized, identical on every client (see the module docstring for per-client
             files).
@@ -65,7 +85,8 @@ class ClientData:
         label_names: class names when the data is classification (responses are label names), else ``None``.
         counts: ``[num_clients, len(count_names)]`` training rows per client per group, identical on every client
             (with per-client files only this client's row is known; the others are zero, see ``counts_local_only``).
-        count_names: column names of ``counts`` (labels, task families, values of ``partition_by``, or ``["rows"]``).
+        count_names: column names of ``counts`` (labels, task families, values of ``partition_by``, instruction
+            categories when the rows lack it, or ``["rows"]``).
         max_length: tokens per example used for tokenization (evaluation truncates prompts the same way).
         counts_local_only: ``True`` with per-client files: gather the rows across clients to get the full summary.
     """
@@ -175,24 +196,37 @@ def _parse_csv(setting: str, name: str, text: str) -> list[tuple[str, dict[str, 
 
 
 def _check_rows(setting: str, rows: list[tuple[str, dict[str, Any]]], fmt: str, need: str | None) -> str:
-    """Check required fields row by row; returns the resolved format."""
+    """Check required fields row by row; returns the resolved format.
+
+    ``need`` must have a value in every row, unless no row has the field at all (the caller then decides, see
+    :func:`_plan`); a field that is present but empty (null, an empty CSV cell) is an error.
+    """
     try:
         fmt = detect_format(list(rows[0][1].keys()), fmt)
     except ValueError as e:
         raise _bad(setting, f"{rows[0][0]}: {e}") from None
+    if need is not None and all(need not in r for _, r in rows):
+        need = None
     for where, r in rows:
         if fmt == "alpaca":
             for key in ("instruction", "output"):
                 if r.get(key) is None or (key == "instruction" and str(r[key]).strip() == ""):
                     msg = f"{where} has no {key!r}: alpaca rows need instruction and output (input optional)"
                     raise _bad(setting, msg)
-        else:
+        elif fmt == "chat":
             m = r.get("messages")
             ok = isinstance(m, list) and m and all(isinstance(t, dict) and "role" in t and "content" in t for t in m)
             if not ok:
                 raise _bad(setting, f"{where}: messages must be a non-empty list of {{role, content}} objects")
             if m[-1]["role"] != "assistant":
                 raise _bad(setting, f"{where}: the last message must be the assistant's (it is the response)")
+        else:
+            if not isinstance(r.get("conversations"), list):
+                raise _bad(setting, f"{where}: conversations must be a non-empty list of {{from, value}} objects")
+            try:
+                conversation_turns(r, fmt)
+            except ValueError as e:
+                raise _bad(setting, f"{where}: {e}") from None
         if need is not None and r.get(need) is None:
             raise _bad(
                 setting,
@@ -206,8 +240,8 @@ def load_rows(path: str, fmt: str = "auto", need: str | None = None, setting: st
 
     Args:
         path: a local JSON/JSONL/CSV/Parquet file, or a hub dataset name (its ``train`` split).
-        fmt: ``auto``, ``alpaca`` or ``chat``.
-        need: a field every row must have (``partition_by``), or ``None``.
+        fmt: ``auto``, ``alpaca``, ``chat`` or ``sharegpt``.
+        need: a field every row must have (``partition_by``) if any row has it, or ``None``.
         setting: the ``data.path`` value to name in errors (default ``path``).
 
     Returns:
@@ -244,25 +278,69 @@ def load_rows(path: str, fmt: str = "auto", need: str | None = None, setting: st
 # Partitioning.
 
 
-def make_partitioner(data_cfg, num_clients: int):
+def _first_word(text: str) -> str | None:
+    match = re.search(r"\w+", text)
+    return match.group(0).lower() if match else None
+
+
+def instruction_categories(ds, fmt: str, limit: int = CATEGORY_LIMIT) -> list[str]:
+    """The instruction category of every row (:data:`CATEGORY_FIELD`): the task type a stock Alpaca or ShareGPT file
+    implies when it has no label.
+
+    A row's category is the lower-cased first word of its instruction (alpaca) or of its first user turn (chat,
+    ShareGPT): ``Write a poem`` -> ``write``. The ``limit`` most frequent words are kept (ties broken
+    alphabetically); every other row, and a row without a word, is ``(other)``.
+
+    Args:
+        ds: a ``datasets.Dataset`` in format ``fmt``.
+        fmt: ``alpaca``, ``chat`` or ``sharegpt``.
+        limit: distinct words kept.
+
+    Returns:
+        One category per row, in row order.
+    """
+    if fmt == "alpaca":
+        texts = [str(x) for x in ds["instruction"]]
+    else:
+        texts = [next((t["content"] for t in conversation_turns(row, fmt) if t["role"] == "user"), "") for row in ds]
+    words = [_first_word(t) for t in texts]
+    freq = Counter(w for w in words if w is not None)
+    kept = {w for w, _ in sorted(freq.items(), key=lambda kv: (-kv[1], kv[0]))[:limit]}
+    return [w if w in kept else "(other)" for w in words]
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(msg: str) -> None:
+    # Every client plans the same split; client 0 (or the single-process caller) says it once per process.
+    if msg not in _warned:
+        _warned.add(msg)
+        _log.warning(msg)
+
+
+def make_partitioner(data_cfg, num_clients: int, partition_by: str | None = None):
     """The partitioner that ``data_cfg.partition`` names.
 
     Args:
         data_cfg: a :class:`deca_ds.config.DataConfig`.
         num_clients: number of partitions.
+        partition_by: the column to split on; ``None`` means ``data_cfg.partition_by`` (the data plan passes
+            :data:`CATEGORY_FIELD` when the rows lack that field).
 
     Returns:
         An unassigned partitioner (set ``.dataset`` next).
     """
     d = data_cfg
+    column = d.partition_by if partition_by is None else partition_by
     if d.partition == "iid":
         return IidPartitioner(num_clients, seed=d.seed)
     if d.partition == "dirichlet":
-        return DirichletPartitioner(num_clients, d.partition_by, d.alpha, d.min_partition_size, seed=d.seed)
+        return DirichletPartitioner(num_clients, column, d.alpha, d.min_partition_size, seed=d.seed)
     if d.partition == "shards":
-        return ShardPartitioner(num_clients, d.partition_by, d.shards_per_client, seed=d.seed)
+        return ShardPartitioner(num_clients, column, d.shards_per_client, seed=d.seed)
     if d.partition == "natural":
-        return NaturalPartitioner(d.partition_by, num_clients)
+        return NaturalPartitioner(column, num_clients)
     raise ConfigError(f"data.partition={d.partition!r} is not known: use one of {', '.join(PARTITIONS)}")
 
 
@@ -301,8 +379,12 @@ class _Plan:
     counts_local_only: bool = False
 
 
-def _group_info(ds, fmt: str, column: str | None, synthetic_names: list[str] | None, classification: bool):
-    """Codes of every row's group, group names, and label names when the responses are the labels."""
+def _group_info(ds, fmt: str, column: str | None, synthetic_names: list[str] | None, classification: bool,
+                detect_labels: bool = True):
+    """Codes of every row's group, group names, and label names when the responses are the labels.
+
+    ``detect_labels=False`` (derived instruction categories) never treats the rows as classification.
+    """
     values = _group_values(ds, column)
     if values is None:
         return None, ["rows"], None
@@ -314,7 +396,7 @@ def _group_info(ds, fmt: str, column: str | None, synthetic_names: list[str] | N
     codes = np.array([lookup[v] for v in values], dtype=np.int64)
     names = [str(u) for u in uniques]
     label_names = None
-    if fmt == "alpaca" and len(uniques) <= 64:
+    if detect_labels and fmt == "alpaca" and len(uniques) <= 64:
         # Classification when every group value maps to one response text (e.g. label "pos" -> output "positive").
         mapping: dict[int, str] = {}
         for c, out in zip(codes.tolist(), ds["output"]):
@@ -347,11 +429,30 @@ def _plan(cfg, num_clients: int, client_id: int | None) -> _Plan:
     else:
         need = column if d.partition != "iid" else None
         pool, fmt = load_rows(d.path, d.format, need=need, setting=d.path)
-    codes, count_names, label_names = _group_info(pool, fmt, column, synthetic_names, d.task == "classification")
+    # Rows without the partition field: a derived instruction category for label-driven splits (module docstring).
+    derived = synthetic_names is None and column not in pool.column_names and d.partition != "iid"
+    if derived and d.partition == "natural":
+        raise ConfigError(
+            f"data.partition_by={column!r} is not a field of {os.path.basename(d.path)} (fields: "
+            f"{', '.join(pool.column_names)}): data.partition=natural needs a field naming each row's client; "
+            "set data.partition_by to it, or use data.partition=dirichlet or iid"
+        )
+    if derived:
+        if column != CATEGORY_FIELD and (client_id is None or client_id == 0):
+            _warn_once(
+                f"data.partition_by={column!r} is not a field of {os.path.basename(d.path)} (fields: "
+                f"{', '.join(pool.column_names)}): data.partition={d.partition} splits by {CATEGORY_FIELD}, the "
+                f"first word of each instruction; set data.partition_by to a field of your rows, to {CATEGORY_FIELD} "
+                "to silence this, or data.partition=iid"
+            )
+        pool = pool.add_column(CATEGORY_FIELD, instruction_categories(pool, fmt))
+        column = CATEGORY_FIELD
+    codes, count_names, label_names = _group_info(pool, fmt, column, synthetic_names, d.task == "classification",
+                                                  detect_labels=not derived)
 
     rng = np.random.default_rng([d.seed, 7])
     rest, test_idx = _split_off(len(pool), d.test_size, rng)
-    partitioner = make_partitioner(d, num_clients)
+    partitioner = make_partitioner(d, num_clients, partition_by=column)
     partitioner.dataset = pool.select(rest.tolist())
     try:
         parts = partitioner.partition_indices()
@@ -436,11 +537,16 @@ def check_data_config(cfg, num_clients: int, client_id: int | None = None) -> No
     _plan(cfg, num_clients, client_id)
 
 
-def _tokenize_rows(ds, fmt: str, tokenizer, max_length: int) -> tuple[dict[str, list], list[tuple[str, str]]]:
+def _tokenize_rows(ds, fmt: str, tokenizer, max_length: int,
+                   loss_on: str = "all_assistant") -> tuple[dict[str, list], list[tuple[str, str]]]:
+    """Token columns of ``ds`` (loss per ``loss_on``) and each row's ``(prompt, final answer)`` texts."""
     pairs = [render_example(r, fmt, tokenizer) for r in ds]
     cols: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
-    for prompt, response in pairs:
-        ex = tokenize_example(prompt, response, tokenizer, max_length)
+    for r in ds:
+        try:
+            ex = tokenize_row(r, fmt, tokenizer, max_length, loss_on)
+        except ValueError as e:
+            raise ConfigError(f"data.loss_on={loss_on!r}: {e}") from None
         for k in cols:
             cols[k].append(ex[k])
     return cols, pairs
@@ -473,11 +579,11 @@ def build_client_data(cfg, tokenizer, client_id: int, num_clients: int) -> Clien
     test_src = plan.test_source if plan.test_source is not None else plan.pool
     test_rows = test_src.select(plan.test_idx.tolist())
 
-    train, _ = _tokenize_rows(train_rows, plan.fmt, tokenizer, d.max_length)
+    train, _ = _tokenize_rows(train_rows, plan.fmt, tokenizer, d.max_length, d.loss_on)
     if d.packing:
         train = pack_examples(train, d.max_length)
-    evals, _ = _tokenize_rows(eval_rows, plan.fmt, tokenizer, d.max_length)
-    test, pairs = _tokenize_rows(test_rows, plan.fmt, tokenizer, d.max_length)
+    evals, _ = _tokenize_rows(eval_rows, plan.fmt, tokenizer, d.max_length, d.loss_on)
+    test, pairs = _tokenize_rows(test_rows, plan.fmt, tokenizer, d.max_length, d.loss_on)
 
     if plan.test_source is None and plan.group_codes is not None:
         test_groups = plan.group_codes[plan.test_idx].tolist()

@@ -5,7 +5,8 @@ blocks' state is not dropped but parked here, in CPU memory, and handed back whe
 a block's moments continue across visits. On an accelerator the host copies are pinned and the copy back can start
 ahead of need on a side stream (:meth:`BlockStateStore.prefetch`).
 
-8-bit storage (``offload_dtype="int8"``) uses bitsandbytes' blockwise dynamic quantization (it runs on CPU too):
+8-bit storage (``offload_dtype="int8"``) uses bitsandbytes' blockwise dynamic quantization (it runs on CPU too; an
+optional dependency, ``pip install 'deca_ds[int8]'``, checked by :func:`check_offload_support`):
 
 * ``exp_avg`` (signed) is stored with the signed dynamic map;
 * ``exp_avg_sq`` is non-negative and spans many orders of magnitude, so its square root ``s = sqrt(v)`` is stored
@@ -29,6 +30,8 @@ from typing import Iterator
 
 import torch
 
+from deca_ds.config import ConfigError
+
 OFFLOAD_DTYPES = ("fp32", "int8")
 QUANT_BLOCKSIZE = 256
 """Values per quantization block; absmax overhead is 4 bytes per 256 values (1.6 %)."""
@@ -47,6 +50,30 @@ class Quantized:
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The tensors holding memory."""
         return self.codes, self.absmax
+
+
+def check_offload_support(offload_dtype: str) -> None:
+    """Fail with one line when ``offload_dtype`` needs a library that is missing (``int8``: bitsandbytes).
+
+    Cheap enough for a preflight check (imports bitsandbytes once); :class:`BlockStateStore` also calls it.
+
+    Args:
+        offload_dtype: ``optim.offload_dtype``.
+
+    Raises:
+        ConfigError: ``int8`` without an importable bitsandbytes, naming the setting and the fix.
+    """
+    if offload_dtype != "int8":
+        return
+    fix = "install it with pip install 'deca_ds[int8]' (or 'bitsandbytes>=0.43'), or set optim.offload_dtype=fp32"
+    try:
+        import bitsandbytes.functional  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"optim.offload_dtype=int8 needs bitsandbytes, which is not installed: {fix}") from None
+    except Exception as e:  # a broken install (missing native library, CUDA mismatch) raises other types
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ConfigError(f"optim.offload_dtype=int8 needs bitsandbytes, which fails to import "
+                          f"({type(e).__name__}: {first}): re{fix}") from None
 
 
 def _code_map(signed: bool, device: torch.device) -> torch.Tensor:
@@ -108,6 +135,7 @@ class BlockStateStore:
     def __init__(self, offload_dtype: str = "fp32"):
         if offload_dtype not in OFFLOAD_DTYPES:
             raise ValueError(f"unknown offload_dtype {offload_dtype!r}; choose one of {OFFLOAD_DTYPES}")
+        check_offload_support(offload_dtype)
         self.offload_dtype = offload_dtype
         # block -> name -> key -> Tensor | Quantized (host memory)
         self._blocks: dict[int, dict[str, dict[str, object]]] = {}

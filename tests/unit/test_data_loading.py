@@ -157,9 +157,13 @@ def test_each_bad_input_gives_its_error(tmp_path):
     assert "line 3 of bad.csv has 4 fields" in _one_line_error(_cfg(path=str(p / "bad.csv")))
     (p / "nofield.jsonl").write_text(good + "\n" + json.dumps({"instruction": "x", "label": "pos"}) + "\n")
     assert "line 2 of nofield.jsonl has no 'output'" in _one_line_error(_cfg(path=str(p / "nofield.jsonl")))
-    (p / "nolabel.jsonl").write_text(json.dumps({"instruction": "x", "output": "y"}) + "\n")
+    # Some rows have the partition field and one lacks it: an error (no row at all having it: see test_data_real.py).
+    (p / "nolabel.jsonl").write_text(good + "\n" + json.dumps({"instruction": "x", "output": "y"}) + "\n")
     msg = _one_line_error(_cfg(path=str(p / "nolabel.jsonl"), partition="dirichlet"))
-    assert "has no field 'label'" in msg and "data.partition_by" in msg
+    assert "line 2 of nolabel.jsonl has no field 'label'" in msg and "data.partition_by" in msg
+    (p / "nulllabel.jsonl").write_text(json.dumps({"instruction": "x", "output": "y", "label": None}) + "\n")
+    msg = _one_line_error(_cfg(path=str(p / "nulllabel.jsonl"), partition="dirichlet"))
+    assert "line 1 of nulllabel.jsonl has no field 'label'" in msg
     (p / "text.jsonl").write_text(json.dumps({"text": "x"}) + "\n")
     assert "cannot detect the format" in _one_line_error(_cfg(path=str(p / "text.jsonl")))
     (p / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "x"}]}) + "\n")

@@ -14,35 +14,41 @@ import torch
 from torch import nn
 
 from deca_ds.blocks import BlockPartition, partition_blocks
-from deca_ds.config import ConfigError, RunConfig
+from deca_ds.config import BlocksConfig, ConfigError, RunConfig
 from deca_ds.consensus import ConsensusStep, MixFn, method_spec
 
 __all__ = ["partition_for", "check_blocks", "block_names_for", "uses_torch_adamw", "build_optimizer",
            "topology_options", "build_topology", "build_consensus_step"]
 
 
-def partition_for(cfg: RunConfig, model: nn.Module) -> BlockPartition:
-    """The block partition ``cfg.blocks`` describes for ``model`` (layers per block, embeddings/head, prefixes).
+def partition_for(model: nn.Module, blocks: BlocksConfig) -> BlockPartition:
+    """The block partition a recipe's ``blocks`` section describes for ``model`` (layers per block, embeddings and
+    head, prefixes): the one call training, preflight and the planner make.
+
+    Args:
+        model: a causal LM (the meta device is fine).
+        blocks: the recipe's ``blocks`` settings.
 
     Raises:
         ValueError: the settings do not fit the model (see :func:`deca_ds.blocks.partition_blocks`).
     """
-    b = cfg.blocks
+    b = blocks
     return partition_blocks(model, layers_per_block=b.layers_per_block, include_embeddings=b.include_embeddings,
                             include_lm_head=b.include_lm_head, prefixes=b.prefixes)
 
 
 def check_blocks(cfg: RunConfig) -> BlockPartition:
-    """Partition the model on the meta device as training will, so bad block settings fail before anything runs.
+    """Partition the model on the meta device as training will, so bad block settings fail before anything runs;
+    also checks ``data.max_length`` against the model's positions.
 
     Returns:
         The partition of the (meta) model.
 
     Raises:
-        ConfigError: unreadable model config, block settings that do not fit the model, or a ``blocks.fixed_order``
-            index out of range.
+        ConfigError: unreadable model config, block settings that do not fit the model, a ``blocks.fixed_order``
+            index out of range, or ``data.max_length`` beyond the model's positions.
     """
-    from deca_ds.models import build_meta_model
+    from deca_ds.models import build_meta_model, check_lengths
 
     try:
         model = build_meta_model(cfg.model.path)
@@ -51,7 +57,7 @@ def check_blocks(cfg: RunConfig) -> BlockPartition:
                           f"({str(e).splitlines()[0][:160]}): give a Hugging Face model directory") from None
     b = cfg.blocks
     try:
-        part = partition_for(cfg, model)
+        part = partition_for(model, cfg.blocks)
     except ValueError as e:
         key = "blocks.prefixes" if b.prefixes else "blocks"
         raise ConfigError(f"{key}: {' '.join(str(e).split())}") from None
@@ -60,6 +66,7 @@ def check_blocks(cfg: RunConfig) -> BlockPartition:
         if bad:
             raise ConfigError(f"blocks.fixed_order={b.fixed_order} names block(s) {bad} but the model has "
                               f"{len(part)} blocks: use indices 0..{len(part) - 1}")
+    check_lengths(cfg, model.config)
     return part
 
 
@@ -76,7 +83,7 @@ def block_names_for(cfg: RunConfig, model: nn.Module) -> list[list[str]]:
     """
     if uses_torch_adamw(cfg):
         return [[n for n, _ in model.named_parameters()]]
-    partition = partition_for(cfg, model)
+    partition = partition_for(model, cfg.blocks)
     if method_spec(cfg.method).single_block:
         return [partition.param_names()]
     return [list(b.param_names) for b in partition.blocks]
@@ -95,7 +102,7 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                  weight_decay=o.weight_decay)
     spec = method_spec(cfg.method)
-    blocks: Any = partition_for(cfg, model)
+    blocks: Any = partition_for(model, cfg.blocks)
     if spec.single_block:
         blocks = [blocks.param_names()]
     b = cfg.blocks

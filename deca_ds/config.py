@@ -215,9 +215,8 @@ class RunConfig:
     """``false``: a new run (an existing run in ``output_dir`` is never overwritten); ``true``: continue from the
     newest complete checkpoint (an older complete one, with a warning, if the newest is damaged), refused when there
     is nothing to resume; ``auto``: like ``true`` when there is a checkpoint, else a new run (for launchers that
-    restart crashed workers); ``step_N``: continue from the checkpoint taken after step N exactly. ``auto`` and
-    ``step_N`` are refused until the training loop selects the checkpoint with
-    :func:`deca_ds.checkpoint.find_resume_checkpoint`."""
+    restart crashed workers); ``step_N``: continue from the checkpoint taken after step N exactly. A resumed leg
+    must keep every setting that defines the run (see :func:`deca_ds.checkpoint.compare_run_settings`)."""
     method: str = "deca"
     """``deca``, ``badam_gossip`` (no BMA), ``trivial_bma``, ``dadam`` (full Adam + full-model gossip), ``local``
     (no communication) or ``centralized`` (all ranks one data-parallel group)."""
@@ -374,10 +373,7 @@ def _resume(value: bool | str) -> None:
     if isinstance(value, bool):
         return
     if value == "auto" or (isinstance(value, str) and RESUME_STEP.fullmatch(value)):
-        # deca_ds.checkpoint.prepare_output_dir/find_resume_checkpoint implement both, but the launcher's training
-        # loop still resumes from checkpoints/latest only: refuse rather than resume from the wrong checkpoint.
-        raise ConfigError(f"resume={value} is not available yet (the trainer resumes from checkpoints/latest "
-                          "only): use resume=true")
+        return
     raise ConfigError(f"resume={value!r} is not known: use true, false, auto or step_N (e.g. step_96, a checkpoint "
                       "taken after step 96)")
 

@@ -14,7 +14,6 @@ what happens around it, in this order per step:
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import signal
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from deca_ds.config import RunConfig
-from deca_ds.metrics import JsonlWriter, make_progress, summary_table
+from deca_ds.metrics import JsonlWriter, make_progress, summary_table, write_json_atomic
 
 __all__ = ["NonFiniteError", "StopFlag", "StepRecord", "Driver", "LoopOutcome", "run_loop", "write_summary"]
 
@@ -196,16 +195,14 @@ def run_loop(driver: Driver, cfg: RunConfig, start_step: int = 0, writer: JsonlW
 
 
 def write_summary(output_dir: str | os.PathLike, summary: dict[str, Any], console=None) -> None:
-    """Write ``summary.json`` atomically (temporary file, then rename) and print the final table.
+    """Write ``summary.json`` atomically and as strict JSON (:func:`deca_ds.metrics.write_json_atomic`) and print
+    the final table.
 
     Args:
         output_dir: the run's directory.
         summary: the summary; ``clients`` (per-client rows) and ``consensus`` (the average model's evaluation).
         console: rich console for the table (None: no table).
     """
-    out = Path(output_dir)
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
-    os.replace(tmp, out / "summary.json")
+    write_json_atomic(Path(output_dir) / "summary.json", summary)
     if console is not None:
         console.print(summary_table(summary["clients"], summary["consensus"]))

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import time
 from pathlib import Path
@@ -178,6 +177,7 @@ class Simulation:
         self.device = resolve_device(cfg.simulate.device)
         ds = load_ds_config(cfg.ds_config, device_type=self.device.type)
         check_ds_config(ds, cfg)
+        self.ds_config = ds
         if "scheduler" in ds:
             raise ConfigError("backend=simulate does not run DeepSpeed LR schedulers: remove the ds_config "
                               "'scheduler' section (or use the launcher)")
@@ -187,6 +187,10 @@ class Simulation:
         self.gas = int(ds.get("gradient_accumulation_steps", 1))
         self.clip = float(ds.get("gradient_clipping", 0.0) or 0.0)
         check_model_config(cfg.model)
+        if cfg.optim.state_policy == "offload":
+            from deca_ds.optim.state_store import check_offload_support
+
+            check_offload_support(cfg.optim.offload_dtype)
         check_data_config(cfg, n)
         self.wire_dtype = _WIRE_DTYPES[cfg.gossip.dtype]
         self.topology = None
@@ -510,8 +514,7 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
     sim = Simulation(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / ckpt.RUN_MARKER).write_text(json.dumps({"config": cfg.to_dict(), "backend": "simulate",
-                                                    "num_clients": sim.num_clients}, indent=2))
+    ckpt.append_run_leg(out, ckpt.run_record(cfg, sim.ds_config, None, sim.num_clients, backend="simulate"))
     console = Console(stderr=True, quiet=quiet)
     t0 = time.perf_counter()
     writer = JsonlWriter(out / "metrics.jsonl")

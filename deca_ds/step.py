@@ -180,6 +180,9 @@ class Engine(Protocol):
     def lr(self) -> float:
         """Current learning rate."""
 
+    def set_lr(self, lr: float) -> None:
+        """Use learning rate ``lr`` from the next step on (a resumed leg that changes ``optim.lr``)."""
+
     def whole_model(self) -> nn.Module:
         """The model with whole weights (at ZeRO-3 a gathered CPU copy; collective there)."""
 

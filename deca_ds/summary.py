@@ -31,7 +31,18 @@ def average_over_clients_(model: torch.nn.Module) -> None:
             t.copy_(acc.div_(world).to(t.dtype))
 
 
-def evaluate_clients(engine: Engine, tokenizer, data, cfg: RunConfig, layout) -> list[dict] | None:
+def _evaluate(model, tokenizer, data, cfg: RunConfig, console, what: str) -> dict:
+    """:func:`deca_ds.data.evaluate` with a progress bar when ``console`` is given (the rank that prints)."""
+    from deca_ds.data import evaluate
+    from deca_ds.data.evaluation import eval_progress
+
+    if console is None:
+        return evaluate(model, tokenizer, data, max_examples=cfg.data.eval_examples)
+    with eval_progress(console, f"evaluating {what}") as progress:
+        return evaluate(model, tokenizer, data, max_examples=cfg.data.eval_examples, progress=progress)
+
+
+def evaluate_clients(engine: Engine, tokenizer, data, cfg: RunConfig, layout, console=None) -> list[dict] | None:
     """Every client scores its own model on the shared test split. Collective: every rank calls it.
 
     Args:
@@ -40,14 +51,15 @@ def evaluate_clients(engine: Engine, tokenizer, data, cfg: RunConfig, layout) ->
         data: this client's :class:`deca_ds.data.ClientData`.
         cfg: the run's settings (``data.eval_examples`` rows are scored).
         layout: the :class:`deca_ds.gossip.ClientLayout`.
+        console: rank 0's console for a progress bar (every client evaluates at the same time; rank 0 shows its own).
 
     Returns:
         On rank 0 each client's evaluation, indexed by client; None elsewhere.
     """
-    from deca_ds.data import evaluate
-
     model = engine.whole_model()
-    own = evaluate(model, tokenizer, data, max_examples=cfg.data.eval_examples) if layout.local_rank == 0 else None
+    shown = console if dist.get_rank() == 0 else None
+    own = _evaluate(model, tokenizer, data, cfg, shown, f"client {layout.client_id} (all clients in parallel)") \
+        if layout.local_rank == 0 else None
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, own)
     if dist.get_rank() != 0:
@@ -84,11 +96,11 @@ def finish(cfg: RunConfig, engine: Engine, data, tokenizer, layout, out: Path, l
     Returns:
         The summary dict on rank 0, None elsewhere.
     """
-    from deca_ds.data import evaluate
-
     rank = dist.get_rank()
     model = engine.whole_model()
-    own = evaluate(model, tokenizer, data, max_examples=cfg.data.eval_examples) if layout.local_rank == 0 else {}
+    shown = console if rank == 0 else None
+    own = _evaluate(model, tokenizer, data, cfg, shown, f"client {layout.client_id} (all clients in parallel)") \
+        if layout.local_rank == 0 else {}
     if cfg.model.save_client_models and layout.local_rank == 0:
         model.save_pretrained(out / "clients" / f"client_{layout.client_id}")
         tokenizer.save_pretrained(out / "clients" / f"client_{layout.client_id}")
@@ -102,7 +114,7 @@ def finish(cfg: RunConfig, engine: Engine, data, tokenizer, layout, out: Path, l
     if rank == 0:
         model.save_pretrained(out / "consensus", safe_serialization=True)
         tokenizer.save_pretrained(out / "consensus")
-        consensus = evaluate(model, tokenizer, data, max_examples=cfg.data.eval_examples)
+        consensus = _evaluate(model, tokenizer, data, cfg, console, "the consensus model")
     clients = []
     for c in range(layout.num_clients):
         rows = [r for r in per_rank if r["client"] == c]

@@ -38,14 +38,29 @@ class Preflight(NamedTuple):
     """What :func:`preflight` established before any process group exists.
 
     Attributes:
-        ds_config: the checked DeepSpeed config dict.
+        ds_config: the checked DeepSpeed config dict (batch keys filled as DeepSpeed fills them).
         layout: this rank's :class:`deca_ds.gossip.ClientLayout`.
         topology: the client graph (None when the method does not gossip).
+        resume_from: the checkpoint directory to resume from (None: a run from step 0).
+        changed: settings this leg changes with respect to the run's last leg (``"setting: old -> new"``).
     """
 
     ds_config: dict[str, Any]
     layout: ClientLayout
     topology: Any
+    resume_from: Path | None = None
+    changed: tuple[str, ...] = ()
+
+
+def _node_clients(layout: ClientLayout) -> list[int]:
+    """Clients with a rank on this machine (the launchers number a machine's ranks contiguously); with one disk per
+    machine these are the clients whose checkpoints this machine holds."""
+    local_rank, local_world = os.environ.get("LOCAL_RANK"), os.environ.get("LOCAL_WORLD_SIZE")
+    if local_rank is None or local_world is None:
+        return list(range(layout.num_clients))
+    first = layout.rank - int(local_rank)
+    ranks = range(max(first, 0), min(first + int(local_world), layout.world_size))
+    return sorted({r // layout.ranks_per_client for r in ranks})
 
 
 def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank: int | None = None) -> Preflight:
@@ -60,28 +75,69 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     Raises:
         ConfigError: the first problem found, as one line naming the setting and the fix.
     """
+    from importlib.metadata import version
+
+    from deca_ds._versions import check_deepspeed_version
     from deca_ds.data import check_data_config
     from deca_ds.devices import accelerator_type
     from deca_ds.ds_config import check_ds_config, load_ds_config
     from deca_ds.models import check_model_config
+    from deca_ds.optim.state_store import check_offload_support
 
     if world_size % cfg.clients.ranks_per_client:
         raise ConfigError(f"clients.ranks_per_client={cfg.clients.ranks_per_client} does not divide the "
                           f"{world_size} launched ranks: launch a multiple of it or change it")
+    check_deepspeed_version(version("deepspeed"))
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     layout = ClientLayout(world_size, rank, cfg.clients.ranks_per_client)
     ds = load_ds_config(ds_config_path or cfg.ds_config, device_type=accelerator_type())
-    check_ds_config(ds, cfg)
+    check_ds_config(ds, cfg, world_size=world_size)
     check_model_config(cfg.model)
     check_blocks(cfg)
+    if cfg.optim.state_policy == "offload":
+        check_offload_support(cfg.optim.offload_dtype)
     topology = None
     if method_spec(cfg.method).gossip:
         topology = build_topology(cfg, layout.num_clients)
         layout.check_topology(topology)
     # Only this rank's client's data: on a real deployment a site holds only its own file.
     check_data_config(cfg, layout.num_clients, client_id=layout.client_id)
-    ckpt.prepare_output_dir(cfg.output_dir, cfg.resume)
-    return Preflight(ds, layout, topology)
+    found = ckpt.prepare_output_dir(cfg.output_dir, cfg.resume, num_clients=None)
+    changed: list[str] = []
+    legs = ckpt.read_run_legs(cfg.output_dir) if cfg.resume is not False else []
+    if legs:  # a resumed leg (or a restart before the first checkpoint) must be the same run
+        changed = ckpt.check_run_settings(legs[-1], ckpt.run_record(cfg, ds, world_size, layout.num_clients))
+    if found is not None:  # the newest checkpoint complete for the clients this machine holds
+        found = ckpt.find_resume_checkpoint(cfg.output_dir, found.name if cfg.resume not in (True, "auto")
+                                            else "latest", client_ids=_node_clients(layout))
+    return Preflight(ds, layout, topology, found, tuple(changed))
+
+
+def _agree_on_checkpoint(found: Path | None, out: Path, layout: ClientLayout) -> Path | None:
+    """Every rank resumes from the same checkpoint (collective). Machines with their own disks may each have found
+    another newest complete checkpoint: all take the oldest of them, which each must hold complete.
+
+    Raises:
+        ConfigError: the ranks disagree on whether to resume, or the agreed checkpoint is incomplete here.
+    """
+    from deca_ds.engine import device
+
+    step = -1 if found is None else int(found.name.split("_")[1])
+    t = torch.tensor([step, -step], dtype=torch.int64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    low, high = int(t[0]), -int(t[1])
+    if low == high:
+        return found
+    if low < 0:
+        raise ConfigError(f"resume: some ranks found no checkpoint in {out} while others found step {high}: give "
+                          "every machine the run's checkpoints, or start a new run in another output_dir")
+    chosen = out / "checkpoints" / ckpt.step_dir_name(low)
+    problem = ckpt.checkpoint_problem(chosen, _node_clients(layout))
+    if problem:
+        raise ConfigError(f"resume: the machines' newest complete checkpoints differ (steps {low} to {high}) and "
+                          f"{chosen.name} is incomplete here ({problem}): resume=step_N with a step every machine "
+                          "holds")
+    return chosen
 
 
 def _consensus_distance(tensors: list[torch.Tensor]) -> float:
@@ -120,7 +176,8 @@ class LauncherDriver:
 
     checkpoints = True
 
-    def __init__(self, cfg: RunConfig, engine: Engine, data, tokenizer, layout: ClientLayout, out: Path):
+    def __init__(self, cfg: RunConfig, engine: Engine, data, tokenizer, layout: ClientLayout, out: Path,
+                 console=None):
         """Args:
             cfg: the run's settings.
             engine: this rank's engine.
@@ -128,9 +185,11 @@ class LauncherDriver:
             tokenizer: the run's tokenizer.
             layout: the client layout.
             out: the run's output directory.
+            console: rank 0's console (evaluation progress).
         """
         self.cfg, self.engine, self.data, self.tokenizer, self.layout, self.out = cfg, engine, data, tokenizer, \
             layout, out
+        self.console = console
         self.num_clients = layout.num_clients
 
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
@@ -171,7 +230,7 @@ class LauncherDriver:
         """Every client's evaluation (collective; the list on rank 0)."""
         from deca_ds.summary import evaluate_clients
 
-        return evaluate_clients(self.engine, self.tokenizer, self.data, self.cfg, self.layout)
+        return evaluate_clients(self.engine, self.tokenizer, self.data, self.cfg, self.layout, self.console)
 
     def save_checkpoint(self, step: int) -> None:
         """A complete checkpoint of every client after ``step`` steps (collective)."""
@@ -205,14 +264,13 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
         NonFiniteError: ``nan_policy=stop`` and some client produced a non-finite value.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    pre = preflight(cfg, world_size, ds_config_path)
-    ds, layout, topo = pre
+    ds, layout, topo, found, changed = preflight(cfg, world_size, ds_config_path)
 
     from rich.console import Console
 
     from deca_ds.data import build_client_data, write_partition_summary
     from deca_ds.ds_config import uses_activation_checkpointing
-    from deca_ds.engine import barrier, build_engine, setup_distributed
+    from deca_ds.engine import build_engine, setup_distributed
     from deca_ds.gossip import ClientGroups, Mixer
     from deca_ds.metrics import JsonlWriter, truncate_jsonl_after
     from deca_ds.models import load_model_and_tokenizer
@@ -225,11 +283,7 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
                            f"rank {rank})")
     groups = ClientGroups.create(layout)
     out = Path(cfg.output_dir)
-    barrier()  # every rank has checked output_dir before rank 0 writes into it
-    if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / ckpt.RUN_MARKER).write_text(json.dumps({"config": cfg.to_dict(), "ds_config": ds,
-                                                        "world_size": layout.world_size}, indent=2))
+    found = _agree_on_checkpoint(found, out, layout)
     console = Console(stderr=True)
     if cfg.model.gradient_checkpointing is False and uses_activation_checkpointing(ds):
         cfg.model.gradient_checkpointing = True
@@ -238,10 +292,6 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     counts = data.counts
     if data.counts_local_only:  # per-client files: only this client's row is known locally
         counts = _gather_counts(counts, layout)
-    if rank == 0:
-        write_partition_summary(counts, data.count_names, out, console=console)
-        if layout.num_clients > 1 and topo is not None:
-            topo.render(console=console)
     mixer = None
     if topo is not None:
         mixer = Mixer(layout, topo, chunk_bytes=int(cfg.gossip.chunk_mb * 2**20),
@@ -249,17 +299,29 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
                       timeout=cfg.comm_timeout, dp_group=groups.client_group)
     engine = build_engine(cfg, model, ds, groups, mixer=mixer)
     start_step = 0
-    latest = ckpt.latest_checkpoint(out) if cfg.resume else None
-    if latest is not None:
-        engine.load_state_dict(ckpt.read_client_state(latest, layout.client_id))
+    if found is not None:
+        engine.load_state_dict(ckpt.read_client_state(found, layout.client_id))
+        if "scheduler" not in ds:  # a changed optim.lr applies from the resumed step on (recorded in run.json)
+            engine.set_lr(cfg.optim.lr)
         start_step = engine.global_step
-        if rank == 0:
-            truncate_jsonl_after(out / "metrics.jsonl", start_step)
-            console.print(f"resumed from {latest} at step {start_step}")
+    # Outputs only once the engine stands: a start that fails leaves nothing behind.
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        ckpt.append_run_leg(out, ckpt.run_record(cfg, ds, layout.world_size, layout.num_clients,
+                                                 resumed_from=found.name if found is not None else None,
+                                                 changed=list(changed)))
+        write_partition_summary(counts, data.count_names, out, console=console)
+        if layout.num_clients > 1 and topo is not None:
+            topo.render(console=console)
+        # Records past the resumed step (or every record of a run restarted before its first checkpoint) go.
+        truncate_jsonl_after(out / "metrics.jsonl", start_step)
+        if found is not None:
+            console.print(f"resumed from {found} at step {start_step}"
+                          + (f" (changed: {'; '.join(changed)})" if changed else ""))
     if engine.schedule is not None and rank == 0:
         engine.schedule.warn_if_incomplete(cfg.max_steps)
     writer = JsonlWriter(out / "metrics.jsonl") if rank == 0 else None
-    driver = LauncherDriver(cfg, engine, data, tokenizer, layout, out)
+    driver = LauncherDriver(cfg, engine, data, tokenizer, layout, out, console)
     try:
         outcome = run_loop(driver, cfg, start_step, writer, console, show_progress=rank == 0)
     finally:

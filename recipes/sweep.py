@@ -96,6 +96,7 @@ def _overrides(settings: dict[str, Any]) -> list[str]:
 def run_one(run: dict[str, Any], runs_dir: str) -> dict[str, Any]:
     """Simulate one run of the grid and reduce it to one results record (curves included)."""
     from deca_ds.config import load_config
+    from deca_ds.metrics import read_jsonl
     from deca_ds.simulate import run_simulation
 
     out = Path(runs_dir) / run["run_id"].replace("/", "_")
@@ -106,7 +107,8 @@ def run_one(run: dict[str, Any], runs_dir: str) -> dict[str, Any]:
         shutil.rmtree(out)
     t0 = time.perf_counter()
     summary = run_simulation(cfg, save_models=False, quiet=True)
-    recs = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    # read_jsonl restores non-finite values (written as null + a flag); eval records carry no training loss
+    recs = [r for r in read_jsonl(out / "metrics.jsonl") if "loss" in r]
     steps = sorted({r["step"] for r in recs})
     by_step = {s: [r for r in recs if r["step"] == s] for s in steps}
     loss_curve = [sum(r["loss"] for r in by_step[s]) / len(by_step[s]) for s in steps]

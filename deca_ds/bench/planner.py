@@ -2,7 +2,7 @@
 
 Users pick deca_ds because full-parameter Adam does not fit their GPU. This module answers "does it fit, and with
 which settings?" from a model's ``config.json`` alone: the model is built on the ``meta`` device (no weights, no
-memory), partitioned into blocks exactly as training partitions it (:func:`partition_for`: the same
+memory), partitioned into blocks exactly as training partitions it (:func:`deca_ds.build.partition_for`: the same
 :func:`deca_ds.partition_blocks` call with the same :class:`deca_ds.config.BlocksConfig` the written recipe holds, so
 the embeddings and LM head are blocks exactly when the recipe trains them), and the per-GPU bytes of full Adam
 (DeepSpeed stages 0-3, with and without CPU offload) and of deca_ds are computed in closed form. The full-Adam
@@ -37,6 +37,7 @@ import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
+from deca_ds.build import partition_for
 from deca_ds.config import BlocksConfig, DecaConfig, OptimConfig, RunConfig
 
 GIB = 1024**3
@@ -140,23 +141,6 @@ def build_meta_model(model_dir: str):
     from deca_ds.models import build_meta_model as _build
 
     return _build(model_dir)
-
-
-def partition_for(model, blocks: BlocksConfig):
-    """The partition a recipe with these ``blocks`` settings trains (the call ``trainer``/``engine``/``zero`` make).
-
-    Args:
-        model: A causal LM (meta device is fine).
-        blocks: The recipe's ``blocks`` section.
-
-    Returns:
-        The :class:`deca_ds.blocks.BlockPartition`.
-    """
-    from deca_ds.blocks import partition_blocks
-
-    return partition_blocks(model, layers_per_block=blocks.layers_per_block,
-                            include_embeddings=blocks.include_embeddings, include_lm_head=blocks.include_lm_head,
-                            prefixes=blocks.prefixes)
 
 
 def inspect_model(model, blocks: BlocksConfig | None = None) -> ModelShape:

@@ -102,6 +102,11 @@ class DecaEngine:
         """Current learning rate."""
         return float(self.optimizer.param_groups[0]["lr"])
 
+    def set_lr(self, lr: float) -> None:
+        """Use learning rate ``lr`` from the next step on."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(lr)
+
     def write_monitor_events(self, events: list[tuple[str, float, int]]) -> None:
         """Send events to the ds_config's monitors (TensorBoard, CSV, W&B) when any is enabled."""
         if self.engine.monitor.enabled:

@@ -238,6 +238,11 @@ class ZeroBlockEngine:
         """Current learning rate."""
         return float(self._adam.param_groups[0]["lr"])
 
+    def set_lr(self, lr: float) -> None:
+        """Use learning rate ``lr`` from the next step on (the AdamW built at each switch takes ``cfg.optim.lr``)."""
+        for group in self._adam.param_groups:
+            group["lr"] = float(lr)
+
     def _params_of(self, block_idx: int) -> list[torch.nn.Parameter]:
         return [self._named[n] for n in self.block_optimizer.blocks[block_idx].param_names]
 

@@ -166,3 +166,20 @@ def test_zero_clients_of_two_ranks_match_stage0_end_to_end(tmp_path):
     for k in c:
         assert c[k] == pytest.approx(b[k], rel=2e-2), k
     assert final_state(zb, 0)["model"]["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+
+
+def test_resume_legs_apply_a_changed_lr_and_refuse_a_changed_run(tmp_path):
+    """run.json gains one leg per start and is never overwritten; a resumed leg's new optim.lr is the one it trains
+    with (not the checkpoint's); a resume that changes the number of clients is refused before anything is written."""
+    out = tmp_path / "run"
+    torchrun(2, f"output_dir={out}", "max_steps=4", *FAST)
+    before = (out / "run.json").read_bytes()
+    refused = torchrun(3, f"output_dir={out}", "max_steps=6", "resume=true", *FAST, check=False)
+    assert refused.returncode != 0 and "num_clients: 2 -> 3" in refused.stderr
+    assert (out / "run.json").read_bytes() == before  # a refused resume writes nothing
+    torchrun(2, f"output_dir={out}", "max_steps=6", "resume=true", "optim.lr=1e-3", *FAST)
+    legs = json.loads((out / "run.json").read_text())["legs"]
+    assert [leg["leg"] for leg in legs] == [0, 1] and legs[1]["resumed_from"] == "step_00000004"
+    assert any(c.startswith("optim.lr: 0.003 -> 0.001") for c in legs[1]["changed"]), legs[1]["changed"]
+    lrs = {r["step"]: r["lr"] for r in records(out) if "lr" in r}
+    assert [lrs[s] for s in range(6)] == [3e-3] * 4 + [1e-3] * 2

@@ -89,7 +89,8 @@ def _body(rank, world, stage, dtype_name, policy, zero_extra):
     groups = ClientGroups.create(layout)
     # eps=1e-3: Adam's first steps amplify float noise in near-zero gradients (|g| ~ 1e-8) up to lr-sized
     # differences; ZeRO-3 sums gradients in another order, so compare in a regime where float noise stays float noise.
-    cfg = load_config(None, ["method=deca", f"blocks.switch_every={SWITCH_EVERY}", "blocks.include_embeddings=false",
+    cfg = load_config(None, ["method=deca", "clients.ranks_per_client=2", f"blocks.switch_every={SWITCH_EVERY}",
+                             "blocks.include_embeddings=false",
                              f"optim.state_policy={policy}", "optim.lr=1e-2", "optim.eps=1e-3",
                              f"model.dtype={dtype_name}", "blocks.order=ascending"])
     report = {}

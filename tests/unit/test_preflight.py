@@ -48,3 +48,37 @@ def test_ds_config_refusals_come_before_anything(tmp_path):
 def test_good_input_passes(tmp_path):
     ds = preflight(_cfg(tmp_path), 2, None).ds_config
     assert ds["train_micro_batch_size_per_gpu"] > 0
+
+
+def _fake_run(tmp_path, num_clients: int, *overrides) -> None:
+    """A run directory as a finished launch leaves it: run.json (one leg) and a complete checkpoint at step 4."""
+    import torch
+
+    from deca_ds import checkpoint as ckpt
+    from deca_ds.ds_config import check_ds_config, load_ds_config
+
+    cfg = _cfg(tmp_path, *overrides)
+    ds = load_ds_config(None, device_type="cpu")
+    check_ds_config(ds, cfg, world_size=num_clients)
+    out = tmp_path / "out"
+    ckpt.append_run_leg(out, ckpt.run_record(cfg, ds, num_clients, num_clients))
+    for c in range(num_clients):
+        ckpt.write_client_state(out, 4, c, {"global_step": torch.tensor(4)})
+    ckpt.publish_checkpoint(out, 4, 0, keep=2)
+
+
+def test_resume_refuses_a_changed_run_and_accepts_allowed_changes(tmp_path):
+    _fake_run(tmp_path, 2)
+    with pytest.raises(ConfigError) as e:  # other clients and another block schedule: both named, one line
+        preflight(_cfg(tmp_path, "resume=true", "blocks.switch_every=3"), 3, None)
+    assert "num_clients: 2 -> 3" in str(e.value) and "blocks.switch_every: 4 -> 3" in str(e.value)
+    assert "\n" not in str(e.value)
+    pre = preflight(_cfg(tmp_path, "resume=true", "optim.lr=1e-3", "max_steps=300"), 2, None)
+    assert pre.resume_from.name == "step_00000004"
+    assert sorted(c.split(":")[0] for c in pre.changed) == ["max_steps", "optim.lr", "resume"]
+
+
+def test_resume_of_nothing_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="holds no run to resume"):
+        preflight(_cfg(tmp_path, "resume=true"), 2, None)
+    assert preflight(_cfg(tmp_path, "resume=auto"), 2, None).resume_from is None

@@ -27,7 +27,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
-    "ClientLayout", "ClientGroups", "ClientMPU", "Mixer", "MixStats", "mix_stacked_", "consensus_distance",
+    "ClientLayout", "ClientGroups", "ClientMPU", "Mixer", "MixStats", "accumulate_mix_", "mix_stacked_",
+    "consensus_distance",
 ]
 
 HEADER_FIELDS = ("block", "step", "client", "numel")
@@ -447,9 +448,7 @@ class Mixer:
             got = [r[: b - a] for r in recv]
             self._exchange(send, got, neighbors, peers, block_idx, step, f"elements [{a}, {b})")
             # All sends completed above, so `mine` (which may be the send buffer) can be overwritten now.
-            mine.mul_(float(w[me, me]))  # own contribution at full precision
-            for c, r in zip(neighbors, got):
-                mine.add_(r, alpha=float(w[me, c]))  # fp32 accumulate (bf16 operand is promoted)
+            accumulate_mix_(mine, w[me, me], got, [w[me, c] for c in neighbors])
             if direct is None:
                 view.write(a, b, mine)
 
@@ -535,6 +534,30 @@ class Mixer:
                 re_ = min(r * shard + o + length, (r + 1) * shard, view.numel)
                 if rs < re_:
                     view.write(rs, re_, outs[r])
+
+
+def accumulate_mix_(mine: torch.Tensor, own_weight: float, received: Sequence[torch.Tensor],
+                    weights: Sequence[float]) -> torch.Tensor:
+    """One client's mixing arithmetic, in place: ``mine <- own_weight * mine + sum_k weights[k] * received[k]``.
+
+    The one place this arithmetic is written: :meth:`Mixer.mix_` applies it to every chunk it exchanges, and the
+    simulator to every tensor of the block, in the same order (own term first, then neighbours in
+    ``Topology.neighbors`` order) with the same operations, so both round identically (each element is computed
+    on its own, so how a block is cut into chunks does not change the result).
+
+    Args:
+        mine: this client's values (fp32), overwritten with the mixture.
+        own_weight: ``W[i, i]``; this client's own contribution keeps full precision.
+        received: the neighbours' values as they came over the wire (fp32, or bf16: promoted, accumulated in fp32).
+        weights: ``W[i, j]`` of each neighbour, in ``received`` order.
+
+    Returns:
+        ``mine``.
+    """
+    mine.mul_(float(own_weight))
+    for r, w in zip(received, weights):
+        mine.add_(r, alpha=float(w))
+    return mine
 
 
 def mix_stacked_(stacked: torch.Tensor, weights) -> torch.Tensor:

@@ -145,3 +145,25 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 0):
         model.config.use_cache = False
     model.train()
     return model, tokenizer
+
+
+def save_model_dir(model: torch.nn.Module, directory) -> None:
+    """Write ``model`` as a Hugging Face model directory (``config.json``, ``generation_config.json``,
+    ``model.safetensors``) from whichever process calls it.
+
+    Why not ``model.save_pretrained``: with torch.distributed initialized, transformers (5.x) writes only on global
+    rank 0 and silently skips every other rank, so each client's own model would be lost on all clients but one.
+    Tied weights are stored once (``safetensors.torch.save_model``), as ``save_pretrained`` stores them, so
+    ``from_pretrained`` loads the directory unchanged.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import save_model
+
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None:
+        generation_config.save_pretrained(path)
+    save_model(model, str(path / "model.safetensors"), metadata={"format": "pt"})

@@ -19,17 +19,19 @@ Communication order, one step (hazard: every client must have taken its local st
 neighbours exchange ``x_half`` in the launcher):
 
     for each client: forward/backward -> clip -> hook.before_step() -> optimizer.step()      (x -> x_half)
-    for each tensor of the active block: stack the clients' copies, mixed = W_step @ X       (one matmul)
+    for each tensor of the active block, each client: own*W_ii + sum_j W_ij*x_j      (gossip.accumulate_mix_)
     for each client: hook.after_step(step) with a ``mix`` that copies that client's row     (signal, BMA, switch)
 
 Where replicas live (``simulate.device``, ``simulate.park_replicas``): by default every replica, its gradients and
 its optimizer state sit on the training device (DeepSpeed's accelerator, else the CPU). Parked, they sit in CPU
 memory and each client's replica is moved to the device for its own forward/backward/step and back; the mixing
-matmul runs on the device one tensor of the active block at a time, and the consensus hook (elementwise work on one
+mixing runs on the device one tensor of the active block at a time, and the consensus hook (elementwise work on one
 block) runs where the replica is parked. Device memory then holds one replica instead of N.
 
-Per-client losses equal the launcher's up to float reduction order (gossip adds neighbours one at a time there, a
-matmul here): measured differences are ~1e-6 relative over a few steps (tests/integration/test_simulate_parity.py).
+Per-client losses, weights and consensus distances equal the launcher's bit for bit (one rank per client, one thread
+per process): the mixing arithmetic is the Mixer's own function applied in the Mixer's order, clipping restates
+DeepSpeed's arithmetic, and the loss is divided by the accumulation steps as DeepSpeed divides it
+(tests/integration/test_simulate_parity.py). ``mix_rows`` (a matmul) is the stacked formulation, not used here.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ from deca_ds.build import build_consensus_step, build_optimizer, build_topology,
 from deca_ds.config import ConfigError, RunConfig
 from deca_ds.consensus import method_spec
 from deca_ds.loop import StepRecord, run_loop, write_summary
-from deca_ds.step import run_micro_batches
+from deca_ds.step import clip_grad_norm_as_deepspeed_, grads_finite, run_micro_batches
 
 __all__ = ["Simulation", "SimulatorDriver", "run_simulation", "mix_rows", "resolve_device", "HEADER_BYTES"]
 
@@ -293,17 +295,18 @@ class Simulation:
         """Accumulate ``scale * mean-over-micro-batches loss`` gradients; returns the
         :class:`deca_ds.step.MicroBatchLosses`."""
         device = next(model.parameters()).device
-        # DeepSpeed's engine.backward divides by gradient_accumulation_steps.
+        # DeepSpeed's engine.backward divides by gradient_accumulation_steps (then x1.0 for a client: exact).
         mbs = run_micro_batches(self._batches(client, step), device, lambda b: model(**b).loss,
-                                lambda loss: (loss * (scale / self.gas)).backward())
+                                lambda loss: (loss / self.gas * scale).backward())
         return mbs
 
     def _clip_and_check(self, model: torch.nn.Module) -> bool:
-        """DeepSpeed stage-0 fp32 clipping (max_norm / (norm + 1e-6)); returns whether every gradient is finite."""
+        """DeepSpeed stage-0 fp32 clipping, its arithmetic restated (:func:`deca_ds.step.clip_grad_norm_as_deepspeed_`);
+        returns whether every gradient is finite."""
         grads = [p for p in model.parameters() if p.grad is not None]
-        finite = all(bool(torch.isfinite(p.grad).all()) for p in grads)
+        finite = grads_finite(grads)
         if self.clip > 0 and grads and finite:
-            torch.nn.utils.clip_grad_norm_(grads, self.clip)
+            clip_grad_norm_as_deepspeed_(grads, self.clip)
         return finite
 
     def _skip(self, i: int) -> None:
@@ -374,15 +377,29 @@ class Simulation:
             self.optimizers[i].zero_grad(set_to_none=True)
 
     def _precompute_mixture(self, step: int, block: int) -> None:
-        """``W_step @ X`` for every tensor of the active block, and each client's bytes for this exchange."""
-        w = np.asarray(self.topology.weights_at(step), dtype=np.float64)
-        per_client = [self.active_tensors(c) for c in range(self.num_clients)]
+        """Every client's mixed active block, and each client's bytes for this exchange.
+
+        Computed as the launcher's :class:`deca_ds.gossip.Mixer` computes it, with
+        :func:`deca_ds.gossip.accumulate_mix_`: own term first at full precision, then each neighbour's value as it
+        travels (rounded to the wire dtype) in ``Topology.neighbors`` order, fp32 arithmetic. Same operations in the
+        same order: the simulator and a launch round identically.
+        """
+        from deca_ds.gossip import accumulate_mix_
+
+        n = self.num_clients
+        w = self.topology.weights_at(step)
+        neighbors = [self.topology.neighbors(c, step) for c in range(n)]
+        per_client = [self.active_tensors(c) for c in range(n)]
         mixed = []
         # One tensor of the block at a time on the device; parked runs keep the mixed rows in CPU memory.
         keep = _HOST if self.park else self.device
         for tensors in zip(*per_client):
-            stacked = torch.stack([t.detach().float() for t in tensors]).to(self.device)
-            mixed.append(mix_rows(stacked, w, self.wire_dtype).to(keep))
+            own = [t.detach().to(self.device, torch.float32) for t in tensors]
+            wire = own if self.wire_dtype == torch.float32 else [x.to(self.wire_dtype) for x in own]
+            rows = torch.stack(own)  # a copy: the clients' own values stay untouched until their hooks run
+            for c in range(n):
+                accumulate_mix_(rows[c], w[c, c], [wire[j] for j in neighbors[c]], [w[c, j] for j in neighbors[c]])
+            mixed.append(rows.to(keep))
         numel = sum(t.numel() for t in per_client[0])
         itemsize = torch.tensor([], dtype=self.wire_dtype).element_size()
         for c in range(self.num_clients):
@@ -421,10 +438,11 @@ class Simulation:
         sq = [0.0] * n
         numel = 0
         for tensors in zip(*per_client):
+            # The launcher's arithmetic (trainer._consensus_distance): fp32 sum over clients / n, fp32 squares.
             stacked = torch.stack([t.detach().float() for t in tensors])
-            dev = (stacked - stacked.mean(0, keepdim=True)).double().square().reshape(n, -1).sum(1)
+            mean = stacked.sum(0).div_(n)
             for c in range(n):
-                sq[c] += float(dev[c])
+                sq[c] += float((stacked[c] - mean).pow(2).sum())
             numel += tensors[0].numel()
         return [math.sqrt(s / max(numel, 1)) for s in sq]
 

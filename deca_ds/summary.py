@@ -15,6 +15,7 @@ import torch.distributed as dist
 from deca_ds.config import RunConfig
 from deca_ds.engine import device, peak_memory_bytes
 from deca_ds.loop import write_summary
+from deca_ds.models import save_model_dir
 from deca_ds.step import Engine
 
 
@@ -102,7 +103,7 @@ def finish(cfg: RunConfig, engine: Engine, data, tokenizer, layout, out: Path, l
     own = _evaluate(model, tokenizer, data, cfg, shown, f"client {layout.client_id} (all clients in parallel)") \
         if layout.local_rank == 0 else {}
     if cfg.model.save_client_models and layout.local_rank == 0:
-        model.save_pretrained(out / "clients" / f"client_{layout.client_id}")
+        save_model_dir(model, out / "clients" / f"client_{layout.client_id}")  # every client's writer rank
         tokenizer.save_pretrained(out / "clients" / f"client_{layout.client_id}")
     bytes_sent = engine.mixer.total_bytes_sent if engine.mixer is not None else 0
     per_rank = [None] * dist.get_world_size()

@@ -45,7 +45,7 @@ def final_state(out: Path, client: int) -> dict:
 
 def test_deepspeed_launcher_four_clients_learn_and_hand_back_a_hf_model(tmp_path):
     out = tmp_path / "run"
-    deepspeed_launch(4, f"output_dir={out}", "max_steps=40", *FAST)
+    deepspeed_launch(4, f"output_dir={out}", "max_steps=40", "model.save_client_models=true", *FAST)
     recs = records(out)
     assert {r["client"] for r in recs} == {0, 1, 2, 3}
     for key in ("step", "client", "loss", "block", "lr", "consensus_distance", "bytes_sent"):
@@ -72,6 +72,10 @@ def test_deepspeed_launcher_four_clients_learn_and_hand_back_a_hf_model(tmp_path
     name = "model.layers.0.self_attn.q_proj.weight"
     avg = sum(s[name] for s in states) / 4
     assert torch.allclose(model.state_dict()[name], avg, atol=1e-6)
+    # Every client's own model is saved by its own rank (transformers' save_pretrained would skip ranks > 0).
+    for c in range(4):
+        client = AutoModelForCausalLM.from_pretrained(out / "clients" / f"client_{c}").state_dict()
+        assert torch.equal(client[name], states[c][name]), c
     # Starting again in the same output_dir without resume=true refuses and changes nothing.
     before = (out / "metrics.jsonl").read_text()
     res = torchrun(2, f"output_dir={out}", "max_steps=4", check=False)

@@ -28,6 +28,9 @@ class _IdentityGraph:
     def weights_at(self, step):
         return np.eye(self.n)
 
+    def neighbors(self, i, step=0):
+        return []
+
 
 def _identity(sim: Simulation) -> None:
     sim.topology = _IdentityGraph(sim.num_clients)

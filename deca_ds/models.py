@@ -13,6 +13,7 @@ from importlib import resources
 import torch
 
 from deca_ds.config import ConfigError, ModelConfig
+from deca_ds.data.formatting import POSITION_LIMIT_KEYS, position_limit  # noqa: F401 (re-exported)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -57,19 +58,6 @@ def check_model_config(cfg: ModelConfig) -> None:
             raise ConfigError(f"model.path={cfg.path!r} has no config.json: point it at a Hugging Face model directory")
     elif looks_local or os.path.exists(path):
         raise ConfigError(f"model.path={cfg.path!r} does not exist: give a local Hugging Face model directory")
-
-
-POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
-"""Names model configs give their longest sequence (Llama/Qwen/Mistral; GPT-2; others), tried in this order."""
-
-
-def position_limit(model_config) -> int | None:
-    """The longest sequence a model's positions cover, from its config; None when the config names no limit."""
-    for key in POSITION_LIMIT_KEYS:
-        value = getattr(model_config, key, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return value
-    return None
 
 
 def check_lengths(cfg, model_config) -> None:

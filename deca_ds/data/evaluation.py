@@ -222,7 +222,7 @@ def _position_limit(model) -> int | None:
     config = getattr(model, "config", None)
     if config is None:
         return None
-    from deca_ds.models import position_limit
+    from deca_ds.data.formatting import position_limit
 
     return position_limit(config)
 

@@ -381,3 +381,15 @@ def pack_examples(examples: dict[str, list[list[int]]], max_length: int) -> dict
             out[k].append(cur[k])
     return out
 
+
+POSITION_LIMIT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+"""Names model configs give their longest sequence (Llama/Qwen/Mistral; GPT-2; others), tried in this order."""
+
+
+def position_limit(model_config) -> int | None:
+    """The longest sequence a model's positions cover, from its config; None when the config names no limit."""
+    for key in POSITION_LIMIT_KEYS:
+        value = getattr(model_config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None

@@ -30,6 +30,7 @@ from deca_ds.consensus import method_spec
 from deca_ds.gossip import ClientLayout
 from deca_ds.loop import NonFiniteError, StepRecord, run_loop
 from deca_ds.step import Engine
+from deca_ds.supervise import LauncherWatch, elastic_restart_count
 
 __all__ = ["preflight", "Preflight", "LauncherDriver", "run", "NonFiniteError"]
 
@@ -190,6 +191,8 @@ class LauncherDriver:
         self.cfg, self.engine, self.data, self.tokenizer, self.layout, self.out = cfg, engine, data, tokenizer, \
             layout, out
         self.console = console
+        self.watch = LauncherWatch()
+        self.launcher_gone: int | None = None
         self.num_clients = layout.num_clients
 
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
@@ -211,8 +214,12 @@ class LauncherDriver:
         return torch.stack(out).cpu()
 
     def step(self, step: int, measure_distance: bool, stop_requested: bool) -> StepRecord:
-        """This client's step, then every rank's figures (collective)."""
+        """This client's step, then every rank's figures (collective). A launcher above this rank that is gone
+        counts as a stop request (no worker outlives its launcher)."""
         res = self.engine.train_step(self._micro_batches(step))
+        if self.launcher_gone is None:
+            self.launcher_gone = self.watch.gone()
+        stop_requested = stop_requested or self.launcher_gone is not None
         cdist = _consensus_distance(self.engine.block_tensors(res.block)) if (
             measure_distance and self.layout.num_clients > 1) else 0.0
         rows = self._gather_rows([res.loss, float(res.nonfinite), float(stop_requested), float(res.bytes_sent),
@@ -264,6 +271,9 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
         NonFiniteError: ``nan_policy=stop`` and some client produced a non-finite value.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    restarts = elastic_restart_count()
+    if restarts and cfg.resume is False:  # torchrun --max-restarts restarted us: continue, never start over
+        cfg.resume = "auto"
     ds, layout, topo, found, changed = preflight(cfg, world_size, ds_config_path)
 
     from rich.console import Console
@@ -315,6 +325,8 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
             topo.render(console=console)
         # Records past the resumed step (or every record of a run restarted before its first checkpoint) go.
         truncate_jsonl_after(out / "metrics.jsonl", start_step)
+        if restarts:
+            console.print(f"elastic restart {restarts}: continuing the run (resume={cfg.resume})")
         if found is not None:
             console.print(f"resumed from {found} at step {start_step}"
                           + (f" (changed: {'; '.join(changed)})" if changed else ""))
@@ -328,6 +340,8 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
         if writer is not None:
             writer.close()
     if outcome.stopped_early:
+        if driver.launcher_gone is not None:
+            console.print(f"rank {rank}: the launcher above this worker (pid {driver.launcher_gone}) is gone")
         if rank == 0:
             console.print(f"stopped by signal after step {outcome.step}; checkpoint saved — continue with "
                           "resume=true")

@@ -82,6 +82,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     from deca_ds.data import check_data_config
     from deca_ds.devices import accelerator_type
     from deca_ds.ds_config import check_ds_config, load_ds_config
+    from deca_ds.lr_schedule import uses_schedule, warmup_steps
     from deca_ds.models import check_model_config
     from deca_ds.optim.state_store import check_offload_support
 
@@ -97,6 +98,9 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     check_blocks(cfg)
     if cfg.optim.state_policy == "offload":
         check_offload_support(cfg.optim.offload_dtype)
+    if uses_schedule(cfg) and "scheduler" in ds:
+        raise ConfigError(f"optim.schedule={cfg.optim.schedule} (with warm-up {warmup_steps(cfg)}) and the ds_config "
+                          "'scheduler' section both set the learning rate: remove one of them")
     topology = None
     if method_spec(cfg.method).gossip:
         topology = build_topology(cfg, layout.num_clients)
@@ -165,6 +169,22 @@ def _gather_counts(counts, layout):
     import numpy as np
 
     return np.array([rows[layout.client_ranks(c)[0]] for c in range(layout.num_clients)])
+
+
+def _resolve_epochs(cfg: RunConfig, engine: Engine, data, layout: ClientLayout, console) -> None:
+    """``max_steps`` from ``epochs``: the mean client's training rows (one all-reduce; every rank of a client holds
+    the client's rows, and every client has the same number of ranks) over the rows a client takes per step."""
+    from deca_ds.engine import device
+    from deca_ds.lr_schedule import steps_for_epochs
+
+    rows = torch.tensor([float(len(data.train))], dtype=torch.float64, device=device())
+    dist.all_reduce(rows)
+    mean_rows = float(rows) / layout.world_size
+    mbs, gas = engine.batch_shape
+    cfg.max_steps = steps_for_epochs(cfg.epochs, mean_rows, mbs * gas * layout.ranks_per_client)
+    if console is not None:
+        console.print(f"epochs={cfg.epochs:g}: {cfg.max_steps} steps (mean client {mean_rows:.0f} training rows, "
+                      f"{mbs * gas * layout.ranks_per_client} rows per step; max_steps is derived)")
 
 
 class LauncherDriver:
@@ -262,6 +282,10 @@ class LauncherDriver:
         """Rank 0's events to the ds_config's monitors."""
         self.engine.write_monitor_events(events)
 
+    def set_lr(self, lr: float) -> None:
+        """This client's learning rate from the next step on."""
+        self.engine.set_lr(lr)
+
 
 def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | None:
     """Run one decentralized fine-tune on this rank. Returns the summary on rank 0, None elsewhere.
@@ -308,6 +332,8 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
                       comm_dtype=torch.bfloat16 if cfg.gossip.dtype == "bf16" else torch.float32,
                       timeout=cfg.comm_timeout, dp_group=groups.client_group)
     engine = build_engine(cfg, model, ds, groups, mixer=mixer)
+    if cfg.epochs is not None:
+        _resolve_epochs(cfg, engine, data, layout, console if rank == 0 else None)
     start_step = 0
     if found is not None:
         engine.load_state_dict(ckpt.read_client_state(found, layout.client_id))

@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from deca_ds.errors import NeighbourError, first_line as _first_line
+
 __all__ = [
     "ClientLayout", "ClientGroups", "ClientMPU", "Mixer", "MixStats", "accumulate_mix_", "mix_stacked_",
     "consensus_distance",
@@ -405,7 +407,7 @@ class Mixer:
             :class:`MixStats` of this call.
 
         Raises:
-            RuntimeError: a neighbour is on another block/step/block size, or did not answer within ``timeout``
+            NeighbourError: a neighbour is on another block/step/block size, or did not answer within ``timeout``
                 seconds; the message names the neighbour client and rank.
         """
         t0 = time.perf_counter()
@@ -427,7 +429,7 @@ class Mixer:
         for c, p, h in zip(neighbors, peers, theirs):
             hb, hs, hc, hn = h.tolist()
             if (hb, hs, hc, hn) != (block_idx, step, c, view.numel):
-                raise RuntimeError(
+                raise NeighbourError(
                     f"gossip mismatch with neighbour client {c} (rank {p}): it is on block {hb}, step {hs} with "
                     f"{hn} elements (sender client {hc}); we (client {me}, rank {self.layout.rank}) are on block "
                     f"{block_idx}, step {step} with {view.numel} elements"
@@ -480,7 +482,13 @@ class Mixer:
         for p, r in zip(peers, recvs):
             ops.append(dist.P2POp(dist.irecv, r, p))
             ops.append(dist.P2POp(dist.isend, send, p))
-        works = dist.batch_isend_irecv(ops)
+        try:
+            works = dist.batch_isend_irecv(ops)
+        except RuntimeError as err:  # gloo refuses to post to a peer whose connection is already closed
+            raise NeighbourError(
+                f"gossip: neighbour clients {', '.join(map(str, neighbors))} (ranks {', '.join(map(str, peers))}) "
+                f"could not be reached ({what} of block {block_idx}, step {step}; we are client "
+                f"{self.layout.client_id}, rank {self.layout.rank}): {_first_line(err)}") from err
         if len(works) != len(ops):  # coalescing backends (NCCL) return one work for the whole batch
             names, ranks = ", ".join(map(str, neighbors)), ", ".join(map(str, peers))
             for work in works:
@@ -497,8 +505,8 @@ class Mixer:
         try:
             work.wait(datetime.timedelta(seconds=seconds))
         except Exception as err:  # noqa: BLE001 - re-raised with the neighbour's name
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise RuntimeError(
+            reason = _first_line(err)
+            raise NeighbourError(
                 f"gossip: neighbour client {client} (rank {rank}) did not answer within {self.timeout:g} s "
                 f"({what} of block {block_idx}, step {step}; we are client {self.layout.client_id}, rank "
                 f"{self.layout.rank}): {reason}"
@@ -523,7 +531,7 @@ class Mixer:
             try:
                 work.wait(datetime.timedelta(seconds=self.timeout))
             except Exception as err:  # noqa: BLE001
-                raise RuntimeError(
+                raise NeighbourError(
                     f"gossip: all-gather of mixed shards inside client {self.layout.client_id} did not complete "
                     f"within {self.timeout:g} s: {err}"
                 ) from err

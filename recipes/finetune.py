@@ -31,6 +31,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     from deca_ds.config import ConfigError, load_config
+    from deca_ds.errors import EXIT_CONFIG, EXIT_FAULT, EXIT_NONFINITE, describe_fault
     from deca_ds.loop import NonFiniteError
     from deca_ds.trainer import run
 
@@ -44,10 +45,16 @@ def main(argv=None) -> int:
             run(cfg, ds_config_path=args.deepspeed_config)
     except ConfigError as e:
         print(f"deca_ds: error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
     except NonFiniteError as e:
         print(f"deca_ds: stopped: {e}", file=sys.stderr)
-        return 3
+        return EXIT_NONFINITE
+    except Exception as e:  # a fault only start-up could not rule out: one line on every rank; a bug keeps its traceback
+        line = describe_fault(e)
+        if line is None:
+            raise
+        print(f"deca_ds: error: {line}", file=sys.stderr)
+        return EXIT_FAULT
     return 0
 
 

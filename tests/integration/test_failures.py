@@ -266,10 +266,15 @@ def test_a_hung_neighbour_stops_every_rank_with_its_name(tmp_path, sig):
     assert rc != 0
     if sig == signal.SIGSTOP:
         assert "neighbour client 2" in err, err[-6000:]
+        # One line per rank that noticed, naming the cause and how to continue; no traceback through our code.
+        lines = [ln for ln in err.splitlines() if "deca_ds: error: gossip: neighbour client 2" in ln]
+        assert lines and all("resume=auto" in ln for ln in lines), err[-6000:]
     else:  # a dead worker: its neighbours name it, or the launcher does (failed local_rank 2) before they notice
         assert "neighbour client 2" in err or "local_rank: 2" in err, err[-6000:]
-    # comm_timeout for the neighbours' wait, plus the launcher noticing and tearing the rest down.
-    assert elapsed < timeout_s + 40, elapsed
+    assert f'File "{ROOT / "deca_ds"}' not in err, err[-6000:]
+    # comm_timeout for the neighbours' wait, plus the launcher noticing and tearing the rest down (measured 15-47 s on
+    # 2 shared cores). What this tells apart is a hang: the 196 remaining steps, or the 300 s default timeout.
+    assert elapsed < timeout_s + 90, elapsed
     latest = _latest(out)
     assert latest is not None and not latest.endswith(".tmp")
     for c in range(4):

@@ -145,6 +145,31 @@ def _agree_on_checkpoint(found: Path | None, out: Path, layout: ClientLayout) ->
     return chosen
 
 
+def _read_state_everywhere(found: Path, layout: ClientLayout) -> dict[str, Any]:
+    """This client's state from ``found``, or the same refusal on every rank when any rank cannot load its own
+    (collective): a rank that stopped alone would leave its neighbours waiting for it until ``comm_timeout``.
+
+    Raises:
+        ConfigError: this rank's state is damaged or unsafe (its own message), or another rank's is (naming it).
+    """
+    from deca_ds.engine import device
+
+    state, problem = None, None
+    try:
+        state = ckpt.read_client_state(found, layout.client_id)
+    except ConfigError as err:
+        problem = err
+    first_bad = torch.tensor([layout.rank if problem is not None else layout.world_size], dtype=torch.int64,
+                             device=device())
+    dist.all_reduce(first_bad, op=dist.ReduceOp.MIN)
+    if problem is not None:
+        raise problem
+    if int(first_bad) < layout.world_size:
+        raise ConfigError(f"resume: rank {int(first_bad)} cannot load its state from {found} (its error names the "
+                          "file and the fix); nothing was changed")
+    return state
+
+
 def _consensus_distance(tensors: list[torch.Tensor]) -> float:
     """RMS distance of this rank's block from the network average: ||x_i - mean_j x_j|| / sqrt(numel).
 
@@ -336,7 +361,7 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
         _resolve_epochs(cfg, engine, data, layout, console if rank == 0 else None)
     start_step = 0
     if found is not None:
-        engine.load_state_dict(ckpt.read_client_state(found, layout.client_id))
+        engine.load_state_dict(_read_state_everywhere(found, layout))
         if "scheduler" not in ds:  # a changed optim.lr applies from the resumed step on (recorded in run.json)
             engine.set_lr(cfg.optim.lr)
         start_step = engine.global_step

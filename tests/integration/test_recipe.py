@@ -172,6 +172,15 @@ def test_zero_clients_of_two_ranks_match_stage0_end_to_end(tmp_path):
     assert final_state(zb, 0)["model"]["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
 
 
+class _Evil:
+    """Unpickling it would run a shell command: weights-only loading must refuse it."""
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("true",))
+
+
 def test_resume_legs_apply_a_changed_lr_and_refuse_a_changed_run(tmp_path):
     """run.json gains one leg per start and is never overwritten; a resumed leg's new optim.lr is the one it trains
     with (not the checkpoint's); a resume that changes the number of clients is refused before anything is written."""
@@ -181,6 +190,14 @@ def test_resume_legs_apply_a_changed_lr_and_refuse_a_changed_run(tmp_path):
     refused = torchrun(3, f"output_dir={out}", "max_steps=6", "resume=true", *FAST, check=False)
     assert refused.returncode != 0 and "num_clients: 2 -> 3" in refused.stderr
     assert (out / "run.json").read_bytes() == before  # a refused resume writes nothing
+    # One client's state carries a Python object: every rank refuses (rank 1 names rank 0), none waits for it.
+    evil = tmp_path / "evil"
+    shutil.copytree(out, evil)
+    torch.save({"x": _Evil()}, evil / "checkpoints" / "step_00000004" / "client_0" / "state.pt")
+    refused = torchrun(2, f"output_dir={evil}", "max_steps=6", "resume=true", *FAST, check=False)
+    assert refused.returncode != 0 and "holds a Python object" in refused.stderr, refused.stderr[-4000:]
+    assert "rank 0 cannot load its state" in refused.stderr and "neighbour" not in refused.stderr
+    assert (evil / "run.json").read_bytes() == before
     torchrun(2, f"output_dir={out}", "max_steps=6", "resume=true", "optim.lr=1e-3", *FAST)
     legs = json.loads((out / "run.json").read_text())["legs"]
     assert [leg["leg"] for leg in legs] == [0, 1] and legs[1]["resumed_from"] == "step_00000004"

@@ -145,11 +145,13 @@ class _Plain:
 
 
 class _TorchAdamW(_Plain):
-    """Full-parameter torch AdamW: what users run on CPU."""
+    """Full-parameter torch AdamW: what users run on CPU; ``fused=True`` is torch's fused kernel (``adamw_fused``),
+    else torch's default implementation for the device (the for-loop on CPU)."""
 
-    def __init__(self, model, spec):
+    def __init__(self, model, spec, fused: bool = False):
         self.model = model
-        self.opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0,
+                                     **({"fused": True} if fused else {}))
         self.largest_block_params = sum(p.numel() for p in model.parameters())
         self.blocks = 1
 
@@ -280,6 +282,7 @@ def _adamw(model, spec):
 
 METHODS = {
     "adamw": _adamw,
+    "adamw_fused": lambda model, spec: _TorchAdamW(model, spec, fused=True),
     "zero_offload": lambda model, spec: _DeepSpeedAdam(model, spec, offload=True),
     "badam": _BAdam,
     "deca": _DecaBlockAdam,

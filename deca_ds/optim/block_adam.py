@@ -180,6 +180,15 @@ class BlockAdam(torch.optim.Optimizer):
         auto_switch: Switch blocks at the end of :meth:`step` when the schedule says so. Set ``False`` when something
             must happen between the step and the switch (gossip + consensus), then call :meth:`switch_if_due`.
         local_moments: ``False`` for the "trivial BMA" ablation: gradients do not update the stored moments.
+        fused_backward: Step each active parameter inside backward, as soon as its gradient is complete
+            (``register_post_accumulate_grad_hook``), and free that gradient at once: the block's gradients are never
+            all alive together (model states lose the 4L/2L of gradients, keeping one tensor's). The arithmetic is
+            the unfused step's, tensor by tensor, so the result is bit-identical. :meth:`step` then only advances
+            the schedule. Cannot be combined with anything that needs all gradients before the update: gradient
+            clipping, gradient accumulation (one backward per step; a second backward before :meth:`step` raises),
+            a data-parallel gradient reduction (several ranks per client), or skipping a step after the fact
+            (``skip_next_step`` raises). Non-finite gradients are still detected, without a host sync per tensor:
+            :meth:`nonfinite_in_backward` says whether any stepped gradient was not finite.
 
     Raises:
         ValueError: unknown ``state_policy``/``offload_dtype``/``order``, bad hyperparameters, or block names not in
@@ -203,6 +212,7 @@ class BlockAdam(torch.optim.Optimizer):
         offload_dtype: str = "fp32",
         auto_switch: bool = True,
         local_moments: bool = True,
+        fused_backward: bool = False,
     ):
         if state_policy not in STATE_POLICIES:
             raise ValueError(f"unknown state_policy {state_policy!r}; choose one of {STATE_POLICIES}")
@@ -236,6 +246,12 @@ class BlockAdam(torch.optim.Optimizer):
             p.requires_grad_(False)
         for p in self._block_params[first]:
             p.requires_grad_(True)
+        self.fused_backward = bool(fused_backward)
+        self._hooks: list = []
+        self._stepped: set[nn.Parameter] = set()
+        self._found_nonfinite: dict[torch.device, torch.Tensor] = {}
+        if self.fused_backward:
+            self._register_hooks()
 
     # ------------------------------------------------------------------------------------------------ properties
 
@@ -349,6 +365,10 @@ class BlockAdam(torch.optim.Optimizer):
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
         skip, self.skip_next_step = self.skip_next_step, False
+        if skip and self._stepped:
+            raise RuntimeError("BlockAdam(fused_backward=True) applied this step's updates during backward: it cannot "
+                               "be skipped afterwards (use nan_policy=stop, or fused_backward=False)")
+        self._stepped.clear()
         params = [p for p in group["params"] if p.grad is not None]
         if not skip and params:
             # Memory: the foreach kernels hold temporaries (denominators, fp32 gradient copies) for a whole chunk, so
@@ -380,6 +400,40 @@ class BlockAdam(torch.optim.Optimizer):
         low = [(p.data, st["master"]) for p, st in zip(params, states) if "master" in st]
         if low:
             torch._foreach_copy_([d for d, _ in low], [m for _, m in low])
+
+    # ------------------------------------------------------------------------------------------------ fused backward
+
+    def _register_hooks(self) -> None:
+        """Hook the active block's parameters so that each steps as soon as its gradient is accumulated."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._step_in_backward) for p in self.active_params()]
+
+    @torch.no_grad()
+    def _step_in_backward(self, p: nn.Parameter) -> None:
+        if p in self._stepped:
+            raise RuntimeError(f"BlockAdam(fused_backward=True): a second backward reached {self._names[p]} before "
+                               "step(): gradient accumulation is not supported with the fused step (use "
+                               "gradient_accumulation_steps=1, or fused_backward=False)")
+        dev = p.grad.device
+        if dev not in self._found_nonfinite:
+            self._found_nonfinite[dev] = torch.zeros(1, dtype=torch.float32, device=dev)
+        # Device-side flag, no host sync: x1.0 leaves the gradient bit-unchanged (see deca_ds.step.all_finite).
+        torch._amp_foreach_non_finite_check_and_unscale_([p.grad], self._found_nonfinite[dev],
+                                                         torch.ones(1, dtype=torch.float32, device=dev))
+        group = self.param_groups[0]
+        self._step_chunk([p], group, *group["betas"])
+        self._stepped.add(p)
+        # Memory: the point of the fused step -- this gradient goes now, not after the whole backward.
+        p.grad = None
+
+    def nonfinite_in_backward(self) -> bool:
+        """Whether any gradient stepped inside backward since the last call was not finite (one host sync per
+        device); resets the flag. Always False without ``fused_backward``."""
+        found = any(bool(f.cpu()) for f in self._found_nonfinite.values())
+        for f in self._found_nonfinite.values():
+            f.zero_()
+        return found
 
     # ------------------------------------------------------------------------------------------------ switching
 
@@ -422,6 +476,8 @@ class BlockAdam(torch.optim.Optimizer):
         # Keep the same group dict: LR schedulers and DeepSpeed hold references to it.
         self.param_groups[0]["params"] = list(new)
         self._active = block_idx
+        if self.fused_backward:
+            self._register_hooks()
         if self._store is not None:
             restored = self._store.take(block_idx, self._device_of_block(block_idx))
             for p in new:
@@ -497,6 +553,8 @@ class BlockAdam(torch.optim.Optimizer):
         group = self.param_groups[0]
         group.update(state_dict["param_group"])
         group["params"] = list(self._block_params[target])
+        if self.fused_backward:
+            self._register_hooks()
         named = dict(self._model.named_parameters())
         for name, st in state_dict["state"].items():
             p = named[name]

@@ -10,7 +10,7 @@ import transformers as T
 
 from deca_ds import consensus
 from deca_ds.blocks import partition_blocks
-from deca_ds.optim import BlockAdam, adamw_foreach_step_, adamw_step_
+from deca_ds.optim import BlockAdam, adamw_foreach_step_, adamw_step_, memory_report
 from deca_ds.step import all_finite, grads_finite
 from lean_reference import PerTensorBlockAdam  # tests/ is on sys.path
 
@@ -108,3 +108,49 @@ def test_fused_finite_check_agrees_with_isfinite_and_leaves_tensors_unchanged(dt
     assert grads_finite(lin.parameters())  # no gradients yet
     lin.weight.grad = torch.full((2, 3), float("nan"))
     assert not grads_finite(lin.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_backward_step_equals_unfused_step_and_frees_gradients(dtype):
+    fused_model = tiny_llama(dtype)
+    ref_model = copy.deepcopy(fused_model)
+    kw = dict(switch_every=2, **HP)
+    fused = BlockAdam(fused_model, partition_blocks(fused_model), fused_backward=True, **kw)
+    ref = BlockAdam(ref_model, partition_blocks(ref_model), **kw)
+    g = torch.Generator().manual_seed(5)
+    for step in range(6):  # three blocks, each for two steps: hooks move with the switches
+        ids = torch.randint(0, 128, (2, 8), generator=g)
+        fl = fused_model(input_ids=ids, labels=ids).loss
+        fl.backward()
+        # every active gradient was consumed inside backward: none is alive once backward returns
+        assert all(p.grad is None for p in fused_model.parameters())
+        assert memory_report(fused)["gradients"] == 0
+        fused.step()
+        rl = ref_model(input_ids=ids, labels=ids).loss
+        rl.backward()
+        assert memory_report(ref)["gradients"] > 0
+        ref.step()
+        assert torch.equal(fl.detach(), rl.detach()), step
+        assert not fused.nonfinite_in_backward()
+    for (n, p), q in zip(fused_model.named_parameters(), ref_model.parameters()):
+        assert torch.equal(p, q), n
+    for p, q in zip(fused_model.parameters(), ref_model.parameters()):
+        for k, v in ref.state.get(q, {}).items():
+            assert torch.equal(fused.state[p][k], v), k
+
+
+def test_fused_backward_refuses_accumulation_and_late_skips_and_flags_nonfinite():
+    model = tiny_llama()
+    opt = BlockAdam(model, partition_blocks(model), fused_backward=True, switch_every=10, **HP)
+    ids = torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(RuntimeError, match="gradient accumulation is not supported"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    opt.skip_next_step = True
+    with pytest.raises(RuntimeError, match="cannot be skipped"):
+        opt.step()
+    # a non-finite gradient is reported by the device-side flag
+    fresh = tiny_llama()
+    opt = BlockAdam(fresh, partition_blocks(fresh), fused_backward=True, switch_every=10, **HP)
+    (fresh(input_ids=ids, labels=ids).loss * float("inf")).backward()
+    assert opt.nonfinite_in_backward() and not opt.nonfinite_in_backward()  # and the flag resets

@@ -42,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/benchmark", help="output directory (default runs/benchmark)")
     p.add_argument("--methods", default="adamw,adamw_fused,zero_offload,deca,badam,deca_real",
                    help="comma list of adamw (torch default), adamw_fused (torch fused=True), zero_offload, deca, "
-                        "badam, deca_real (the real launcher step; several processes)")
+                        "deca_fused (optimizer step inside backward), badam, deca_real (the real launcher step; "
+                        "several processes)")
     p.add_argument("--reps", type=int, default=3, help="rounds over all methods (median and spread); >= 3 advised")
     p.add_argument("--real-clients", type=int, default=4, help="deca_real: clients on the ring (2 neighbours each)")
     p.add_argument("--real-reps", type=int, default=5, help="deca_real: alternated rounds of real vs local steps")
@@ -93,8 +94,8 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
             specs.append(dict(common, method=method))
         elif method == "zero_offload":
             specs.append(dict(common, method="zero_offload"))
-        elif method in ("deca", "badam"):
-            policies = [s for s in args.state_policies.split(",") if s] if method == "deca" else ["reset"]
+        elif method in ("deca", "deca_fused", "badam"):
+            policies = [s for s in args.state_policies.split(",") if s] if method != "badam" else ["reset"]
             for lpb in lpbs:
                 blocks = -(-n_layers // lpb)
                 for policy in policies:
@@ -107,8 +108,8 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                               warmup_rounds=1, log_every=1, gradient_clipping=1.0,
                               gossip_chunk_mb=args.gossip_chunk_mb, threads=1))
         else:
-            raise ValueError(f"unknown method {method!r}: use adamw, adamw_fused, zero_offload, deca, badam or "
-                             "deca_real")
+            raise ValueError(f"unknown method {method!r}: use adamw, adamw_fused, zero_offload, deca, deca_fused, "
+                             "badam or deca_real")
     return specs
 
 
@@ -272,7 +273,7 @@ def annotate(records: list[dict[str, Any]], clients: int, topology: str = "ring"
         if r.get("not_applicable") or r.get("failed") or r.get("skipped") or r.get("method") == "deca_real":
             continue
         wire = 4  # fp32 on the wire (gossip.dtype default)
-        if r["method"] == "deca":
+        if r["method"] in ("deca", "deca_fused"):
             r["bytes_sent_per_step"] = r["largest_block_params"] * wire * degree
             r["gossip_buffer_bytes"] = degree * min(r["largest_block_params"] * wire, chunk)
             r["bytes_sent_note"] = f"computed: largest block x {wire} B x degree {degree} ({topology}, {clients} clients)"
@@ -284,7 +285,7 @@ def annotate(records: list[dict[str, Any]], clients: int, topology: str = "ring"
             r["bytes_sent_per_step"] = 0
             r["gossip_buffer_bytes"] = 0
             r["bytes_sent_note"] = "single-client method: no communication"
-        if r["method"] == "deca":
+        if r["method"] in ("deca", "deca_fused"):
             w = {"fp32": 4, "bf16": 2, "fp16": 2}[r["model_dtype"]]
             per_block = 12 if w == 4 else 14
             bound = w * r["params"] + per_block * r["largest_block_params"]
@@ -316,8 +317,8 @@ def annotate(records: list[dict[str, Any]], clients: int, topology: str = "ring"
 def _label(r: dict[str, Any]) -> str:
     if r.get("method") == "deca_real":
         return f"deca (real step) {r.get('clients')} clients"
-    if r.get("method") in ("deca", "badam") and r.get("layers_per_block"):
-        extra = f" {r['state_policy']}" if r["method"] == "deca" else ""
+    if r.get("method") in ("deca", "deca_fused", "badam") and r.get("layers_per_block"):
+        extra = f" {r['state_policy']}" if r["method"] != "badam" else ""
         return f"{r['method']} B={r.get('blocks') or '?'}{extra}"
     return str(r.get("method"))
 

@@ -61,6 +61,17 @@ def test_deca_model_states_are_4_psi_plus_12_block(policy):
     assert r["offloaded_state_bytes"] == (8 * block + 2 * 9 * 4 if policy == "offload" else 0)
 
 
+def test_fused_backward_model_states_are_4_psi_plus_8_block_plus_one_gradient():
+    r = measure(_spec("deca_fused", layers_per_block=2, state_policy="reset", switch_every=1))
+    block = 2 * LAYER
+    largest_tensor = 32 * 64  # each of gate/up/down (64 x 32): the largest tensors of a layer
+    assert r["largest_block_params"] == block and r["switches"] == 4
+    # no gradient is left after backward (the worker asserts it); one tensor's is the bound while it runs
+    assert (r["weight_bytes"], r["grad_bytes"], r["optimizer_state_bytes"]) == (4 * PSI, 4 * largest_tensor,
+                                                                                 8 * block)
+    assert r["model_state_bytes"] == 4 * PSI + 8 * block + 4 * 32 * 64 and r["finite"]
+
+
 def test_annotate_computes_communication_and_targets():
     recs = [
         {"method": "adamw", "params": 1000, "largest_block_params": 1000, "tokens_per_s": 100.0,

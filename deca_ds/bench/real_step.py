@@ -67,14 +67,19 @@ def _rank_main(rank: int, world: int, port: int, spec: dict[str, Any], results) 
                       MASTER_PORT=str(port), LOCAL_WORLD_SIZE="1")
     torch.set_num_threads(spec["threads"])
     try:
-        results.put((rank, _measure_rank(rank, world, spec)))
+        times, close = _measure_rank(rank, world, spec)
     except BaseException as e:  # the parent reports it; a hung peer times out there
         import traceback
 
         results.put((rank, {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()}))
+        return
+    # Hazard: the figures leave before the teardown -- gloo's threads occasionally abort a process while the group
+    # is torn down (see deca_ds.trainer.run), which must not lose a finished measurement.
+    results.put((rank, times))
+    close()
 
 
-def _measure_rank(rank: int, world: int, spec: dict[str, Any]) -> dict[str, list[float]]:
+def _measure_rank(rank: int, world: int, spec: dict[str, Any]):
     import torch.distributed as dist
 
     from deca_ds.bench.worker import build_model, make_batches
@@ -128,10 +133,13 @@ def _measure_rank(rank: int, world: int, spec: dict[str, Any]) -> dict[str, list
             for _ in range(steps_per_round):
                 one(v)
             times[v].append((time.perf_counter() - t0) / steps_per_round)
-    deca.close()
-    local.close()
-    dist.destroy_process_group()
-    return times
+
+    def close() -> None:
+        deca.close()
+        local.close()
+        dist.destroy_process_group()
+
+    return times, close
 
 
 def build_model_vocab(spec: dict[str, Any]) -> int:
@@ -183,10 +191,16 @@ def measure_real_step(spec: dict[str, Any], timeout: float = 1800.0) -> dict[str
                               "model_dtype": spec["dtype"], "device": spec["device"]}
     try:
         while len(per_rank) < world:
-            try:
-                rank, res = results.get(timeout=max(1.0, deadline - time.time()))
-            except queue_module.Empty:
+            if time.time() > deadline:
                 return dict(record, failed=True, reason=f"timed out after {timeout:.0f} s")
+            try:
+                rank, res = results.get(timeout=5.0)
+            except queue_module.Empty:
+                dead = [r for r, p in enumerate(procs) if r not in per_rank and p.exitcode not in (None, 0)]
+                if dead:
+                    return dict(record, failed=True, reason=f"rank {dead[0]} died (exit {procs[dead[0]].exitcode}) "
+                                                            "without a result")
+                continue
             if "error" in res:
                 return dict(record, failed=True, reason=f"rank {rank}: {res['error']}")
             per_rank[rank] = res

@@ -92,22 +92,31 @@ def consensus_signal(kind: str, x_prev: torch.Tensor | None, x_half: torch.Tenso
 
 
 @torch.no_grad()
-def fold_moments_(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, signal: torch.Tensor,
-                  betas: Sequence[float]) -> None:
-    """DECA's block-wise moment approximation of one tensor, in place and in fp32.
+def fold_moments_(exp_avg: torch.Tensor | Sequence[torch.Tensor], exp_avg_sq: torch.Tensor | Sequence[torch.Tensor],
+                  signal: torch.Tensor | Sequence[torch.Tensor], betas: Sequence[float]) -> None:
+    """DECA's block-wise moment approximation, in place and in fp32: the one home of the fold.
 
     ``m <- b1*m + (1-b1)*h`` and ``v <- b2*v + (1-b2)*h^2``; ``betas=(1, 1)`` leaves the moments unchanged.
+    Takes one tensor each, or lists of them (a block): lists go through torch's multi-tensor (``_foreach``)
+    kernels, which apply the same element-wise operations to every entry (bit-identical on the CPU, one launch per
+    list on a GPU).
 
     Args:
-        exp_avg: first moment m (fp32), updated in place.
-        exp_avg_sq: second moment v (fp32), updated in place.
-        signal: the consensus signal h of the same shape (any float dtype and device; converted to m's).
+        exp_avg: first moment(s) m (fp32), updated in place.
+        exp_avg_sq: second moment(s) v (fp32), updated in place.
+        signal: the consensus signal(s) h of the same shapes (any float dtype and device; converted to m's).
         betas: (b1, b2) of the correction.
     """
     beta1, beta2 = float(betas[0]), float(betas[1])
-    h = signal.to(device=exp_avg.device, dtype=torch.float32)
-    exp_avg.mul_(beta1).add_(h, alpha=1 - beta1)
-    exp_avg_sq.mul_(beta2).addcmul_(h, h, value=1 - beta2)
+    if isinstance(exp_avg, torch.Tensor):
+        exp_avg, exp_avg_sq, signal = [exp_avg], [exp_avg_sq], [signal]
+    if not exp_avg:
+        return
+    hs = [h.to(device=m.device, dtype=torch.float32) for m, h in zip(exp_avg, signal)]
+    torch._foreach_mul_(exp_avg, beta1)
+    torch._foreach_add_(exp_avg, hs, alpha=1 - beta1)
+    torch._foreach_mul_(exp_avg_sq, beta2)
+    torch._foreach_addcmul_(exp_avg_sq, hs, hs, value=1 - beta2)
 
 
 class ConsensusOptimizer(Protocol):

@@ -1,7 +1,13 @@
 """Benchmark deca_ds against full Adam (and BAdam) on the user's own hardware, in one invocation.
 
 Every method and setting runs in a fresh process (:mod:`deca_ds.bench.worker`) on the same model, micro-batch and
-sequence length, one after the other, so that neither peak memory nor throughput is polluted by another method.
+sequence length, so that neither peak memory nor throughput is polluted by another method. The methods are
+alternated: ``--reps`` rounds, each running every method once (the order rotated each round), so machine load that
+drifts over the run lands on every method alike; each record carries the median over the rounds and the spread
+(``tokens_per_s_min``/``_max``, every round's figure in ``tokens_per_s_reps``). ``deca (real step)`` runs the real
+launcher step (:mod:`deca_ds.bench.real_step`: clients on a ring, gossip with 2 neighbours, consensus, the launcher's
+per-step work) against the same local step in one launch. Beside each ratio to AdamW the matmul-FLOP ceiling of that
+ratio is printed (:func:`flop_ceiling`): what the ratio would be if every method ran at the same FLOP rate.
 Outputs, in ``OUT``: ``benchmark.json`` (``{"records": [...]}``, one record per method/setting), ``benchmark.md``
 (a table) and ``benchmark.png`` (a bar chart of tokens/s and model-state bytes). ``--compare`` prints ratios to
 ``adamw``.
@@ -34,8 +40,13 @@ DEFAULT_SHAPE = {"hidden": 512, "intermediate": 1376, "layers": 8, "heads": 8, "
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """Add the benchmark's options to ``p`` (shared by ``deca-ds bench`` and ``recipes/benchmark.py``)."""
     p.add_argument("--out", default="runs/benchmark", help="output directory (default runs/benchmark)")
-    p.add_argument("--methods", default="adamw,zero_offload,deca,badam",
-                   help="comma list of adamw, zero_offload, deca, badam")
+    p.add_argument("--methods", default="adamw,adamw_fused,zero_offload,deca,badam,deca_real",
+                   help="comma list of adamw (torch default), adamw_fused (torch fused=True), zero_offload, deca, "
+                        "deca_fused (optimizer step inside backward), badam, deca_real (the real launcher step; "
+                        "several processes)")
+    p.add_argument("--reps", type=int, default=3, help="rounds over all methods (median and spread); >= 3 advised")
+    p.add_argument("--real-clients", type=int, default=4, help="deca_real: clients on the ring (2 neighbours each)")
+    p.add_argument("--real-reps", type=int, default=5, help="deca_real: alternated rounds of real vs local steps")
     p.add_argument("--model", default=None, help="HF config directory (random init); default: the CPU Llama")
     p.add_argument("--shape", default=None,
                    help="default-model shape as JSON, e.g. '{\"hidden\": 64, \"layers\": 2}' (merged into "
@@ -79,19 +90,26 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     specs = []
     lpbs = [int(x) for x in str(args.layers_per_block).split(",") if x]
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        if method == "adamw":
-            specs.append(dict(common, method="adamw"))
+        if method in ("adamw", "adamw_fused"):
+            specs.append(dict(common, method=method))
         elif method == "zero_offload":
             specs.append(dict(common, method="zero_offload"))
-        elif method in ("deca", "badam"):
-            policies = [s for s in args.state_policies.split(",") if s] if method == "deca" else ["reset"]
+        elif method in ("deca", "deca_fused", "badam"):
+            policies = [s for s in args.state_policies.split(",") if s] if method != "badam" else ["reset"]
             for lpb in lpbs:
                 blocks = -(-n_layers // lpb)
                 for policy in policies:
                     specs.append(dict(common, method=method, layers_per_block=lpb, state_policy=policy,
                                       switch_every=max(1, args.steps // blocks)))
+        elif method == "deca_real":
+            lpb = lpbs[0]
+            specs.append(dict(common, method="deca_real", layers_per_block=lpb, state_policy="reset",
+                              switch_every=1, clients=args.real_clients, topology="ring", reps=args.real_reps,
+                              warmup_rounds=1, log_every=1, gradient_clipping=1.0,
+                              gossip_chunk_mb=args.gossip_chunk_mb, threads=1))
         else:
-            raise ValueError(f"unknown method {method!r}: use adamw, zero_offload, deca or badam")
+            raise ValueError(f"unknown method {method!r}: use adamw, adamw_fused, zero_offload, deca, deca_fused, "
+                             "badam or deca_real")
     return specs
 
 
@@ -110,6 +128,10 @@ def run_spec(spec: dict[str, Any], timeout: float) -> dict[str, Any]:
         return {"method": "zero_offload", "not_applicable": True, "model_dtype": spec["dtype"],
                 "reason": "ZeRO-Offload moves optimizer state from GPU to CPU memory; on a CPU-only run device and "
                           "host memory are the same, so there is nothing to measure"}
+    if spec["method"] == "deca_real":
+        from deca_ds.bench.real_step import measure_real_step
+
+        return measure_real_step(spec, timeout=timeout)
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         out_path = f.name
     env = dict(os.environ)
@@ -143,27 +165,119 @@ def _failed(spec: dict[str, Any], reason: str) -> dict[str, Any]:
             "layers_per_block": spec.get("layers_per_block"), "failed": True, "reason": reason}
 
 
+def spec_key(spec: dict[str, Any]) -> tuple:
+    """What identifies one method/setting across rounds."""
+    return (spec.get("method"), spec.get("layers_per_block"), spec.get("state_policy"))
+
+
+def merge_reps(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record from the same spec's records of every round: timings are the median over the rounds, with the
+    spread kept (``tokens_per_s_min``/``_max``/``_reps``, ``step_time_s_reps``); memory figures are the median too
+    (they are counted from tensors and agree across rounds, peak RSS moves a little).
+
+    A spec that failed or was skipped in any round is reported as the first such round's record.
+    """
+    bad = [r for r in reps if r.get("failed") or r.get("skipped") or r.get("not_applicable")]
+    if bad:
+        return bad[0]
+    if reps[0].get("method") == "deca_real":
+        return reps[0]
+    import statistics
+
+    out = dict(reps[0])
+    numeric = [k for k, v in reps[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+               and (k.startswith("time_") or k.endswith("_bytes") or k in ("tokens_per_s", "step_time_s"))]
+    for k in numeric:
+        vals = [r[k] for r in reps if isinstance(r.get(k), (int, float))]
+        out[k] = statistics.median(vals)
+    for k in ("tokens_per_s", "step_time_s"):
+        vals = [r[k] for r in reps]
+        out[f"{k}_reps"] = vals
+        out[f"{k}_min"], out[f"{k}_max"] = min(vals), max(vals)
+    out["reps"] = len(reps)
+    return out
+
+
+def step_flops(shape: dict[str, int], tokens: int, seq_len: int, active_layers: tuple[int, int] | None) -> float:
+    """Matmul FLOPs of one training step of the benchmark's Llama (forward + backward; optimizer left out).
+
+    Per decoder layer: projections ``2 P T`` forward (P: its linear weights, T tokens), the attention core
+    ``4 T S h`` forward (scores and weighted sum, every position counted); the LM head ``2 V h T``. Backward: the
+    gradient with respect to activations costs what the forward does, the weight gradient as much again, and only
+    where needed: full AdamW needs both everywhere (the embedding's weight gradient is a scatter, ~0 FLOPs). A block
+    of layers ``active_layers = (a, b)`` with everything else frozen needs activation gradients from the LM head
+    down to layer ``a`` and weight gradients in ``a..b`` only; layer ``a``'s input needs none (its q/k/v input
+    gradients are skipped).
+
+    Args:
+        shape: ``hidden``, ``intermediate``, ``layers``, ``heads``, ``kv_heads``, ``vocab``.
+        tokens: tokens per step (micro-batch x sequence length).
+        seq_len: sequence length S.
+        active_layers: the trained block's first and last layer, or None for full-parameter training.
+    """
+    h, f, n, v = shape["hidden"], shape["intermediate"], shape["layers"], shape["vocab"]
+    kv = h * shape["kv_heads"] // shape["heads"]
+    qkv = h * (h + 2 * kv)
+    layer = qkv + h * h + 3 * h * f
+    attn = 4 * tokens * seq_len * h
+    fwd_layer = 2 * layer * tokens + attn
+    head = 2 * v * h * tokens
+    forward = n * fwd_layer + head
+    if active_layers is None:
+        return forward + n * (2 * fwd_layer) + 2 * head
+    a, b = active_layers
+    act = 2 * layer * tokens + 2 * attn  # activation gradients through one layer (attention backward ~2x forward)
+    backward = head  # the frozen head still passes the gradient down
+    backward += (n - 1 - b) * act  # layers above the block
+    backward += (b - a + 1) * (act + 2 * layer * tokens) - 2 * qkv * tokens  # the block, minus layer a's input grads
+    return forward + backward
+
+
+def flop_ceiling(shape: dict[str, int], micro_batch: int, seq_len: int, layers_per_block: int) -> float:
+    """The speed-up over full AdamW that block-wise training reaches if both ran at the same FLOP rate: AdamW's
+    step FLOPs over the mean, over block positions, of a layer block's (:func:`step_flops`)."""
+    tokens = micro_batch * seq_len
+    n = shape["layers"]
+    blocks = [(a, min(a + layers_per_block, n) - 1) for a in range(0, n, layers_per_block)]
+    block_mean = sum(step_flops(shape, tokens, seq_len, blk) for blk in blocks) / len(blocks)
+    return step_flops(shape, tokens, seq_len, None) / block_mean
+
+
 def annotate(records: list[dict[str, Any]], clients: int, topology: str = "ring",
-             gossip_chunk_mb: float = 64.0) -> None:
+             gossip_chunk_mb: float = 64.0, shape: dict[str, int] | None = None) -> None:
     """Add computed communication figures and the issue's targets to each record, in place.
 
     Gossip needs neighbours, so a one-process run measures none: ``time_gossip_s`` stays 0 and
     ``bytes_sent_per_step`` is computed for a client of the configured graph (block size × 4 bytes × degree;
-    ``adamw`` as D-Adam would gossip the whole model).
+    ``adamw`` as D-Adam would gossip the whole model). With ``shape`` (the model's dimensions), block-wise records
+    get ``flop_ceiling_vs_adamw`` (:func:`flop_ceiling`).
     """
     degree = ring_degree(clients, topology)
     chunk = int(gossip_chunk_mb * MIB)
     base = next((r for r in records if r.get("method") == "adamw" and r.get("tokens_per_s")), None)
+    fused = next((r for r in records if r.get("method") == "adamw_fused" and r.get("tokens_per_s")), None)
+    local = {r.get("layers_per_block"): r for r in records
+             if r.get("method") == "deca" and r.get("state_policy") == "reset" and r.get("tokens_per_s")}
+    for r in records:
+        if r.get("method") == "deca_real" and not r.get("failed") and "ratio_real_vs_local" in r:
+            # Derived, and labelled so: the single-process deca record's throughput slowed by the real step's
+            # measured overhead (real / local, both measured in the same launch).
+            d = local.get(r.get("layers_per_block"))
+            if d and base:
+                r["derived_speedup_vs_adamw"] = d["tokens_per_s"] / base["tokens_per_s"] / r["ratio_real_vs_local"]
+            if d and fused:
+                r["derived_speedup_vs_adamw_fused"] = (d["tokens_per_s"] / fused["tokens_per_s"]
+                                                       / r["ratio_real_vs_local"])
     badam = {r.get("layers_per_block"): r for r in records if r.get("method") == "badam" and r.get("tokens_per_s")}
     for r in records:
-        if r.get("not_applicable") or r.get("failed") or r.get("skipped"):
+        if r.get("not_applicable") or r.get("failed") or r.get("skipped") or r.get("method") == "deca_real":
             continue
         wire = 4  # fp32 on the wire (gossip.dtype default)
-        if r["method"] == "deca":
+        if r["method"] in ("deca", "deca_fused"):
             r["bytes_sent_per_step"] = r["largest_block_params"] * wire * degree
             r["gossip_buffer_bytes"] = degree * min(r["largest_block_params"] * wire, chunk)
             r["bytes_sent_note"] = f"computed: largest block x {wire} B x degree {degree} ({topology}, {clients} clients)"
-        elif r["method"] == "adamw":
+        elif r["method"] in ("adamw", "adamw_fused"):
             r["bytes_sent_per_step"] = r["params"] * wire * degree
             r["gossip_buffer_bytes"] = 0
             r["bytes_sent_note"] = f"computed: whole model x {wire} B x degree {degree}, as D-Adam would gossip"
@@ -171,12 +285,16 @@ def annotate(records: list[dict[str, Any]], clients: int, topology: str = "ring"
             r["bytes_sent_per_step"] = 0
             r["gossip_buffer_bytes"] = 0
             r["bytes_sent_note"] = "single-client method: no communication"
-        if r["method"] == "deca":
+        if r["method"] in ("deca", "deca_fused"):
             w = {"fp32": 4, "bf16": 2, "fp16": 2}[r["model_dtype"]]
             per_block = 12 if w == 4 else 14
             bound = w * r["params"] + per_block * r["largest_block_params"]
             r["target_model_state_bound_bytes"] = bound
             r["target_model_state_ok"] = r["model_state_bytes"] <= bound
+            if shape and r.get("layers_per_block"):
+                r["flop_ceiling_vs_adamw"] = flop_ceiling(shape, r["micro_batch"], r["seq_len"], r["layers_per_block"])
+            if fused:
+                r["speedup_vs_adamw_fused"] = r["tokens_per_s"] / fused["tokens_per_s"]
             if base:
                 r["speedup_vs_adamw"] = r["tokens_per_s"] / base["tokens_per_s"]
                 if r["blocks"] >= 8:
@@ -190,11 +308,17 @@ def annotate(records: list[dict[str, Any]], clients: int, topology: str = "ring"
                 r["target_switch_overhead_ok"] = r["switch_overhead_fraction"] <= 0.02
         elif base and r.get("tokens_per_s"):
             r["speedup_vs_adamw"] = r["tokens_per_s"] / base["tokens_per_s"]
+            if shape and r.get("layers_per_block"):
+                r["flop_ceiling_vs_adamw"] = flop_ceiling(shape, r["micro_batch"], r["seq_len"], r["layers_per_block"])
+            if fused:
+                r["speedup_vs_adamw_fused"] = r["tokens_per_s"] / fused["tokens_per_s"]
 
 
 def _label(r: dict[str, Any]) -> str:
-    if r.get("method") in ("deca", "badam") and r.get("layers_per_block"):
-        extra = f" {r['state_policy']}" if r["method"] == "deca" else ""
+    if r.get("method") == "deca_real":
+        return f"deca (real step) {r.get('clients')} clients"
+    if r.get("method") in ("deca", "deca_fused", "badam") and r.get("layers_per_block"):
+        extra = f" {r['state_policy']}" if r["method"] != "badam" else ""
         return f"{r['method']} B={r.get('blocks') or '?'}{extra}"
     return str(r.get("method"))
 
@@ -203,38 +327,79 @@ def _mb(n: Any) -> str:
     return f"{n / MIB:.1f}" if isinstance(n, (int, float)) else "–"
 
 
+def _spread(r: dict[str, Any]) -> str:
+    if "tokens_per_s_min" not in r:
+        return "–"
+    return f"{r['tokens_per_s_min']:.0f}–{r['tokens_per_s_max']:.0f}"
+
+
 def format_table(records: list[dict[str, Any]]) -> str:
-    """Markdown table of the records (one row each; not-applicable and skipped rows say why)."""
-    head = ("| method | params | largest block | model states MiB | peak MiB | tokens/s | × adamw | fwd s | bwd s "
-            "| opt s | switch s | sent/step MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    """Markdown table of the records (one row each; not-applicable and skipped rows say why), then the real-step
+    record's figures."""
+    head = ("| method | params | largest block | model states MiB | peak MiB | tokens/s (median) | spread | × adamw "
+            "| × adamw fused | FLOP ceiling | fwd s | bwd s | opt s | switch s | sent/step MiB |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = [head]
+    real = []
     for r in records:
+        if r.get("method") == "deca_real":
+            real.append(r)
+            continue
         if r.get("not_applicable") or r.get("failed") or r.get("skipped"):
             why = "not applicable" if r.get("not_applicable") else ("failed" if r.get("failed") else "skipped")
-            rows.append(f"| {_label(r)} | {why}: {r.get('reason', '')} |" + " |" * 10)
+            rows.append(f"| {_label(r)} | {why}: {r.get('reason', '')} |" + " |" * 13)
             continue
         peak = r.get("peak_device_bytes", r.get("peak_rss_bytes"))
-        speed = r.get("speedup_vs_adamw")
+        speed, fused, ceil = r.get("speedup_vs_adamw"), r.get("speedup_vs_adamw_fused"), r.get("flop_ceiling_vs_adamw")
         rows.append(
             f"| {_label(r)} | {r['params'] / 1e6:.1f}M | {r['largest_block_params'] / 1e6:.2f}M "
-            f"| {_mb(r['model_state_bytes'])} | {_mb(peak)} | {r['tokens_per_s']:.0f} "
-            f"| {f'{speed:.2f}' if speed else '–'} | {r.get('time_forward_s', 0):.3f} "
+            f"| {_mb(r['model_state_bytes'])} | {_mb(peak)} | {r['tokens_per_s']:.0f} | {_spread(r)} "
+            f"| {f'{speed:.2f}' if speed else '–'} | {f'{fused:.2f}' if fused else '–'} "
+            f"| {f'{ceil:.2f}' if ceil else '–'} | {r.get('time_forward_s', 0):.3f} "
             f"| {r.get('time_backward_s', 0):.3f} | {r.get('time_optimizer_s', 0):.3f} "
             f"| {r.get('time_block_switch_s', 0):.4f} | {_mb(r.get('bytes_sent_per_step'))} |")
+    for r in real:
+        rows.append("")
+        rows.append(format_real_step(r))
     return "\n".join(rows)
 
 
+def format_real_step(r: dict[str, Any]) -> str:
+    """One paragraph for the ``deca (real step)`` record: seconds per step, median (min–max) over rounds."""
+    if r.get("failed"):
+        return f"{_label(r)}: failed: {r.get('reason')}"
+
+    def fig(v: str) -> str:
+        x = r[v]
+        return f"{x['median_s']:.3f} s ({x['min_s']:.3f}–{x['max_s']:.3f})"
+
+    text = (f"{_label(r)}, ring ({r['neighbours']} neighbours), B from {r['layers_per_block']} layer(s) per block, "
+            f"{r['reps']} alternated rounds, s/step median (min–max): real launcher step {fig('real')}; deca "
+            f"train_step alone {fig('deca_train_step')}; local step without gossip {fig('local')}; "
+            f"real / local = {r['ratio_real_vs_local']:.3f} (goal <= 1.05)")
+    if "derived_speedup_vs_adamw" in r:
+        text += (f"; derived × adamw {r['derived_speedup_vs_adamw']:.2f}"
+                 + (f", × adamw fused {r['derived_speedup_vs_adamw_fused']:.2f}"
+                    if "derived_speedup_vs_adamw_fused" in r else "")
+                 + " (single-process deca throughput / real-over-local ratio)")
+    return text
+
+
 def format_compare(records: list[dict[str, Any]]) -> str:
-    """Ratios to ``adamw``: tokens/s, model-state bytes and peak memory."""
+    """Ratios to ``adamw`` (and ``adamw_fused``): tokens/s beside its FLOP ceiling, model-state bytes, peak."""
     base = next((r for r in records if r.get("method") == "adamw" and r.get("tokens_per_s")), None)
     if base is None:
         return "no adamw record to compare with"
     peak_key = "peak_device_bytes" if "peak_device_bytes" in base else "peak_rss_bytes"
-    lines = [f"{'method':24s} {'tokens/s':>9s} {'states':>8s} {'peak':>8s}   (ratio to adamw)"]
+    lines = [f"{'method':28s} {'tokens/s':>9s} {'ceiling':>8s} {'/fused':>7s} {'states':>8s} {'peak':>8s}   "
+             "(ratio to adamw; ceiling = matmul-FLOP bound)"]
     for r in records:
         if not r.get("tokens_per_s"):
             continue
-        lines.append(f"{_label(r):24s} {r['tokens_per_s'] / base['tokens_per_s']:9.2f} "
+        ceil = r.get("flop_ceiling_vs_adamw")
+        fused = r.get("speedup_vs_adamw_fused")
+        lines.append(f"{_label(r):28s} {r['tokens_per_s'] / base['tokens_per_s']:9.2f} "
+                     f"{f'{ceil:.2f}' if ceil else '–':>8s} {f'{fused:.2f}' if fused else '–':>7s} "
                      f"{r['model_state_bytes'] / base['model_state_bytes']:8.3f} "
                      f"{(r.get(peak_key) or 0) / max(base.get(peak_key) or 1, 1):8.3f}")
     return "\n".join(lines)
@@ -274,23 +439,41 @@ def write_outputs(records: list[dict[str, Any]], out_dir: str, command: str = ""
     plot(records, os.path.join(out_dir, "benchmark.png"))
 
 
+def model_shape(args: argparse.Namespace) -> dict[str, int]:
+    """The benchmark model's dimensions (``--model``'s config.json, else the default shape with ``--shape``)."""
+    if args.model:
+        with open(os.path.join(args.model, "config.json")) as f:
+            c = json.load(f)
+        return {"hidden": c["hidden_size"], "intermediate": c["intermediate_size"], "layers": c["num_hidden_layers"],
+                "heads": c["num_attention_heads"], "kv_heads": c.get("num_key_value_heads") or c["num_attention_heads"],
+                "vocab": c["vocab_size"]}
+    return dict(DEFAULT_SHAPE, **(json.loads(args.shape) if args.shape else {}))
+
+
 def main_from_args(args: argparse.Namespace) -> int:
-    """Run every spec, one fresh process each, then write the outputs; prints the table (and ratios)."""
+    """Run every spec ``--reps`` times, alternated (one fresh process each), merge the rounds, write the outputs;
+    prints the table (and ratios)."""
     specs = build_specs(args)
-    records = []
-    for spec in specs:
-        tag = spec["method"] + (f" lpb={spec['layers_per_block']} {spec['state_policy']}"
-                                if spec.get("layers_per_block") else "")
-        print(f"[bench] {tag} ...", file=sys.stderr, flush=True)
-        rec = run_spec(spec, args.timeout)
-        if rec.get("failed") or rec.get("skipped"):
-            print(f"[bench] {tag}: {rec.get('reason')}", file=sys.stderr, flush=True)
-        records.append(rec)
-        # Partial results survive an interrupted run (a long benchmark on a busy machine).
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "benchmark.partial.json"), "w") as f:
-            json.dump({"records": records}, f)
-    annotate(records, args.clients, args.topology, args.gossip_chunk_mb)
+    rounds: dict[tuple, list[dict[str, Any]]] = {spec_key(s): [] for s in specs}
+    reps = max(1, int(args.reps))
+    for rep in range(reps):
+        k = rep % len(specs)
+        for spec in specs[k:] + specs[:k]:  # rotate the order each round
+            if spec["method"] == "deca_real" and rep > 0:
+                continue  # one launch: it alternates real and local steps inside, --real-reps rounds
+            tag = spec["method"] + (f" lpb={spec['layers_per_block']} {spec['state_policy']}"
+                                    if spec.get("layers_per_block") else "")
+            print(f"[bench] round {rep + 1}/{reps}: {tag} ...", file=sys.stderr, flush=True)
+            rec = run_spec(spec, args.timeout)
+            if rec.get("failed") or rec.get("skipped"):
+                print(f"[bench] {tag}: {rec.get('reason')}", file=sys.stderr, flush=True)
+            rounds[spec_key(spec)].append(rec)
+            # Partial results survive an interrupted run (a long benchmark on a busy machine).
+            os.makedirs(args.out, exist_ok=True)
+            with open(os.path.join(args.out, "benchmark.partial.json"), "w") as f:
+                json.dump({"rounds": list(rounds.values())}, f)
+    records = [merge_reps(rounds[spec_key(s)]) for s in specs]
+    annotate(records, args.clients, args.topology, args.gossip_chunk_mb, shape=model_shape(args))
     write_outputs(records, args.out, command=" ".join(sys.argv))
     print(format_table(records))
     if args.compare:

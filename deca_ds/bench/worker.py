@@ -145,11 +145,13 @@ class _Plain:
 
 
 class _TorchAdamW(_Plain):
-    """Full-parameter torch AdamW: what users run on CPU."""
+    """Full-parameter torch AdamW: what users run on CPU; ``fused=True`` is torch's fused kernel (``adamw_fused``),
+    else torch's default implementation for the device (the for-loop on CPU)."""
 
-    def __init__(self, model, spec):
+    def __init__(self, model, spec, fused: bool = False):
         self.model = model
-        self.opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=spec["lr"], weight_decay=0.0,
+                                     **({"fused": True} if fused else {}))
         self.largest_block_params = sum(p.numel() for p in model.parameters())
         self.blocks = 1
 
@@ -218,7 +220,7 @@ class _DecaBlockAdam(_Plain):
         self.opt = deca_ds.BlockAdam(model, part, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                                      switch_every=spec["switch_every"], order="ascending",
                                      state_policy=spec["state_policy"], offload_dtype=spec.get("offload_dtype", "fp32"),
-                                     auto_switch=False)
+                                     auto_switch=False, fused_backward=spec["method"] == "deca_fused")
         self.memory_report = deca_ds.memory_report
 
     def optimizer_step(self):
@@ -280,9 +282,11 @@ def _adamw(model, spec):
 
 METHODS = {
     "adamw": _adamw,
+    "adamw_fused": lambda model, spec: _TorchAdamW(model, spec, fused=True),
     "zero_offload": lambda model, spec: _DeepSpeedAdam(model, spec, offload=True),
     "badam": _BAdam,
     "deca": _DecaBlockAdam,
+    "deca_fused": _DecaBlockAdam,  # BlockAdam(fused_backward=True): each parameter stepped inside backward
 }
 
 
@@ -338,6 +342,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             # Gradients are counted right after backward (BlockAdam frees them inside step()), optimizer state
             # right after the step: together the model states held at the step's peak.
             grad_bytes = tensor_bytes([p.grad for p in params], device.type)
+            if spec["method"] == "deca_fused":
+                # Each gradient is freed by its own hook right after it is accumulated, before the next one exists:
+                # at most one is alive, so the largest active tensor's gradient bounds them (none is left now).
+                assert grad_bytes == 0, "fused_backward left gradients behind"
+                grad_bytes = max(p.numel() * p.element_size() for p in method.opt.active_params())
         method.optimizer_step()
         _sync(device)
         t3 = time.perf_counter()

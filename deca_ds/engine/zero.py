@@ -39,6 +39,7 @@ import time
 from typing import Any, Sequence
 
 import deepspeed
+from deepspeed.runtime.engine import DeepSpeedEngine
 import torch
 import torch.distributed as dist
 from deepspeed.utils import (lazy_init_hp_params_optimizer_state, safe_get_full_fp32_param,
@@ -149,6 +150,9 @@ class ZeroBlockEngine:
         stage: the ZeRO stage.
         global_step: optimizer steps taken.
         switch_seconds: wall time of each block switch so far (destroy + initialize + state restore).
+        rebroadcast_on_switch: let ``deepspeed.initialize`` re-broadcast every model parameter from the client's
+            first rank at each switch (True, the default, as before; False skips it, see :meth:`_build`; to become
+            the default once tests/integration/test_zero.py has passed with it).
     """
 
     def __init__(self, cfg: RunConfig, model: torch.nn.Module, ds_config: dict[str, Any], groups, mixer=None):
@@ -189,6 +193,7 @@ class ZeroBlockEngine:
         self._named = dict(model.named_parameters())
         self.global_step = 0
         self.switch_seconds: list[float] = []
+        self.rebroadcast_on_switch = True
         self.engine = None
         self._adam = None
         self.lr_scheduler = None
@@ -261,10 +266,21 @@ class ZeroBlockEngine:
         ds_logger = logging.getLogger("DeepSpeed")
         level = ds_logger.level
         ds_logger.setLevel(logging.WARNING)  # one initialize per switch: keep its banner out of the run log
+        # Cost (issue 15 item 5): DeepSpeedEngine.__init__ broadcasts every replicated parameter of the whole model
+        # from the client's first rank, O(model) per switch. After the first build the client's ranks already hold
+        # identical weights (ZeRO-1/2 all-gather every update to all of them, gossip mixes them identically, and at
+        # ZeRO-3 partitioned parameters are not broadcast at all), so a re-build skips it: broadcasting equal bytes
+        # is the identity. Off by default until the ZeRO integration test has run with it (it timed out under load).
+        skip = self._counters is not None and not self.rebroadcast_on_switch
+        engine_cls = DeepSpeedEngine
+        real_broadcast = engine_cls._broadcast_model
+        if skip:
+            engine_cls._broadcast_model = lambda engine: None
         try:
             self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
                 model=self._model, optimizer=self._adam, model_parameters=params, config=self.ds_config, mpu=self.mpu)
         finally:
+            engine_cls._broadcast_model = real_broadcast
             ds_logger.setLevel(level)
         self.block_optimizer.active_block_idx = block_idx
         # Fresh state created now (not lazily at the first step), so that DECA and the offload policy can read and

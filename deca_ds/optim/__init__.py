@@ -6,7 +6,7 @@ host memory (fp32 or 8-bit) for ``state_policy="offload"``; ``memory_report`` co
 """
 
 from deca_ds.optim.badam import BlockOptimizer, infer_block_prefixes
-from deca_ds.optim.block_adam import STATE_POLICIES, BlockAdam, adamw_step_, memory_report
+from deca_ds.optim.block_adam import STATE_POLICIES, BlockAdam, adamw_foreach_step_, adamw_step_, memory_report
 from deca_ds.optim.state_store import OFFLOAD_DTYPES, BlockStateStore, quantization_bound
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "BlockStateStore",
     "OFFLOAD_DTYPES",
     "STATE_POLICIES",
+    "adamw_foreach_step_",
     "adamw_step_",
     "infer_block_prefixes",
     "memory_report",

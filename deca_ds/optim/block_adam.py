@@ -73,6 +73,72 @@ def adamw_step_(
     x.addcdiv_(m, denom, value=-lr / bias_correction1)
 
 
+@torch.no_grad()
+def adamw_foreach_step_(
+    xs: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    exp_avgs: Sequence[torch.Tensor],
+    exp_avg_sqs: Sequence[torch.Tensor],
+    steps: Sequence[int],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    local_moments: bool = True,
+) -> None:
+    """:func:`adamw_step_` on lists of tensors with torch's multi-tensor (``_foreach``) kernels.
+
+    Each tensor goes through exactly the element-wise operations :func:`adamw_step_` applies to it, in the same
+    order and with the same scalars (the bias corrections per tensor, from its own ``step``), so on the CPU, where
+    a ``_foreach`` op is the single-tensor op applied to each list entry, the results are bit-identical; on a GPU
+    one kernel launch covers the whole list.
+
+    Memory: the denominators (and, without ``local_moments``, the updated moment copies) of every tensor in the list
+    exist at once; callers bound that by passing chunks (see :meth:`BlockAdam.step`).
+
+    Args:
+        xs: fp32 weights (masters), updated in place.
+        grads: fp32 gradients.
+        exp_avgs: first moments, fp32 (updated in place when ``local_moments``).
+        exp_avg_sqs: second moments, fp32 (updated in place when ``local_moments``).
+        steps: bias-correction step of each tensor (1 at its first update).
+        lr, beta1, beta2, eps, weight_decay, local_moments: as :func:`adamw_step_`.
+    """
+    if not xs:
+        return
+    if weight_decay != 0:
+        torch._foreach_mul_(xs, 1 - lr * weight_decay)
+    if local_moments:
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+        ms, vs = exp_avgs, exp_avg_sqs
+    else:
+        ms = torch._foreach_lerp(exp_avgs, grads, 1 - beta1)
+        vs = torch._foreach_mul(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(vs, grads, grads, value=1 - beta2)
+    # Scalars as adamw_step_ computes them (``** 0.5``, not math.sqrt: bit-identical to torch's AdamW).
+    denoms = torch._foreach_sqrt(vs)
+    torch._foreach_div_(denoms, [(1 - beta2**t) ** 0.5 for t in steps])
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_addcdiv_(xs, ms, denoms, [-lr / (1 - beta1**t) for t in steps])
+
+
+def _chunks(items: list, sizes: list[int], cap: int) -> list[list]:
+    """Consecutive runs of ``items`` whose ``sizes`` add up to at most ``cap`` (an item larger than ``cap`` alone)."""
+    out, run, total = [], [], 0
+    for item, n in zip(items, sizes):
+        if run and total + n > cap:
+            out.append(run)
+            run, total = [], 0
+        run.append(item)
+        total += n
+    if run:
+        out.append(run)
+    return out
+
+
 def _normalize_blocks(model: nn.Module, blocks) -> list[Block]:
     named = dict(model.named_parameters())
     if isinstance(blocks, BlockPartition):
@@ -114,6 +180,15 @@ class BlockAdam(torch.optim.Optimizer):
         auto_switch: Switch blocks at the end of :meth:`step` when the schedule says so. Set ``False`` when something
             must happen between the step and the switch (gossip + consensus), then call :meth:`switch_if_due`.
         local_moments: ``False`` for the "trivial BMA" ablation: gradients do not update the stored moments.
+        fused_backward: Step each active parameter inside backward, as soon as its gradient is complete
+            (``register_post_accumulate_grad_hook``), and free that gradient at once: the block's gradients are never
+            all alive together (model states lose the 4L/2L of gradients, keeping one tensor's). The arithmetic is
+            the unfused step's, tensor by tensor, so the result is bit-identical. :meth:`step` then only advances
+            the schedule. Cannot be combined with anything that needs all gradients before the update: gradient
+            clipping, gradient accumulation (one backward per step; a second backward before :meth:`step` raises),
+            a data-parallel gradient reduction (several ranks per client), or skipping a step after the fact
+            (``skip_next_step`` raises). Non-finite gradients are still detected, without a host sync per tensor:
+            :meth:`nonfinite_in_backward` says whether any stepped gradient was not finite.
 
     Raises:
         ValueError: unknown ``state_policy``/``offload_dtype``/``order``, bad hyperparameters, or block names not in
@@ -137,6 +212,7 @@ class BlockAdam(torch.optim.Optimizer):
         offload_dtype: str = "fp32",
         auto_switch: bool = True,
         local_moments: bool = True,
+        fused_backward: bool = False,
     ):
         if state_policy not in STATE_POLICIES:
             raise ValueError(f"unknown state_policy {state_policy!r}; choose one of {STATE_POLICIES}")
@@ -170,6 +246,12 @@ class BlockAdam(torch.optim.Optimizer):
             p.requires_grad_(False)
         for p in self._block_params[first]:
             p.requires_grad_(True)
+        self.fused_backward = bool(fused_backward)
+        self._hooks: list = []
+        self._stepped: set[nn.Parameter] = set()
+        self._found_nonfinite: dict[torch.device, torch.Tensor] = {}
+        if self.fused_backward:
+            self._register_hooks()
 
     # ------------------------------------------------------------------------------------------------ properties
 
@@ -261,8 +343,9 @@ class BlockAdam(torch.optim.Optimizer):
         for p, h in zip(params, signals):
             if h.shape != p.shape:
                 raise ValueError(f"signal for {self._names[p]} has shape {tuple(h.shape)}, expected {tuple(p.shape)}")
-            st = self._state_for(p)
-            consensus.fold_moments_(st["exp_avg"], st["exp_avg_sq"], h, betas)
+        states = [self._state_for(p) for p in params]
+        consensus.fold_moments_([st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], list(signals),
+                                betas)
 
     # ------------------------------------------------------------------------------------------------ step
 
@@ -282,27 +365,75 @@ class BlockAdam(torch.optim.Optimizer):
         group = self.param_groups[0]
         beta1, beta2 = group["betas"]
         skip, self.skip_next_step = self.skip_next_step, False
+        if skip and self._stepped:
+            raise RuntimeError("BlockAdam(fused_backward=True) applied this step's updates during backward: it cannot "
+                               "be skipped afterwards (use nan_policy=stop, or fused_backward=False)")
+        self._stepped.clear()
+        params = [p for p in group["params"] if p.grad is not None]
+        if not skip and params:
+            # Memory: the foreach kernels hold temporaries (denominators, fp32 gradient copies) for a whole chunk, so
+            # chunks are capped at the block's largest tensor: the peak stays what a tensor-by-tensor step needs.
+            sizes = [p.numel() for p in params]
+            for chunk in _chunks(params, sizes, max(sizes)):
+                self._step_chunk(chunk, group, beta1, beta2)
         for p in group["params"]:
-            if p.grad is None:
-                continue
-            if not skip:
-                # Phase 1: state (fp32 master for low-precision weights), gradient in fp32.
-                st = self._state_for(p)
-                x = st.get("master", p.data)
-                grad = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-                # Phase 2: the AdamW maths on the master.
-                st["step"] += 1
-                adamw_step_(x, grad, st["exp_avg"], st["exp_avg_sq"], int(st["step"].item()), group["lr"], beta1,
-                            beta2, group["eps"], group["weight_decay"], self.local_moments)
-                # Phase 3: write the master back into the model weights (rounded to bf16/fp16).
-                if "master" in st:
-                    p.data.copy_(x)
             # Memory: the block's gradients are not needed after the step.
             p.grad = None
         self._global_step += 1
         if self.auto_switch:
             self.switch_if_due()
         return loss
+
+    def _step_chunk(self, params: list[nn.Parameter], group: dict, beta1: float, beta2: float) -> None:
+        """AdamW on ``params`` (all with gradients) in three phases, each one multi-tensor op per list."""
+        # Phase 1: state (fp32 master for low-precision weights), gradients in fp32, step counters.
+        states = [self._state_for(p) for p in params]
+        xs = [st.get("master", p.data) for p, st in zip(params, states)]
+        grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
+        counters = [st["step"] for st in states]
+        torch._foreach_add_(counters, 1)
+        # Phase 2: the AdamW maths on the masters.
+        adamw_foreach_step_(xs, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                            [int(c.item()) for c in counters], group["lr"], beta1, beta2, group["eps"],
+                            group["weight_decay"], self.local_moments)
+        # Phase 3: write the masters back into the model weights (rounded to bf16/fp16).
+        low = [(p.data, st["master"]) for p, st in zip(params, states) if "master" in st]
+        if low:
+            torch._foreach_copy_([d for d, _ in low], [m for _, m in low])
+
+    # ------------------------------------------------------------------------------------------------ fused backward
+
+    def _register_hooks(self) -> None:
+        """Hook the active block's parameters so that each steps as soon as its gradient is accumulated."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._step_in_backward) for p in self.active_params()]
+
+    @torch.no_grad()
+    def _step_in_backward(self, p: nn.Parameter) -> None:
+        if p in self._stepped:
+            raise RuntimeError(f"BlockAdam(fused_backward=True): a second backward reached {self._names[p]} before "
+                               "step(): gradient accumulation is not supported with the fused step (use "
+                               "gradient_accumulation_steps=1, or fused_backward=False)")
+        dev = p.grad.device
+        if dev not in self._found_nonfinite:
+            self._found_nonfinite[dev] = torch.zeros(1, dtype=torch.float32, device=dev)
+        # Device-side flag, no host sync: x1.0 leaves the gradient bit-unchanged (see deca_ds.step.all_finite).
+        torch._amp_foreach_non_finite_check_and_unscale_([p.grad], self._found_nonfinite[dev],
+                                                         torch.ones(1, dtype=torch.float32, device=dev))
+        group = self.param_groups[0]
+        self._step_chunk([p], group, *group["betas"])
+        self._stepped.add(p)
+        # Memory: the point of the fused step -- this gradient goes now, not after the whole backward.
+        p.grad = None
+
+    def nonfinite_in_backward(self) -> bool:
+        """Whether any gradient stepped inside backward since the last call was not finite (one host sync per
+        device); resets the flag. Always False without ``fused_backward``."""
+        found = any(bool(f.cpu()) for f in self._found_nonfinite.values())
+        for f in self._found_nonfinite.values():
+            f.zero_()
+        return found
 
     # ------------------------------------------------------------------------------------------------ switching
 
@@ -345,6 +476,8 @@ class BlockAdam(torch.optim.Optimizer):
         # Keep the same group dict: LR schedulers and DeepSpeed hold references to it.
         self.param_groups[0]["params"] = list(new)
         self._active = block_idx
+        if self.fused_backward:
+            self._register_hooks()
         if self._store is not None:
             restored = self._store.take(block_idx, self._device_of_block(block_idx))
             for p in new:
@@ -420,6 +553,8 @@ class BlockAdam(torch.optim.Optimizer):
         group = self.param_groups[0]
         group.update(state_dict["param_group"])
         group["params"] = list(self._block_params[target])
+        if self.fused_backward:
+            self._register_hooks()
         named = dict(self._model.named_parameters())
         for name, st in state_dict["state"].items():
             p = named[name]

@@ -3,7 +3,8 @@
 One launch of 2 clients x 1 rank (gloo, CPU). For the stage-0 engine (BlockAdam) and the ZeRO-1 engine
 (ZeroBlockView over DeepSpeed's partitions), with the same model, data and settings:
 - the consensus signal and the moment fold are the module functions ``deca_ds.consensus.consensus_signal`` and
-  ``deca_ds.consensus.fold_moments_``: wrapped with counters, both engines call them once per active parameter per
+  ``deca_ds.consensus.fold_moments_``: wrapped with counters (a fold counts the tensors it folds: stage 0 folds a
+  block in one foreach call, ZeRO tensor by tensor), both engines use them once per active parameter per
   step (a private copy of the maths anywhere would leave a count at 0);
 - replacing ``fold_moments_`` by one that folds with deliberately different betas changes the weights of both
   engines, and by the same amount: after 3 steps each engine's weights move away from its own unpatched run, and the
@@ -58,12 +59,15 @@ def _body(rank, world):
         counts["signal"] += 1
         return real_signal(*args, **kwargs)
 
+    def folded(m):  # tensors folded by one call: one, or a block's list (the foreach form)
+        return 1 if isinstance(m, torch.Tensor) else len(m)
+
     def counting_fold(m, v, h, betas):
-        counts["fold"] += 1
+        counts["fold"] += folded(m)
         return real_fold(m, v, h, betas)
 
     def other_betas_fold(m, v, h, betas):
-        counts["fold"] += 1
+        counts["fold"] += folded(m)
         return real_fold(m, v, h, (0.5, 0.5))
 
     base = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from deca_ds.bench.benchmark import annotate, format_compare, format_table
+from deca_ds.bench.benchmark import annotate, flop_ceiling, format_compare, format_table, merge_reps, step_flops
+from deca_ds.bench.real_step import summarize_rounds
 from deca_ds.bench.worker import measure, tensor_bytes
 
 SHAPE = {"hidden": 32, "intermediate": 64, "layers": 4, "heads": 4, "kv_heads": 2, "vocab": 128}
@@ -60,6 +61,17 @@ def test_deca_model_states_are_4_psi_plus_12_block(policy):
     assert r["offloaded_state_bytes"] == (8 * block + 2 * 9 * 4 if policy == "offload" else 0)
 
 
+def test_fused_backward_model_states_are_4_psi_plus_8_block_plus_one_gradient():
+    r = measure(_spec("deca_fused", layers_per_block=2, state_policy="reset", switch_every=1))
+    block = 2 * LAYER
+    largest_tensor = 32 * 64  # each of gate/up/down (64 x 32): the largest tensors of a layer
+    assert r["largest_block_params"] == block and r["switches"] == 4
+    # no gradient is left after backward (the worker asserts it); one tensor's is the bound while it runs
+    assert (r["weight_bytes"], r["grad_bytes"], r["optimizer_state_bytes"]) == (4 * PSI, 4 * largest_tensor,
+                                                                                 8 * block)
+    assert r["model_state_bytes"] == 4 * PSI + 8 * block + 4 * 32 * 64 and r["finite"]
+
+
 def test_annotate_computes_communication_and_targets():
     recs = [
         {"method": "adamw", "params": 1000, "largest_block_params": 1000, "tokens_per_s": 100.0,
@@ -85,11 +97,18 @@ def test_benchmark_smoke(tmp_path):
     cmd = [sys.executable, "-m", "deca_ds.cli", "bench", "--out", str(out), "--shape", json.dumps(SHAPE),
            "--methods", "adamw,zero_offload,deca,badam", "--layers-per-block", "2", "--state-policies", "offload",
            "--steps", "2", "--warmup", "1", "--micro-batch", "2", "--seq-len", "8", "--threads", "1", "--compare"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    cmd[cmd.index("adamw,zero_offload,deca,badam")] = "adamw,adamw_fused,zero_offload,deca,badam"
+    cmd += ["--reps", "1"]  # the merging of rounds is tested above; one round keeps the smoke run short
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=dict(os.environ))
     assert proc.returncode == 0, proc.stderr
     records = json.load(open(out / "benchmark.json"))["records"]
     by = {r["method"]: r for r in records}
-    assert set(by) == {"adamw", "zero_offload", "deca", "badam"}
+    assert set(by) == {"adamw", "adamw_fused", "zero_offload", "deca", "badam"}
+    for method in ("adamw", "adamw_fused", "deca"):  # one round: its figure is the median and the whole spread
+        r = by[method]
+        assert r["tokens_per_s_reps"] == [r["tokens_per_s"]] == [r["tokens_per_s_min"]] == [r["tokens_per_s_max"]]
+    assert by["adamw_fused"]["model_state_bytes"] == by["adamw"]["model_state_bytes"] == 16 * PSI
+    assert by["deca"]["flop_ceiling_vs_adamw"] > 1 and "FLOP ceiling" in (out / "benchmark.md").read_text()
     assert by["zero_offload"]["not_applicable"] is True and by["zero_offload"]["reason"]
     fields = ["method", "blocks", "state_policy", "params", "largest_block_params", "model_dtype",
               "model_state_bytes", "gossip_buffer_bytes", "peak_rss_bytes", "tokens_per_s", "time_forward_s",
@@ -101,3 +120,42 @@ def test_benchmark_smoke(tmp_path):
     assert by["badam"].get("skipped") or by["badam"]["largest_block_params"] == 2 * LAYER
     assert (out / "benchmark.md").read_text().count("\n") >= 6 and (out / "benchmark.png").stat().st_size > 1000
     assert "ratio to adamw" in proc.stdout
+
+
+def test_merge_reps_takes_medians_and_keeps_the_spread():
+    reps = [{"method": "adamw", "tokens_per_s": t, "step_time_s": 1 / t, "time_forward_s": f, "model_state_bytes": 16,
+             "peak_rss_bytes": p} for t, f, p in ((100.0, 0.3, 10), (300.0, 0.1, 30), (200.0, 0.2, 20))]
+    m = merge_reps(reps)
+    assert m["tokens_per_s"] == 200.0 and m["tokens_per_s_min"] == 100.0 and m["tokens_per_s_max"] == 300.0
+    assert m["tokens_per_s_reps"] == [100.0, 300.0, 200.0] and m["time_forward_s"] == 0.2 and m["reps"] == 3
+    assert m["peak_rss_bytes"] == 20 and m["step_time_s"] == 1 / 200.0
+    failed = dict(reps[0], failed=True, reason="x")
+    assert merge_reps([reps[0], failed])["failed"]
+
+
+def test_flop_ceiling_against_hand_counts():
+    shape = {"hidden": 8, "intermediate": 16, "layers": 2, "heads": 2, "kv_heads": 1, "vocab": 32}
+    T, S = 6, 3
+    qkv = 8 * (8 + 2 * 4)  # q: 8x8, k and v: 8x4 each
+    layer = qkv + 8 * 8 + 3 * 8 * 16
+    attn = 4 * T * S * 8
+    fwd = 2 * (2 * layer * T + attn) + 2 * 32 * 8 * T
+    full = fwd + 2 * (2 * (2 * layer * T + attn)) + 2 * (2 * 32 * 8 * T)  # backward = 2 x forward, every weight
+    assert step_flops(shape, T, S, None) == full
+    # one block of both layers: all of full AdamW's backward but the head's weight gradient and layer 0's q/k/v
+    # input gradients
+    both = full - 2 * 32 * 8 * T - 2 * qkv * T
+    assert step_flops(shape, T, S, (0, 1)) == both
+    # the top layer alone: head and layer 1 backward, layer 1's weight gradients, nothing in layer 0
+    top = fwd + 2 * 32 * 8 * T + (2 * layer * T + 2 * attn) + 2 * layer * T - 2 * qkv * T
+    assert step_flops(shape, T, S, (1, 1)) == top
+    assert flop_ceiling(shape, 2, 3, 2) == pytest.approx(full / both)
+    assert flop_ceiling(shape, 2, 3, 1) > flop_ceiling(shape, 2, 3, 2) > 1  # smaller blocks, less backward
+
+
+def test_summarize_rounds_medians_over_rounds_of_the_rank_mean():
+    per_rank = [{"real": [1.0, 3.0, 2.0], "local": [1.0, 1.0, 1.0]},
+                {"real": [3.0, 1.0, 2.0], "local": [1.0, 2.0, 1.0]}]
+    s = summarize_rounds(per_rank)
+    assert s["real"]["rounds"] == [2.0, 2.0, 2.0] and s["local"]["rounds"] == [1.0, 1.5, 1.0]
+    assert s["local"]["median_s"] == 1.0 and s["local"]["max_s"] == 1.5 and s["ratio_real_vs_local"] == 2.0

@@ -7,11 +7,14 @@ graph neighbours and itself; data, gradients and moments stay home. This module 
 ``torch.distributed`` point-to-point calls, so it runs on NCCL and gloo alike (no deepspeed import here).
 
 Hazards handled here, in one place:
-- communication order: every rank creates every group in the same order; every exchange starts with a small header
-  (block index, step, sender client, block size) so that a neighbour on another block or step is an error, never
-  silently averaged; a neighbour that never answers is an error after ``timeout`` seconds, not a hang;
-- memory: blocks are streamed in chunks, so receive buffers are ``chunk_bytes`` per neighbour, not block x degree;
-- dtype: the wire may be bf16, the arithmetic is always fp32, and a client's own contribution is never rounded.
+- communication order: every rank creates every group in the same order; every exchange sends a small header
+  (block index, step, sender client, block size) ahead of its first piece, checked before anything is mixed, so a
+  neighbour on another block or step is an error, never silently averaged; a neighbour that never answers is an
+  error naming it after ``timeout`` seconds, not a hang;
+- memory: blocks travel in pieces, a few in flight at once, so receive buffers are ``chunk_bytes`` per neighbour,
+  not block x degree; fp32 tensors are sent from and mixed into their own memory;
+- dtype: the wire may be bf16 or compressed (:mod:`deca_ds.compression`, with error feedback), the arithmetic is
+  always fp32, and a client's own contribution is never rounded.
 """
 
 from __future__ import annotations
@@ -19,19 +22,24 @@ from __future__ import annotations
 import datetime
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
+from deca_ds.compression import COMPRESSIONS, FIRST_EXCHANGE_CODEC, ErrorFeedback
+
 __all__ = [
     "ClientLayout", "ClientGroups", "ClientMPU", "Mixer", "MixStats", "accumulate_mix_", "mix_stacked_",
-    "consensus_distance",
+    "consensus_distance", "plan_pieces", "PIPELINE_DEPTH", "HEADER_BYTES",
 ]
 
 HEADER_FIELDS = ("block", "step", "client", "numel")
+HEADER_BYTES = 8 * len(HEADER_FIELDS)
+"""Bytes of the int64 header sent to each neighbour once per exchange (counted in :class:`MixStats`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -305,18 +313,41 @@ class _FlatView:
             out[o:o + e - s].copy_(flat[s:e])
         return out[: b - a]
 
-    def direct(self, a: int, b: int):
-        """The fp32 tensor slice holding elements ``[a, b)`` if they lie in one fp32 tensor, else ``None``."""
-        pieces = list(self._pieces(a, b))
-        if len(pieces) == 1 and pieces[0][0].dtype == torch.float32:
-            flat, s, e, _ = pieces[0]
-            return flat[s:e]
-        return None
-
     def write(self, a: int, b: int, src: torch.Tensor) -> None:
         """Copy ``src[: b - a]`` into elements ``[a, b)`` (casting to each tensor's dtype)."""
         for flat, s, e, o in self._pieces(a, b):
             flat[s:e].copy_(src[o:o + e - s])
+
+
+PIPELINE_DEPTH = 4
+"""Pieces of a block in flight at once per neighbour; ``chunk_bytes`` is split among them."""
+
+
+def plan_pieces(numels: Sequence[int], start: int, end: int, max_numel: int) -> list[tuple[int, int, int, int]]:
+    """Cut elements ``[start, end)`` of tensors laid end to end into the pieces one exchange sends.
+
+    A piece lies inside one tensor (so it is sent straight from the tensor's memory) and holds at most ``max_numel``
+    elements; a tensor's part of the range is cut at multiples of ``max_numel`` from its first element in the range
+    (so quantization groups, which start at a piece's first element, start at multiples of the group size when
+    ``max_numel`` is one).
+
+    Args:
+        numels: element counts of the tensors, in order.
+        start, end: the range to cover (a rank's shard, or everything).
+        max_numel: the largest piece (>= 1).
+
+    Returns:
+        ``(tensor index, first element, end element, offset)`` per piece, in range order; element positions are
+        inside the tensor, ``offset`` is the piece's position inside ``[start, end)``.
+    """
+    pieces, base = [], 0
+    for k, n in enumerate(numels):
+        lo, hi = max(start - base, 0), min(end - base, n)
+        for a in range(lo, hi, max_numel):
+            b = min(a + max_numel, hi)
+            pieces.append((k, a, b, base + a - start))
+        base += n
+    return pieces
 
 
 class Mixer:
@@ -327,23 +358,44 @@ class Mixer:
     across tensors) and the client then all-gathers the shards in its data-parallel group, so every rank of a client
     ends with identical tensors and each rank moves ``1/ranks_per_client`` of the block across the network.
 
+    One exchange is pipelined: the block is cut into pieces (:func:`plan_pieces`, each inside one tensor), up to
+    :data:`PIPELINE_DEPTH` pieces are in flight per neighbour, and each piece is mixed as soon as it arrived while the
+    next ones travel. fp32 tensors are sent from their own memory and mixed in place (no staging copy). The header
+    (block, step, client, size) travels ahead of the first piece in the same round, not in a round-trip of its own,
+    and is checked before any piece is mixed. Arithmetic is :func:`accumulate_mix_` (or
+    :meth:`deca_ds.compression.ErrorFeedback.mix_`) per piece, own term first, then neighbours in
+    ``Topology.neighbors`` order, whatever order the pieces arrive in: the result does not depend on the pipelining.
+
+    Hazard (gloo): a message longer than the receive posted for it aborts the receiving process from gloo's own
+    thread, before any header could be checked. On gloo every receive is therefore posted with a full piece's
+    capacity, so a neighbour with a different block size is reported by the header check instead. NCCL needs equal
+    send and receive counts, so there receives are exact and the header round completes before pieces are used.
+
     Attributes:
         total_bytes_sent: cumulative :attr:`MixStats.bytes_sent` over all calls.
         total_bytes_received: cumulative :attr:`MixStats.bytes_received`.
+        compression: ``gossip.compression`` (``none``, ``bf16``, ``int8``, ``int4``).
+        piece_numel: largest piece, in elements.
+        depth: pieces in flight per neighbour.
     """
 
     def __init__(self, layout: ClientLayout, topology, chunk_bytes: int = 64 << 20,
-                 comm_dtype: torch.dtype = torch.float32, timeout: float = 300.0, dp_group=None):
+                 comm_dtype: torch.dtype = torch.float32, timeout: float = 300.0, dp_group=None,
+                 compression: str = "none"):
         """Args:
             layout: the client layout (must match ``topology``'s size).
             topology: a :class:`deca_ds.topology.Topology`.
-            chunk_bytes: wire bytes per neighbour per exchange round; receive buffers never exceed this per
-                neighbour (the fp32 working buffers are ``chunk_bytes / wire itemsize * 4`` bytes, and the
-                intra-client all-gather ``ranks_per_client`` times that).
-            comm_dtype: wire dtype, ``torch.float32`` or ``torch.bfloat16`` (or ``float16``); arithmetic is fp32.
+            chunk_bytes: wire bytes in flight per neighbour: receive buffers never exceed this per neighbour
+                (``depth`` pieces of ``chunk_bytes / depth``; with compression at least one 256-value group). The
+                fp32 working buffers of non-fp32 tensors and of compression are as large again, and the
+                intra-client all-gather uses ``ranks_per_client`` times ``chunk_bytes`` of fp32.
+            comm_dtype: wire dtype without compression, ``torch.float32`` or ``torch.bfloat16`` (or ``float16``);
+                arithmetic is fp32.
             timeout: seconds to wait for a neighbour before raising an error naming it.
             dp_group: the client's data-parallel group (``ClientGroups.client_group``); required when
                 ``ranks_per_client > 1``.
+            compression: ``none``, or ``bf16``/``int8``/``int4`` with error feedback
+                (:mod:`deca_ds.compression`; needs ``comm_dtype`` fp32 and a static graph).
 
         Raises:
             ValueError: sizes do not match or an argument is out of range.
@@ -360,6 +412,32 @@ class Mixer:
                 f"Mixer with clients.ranks_per_client={layout.ranks_per_client} needs dp_group "
                 f"(ClientGroups.client_group) to all-gather the mixed shards inside the client"
             )
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"gossip.compression={compression!r} is not one of {', '.join(COMPRESSIONS)}")
+        self.compression = compression
+        self._feedback = None
+        if compression != "none":
+            if comm_dtype != torch.float32:
+                raise ValueError(f"gossip.compression={compression} sets the wire format itself: leave the wire "
+                                 f"dtype fp32 (gossip.dtype), not {comm_dtype}")
+            if topology.time_varying:
+                raise ValueError(f"gossip.compression={compression} keeps a running sum of fixed neighbours' "
+                                 f"values; topology.name={topology.name} changes neighbours every step: use a "
+                                 "static graph or gossip.compression=none")
+            self._feedback = ErrorFeedback(compression)
+            # Every exchange fits the larger of the two formats a visit uses (its first exchange is bf16).
+            group = self._feedback.codec.group_size
+            per_value = 2
+            self.piece_numel = max(group, chunk_bytes // PIPELINE_DEPTH // per_value // group * group)
+            self.depth = max(1, min(PIPELINE_DEPTH, chunk_bytes // (per_value * self.piece_numel)))
+            self._slot_bytes = max(FIRST_EXCHANGE_CODEC.packet_bytes(self.piece_numel),
+                                   self._feedback.codec.packet_bytes(self.piece_numel))
+        else:
+            itemsize = torch.tensor([], dtype=comm_dtype).element_size()
+            chunk_numel = max(1, int(chunk_bytes) // itemsize)
+            self.depth = min(PIPELINE_DEPTH, chunk_numel)
+            self.piece_numel = chunk_numel // self.depth
+            self._slot_bytes = self.piece_numel * itemsize
         self.layout = layout
         self.topology = topology
         self.comm_dtype = comm_dtype
@@ -368,6 +446,7 @@ class Mixer:
         self.chunk_numel = max(1, int(chunk_bytes) // torch.tensor([], dtype=comm_dtype).element_size())
         self.total_bytes_sent = 0
         self.total_bytes_received = 0
+        self._buffers: dict[tuple, torch.Tensor] = {}
 
     # -- public -------------------------------------------------------------------------------------------------
 
@@ -377,21 +456,37 @@ class Mixer:
         start = min(self.layout.local_rank * shard, numel)
         return start, min(start + shard, numel)
 
-    def state_dict(self) -> dict[str, int]:
-        """The cumulative byte counters, for checkpoints (``{"sent", "received"}``)."""
-        return {"sent": self.total_bytes_sent, "received": self.total_bytes_received}
+    def state_dict(self) -> dict[str, Any]:
+        """Cumulative byte counters (``sent``, ``received``) and, with compression, the error-feedback state
+        (``feedback``): everything a resumed run needs to send the same bytes."""
+        state: dict[str, Any] = {"sent": self.total_bytes_sent, "received": self.total_bytes_received}
+        if self._feedback is not None:
+            state["feedback"] = self._feedback.state_dict()
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restore :meth:`state_dict` output."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output.
+
+        Raises:
+            ValueError: compression is on and ``state`` has no error-feedback state (it was written without
+                compression), or it was written with another compression.
+        """
         self.total_bytes_sent = state["sent"]
         self.total_bytes_received = state["received"]
+        if self._feedback is not None:
+            if "feedback" not in state:
+                raise ValueError(f"this checkpoint has no gossip error-feedback state (written with "
+                                 f"gossip.compression=none); it cannot resume with "
+                                 f"gossip.compression={self.compression}")
+            self._feedback.load_state_dict(state["feedback"])
 
     def mix_(self, tensors: Sequence[torch.Tensor], step: int, block_idx: int, presharded: bool = False) -> MixStats:
         """Replace this client's ``tensors`` by the ``topology.weights_at(step)``-weighted average with neighbours.
 
         Every rank of every client must call it with the same ``step`` and ``block_idx`` and tensors of the same
-        total size (all ranks of a client with identical values). Single client, or no neighbour at this step: a
-        no-op that moves zero bytes.
+        shapes (all ranks of a client with identical values). Single client, or no neighbour at this step: a
+        no-op that moves zero bytes. If it raises, the exchange is abandoned half-way (messages may still be in
+        flight): stop the run.
 
         Args:
             tensors: the active block's tensors (contiguous, floating point, one device); modified in place.
@@ -416,53 +511,88 @@ class Mixer:
         if not neighbors:
             return MixStats(0, 0, time.perf_counter() - t0)
         device = tensors[0].device if tensors else torch.device("cpu")
-        view = _FlatView(tensors)
+        numels = [t.numel() for t in tensors]
+        numel = sum(numels)
+        start, end = (0, numel) if presharded else self.shard_range(numel)
+        pieces = plan_pieces(numels, start, end, self.piece_numel)
+        codec = self._feedback.begin(block_idx, end - start, device) if self._feedback is not None else None
         w = self.topology.weights_at(step)
-        peers = [self.layout.peer_rank(c, self.layout.local_rank) for c in neighbors]
+        exchange = _Exchange(self, neighbors, block_idx, step, numel, device)
+        flats = [t.view(-1) for t in tensors]
+        in_flight = exchange.in_flight
+        for k, (ti, lo, hi, offset) in enumerate(pieces):
+            if len(in_flight) == self.depth:
+                self._finish(exchange, in_flight[0], w, codec)
+                in_flight.popleft()
+            in_flight.append(self._start(exchange, k % self.depth, flats[ti][lo:hi], offset, codec))
+        while in_flight:
+            self._finish(exchange, in_flight[0], w, codec)
+            in_flight.popleft()
+        exchange.check_headers()  # no-op unless there was no piece (an empty shard)
+        exchange.wait_header_sends()
+        if self._feedback is not None:
+            self._feedback.end()
 
-        # 1) header: refuse to average with a neighbour that is somewhere else in the schedule.
-        header = torch.tensor([block_idx, step, me, view.numel], dtype=torch.int64, device=device)
-        theirs = [torch.empty_like(header) for _ in peers]
-        self._exchange(header, theirs, neighbors, peers, block_idx, step, "header")
-        for c, p, h in zip(neighbors, peers, theirs):
-            hb, hs, hc, hn = h.tolist()
-            if (hb, hs, hc, hn) != (block_idx, step, c, view.numel):
-                raise RuntimeError(
-                    f"gossip mismatch with neighbour client {c} (rank {p}): it is on block {hb}, step {hs} with "
-                    f"{hn} elements (sender client {hc}); we (client {me}, rank {self.layout.rank}) are on block "
-                    f"{block_idx}, step {step} with {view.numel} elements"
-                )
-
-        # 2) payload, streamed in chunks: buffers are chunk-sized whatever the block size.
-        start, end = (0, view.numel) if presharded else self.shard_range(view.numel)
-        n = min(self.chunk_numel, max(end - start, 1))
-        own = torch.empty(n, dtype=torch.float32, device=device)
-        wire = own if self.comm_dtype == torch.float32 else torch.empty(n, dtype=self.comm_dtype, device=device)
-        recv = [torch.empty(n, dtype=self.comm_dtype, device=device) for _ in peers]
-        for a in range(start, end, self.chunk_numel):
-            b = min(a + self.chunk_numel, end)
-            # Zero-copy when the chunk is a slice of one fp32 tensor: send from it and accumulate into it.
-            direct = view.direct(a, b)
-            mine = direct if direct is not None else view.read(a, b, own)
-            send = mine if self.comm_dtype == torch.float32 else wire[: b - a].copy_(mine)  # bf16: rounded here only
-            got = [r[: b - a] for r in recv]
-            self._exchange(send, got, neighbors, peers, block_idx, step, f"elements [{a}, {b})")
-            # All sends completed above, so `mine` (which may be the send buffer) can be overwritten now.
-            accumulate_mix_(mine, w[me, me], got, [w[me, c] for c in neighbors])
-            if direct is None:
-                view.write(a, b, mine)
-
-        # 3) multi-rank clients: every rank of the client gets every mixed shard.
+        # multi-rank clients: every rank of the client gets every mixed shard.
         if self.layout.ranks_per_client > 1 and not presharded:
-            self._gather_shards(view, device)
+            self._gather_shards(_FlatView(tensors), device)
 
-        wire_bytes = (end - start) * wire.element_size() + header.numel() * header.element_size()
-        sent = received = wire_bytes * len(peers)
+        sent = received = (exchange.payload_bytes + HEADER_BYTES) * len(neighbors)
         self.total_bytes_sent += sent
         self.total_bytes_received += received
         return MixStats(sent, received, time.perf_counter() - t0)
 
     # -- internals ----------------------------------------------------------------------------------------------
+
+    def _buffer(self, key: tuple, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """A persistent work buffer of at least ``numel`` elements (reallocated only to grow or move)."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buf
+        return buf
+
+    def _start(self, exchange: "_Exchange", slot: int, flat: torch.Tensor, offset: int, codec) -> "_Piece":
+        """Post one piece: its send to every neighbour and a receive from each into this slot's buffers."""
+        n, device = flat.numel(), flat.device
+        if flat.dtype == torch.float32:
+            values, target = flat, None  # sent from and mixed into the tensor itself
+        else:
+            values, target = self._buffer(("own", slot), self.piece_numel, torch.float32, device)[:n], flat
+            values.copy_(flat)
+        if codec is not None:
+            scratch = self._buffer(("scratch",), self.piece_numel, torch.float32, device)
+            send = self._feedback.encode(codec, values, offset,
+                                         out=self._buffer(("send", slot), self._slot_bytes, torch.uint8, device),
+                                         scratch=scratch)
+            wire, count = torch.uint8, send.numel()
+        elif self.comm_dtype == torch.float32:
+            send, wire, count = values, torch.float32, n
+        else:  # bf16 wire: rounded here only, the own term stays fp32
+            send = self._buffer(("send", slot), self.piece_numel, self.comm_dtype, device)[:n].copy_(values)
+            wire, count = self.comm_dtype, n
+        itemsize = torch.tensor([], dtype=wire).element_size()
+        capacity = self._slot_bytes // itemsize if exchange.tolerant else count
+        recvs = [self._buffer(("recv", k, slot), self._slot_bytes // itemsize, wire, device)[:capacity]
+                 for k in range(len(exchange.peers))]
+        works = exchange.post(send, recvs)
+        exchange.payload_bytes += count * itemsize
+        return _Piece(values, target, offset, send, [r[:count] for r in recvs], works,
+                      f"elements [{offset}, {offset + n}) of this rank's range")
+
+    def _finish(self, exchange: "_Exchange", piece: "_Piece", w, codec) -> None:
+        """Wait for one piece's messages, then mix it (own term first, neighbours in order) and write it back."""
+        exchange.check_headers()
+        exchange.wait(piece.works, piece.what)
+        me, neighbors = self.layout.client_id, exchange.neighbors
+        weights = [w[me, c] for c in neighbors]
+        if codec is not None:
+            scratch = self._buffer(("scratch",), self.piece_numel, torch.float32, piece.values.device)
+            self._feedback.mix_(codec, piece.values, piece.offset, w[me, me], piece.received, weights, scratch)
+        else:
+            accumulate_mix_(piece.values, w[me, me], piece.received, weights)
+        if piece.target is not None:
+            piece.target.copy_(piece.values)
 
     @staticmethod
     def _check_tensors(tensors):
@@ -473,36 +603,6 @@ class Mixer:
                 raise ValueError("gossip mixes contiguous tensors only (it writes through flat views)")
         if len({t.device for t in tensors}) > 1:
             raise ValueError(f"gossip tensors are on several devices: {sorted({str(t.device) for t in tensors})}")
-
-    def _exchange(self, send, recvs, neighbors, peers, block_idx, step, what):
-        """Send ``send`` to every peer and receive one tensor from each; errors name the neighbour."""
-        ops = []
-        for p, r in zip(peers, recvs):
-            ops.append(dist.P2POp(dist.irecv, r, p))
-            ops.append(dist.P2POp(dist.isend, send, p))
-        works = dist.batch_isend_irecv(ops)
-        if len(works) != len(ops):  # coalescing backends (NCCL) return one work for the whole batch
-            names, ranks = ", ".join(map(str, neighbors)), ", ".join(map(str, peers))
-            for work in works:
-                self._wait(work, names, ranks, block_idx, step, what)
-            return
-        deadline = time.monotonic() + self.timeout
-        # Receives first: a silent neighbour shows up as a receive that never completes.
-        for k in list(range(0, len(works), 2)) + list(range(1, len(works), 2)):
-            c, p = neighbors[k // 2], peers[k // 2]
-            self._wait(works[k], c, p, block_idx, step, what, max(deadline - time.monotonic(), 0.001))
-
-    def _wait(self, work, client, rank, block_idx, step, what, seconds=None):
-        seconds = self.timeout if seconds is None else seconds
-        try:
-            work.wait(datetime.timedelta(seconds=seconds))
-        except Exception as err:  # noqa: BLE001 - re-raised with the neighbour's name
-            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise RuntimeError(
-                f"gossip: neighbour client {client} (rank {rank}) did not answer within {self.timeout:g} s "
-                f"({what} of block {block_idx}, step {step}; we are client {self.layout.client_id}, rank "
-                f"{self.layout.rank}): {reason}"
-            ) from err
 
     def _gather_shards(self, view: _FlatView, device) -> None:
         """All-gather the mixed shards inside the client, chunk by chunk (same loop count on every rank)."""
@@ -534,6 +634,114 @@ class Mixer:
                 re_ = min(r * shard + o + length, (r + 1) * shard, view.numel)
                 if rs < re_:
                     view.write(rs, re_, outs[r])
+
+
+@dataclass
+class _Piece:
+    """One piece in flight: where its mixed values go, what was posted, and the works to wait for."""
+
+    values: torch.Tensor  # fp32 values mixed in place (the tensor slice itself, or a copy of it)
+    target: torch.Tensor | None  # the non-fp32 tensor slice to write the mixed values back to
+    offset: int
+    send: torch.Tensor  # kept alive until the send completed
+    received: list[torch.Tensor]
+    works: list
+    what: str
+
+
+class _Exchange:
+    """One ``mix_`` call's messages: the header sent ahead of the pieces, its check, and waits that name neighbours."""
+
+    def __init__(self, mixer: Mixer, neighbors: list[int], block_idx: int, step: int, numel: int, device):
+        layout = mixer.layout
+        self.mixer, self.neighbors, self.block_idx, self.step, self.numel = mixer, neighbors, block_idx, step, numel
+        self.peers = [layout.peer_rank(c, layout.local_rank) for c in neighbors]
+        # gloo aborts on a message longer than its receive: receive whole pieces' capacity there (see Mixer).
+        self.tolerant = dist.get_backend() == "gloo"
+        self.payload_bytes = 0
+        self.header = torch.tensor([block_idx, step, layout.client_id, numel], dtype=torch.int64, device=device)
+        self.theirs = [torch.empty_like(self.header) for _ in self.peers]
+        self.header_works = self.post(self.header, self.theirs)
+        self.in_flight: deque[_Piece] = deque()
+        self.checked = False
+
+    def post(self, send: torch.Tensor, recvs: Sequence[torch.Tensor]) -> list:
+        """Send ``send`` to every peer and post one receive from each (receive first, per peer)."""
+        ops = []
+        for p, r in zip(self.peers, recvs):
+            ops.append(dist.P2POp(dist.irecv, r, p))
+            ops.append(dist.P2POp(dist.isend, send, p))
+        return dist.batch_isend_irecv(ops)
+
+    def check_headers(self) -> None:
+        """Wait for the neighbours' headers (once) and refuse to mix with one somewhere else in the schedule."""
+        if self.checked:
+            return
+        self.wait(self.header_works, "header", receives_only=True)
+        me, rank = self.mixer.layout.client_id, self.mixer.layout.rank
+        headers = [h.tolist() for h in self.theirs]
+        for c, p, (hb, hs, hc, hn) in zip(self.neighbors, self.peers, headers):
+            if (hb, hs, hc, hn) != (self.block_idx, self.step, c, self.numel):
+                self._drain([h[3] == self.numel for h in headers])
+                raise RuntimeError(
+                    f"gossip mismatch with neighbour client {c} (rank {p}): it is on block {hb}, step {hs} with "
+                    f"{hn} elements (sender client {hc}); we (client {me}, rank {rank}) are on block "
+                    f"{self.block_idx}, step {self.step} with {self.numel} elements"
+                )
+        self.checked = True
+
+    def _drain(self, same_size: list[bool]) -> None:
+        """Before raising a mismatch: complete what was posted to neighbours with our block size.
+
+        Each side posts the header and the same first pieces before it checks a header, so with an equal block size
+        every message has its receive; letting them complete leaves no stray message on the connection for a later
+        exchange to pick up. Best effort, bounded by the timeout; messages of a neighbour of another size are left.
+        """
+        if len(self.header_works) != 2 * len(self.peers):
+            return  # coalesced (NCCL): nothing can be waited for per neighbour
+        deadline = time.monotonic() + self.mixer.timeout
+        works = [self.header_works[2 * k + 1] for k in range(len(self.peers))]
+        for piece in self.in_flight:
+            works += [piece.works[2 * k + i] for k in range(len(self.peers)) if same_size[k] for i in (0, 1)]
+        works = [wk for k, wk in enumerate(works) if k >= len(self.peers) or same_size[k]]
+        for work in works:
+            try:
+                work.wait(datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+            except Exception:  # noqa: BLE001 - the mismatch error that follows is the one to report
+                return
+
+    def wait_header_sends(self) -> None:
+        """Wait for the header sends (they completed long ago unless something is wrong)."""
+        if len(self.header_works) == 2 * len(self.peers):  # a coalesced batch was waited for whole already
+            self.wait(self.header_works, "header", sends_only=True)
+
+    def wait(self, works: list, what: str, receives_only: bool = False, sends_only: bool = False) -> None:
+        """Wait for ``works`` (from :meth:`post`): receives first, in neighbour order, each error naming its peer.
+
+        Hazard: a gloo receive work must be waited for once only (a second wait waits for another message).
+        """
+        if len(works) != 2 * len(self.peers):  # coalescing backends (NCCL) return one work for the whole batch
+            names, ranks = ", ".join(map(str, self.neighbors)), ", ".join(map(str, self.peers))
+            for work in works:
+                self._wait(work, names, ranks, what)
+            return
+        # A silent neighbour shows up as a receive that never completes.
+        receives, sends = list(range(0, len(works), 2)), list(range(1, len(works), 2))
+        order = sends if sends_only else receives if receives_only else receives + sends
+        for k in order:
+            self._wait(works[k], self.neighbors[k // 2], self.peers[k // 2], what)
+
+    def _wait(self, work, client, rank, what) -> None:
+        mixer = self.mixer
+        try:
+            work.wait(datetime.timedelta(seconds=mixer.timeout))
+        except Exception as err:  # noqa: BLE001 - re-raised with the neighbour's name
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RuntimeError(
+                f"gossip: neighbour client {client} (rank {rank}) did not answer within {mixer.timeout:g} s "
+                f"({what} of block {self.block_idx}, step {self.step}; we are client {mixer.layout.client_id}, "
+                f"rank {mixer.layout.rank}): {reason}"
+            ) from err
 
 
 def accumulate_mix_(mine: torch.Tensor, own_weight: float, received: Sequence[torch.Tensor],

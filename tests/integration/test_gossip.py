@@ -99,6 +99,7 @@ def _single_rank_clients(rank, world_size):
     else:
         try:
             Mixer(layout, ring, timeout=1.5).mix_(_block(me), step=4, block_idx=0)
+            out["timeout"] = "completed"
         except RuntimeError as err:
             out["timeout"] = str(err)
     out["timeout_s"] = time.monotonic() - start
@@ -193,7 +194,9 @@ def test_six_single_rank_clients():
     for rank in (0, n - 2):
         assert f"neighbour client {n - 1} (rank {n - 1}) did not answer within 1.5 s" in results[rank]["timeout"]
         assert results[rank]["timeout_s"] < 2.5
-    assert "did not answer" in results[1]["timeout"]  # its neighbour 0 gave up before sending
+    # Client 1's neighbours 0 and 2 are alive; 0 sent its header and pieces ahead of waiting for the silent client,
+    # so 1 completes, or names 0 if 0 gave up before its messages went out.
+    assert results[1]["timeout"] == "completed" or "neighbour client 0 (rank 0) did not answer" in results[1]["timeout"]
 
 
 @pytest.mark.integration

@@ -323,7 +323,8 @@ class ErrorFeedback:
         """The state, for checkpoints (CPU tensors, ints and a string: loadable with ``weights_only=True``)."""
         return {"compression": self.compression, "block": -1 if self.block is None else self.block,
                 "numel": self.numel, "exchanges": self.exchanges,
-                "public": self.public.detach().cpu().clone(), "neighbour_sum": self.neighbour_sum.detach().cpu().clone()}
+                "public": self.public.detach().cpu().clone(),
+                "neighbour_sum": self.neighbour_sum.detach().cpu().clone()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (tensors stay on the CPU until the next :meth:`begin`).

@@ -34,7 +34,7 @@ from deca_ds.compression import COMPRESSIONS, FIRST_EXCHANGE_CODEC, ErrorFeedbac
 
 __all__ = [
     "ClientLayout", "ClientGroups", "ClientMPU", "Mixer", "MixStats", "accumulate_mix_", "mix_stacked_",
-    "consensus_distance", "plan_pieces", "PIPELINE_DEPTH", "HEADER_BYTES",
+    "consensus_distance", "plan_pieces", "PIECES_PER_CHUNK", "HEADER_BYTES",
 ]
 
 HEADER_FIELDS = ("block", "step", "client", "numel")
@@ -319,8 +319,9 @@ class _FlatView:
             flat[s:e].copy_(src[o:o + e - s])
 
 
-PIPELINE_DEPTH = 4
-"""Pieces of a block in flight at once per neighbour; ``chunk_bytes`` is split among them."""
+PIECES_PER_CHUNK = 8
+"""A piece of a block carries at most ``chunk_bytes / PIECES_PER_CHUNK`` bytes, so several are in flight at once."""
+_ALIGN = 64  # bytes: every region of the arenas starts here, so any wire dtype can view it
 
 
 def plan_pieces(numels: Sequence[int], start: int, end: int, max_numel: int) -> list[tuple[int, int, int, int]]:
@@ -328,8 +329,8 @@ def plan_pieces(numels: Sequence[int], start: int, end: int, max_numel: int) -> 
 
     A piece lies inside one tensor (so it is sent straight from the tensor's memory) and holds at most ``max_numel``
     elements; a tensor's part of the range is cut at multiples of ``max_numel`` from its first element in the range
-    (so quantization groups, which start at a piece's first element, start at multiples of the group size when
-    ``max_numel`` is one).
+    (so when ``max_numel`` is a multiple of the quantization group size, a tensor's groups are the same whether it
+    is sent whole or in pieces).
 
     Args:
         numels: element counts of the tensors, in order.
@@ -358,25 +359,27 @@ class Mixer:
     across tensors) and the client then all-gathers the shards in its data-parallel group, so every rank of a client
     ends with identical tensors and each rank moves ``1/ranks_per_client`` of the block across the network.
 
-    One exchange is pipelined: the block is cut into pieces (:func:`plan_pieces`, each inside one tensor), up to
-    :data:`PIPELINE_DEPTH` pieces are in flight per neighbour, and each piece is mixed as soon as it arrived while the
-    next ones travel. fp32 tensors are sent from their own memory and mixed in place (no staging copy). The header
+    One exchange is pipelined: the block is cut into pieces (:func:`plan_pieces`, each inside one tensor, at most
+    ``chunk_bytes / PIECES_PER_CHUNK`` bytes), every piece is posted as soon as its receive buffers are free (a block
+    that fits in ``chunk_bytes`` is posted whole at once), and each piece is mixed as soon as it arrived while the
+    next ones travel. Receive buffers are one arena per neighbour, used as a ring, at most ``chunk_bytes``. fp32
+    tensors are sent from their own memory and mixed in place (no staging copy). The header
     (block, step, client, size) travels ahead of the first piece in the same round, not in a round-trip of its own,
     and is checked before any piece is mixed. Arithmetic is :func:`accumulate_mix_` (or
     :meth:`deca_ds.compression.ErrorFeedback.mix_`) per piece, own term first, then neighbours in
     ``Topology.neighbors`` order, whatever order the pieces arrive in: the result does not depend on the pipelining.
 
     Hazard (gloo): a message longer than the receive posted for it aborts the receiving process from gloo's own
-    thread, before any header could be checked. On gloo every receive is therefore posted with a full piece's
-    capacity, so a neighbour with a different block size is reported by the header check instead. NCCL needs equal
-    send and receive counts, so there receives are exact and the header round completes before pieces are used.
+    thread, before any header could be checked. On gloo every receive is therefore posted with room for the longest
+    piece a neighbour can send (the arena keeps that much slack), so a neighbour with a different block size is
+    reported by the header check instead; its longer messages may only scribble over pieces that are then never
+    mixed. NCCL needs equal send and receive counts, so there receives are exact.
 
     Attributes:
         total_bytes_sent: cumulative :attr:`MixStats.bytes_sent` over all calls.
         total_bytes_received: cumulative :attr:`MixStats.bytes_received`.
         compression: ``gossip.compression`` (``none``, ``bf16``, ``int8``, ``int4``).
         piece_numel: largest piece, in elements.
-        depth: pieces in flight per neighbour.
     """
 
     def __init__(self, layout: ClientLayout, topology, chunk_bytes: int = 64 << 20,
@@ -385,10 +388,10 @@ class Mixer:
         """Args:
             layout: the client layout (must match ``topology``'s size).
             topology: a :class:`deca_ds.topology.Topology`.
-            chunk_bytes: wire bytes in flight per neighbour: receive buffers never exceed this per neighbour
-                (``depth`` pieces of ``chunk_bytes / depth``; with compression at least one 256-value group). The
-                fp32 working buffers of non-fp32 tensors and of compression are as large again, and the
-                intra-client all-gather uses ``ranks_per_client`` times ``chunk_bytes`` of fp32.
+            chunk_bytes: receive buffers per neighbour never exceed this (nor one piece: with compression at least
+                one 256-value group); a block smaller than it travels whole at once. Staging buffers (bf16 or
+                compressed wire, fp32 copies of non-fp32 tensors) are as large again, and the intra-client
+                all-gather uses ``ranks_per_client`` times ``chunk_bytes`` of fp32.
             comm_dtype: wire dtype without compression, ``torch.float32`` or ``torch.bfloat16`` (or ``float16``);
                 arithmetic is fp32.
             timeout: seconds to wait for a neighbour before raising an error naming it.
@@ -425,25 +428,23 @@ class Mixer:
                                  f"values; topology.name={topology.name} changes neighbours every step: use a "
                                  "static graph or gossip.compression=none")
             self._feedback = ErrorFeedback(compression)
-            # Every exchange fits the larger of the two formats a visit uses (its first exchange is bf16).
+            # Pieces are cut at multiples of the group size; sized for the larger of the two formats of a visit
+            # (its first exchange is bf16, 2 bytes a value).
             group = self._feedback.codec.group_size
-            per_value = 2
-            self.piece_numel = max(group, chunk_bytes // PIPELINE_DEPTH // per_value // group * group)
-            self.depth = max(1, min(PIPELINE_DEPTH, chunk_bytes // (per_value * self.piece_numel)))
-            self._slot_bytes = max(FIRST_EXCHANGE_CODEC.packet_bytes(self.piece_numel),
-                                   self._feedback.codec.packet_bytes(self.piece_numel))
+            self.piece_numel = max(group, int(chunk_bytes) // PIECES_PER_CHUNK // 2 // group * group)
+            self._max_message = max(FIRST_EXCHANGE_CODEC.packet_bytes(self.piece_numel),
+                                    self._feedback.codec.packet_bytes(self.piece_numel))
         else:
-            itemsize = torch.tensor([], dtype=comm_dtype).element_size()
-            chunk_numel = max(1, int(chunk_bytes) // itemsize)
-            self.depth = min(PIPELINE_DEPTH, chunk_numel)
-            self.piece_numel = chunk_numel // self.depth
-            self._slot_bytes = self.piece_numel * itemsize
+            itemsize = _itemsize(comm_dtype)
+            self.piece_numel = max(1, int(chunk_bytes) // PIECES_PER_CHUNK // itemsize)
+            self._max_message = self.piece_numel * itemsize
+        self.chunk_bytes = int(chunk_bytes)
         self.layout = layout
         self.topology = topology
         self.comm_dtype = comm_dtype
         self.timeout = float(timeout)
         self.dp_group = dp_group
-        self.chunk_numel = max(1, int(chunk_bytes) // torch.tensor([], dtype=comm_dtype).element_size())
+        self.chunk_numel = max(1, int(chunk_bytes) // _itemsize(comm_dtype))
         self.total_bytes_sent = 0
         self.total_bytes_received = 0
         self._buffers: dict[tuple, torch.Tensor] = {}
@@ -519,12 +520,21 @@ class Mixer:
         w = self.topology.weights_at(step)
         exchange = _Exchange(self, neighbors, block_idx, step, numel, device)
         flats = [t.view(-1) for t in tensors]
+        sizes = [self._piece_sizes(flats[ti].dtype, hi - lo, codec) for ti, lo, hi, _ in pieces]
+        # Receive arenas: the whole range at once when it fits in chunk_bytes, else a ring of chunk_bytes; on gloo,
+        # with one longest message of slack after any piece (see the class docstring).
+        slack = _align(self._max_message) if exchange.tolerant else 0
+        arena = max([max(r, slack) for _, r in sizes] + [min(sum(r for _, r in sizes) + slack, self.chunk_bytes)])
+        ring = _Ring(arena)
         in_flight = exchange.in_flight
-        for k, (ti, lo, hi, offset) in enumerate(pieces):
-            if len(in_flight) == self.depth:
+        for (ti, lo, hi, offset), (count, reserve) in zip(pieces, sizes):
+            receive = max(reserve, slack)  # gloo: room for the longest piece a neighbour may send
+            region = ring.place(reserve, receive)
+            while in_flight and any(p.overlaps(region, reserve) for p in in_flight):
                 self._finish(exchange, in_flight[0], w, codec)
                 in_flight.popleft()
-            in_flight.append(self._start(exchange, k % self.depth, flats[ti][lo:hi], offset, codec))
+            in_flight.append(self._start(exchange, arena, region, reserve, count, receive if slack else None,
+                                         flats[ti][lo:hi], offset, codec))
         while in_flight:
             self._finish(exchange, in_flight[0], w, codec)
             in_flight.popleft()
@@ -552,32 +562,44 @@ class Mixer:
             self._buffers[key] = buf
         return buf
 
-    def _start(self, exchange: "_Exchange", slot: int, flat: torch.Tensor, offset: int, codec) -> "_Piece":
-        """Post one piece: its send to every neighbour and a receive from each into this slot's buffers."""
+    def _piece_sizes(self, dtype: torch.dtype, n: int, codec) -> tuple[int, int]:
+        """``(wire elements, bytes it takes in the arenas)`` of a piece of ``n`` values of ``dtype``."""
+        if codec is not None:
+            count, itemsize = codec.packet_bytes(n), 1
+        else:
+            count, itemsize = n, _itemsize(self.comm_dtype)
+        staged = 4 * n if dtype != torch.float32 else 0  # an fp32 copy of a non-fp32 tensor lives at the same place
+        return count, _align(max(count * itemsize, staged))
+
+    def _start(self, exchange: "_Exchange", arena: int, region: int, reserve: int, count: int,
+               receive_bytes: int | None, flat: torch.Tensor, offset: int, codec) -> "_Piece":
+        """Post one piece: its send to every neighbour and a receive from each, at ``region`` of the arenas.
+
+        ``receive_bytes``: the capacity of each receive (gloo), or None for exactly ``count`` wire elements.
+        """
         n, device = flat.numel(), flat.device
         if flat.dtype == torch.float32:
             values, target = flat, None  # sent from and mixed into the tensor itself
         else:
-            values, target = self._buffer(("own", slot), self.piece_numel, torch.float32, device)[:n], flat
-            values.copy_(flat)
+            own = self._buffer(("own",), arena, torch.uint8, device)
+            values, target = own[region:region + 4 * n].view(torch.float32).copy_(flat), flat
         if codec is not None:
-            scratch = self._buffer(("scratch",), self.piece_numel, torch.float32, device)
-            send = self._feedback.encode(codec, values, offset,
-                                         out=self._buffer(("send", slot), self._slot_bytes, torch.uint8, device),
-                                         scratch=scratch)
-            wire, count = torch.uint8, send.numel()
+            scratch = self._buffer(("scratch",), 4 * self.piece_numel, torch.uint8, device).view(torch.float32)
+            out = self._buffer(("send",), arena, torch.uint8, device)[region:]
+            send = self._feedback.encode(codec, values, offset, out=out, scratch=scratch)
+            wire = torch.uint8
         elif self.comm_dtype == torch.float32:
-            send, wire, count = values, torch.float32, n
+            send, wire = values, torch.float32
         else:  # bf16 wire: rounded here only, the own term stays fp32
-            send = self._buffer(("send", slot), self.piece_numel, self.comm_dtype, device)[:n].copy_(values)
-            wire, count = self.comm_dtype, n
-        itemsize = torch.tensor([], dtype=wire).element_size()
-        capacity = self._slot_bytes // itemsize if exchange.tolerant else count
-        recvs = [self._buffer(("recv", k, slot), self._slot_bytes // itemsize, wire, device)[:capacity]
+            size = n * _itemsize(self.comm_dtype)
+            staging = self._buffer(("send",), arena, torch.uint8, device)[region:region + size]
+            send, wire = staging.view(self.comm_dtype).copy_(values), self.comm_dtype
+        nbytes = receive_bytes if receive_bytes is not None else count * send.element_size()
+        recvs = [self._buffer(("recv", k), arena, torch.uint8, device)[region:region + nbytes].view(wire)
                  for k in range(len(exchange.peers))]
         works = exchange.post(send, recvs)
-        exchange.payload_bytes += count * itemsize
-        return _Piece(values, target, offset, send, [r[:count] for r in recvs], works,
+        exchange.payload_bytes += send.numel() * send.element_size()
+        return _Piece(values, target, offset, region, reserve, send, [r[:count] for r in recvs], works,
                       f"elements [{offset}, {offset + n}) of this rank's range")
 
     def _finish(self, exchange: "_Exchange", piece: "_Piece", w, codec) -> None:
@@ -587,8 +609,9 @@ class Mixer:
         me, neighbors = self.layout.client_id, exchange.neighbors
         weights = [w[me, c] for c in neighbors]
         if codec is not None:
-            scratch = self._buffer(("scratch",), self.piece_numel, torch.float32, piece.values.device)
-            self._feedback.mix_(codec, piece.values, piece.offset, w[me, me], piece.received, weights, scratch)
+            scratch = self._buffer(("scratch",), 4 * self.piece_numel, torch.uint8, piece.values.device)
+            self._feedback.mix_(codec, piece.values, piece.offset, w[me, me], piece.received, weights,
+                                scratch.view(torch.float32))
         else:
             accumulate_mix_(piece.values, w[me, me], piece.received, weights)
         if piece.target is not None:
@@ -643,10 +666,37 @@ class _Piece:
     values: torch.Tensor  # fp32 values mixed in place (the tensor slice itself, or a copy of it)
     target: torch.Tensor | None  # the non-fp32 tensor slice to write the mixed values back to
     offset: int
+    region: int  # its place in the arenas: bytes [region, region + reserve)
+    reserve: int
     send: torch.Tensor  # kept alive until the send completed
     received: list[torch.Tensor]
     works: list
     what: str
+
+    def overlaps(self, start: int, size: int) -> bool:
+        """Whether bytes ``[start, start + size)`` of the arenas meet this piece's place."""
+        return start < self.region + self.reserve and self.region < start + size
+
+
+def _align(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class _Ring:
+    """Places of the pieces in the arenas, one after the other, starting over at 0 when the next would not fit."""
+
+    def __init__(self, size: int):
+        self.size, self.cursor = size, 0
+
+    def place(self, reserve: int, extent: int) -> int:
+        """Start of the next place: ``reserve`` bytes are used, ``extent`` (>= reserve) must lie inside."""
+        start = self.cursor if self.cursor + extent <= self.size else 0
+        self.cursor = start + reserve
+        return start
 
 
 class _Exchange:
@@ -700,10 +750,12 @@ class _Exchange:
         if len(self.header_works) != 2 * len(self.peers):
             return  # coalesced (NCCL): nothing can be waited for per neighbour
         deadline = time.monotonic() + self.mixer.timeout
-        works = [self.header_works[2 * k + 1] for k in range(len(self.peers))]
-        for piece in self.in_flight:
-            works += [piece.works[2 * k + i] for k in range(len(self.peers)) if same_size[k] for i in (0, 1)]
-        works = [wk for k, wk in enumerate(works) if k >= len(self.peers) or same_size[k]]
+        works = []  # none of these was waited for yet: the header check comes before any piece's wait
+        for k in range(len(self.peers)):
+            if same_size[k]:
+                works.append(self.header_works[2 * k + 1])  # our header's send to it
+                for piece in self.in_flight:
+                    works += piece.works[2 * k:2 * k + 2]  # the piece's receive from it and send to it
         for work in works:
             try:
                 work.wait(datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.001)))

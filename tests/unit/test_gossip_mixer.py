@@ -14,7 +14,6 @@ import datetime
 import math
 import threading
 
-import numpy as np
 import pytest
 import torch
 
@@ -152,18 +151,21 @@ def test_plan_pieces_cuts_inside_tensors_at_piece_multiples():
 
 @pytest.mark.parametrize("name", ["one_peer_exponential", "ring", "exponential", "star"])
 def test_every_step_applies_that_steps_matrix(transport, name):
-    """Several steps of a (possibly time-varying) graph, 8 clients, pieces of 3 elements (depth 4: pipelined):
-    after steps 0..T-1 the clients hold (W_{T-1} ... W_1 W_0) X, the closed form, to float32 rounding."""
+    """Several steps of a (possibly time-varying) graph, 8 clients, pieces of at most 8 elements through receive
+    arenas of 256 bytes (smaller than the block: used as a ring): after steps 0..T-1 the clients hold
+    (W_{T-1} ... W_1 W_0) X, the closed form, to float32 rounding."""
     n, steps = 8, 5
     fake = transport(n)
     topo = make_topology(name, n)
 
     def client(rank):
-        mixer = Mixer(ClientLayout(n, rank), topo, chunk_bytes=12 * 4, timeout=30)
-        assert (mixer.depth, mixer.piece_numel) == (4, 3)
+        mixer = Mixer(ClientLayout(n, rank), topo, chunk_bytes=256, timeout=30)
+        assert mixer.piece_numel == 8
         tensors, bytes_sent = _block(rank), []
         for step in range(steps):
             bytes_sent.append(mixer.mix_(tensors, step=step, block_idx=7).bytes_sent)
+        arenas = [b.numel() for key, b in mixer._buffers.items() if key[0] == "recv"]
+        assert arenas and max(arenas) <= 256  # receive buffers: chunk_bytes per neighbour
         return _flat(tensors), bytes_sent
 
     results = fake.run(client, n)
@@ -210,9 +212,9 @@ def test_the_arithmetic_is_the_simulators_bit_for_bit(transport):
 
 @pytest.mark.parametrize("compression", ["bf16", "int8", "int4"])
 def test_compressed_mixer_equals_error_feedback_over_whole_tensors(transport, compression):
-    """The Mixer (pieces of 256 values, cut inside tensors, in flight 4 at a time) and ErrorFeedback driven with
-    whole tensors per client, as the simulator drives it: same weights, same bytes, bit for bit, over a first (bf16)
-    exchange, steady exchanges, a checkpoint/restore of the Mixer and a switch to another block."""
+    """The Mixer (pieces of 256 values, cut inside tensors, through a ring of receive buffers) and ErrorFeedback
+    driven with whole tensors per client, as the simulator drives it: same weights, same bytes, bit for bit, over a
+    first (bf16) exchange, steady exchanges, a checkpoint/restore of the Mixer and a switch to another block."""
     n = 4
     fake = transport(n)
     topo = make_topology("ring", n)
@@ -223,9 +225,9 @@ def test_compressed_mixer_equals_error_feedback_over_whole_tensors(transport, co
 
     def client(rank):
         layout = ClientLayout(n, rank)
-        make = lambda: Mixer(layout, topo, chunk_bytes=2 * GROUP_SIZE * 2 * 4, compression=compression)  # noqa
+        make = lambda: Mixer(layout, topo, chunk_bytes=2048, compression=compression)  # noqa: E731
         mixer = make()
-        assert (mixer.piece_numel, mixer.depth) == (2 * GROUP_SIZE, 4)
+        assert mixer.piece_numel == GROUP_SIZE
         blocks = {b: _block(10 * rank + b, shapes) for b in (0, 1)}
         sent = []
         for step, block in schedule:
@@ -290,8 +292,8 @@ def test_header_mismatch_names_the_neighbour_and_a_longer_block_never_overflows(
     topo = make_topology("complete", n)
 
     def client(rank):
-        shapes = [(40,)] + SHAPES if rank == 2 else SHAPES  # client 2: a longer block, longer 4th message
-        Mixer(ClientLayout(n, rank), topo, chunk_bytes=64, timeout=5).mix_(
+        shapes = [(40,)] + SHAPES if rank == 2 else SHAPES  # client 2: a longer block, a longer first piece
+        Mixer(ClientLayout(n, rank), topo, chunk_bytes=4096, timeout=5).mix_(
             _block(rank, shapes), step=3, block_idx=5 if rank == 1 else 4)
 
     errors = [str(e) for e in fake.run(client, n)]
@@ -328,10 +330,9 @@ def test_compression_refuses_what_it_cannot_do():
     mixer = Mixer(layout, make_topology("ring", 4), compression="int8")
     with pytest.raises(ValueError, match="no gossip error-feedback state"):
         mixer.load_state_dict({"sent": 0, "received": 0})
-    # receive buffers stay within chunk_bytes per neighbour: depth pieces of a quarter each
+    # a piece is at most an eighth of chunk_bytes (at least one value, with compression one group)
     for chunk in (4 << 20, 64 << 20, 1000):
-        m = Mixer(layout, make_topology("ring", 4), chunk_bytes=chunk)
-        assert m.depth * m.piece_numel * 4 <= max(chunk, 4) and m.depth >= 1
+        assert Mixer(layout, make_topology("ring", 4), chunk_bytes=chunk).piece_numel * 4 <= max(chunk // 8, 4)
         c = Mixer(layout, make_topology("ring", 4), chunk_bytes=chunk, compression="int8")
-        assert c.depth * c._slot_bytes <= max(chunk, 2 * GROUP_SIZE)
-    assert np.isclose(Mixer(layout, make_topology("ring", 4)).piece_numel, (64 << 20) / 4 / 4)
+        assert c.piece_numel % GROUP_SIZE == 0 and 2 * c.piece_numel <= max(chunk // 8, 2 * GROUP_SIZE)
+    assert Mixer(layout, make_topology("ring", 4)).piece_numel == (64 << 20) // 8 // 4

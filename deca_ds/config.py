@@ -365,10 +365,6 @@ class RunConfig:
                 raise ConfigError(f"gossip.compression={g.compression} keeps a running sum of fixed neighbours' "
                                   "values, and topology.name=one_peer_exponential changes neighbours every step: "
                                   "use a static graph (e.g. exponential) or gossip.compression=none")
-            # Remove this refusal once trainer.run passes compression=cfg.gossip.compression to the Mixer and the
-            # simulator drives deca_ds.compression.ErrorFeedback per client (the Mixer and the module are ready).
-            raise ConfigError(f"gossip.compression={g.compression} is not yet passed to the gossip exchange by the "
-                              "launcher and the simulator: use gossip.compression=none")
         _positive("gossip.chunk_mb", self.gossip.chunk_mb)
         wire_bytes = 2 if self.gossip.dtype == "bf16" else 4
         if int(self.gossip.chunk_mb * 2**20) < wire_bytes:  # the Mixer's buffers hold int(chunk_mb * 2**20) bytes

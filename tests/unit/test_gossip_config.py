@@ -17,12 +17,15 @@ def test_old_gossip_settings_load_unchanged():
     (["gossip.compression=int8", "gossip.dtype=bf16"], ["gossip.dtype=bf16", "remove gossip.dtype"]),
     (["gossip.compression=int4", "topology.name=one_peer_exponential"],
      ["one_peer_exponential changes neighbours every step", "gossip.compression=none"]),
-    # The exchange supports it (deca_ds.gossip.Mixer(compression=...)), the launcher and simulator do not pass it
-    # yet: refused rather than silently uncompressed.
-    (["gossip.compression=int8"], ["gossip.compression=int8 is not yet passed", "use gossip.compression=none"]),
 ])
 def test_compression_combinations_that_cannot_work_are_refused(overrides, words):
     with pytest.raises(ConfigError) as err:
         load_config(None, overrides)
     for w in words:
         assert w in str(err.value), (w, str(err.value))
+
+
+@pytest.mark.parametrize("compression", ["bf16", "int8", "int4"])
+def test_compression_on_a_static_graph_loads(compression):
+    cfg = load_config(None, [f"gossip.compression={compression}", "topology.name=ring"])
+    assert (cfg.gossip.compression, cfg.gossip.dtype) == (compression, "fp32")

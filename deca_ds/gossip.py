@@ -322,6 +322,10 @@ class _FlatView:
 PIECES_PER_CHUNK = 8
 """A piece of a block carries at most ``chunk_bytes / PIECES_PER_CHUNK`` bytes, so several are in flight at once."""
 _ALIGN = 64  # bytes: every region of the arenas starts here, so any wire dtype can view it
+_VECTOR_ALIGN = 64
+"""Pieces start at multiples of this many elements of a tensor (unless a piece is smaller): torch's CPU kernels run
+SIMD loops from a tensor's first element and finish the tail in scalar code, which may round differently (fused
+multiply-add), so a piece must begin on the same SIMD lane grid as its whole tensor for both to round alike."""
 
 
 def plan_pieces(numels: Sequence[int], start: int, end: int, max_numel: int) -> list[tuple[int, int, int, int]]:
@@ -436,7 +440,8 @@ class Mixer:
                                     self._feedback.codec.packet_bytes(self.piece_numel))
         else:
             itemsize = _itemsize(comm_dtype)
-            self.piece_numel = max(1, int(chunk_bytes) // PIECES_PER_CHUNK // itemsize)
+            numel = int(chunk_bytes) // PIECES_PER_CHUNK // itemsize
+            self.piece_numel = numel // _VECTOR_ALIGN * _VECTOR_ALIGN or max(1, numel)
             self._max_message = self.piece_numel * itemsize
         self.chunk_bytes = int(chunk_bytes)
         self.layout = layout
@@ -800,10 +805,19 @@ def accumulate_mix_(mine: torch.Tensor, own_weight: float, received: Sequence[to
                     weights: Sequence[float]) -> torch.Tensor:
     """One client's mixing arithmetic, in place: ``mine <- own_weight * mine + sum_k weights[k] * received[k]``.
 
-    The one place this arithmetic is written: :meth:`Mixer.mix_` applies it to every chunk it exchanges, and the
+    The one place this arithmetic is written: :meth:`Mixer.mix_` applies it to every piece it exchanges, and the
     simulator to every tensor of the block, in the same order (own term first, then neighbours in
     ``Topology.neighbors`` order) with the same operations, so both round identically (each element is computed
-    on its own, so how a block is cut into chunks does not change the result).
+    on its own; pieces start at multiples of :data:`_VECTOR_ALIGN` elements of a tensor, so SIMD and scalar code
+    paths meet the same elements whether a tensor is mixed whole or in pieces).
+
+    One pass over memory per neighbour: the sum is a chain of linear interpolations,
+    ``mine <- lerp(mine, r_k, w_k / S_k)`` with ``S_k = own_weight + w_1 + ... + w_k``, which leaves
+    ``(own_weight * mine + sum_{m<=k} w_m r_m) / S_k`` after neighbour ``k``; a mixing matrix's rows sum to 1, so
+    the chain ends at the mixture (otherwise one more pass multiplies by the row sum). The usual form (scale, then
+    one add per neighbour) makes one more pass over the block, which is a third of the exchange's arithmetic on a
+    ring. A neighbour's values in another dtype than ``mine`` (a bf16 wire) take that usual form, the promotion to
+    fp32 done inside the add.
 
     Args:
         mine: this client's values (fp32), overwritten with the mixture.
@@ -814,9 +828,18 @@ def accumulate_mix_(mine: torch.Tensor, own_weight: float, received: Sequence[to
     Returns:
         ``mine``.
     """
-    mine.mul_(float(own_weight))
+    if any(r.dtype != mine.dtype for r in received):
+        mine.mul_(float(own_weight))
+        for r, w in zip(received, weights):
+            mine.add_(r, alpha=float(w))
+        return mine
+    total = float(own_weight)
     for r, w in zip(received, weights):
-        mine.add_(r, alpha=float(w))
+        total += float(w)
+        if total > 0.0:  # else every weight so far is 0 and so is the mixture's part that is built
+            mine.lerp_(r, float(w) / total)
+    if abs(total - 1.0) > 1e-12:  # below fp32's resolution otherwise: a row of a mixing matrix sums to 1
+        mine.mul_(total)
     return mine
 
 

@@ -336,3 +336,32 @@ def test_compression_refuses_what_it_cannot_do():
         c = Mixer(layout, make_topology("ring", 4), chunk_bytes=chunk, compression="int8")
         assert c.piece_numel % GROUP_SIZE == 0 and 2 * c.piece_numel <= max(chunk // 8, 2 * GROUP_SIZE)
     assert Mixer(layout, make_topology("ring", 4)).piece_numel == (64 << 20) // 8 // 4
+
+
+@pytest.mark.parametrize("weights", [
+    [0.5, 0.5], [1 / 3, 1 / 3, 1 / 3], [0.25, 0.25, 0.25, 0.25], [0.0, 1.0], [0.6, 0.0, 0.4],
+    [0.3, 0.3, 0.3],  # a row that does not sum to 1 (no Topology has one): the chain is rescaled
+])
+def test_accumulate_mix_is_the_weighted_sum(weights):
+    """One lerp per neighbour equals own*W_ii + Σ_j W_ij r_j computed in float64: each lerp rounds three times, each
+    by at most 2^-24 of max(|its ends|) <= m, the largest magnitude of all terms, so k neighbours stay within
+    (3k + 1) * 2^-24 * m (the +1: the rescale of a row that does not sum to 1)."""
+    gen = torch.Generator().manual_seed(len(weights))
+    n = 1000 + 37  # a SIMD tail too
+    mine, *received = [torch.randn(n, generator=gen) for _ in weights]
+    want = weights[0] * mine.double() + sum(w * r.double() for w, r in zip(weights[1:], received))
+    got = accumulate_mix_(mine.clone(), weights[0], received, weights[1:]).double()
+    m = max(float(mine.abs().max()), max(float(r.abs().max()) for r in received))
+    k = len(received)
+    assert float((got - want).abs().max()) <= (3 * k + 1) * 2.0**-24 * m
+    if weights == [0.0, 1.0]:
+        assert torch.equal(got.float(), received[0])  # lerp with weight 1 is the end itself
+
+
+def test_pieces_start_on_the_simd_grid():
+    """Uncompressed pieces are whole multiples of 64 elements, whatever chunk_bytes (no tensor's piece begins at an
+    element a whole tensor would finish in scalar code)."""
+    layout, topo = ClientLayout(2, 0), make_topology("ring", 2)
+    for chunk in (8 * 4 * 100, 8 * 4 * 1000 + 12, 64 << 20):
+        assert Mixer(layout, topo, chunk_bytes=chunk).piece_numel % 64 == 0
+    assert Mixer(layout, topo, chunk_bytes=8 * 4 * 10).piece_numel == 10  # smaller than the grid: as is

@@ -16,7 +16,8 @@ header and scales included; a compressed mix is timed after its first, bf16 exch
 textbook ring figure ``2 (n-1)/n x size`` per rank, since gloo does not report its traffic.
 
 Runs against any checkout: ``PYTHONPATH=<checkout>`` picks the Mixer measured (``--compression`` needs one that
-has it).
+has it); ``--baseline DIR`` also times the Mixer of another checkout's ``deca_ds/gossip.py`` in the same rounds
+(``mix ring (baseline)``), for before/after figures measured side by side.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import os
 import socket
 import statistics
+import sys
 import tempfile
 import time
 
@@ -75,6 +77,15 @@ def _worker(rank: int, world_size: int, args, cases, port: int, out_path: str) -
     from deca_ds.gossip import ClientLayout, Mixer
     from deca_ds.topology import make_topology
 
+    baseline = None
+    if args.baseline:  # another checkout's Mixer, loaded under its own module name
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location(
+            "baseline_gossip", os.path.join(args.baseline, "deca_ds", "gossip.py"))
+        baseline = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+        spec.loader.exec_module(baseline)
+
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(minutes=10))
     layout = ClientLayout(world_size, rank)
@@ -107,6 +118,12 @@ def _worker(rank: int, world_size: int, args, cases, port: int, out_path: str) -
                 label = f"mix {name}" + ("" if comp == "none" else f" {comp}")
                 ops[label] = ((lambda m=mixer, st=stats: st.append(m.mix_(tensors, step=0, block_idx=0))), stats,
                               len(topo.neighbors(layout.client_id)))
+            if baseline is not None:
+                mixer = baseline.Mixer(baseline.ClientLayout(world_size, rank), topo, chunk_bytes=chunk)
+                stats = []
+                ops[f"mix {name} (baseline)"] = (
+                    (lambda m=mixer, st=stats: st.append(m.mix_(tensors, step=0, block_idx=0))), stats,
+                    len(topo.neighbors(layout.client_id)))
         for fn, _, _ in ops.values():  # warm-up: connections, allocator, a compressed mix's bf16 first exchange
             fn()
         times = {op: [] for op in ops}
@@ -135,6 +152,7 @@ def main(argv=None) -> list[dict]:
                         help="gossip.compression values to time (none, bf16, int8, int4)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--chunk-mb", type=float, default=64.0)
+    parser.add_argument("--baseline", help="a checkout whose deca_ds/gossip.py Mixer is timed alongside")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args(argv)
     if args.repeats < 3:

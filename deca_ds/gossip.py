@@ -34,7 +34,7 @@ from deca_ds.compression import COMPRESSIONS, FIRST_EXCHANGE_CODEC, ErrorFeedbac
 
 __all__ = [
     "ClientLayout", "ClientGroups", "ClientMPU", "Mixer", "MixStats", "accumulate_mix_", "mix_stacked_",
-    "consensus_distance", "plan_pieces", "PIECES_PER_CHUNK", "HEADER_BYTES",
+    "consensus_distance", "plan_pieces", "pack_pieces", "PIECES_PER_CHUNK", "PACK_BYTES", "HEADER_BYTES",
 ]
 
 HEADER_FIELDS = ("block", "step", "client", "numel")
@@ -320,6 +320,10 @@ class _FlatView:
 
 
 PIECES_PER_CHUNK = 8
+PACK_BYTES = 1 << 20
+"""Uncompressed, whole tensors of at most this many wire bytes travel packed together in one message (a copy of
+each into a send buffer, up to one piece in all) instead of one message each: below a few hundred KB a message
+costs more than the copy."""
 """A piece of a block carries at most ``chunk_bytes / PIECES_PER_CHUNK`` bytes, so several are in flight at once."""
 _ALIGN = 64  # bytes: every region of the arenas starts here, so any wire dtype can view it
 _VECTOR_ALIGN = 64
@@ -355,6 +359,42 @@ def plan_pieces(numels: Sequence[int], start: int, end: int, max_numel: int) -> 
     return pieces
 
 
+def pack_pieces(numels: Sequence[int], pieces: Sequence[tuple[int, int, int, int]], pack_numel: int,
+                max_numel: int) -> list[list[tuple[int, int, int, int]]]:
+    """Group consecutive pieces of small whole tensors into one message each; every other piece travels alone.
+
+    A piece joins a group when it starts at its tensor's first element (so each member is mixed on its tensor's
+    own SIMD grid, like the simulator's whole tensor) and holds at most ``pack_numel`` elements, and the group
+    stays within ``max_numel`` elements.
+
+    Args:
+        numels: element counts of the tensors (as for :func:`plan_pieces`).
+        pieces: :func:`plan_pieces` output.
+        pack_numel: largest member (0: no packing).
+        max_numel: largest group.
+
+    Returns:
+        The pieces in order, as groups (lists of one or more pieces).
+    """
+    groups: list[list[tuple[int, int, int, int]]] = []
+    run: list[tuple[int, int, int, int]] = []
+    for piece in pieces:
+        _, lo, hi, _ = piece
+        if pack_numel > 0 and lo == 0 and hi - lo <= pack_numel:
+            if run and sum(p[2] - p[1] for p in run) + hi - lo > max_numel:
+                groups.append(run)
+                run = []
+            run.append(piece)
+            continue
+        if run:
+            groups.append(run)
+            run = []
+        groups.append([piece])
+    if run:
+        groups.append(run)
+    return groups
+
+
 class Mixer:
     """Neighbour averaging of a block over the client graph: ``x_i <- sum_j W[i, j] x_j``, in place.
 
@@ -367,7 +407,8 @@ class Mixer:
     ``chunk_bytes / PIECES_PER_CHUNK`` bytes), every piece is posted as soon as its receive buffers are free (a block
     that fits in ``chunk_bytes`` is posted whole at once), and each piece is mixed as soon as it arrived while the
     next ones travel. Receive buffers are one arena per neighbour, used as a ring, at most ``chunk_bytes``. fp32
-    tensors are sent from their own memory and mixed in place (no staging copy). The header
+    tensors are sent from their own memory and mixed in place (no staging copy), except runs of small whole
+    tensors (:data:`PACK_BYTES`, uncompressed), copied together into one message (:func:`pack_pieces`). The header
     (block, step, client, size) travels ahead of the first piece in the same round, not in a round-trip of its own,
     and is checked before any piece is mixed. Arithmetic is :func:`accumulate_mix_` (or
     :meth:`deca_ds.compression.ErrorFeedback.mix_`) per piece, own term first, then neighbours in
@@ -443,6 +484,8 @@ class Mixer:
             numel = int(chunk_bytes) // PIECES_PER_CHUNK // itemsize
             self.piece_numel = numel // _VECTOR_ALIGN * _VECTOR_ALIGN or max(1, numel)
             self._max_message = self.piece_numel * itemsize
+        # Packing copies: not with compression, whose quantization groups must start at each tensor (simulator).
+        self.pack_numel = PACK_BYTES // _itemsize(comm_dtype) if compression == "none" else 0
         self.chunk_bytes = int(chunk_bytes)
         self.layout = layout
         self.topology = topology
@@ -520,26 +563,35 @@ class Mixer:
         numels = [t.numel() for t in tensors]
         numel = sum(numels)
         start, end = (0, numel) if presharded else self.shard_range(numel)
-        pieces = plan_pieces(numels, start, end, self.piece_numel)
+        groups = pack_pieces(numels, plan_pieces(numels, start, end, self.piece_numel), self.pack_numel,
+                             self.piece_numel)
         codec = self._feedback.begin(block_idx, end - start, device) if self._feedback is not None else None
         w = self.topology.weights_at(step)
         exchange = _Exchange(self, neighbors, block_idx, step, numel, device)
         flats = [t.view(-1) for t in tensors]
-        sizes = [self._piece_sizes(flats[ti].dtype, hi - lo, codec) for ti, lo, hi, _ in pieces]
+        sizes = [self._piece_sizes([flats[ti].dtype for ti, _, _, _ in g], sum(hi - lo for _, lo, hi, _ in g), codec)
+                 for g in groups]
         # Receive arenas: the whole range at once when it fits in chunk_bytes, else a ring of chunk_bytes; on gloo,
         # with one longest message of slack after any piece (see the class docstring).
         slack = _align(self._max_message) if exchange.tolerant else 0
         arena = max([max(r, slack) for _, r in sizes] + [min(sum(r for _, r in sizes) + slack, self.chunk_bytes)])
         ring = _Ring(arena)
         in_flight = exchange.in_flight
-        for (ti, lo, hi, offset), (count, reserve) in zip(pieces, sizes):
+        for group, (count, reserve) in zip(groups, sizes):
             receive = max(reserve, slack)  # gloo: room for the longest piece a neighbour may send
             region = ring.place(reserve, receive)
             while in_flight and any(p.overlaps(region, reserve) for p in in_flight):
                 self._finish(exchange, in_flight[0], w, codec)
                 in_flight.popleft()
-            in_flight.append(self._start(exchange, arena, region, reserve, count, receive if slack else None,
-                                         flats[ti][lo:hi], offset, codec))
+            receive_bytes = receive if slack else None
+            if len(group) == 1:
+                ti, lo, hi, offset = group[0]
+                piece = self._start(exchange, arena, region, reserve, count, receive_bytes, flats[ti][lo:hi], offset,
+                                    codec)
+            else:
+                piece = self._start_packed(exchange, arena, region, reserve, count, receive_bytes,
+                                           [(flats[ti][lo:hi], offset) for ti, lo, hi, offset in group])
+            in_flight.append(piece)
         while in_flight:
             self._finish(exchange, in_flight[0], w, codec)
             in_flight.popleft()
@@ -567,13 +619,14 @@ class Mixer:
             self._buffers[key] = buf
         return buf
 
-    def _piece_sizes(self, dtype: torch.dtype, n: int, codec) -> tuple[int, int]:
-        """``(wire elements, bytes it takes in the arenas)`` of a piece of ``n`` values of ``dtype``."""
+    def _piece_sizes(self, dtypes: Sequence[torch.dtype], n: int, codec) -> tuple[int, int]:
+        """``(wire elements, bytes it takes in the arenas)`` of a piece of ``n`` values of tensors of ``dtypes``."""
         if codec is not None:
             count, itemsize = codec.packet_bytes(n), 1
         else:
             count, itemsize = n, _itemsize(self.comm_dtype)
-        staged = 4 * n if dtype != torch.float32 else 0  # an fp32 copy of a non-fp32 tensor lives at the same place
+        # fp32 copies of non-fp32 tensors live at the same place
+        staged = 4 * n if any(d != torch.float32 for d in dtypes) else 0
         return count, _align(max(count * itemsize, staged))
 
     def _start(self, exchange: "_Exchange", arena: int, region: int, reserve: int, count: int,
@@ -607,12 +660,46 @@ class Mixer:
         return _Piece(values, target, offset, region, reserve, send, [r[:count] for r in recvs], works,
                       f"elements [{offset}, {offset + n}) of this rank's range")
 
+    def _start_packed(self, exchange: "_Exchange", arena: int, region: int, reserve: int, count: int,
+                      receive_bytes: int | None, members: Sequence[tuple[torch.Tensor, int]]) -> "_Piece":
+        """Post several small whole tensors as one message (uncompressed): copied one after the other into the send
+        buffer at ``region``; each is later mixed on its own, from its first element, into its own memory."""
+        device = members[0][0].device
+        wire = self.comm_dtype
+        size = count * _itemsize(wire)
+        send = self._buffer(("send",), arena, torch.uint8, device)[region:region + size].view(wire)
+        parts, pos = [], 0
+        for flat, _ in members:
+            n = flat.numel()
+            if flat.dtype == torch.float32:
+                values, target = flat, None
+            else:
+                own = self._buffer(("own",), arena, torch.uint8, device)
+                values, target = own[region + 4 * pos:region + 4 * (pos + n)].view(torch.float32).copy_(flat), flat
+            send[pos:pos + n].copy_(values)  # rounded to the wire dtype here only
+            parts.append((values, target, pos, n))
+            pos += n
+        nbytes = receive_bytes if receive_bytes is not None else size
+        recvs = [self._buffer(("recv", k), arena, torch.uint8, device)[region:region + nbytes].view(wire)
+                 for k in range(len(exchange.peers))]
+        works = exchange.post(send, recvs)
+        exchange.payload_bytes += size
+        first, last = members[0][1], members[-1][1] + members[-1][0].numel()
+        return _Piece(None, None, first, region, reserve, send, [r[:count] for r in recvs], works,
+                      f"elements [{first}, {last}) of this rank's range ({len(members)} tensors packed)", parts)
+
     def _finish(self, exchange: "_Exchange", piece: "_Piece", w, codec) -> None:
         """Wait for one piece's messages, then mix it (own term first, neighbours in order) and write it back."""
         exchange.check_headers()
         exchange.wait(piece.works, piece.what)
         me, neighbors = self.layout.client_id, exchange.neighbors
         weights = [w[me, c] for c in neighbors]
+        if piece.members is not None:  # packed small tensors: each mixed on its own grid, in its own memory
+            for values, target, pos, n in piece.members:
+                accumulate_mix_(values, w[me, me], [r[pos:pos + n] for r in piece.received], weights)
+                if target is not None:
+                    target.copy_(values)
+            return
         if codec is not None:
             scratch = self._buffer(("scratch",), 4 * self.piece_numel, torch.uint8, piece.values.device)
             self._feedback.mix_(codec, piece.values, piece.offset, w[me, me], piece.received, weights,
@@ -668,7 +755,7 @@ class Mixer:
 class _Piece:
     """One piece in flight: where its mixed values go, what was posted, and the works to wait for."""
 
-    values: torch.Tensor  # fp32 values mixed in place (the tensor slice itself, or a copy of it)
+    values: torch.Tensor | None  # fp32 values mixed in place (the tensor slice itself, or a copy); None if packed
     target: torch.Tensor | None  # the non-fp32 tensor slice to write the mixed values back to
     offset: int
     region: int  # its place in the arenas: bytes [region, region + reserve)
@@ -677,6 +764,7 @@ class _Piece:
     received: list[torch.Tensor]
     works: list
     what: str
+    members: list | None = None  # packed pieces: (values, target, wire position, numel) per tensor
 
     def overlaps(self, start: int, size: int) -> bool:
         """Whether bytes ``[start, start + size)`` of the arenas meet this piece's place."""

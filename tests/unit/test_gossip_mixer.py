@@ -19,7 +19,7 @@ import torch
 
 from deca_ds import gossip
 from deca_ds.compression import GROUP_SIZE, ErrorFeedback
-from deca_ds.gossip import HEADER_BYTES, ClientLayout, Mixer, accumulate_mix_, plan_pieces
+from deca_ds.gossip import HEADER_BYTES, ClientLayout, Mixer, accumulate_mix_, pack_pieces, plan_pieces
 from deca_ds.topology import make_topology
 
 SHAPES = [(3, 5), (7,), (2, 2, 2), (1,)]  # 31 elements
@@ -365,3 +365,61 @@ def test_pieces_start_on_the_simd_grid():
     for chunk in (8 * 4 * 100, 8 * 4 * 1000 + 12, 64 << 20):
         assert Mixer(layout, topo, chunk_bytes=chunk).piece_numel % 64 == 0
     assert Mixer(layout, topo, chunk_bytes=8 * 4 * 10).piece_numel == 10  # smaller than the grid: as is
+
+
+def test_pack_pieces_groups_runs_of_small_whole_tensors():
+    numels = [300, 45, 13, 64, 1000, 2]
+    pieces = plan_pieces(numels, 0, sum(numels), 256)
+    groups = pack_pieces(numels, pieces, pack_numel=256, max_numel=256)
+    assert [[(p[0], p[1], p[2]) for p in g] for g in groups] == [
+        [(0, 0, 256)],  # not packed with what follows: its next piece starts inside the tensor
+        [(0, 256, 300)],  # starts inside its tensor: never packed
+        [(1, 0, 45), (2, 0, 13), (3, 0, 64)],
+        [(4, 0, 256)], [(4, 256, 512)], [(4, 512, 768)], [(4, 768, 1000)],
+        [(5, 0, 2)]]
+    assert sum(len(g) for g in groups) == len(pieces)  # every piece once, in order
+    assert [p for g in groups for p in g] == pieces
+    assert pack_pieces(numels, pieces, pack_numel=0, max_numel=256) == [[p] for p in pieces]
+    assert pack_pieces([3, 3, 3], plan_pieces([3, 3, 3], 0, 9, 6), 6, 6) == [
+        [(0, 0, 3, 0), (1, 0, 3, 3)], [(2, 0, 3, 6)]]
+
+
+@pytest.mark.parametrize("wire,dtypes", [
+    (torch.float32, [torch.float32, torch.float32, torch.bfloat16, torch.float32, torch.float32]),
+    (torch.bfloat16, [torch.float32] * 5),
+])
+def test_packed_small_tensors_mix_bit_for_bit_in_fewer_messages(transport, wire, dtypes):
+    """Small whole tensors travel packed in one message (copied), large ones piece by piece from their memory;
+    every tensor still equals accumulate_mix_ applied to it whole (a bf16 tensor: mixed in fp32, rounded back),
+    and each neighbour gets 8 messages (header + 7) instead of one per piece (10)."""
+    n = 4
+    fake = transport(n)
+    topo = make_topology("complete", n)  # 3 neighbours: the accumulation order matters
+    shapes = [(300,), (5, 9), (13,), (64,), (1000,)]
+
+    def client(rank):
+        tensors = [t.to(d) for t, d in zip(_block(rank, shapes), dtypes)]
+        mixer = Mixer(ClientLayout(n, rank), topo, chunk_bytes=256 * 8 * _itemsize(wire), comm_dtype=wire)
+        assert mixer.piece_numel == 256
+        stats = mixer.mix_(tensors, 0, 0)
+        return tensors, stats.bytes_sent
+
+    results = fake.run(client, n)
+    w = topo.weights
+    numel = sum(math.prod(s) for s in shapes)
+    for c in range(n):
+        assert not isinstance(results[c], Exception), results[c]
+        tensors, sent = results[c]
+        assert sent == 3 * (numel * _itemsize(wire) + HEADER_BYTES)
+        nb = topo.neighbors(c)
+        for k, d in enumerate(dtypes):
+            ref = _block(c, shapes)[k].to(d).float()
+            theirs = [_block(j, shapes)[k].to(d).float().to(wire) for j in nb]
+            accumulate_mix_(ref, w[c, c], theirs, [w[c, j] for j in nb])
+            assert torch.equal(tensors[k], ref.to(d)), (c, k)
+        assert all(fake.sends[(c, j)] == 8 for j in nb)
+    assert not fake.overflows
+
+
+def _itemsize(dtype):
+    return torch.empty((), dtype=dtype).element_size()

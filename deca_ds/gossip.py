@@ -320,11 +320,11 @@ class _FlatView:
 
 
 PIECES_PER_CHUNK = 8
+"""A piece of a block carries at most ``chunk_bytes / PIECES_PER_CHUNK`` bytes, so several are in flight at once."""
 PACK_BYTES = 1 << 20
 """Uncompressed, whole tensors of at most this many wire bytes travel packed together in one message (a copy of
 each into a send buffer, up to one piece in all) instead of one message each: below a few hundred KB a message
 costs more than the copy."""
-"""A piece of a block carries at most ``chunk_bytes / PIECES_PER_CHUNK`` bytes, so several are in flight at once."""
 _ALIGN = 64  # bytes: every region of the arenas starts here, so any wire dtype can view it
 _VECTOR_ALIGN = 64
 """Pieces start at multiples of this many elements of a tensor (unless a piece is smaller): torch's CPU kernels run
@@ -569,8 +569,8 @@ class Mixer:
         w = self.topology.weights_at(step)
         exchange = _Exchange(self, neighbors, block_idx, step, numel, device)
         flats = [t.view(-1) for t in tensors]
-        sizes = [self._piece_sizes([flats[ti].dtype for ti, _, _, _ in g], sum(hi - lo for _, lo, hi, _ in g), codec)
-                 for g in groups]
+        sizes = [self._piece_sizes([flats[ti].dtype for ti, _, _, _ in g], sum(hi - lo for _, lo, hi, _ in g),
+                                   codec) for g in groups]
         # Receive arenas: the whole range at once when it fits in chunk_bytes, else a ring of chunk_bytes; on gloo,
         # with one longest message of slack after any piece (see the class docstring).
         slack = _align(self._max_message) if exchange.tolerant else 0

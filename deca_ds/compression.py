@@ -49,7 +49,8 @@ import torch
 
 from deca_ds.config import COMPRESSIONS
 
-__all__ = ["COMPRESSIONS", "GROUP_SIZE", "Codec", "make_codec", "ErrorFeedback", "FIRST_EXCHANGE_CODEC"]
+__all__ = ["COMPRESSIONS", "GROUP_SIZE", "Codec", "make_codec", "ErrorFeedback", "FIRST_EXCHANGE_CODEC",
+           "mix_clients_"]
 
 GROUP_SIZE = 256
 """Values per quantization scale (int8/int4). Each group costs a 2-byte bf16 scale: 1/128 byte per value."""
@@ -339,3 +340,32 @@ class ErrorFeedback:
         self.numel, self.exchanges = int(state["numel"]), int(state["exchanges"])
         self.public = state["public"].to(torch.float32).clone()
         self.neighbour_sum = state["neighbour_sum"].to(torch.float32).clone()
+
+
+def mix_clients_(rows: torch.Tensor, states: Sequence[ErrorFeedback], codecs: Sequence[Codec], offset: int,
+                 weights, neighbors: Sequence[Sequence[int]]) -> int:
+    """Compressed gossip of one tensor of the active block for every client held in one process, in place.
+
+    Row ``c`` of ``rows`` is client ``c``'s copy. Every client encodes its row before any client mixes (a packet is
+    the sender's change, never its mixed value), then each absorbs its neighbours' packets in ``neighbors[c]``
+    order: the calls each client's :class:`deca_ds.gossip.Mixer` makes for the pieces of this tensor, hence the
+    same bits. Call ``states[c].begin(...)`` before the block's first tensor and ``states[c].end()`` after its last.
+
+    Args:
+        rows: ``(num_clients, numel)`` fp32, each row contiguous (e.g. ``stacked.view(n, -1)``); overwritten with the
+            mixed values.
+        states: each client's error-feedback state.
+        codecs: each client's codec for this exchange (what ``begin`` returned).
+        offset: the tensor's first element inside the exchanged range (the block's tensors laid end to end).
+        weights: the mixing matrix ``W`` (indexable as ``weights[c, j]``).
+        neighbors: each client's neighbours, in ``Topology.neighbors`` order.
+
+    Returns:
+        Bytes of one client's packet of this tensor (the same for every client).
+    """
+    n = rows.shape[0]
+    packets = [states[c].encode(codecs[c], rows[c], offset) for c in range(n)]
+    for c in range(n):
+        states[c].mix_(codecs[c], rows[c], offset, weights[c, c], [packets[j] for j in neighbors[c]],
+                       [weights[c, j] for j in neighbors[c]])
+    return packets[0].numel()

@@ -430,14 +430,10 @@ class Simulation:
                                     [w[c, j] for j in neighbors[c]])
                 payload += own[0].numel() * torch.tensor([], dtype=self.wire_dtype).element_size()
             else:
-                flat = rows.view(n, -1)
-                # Every client encodes before anyone mixes: a packet is the sender's change, not its mixed value.
-                packets = [fb[c].encode(codecs[c], flat[c], offset) for c in range(n)]
-                for c in range(n):
-                    fb[c].mix_(codecs[c], flat[c], offset, w[c, c], [packets[j] for j in neighbors[c]],
-                               [w[c, j] for j in neighbors[c]])
-                payload += packets[0].numel()
-                offset += flat.shape[1]
+                from deca_ds.compression import mix_clients_
+
+                payload += mix_clients_(rows.view(n, -1), fb, codecs, offset, w, neighbors)
+                offset += own[0].numel()
             mixed.append(rows.to(keep))
         if fb is not None:
             for c in range(n):

@@ -37,6 +37,8 @@ NAN_POLICIES = ("skip", "stop")
 LR_SCHEDULES = ("constant", "linear", "cosine")
 BACKENDS = ("launcher", "simulate")
 CENTRALIZED_OPTIMIZERS = ("block_adam", "adamw")
+GOSSIP_DTYPES = ("fp32", "bf16")
+COMPRESSIONS = ("none", "bf16", "int8", "int4")
 
 
 class ConfigError(ValueError):
@@ -190,9 +192,17 @@ class GossipConfig:
     """Transport of the neighbour exchange."""
 
     dtype: str = "fp32"
-    """Wire dtype of exchanged blocks (``fp32`` or ``bf16``); mixing arithmetic stays fp32."""
+    """Wire dtype of uncompressed exchanges (``fp32`` or ``bf16``: each exchange rounded, the error not fed back);
+    mixing arithmetic stays fp32. Leave it ``fp32`` with ``compression``, which sets the wire format itself."""
     chunk_mb: float = 64.0
-    """Receive buffers are bounded to this many MiB per neighbour, whatever the block size."""
+    """Receive buffers are bounded to this many MiB per neighbour, whatever the block size (a few pieces of the
+    block in flight at once, a quarter of this each)."""
+    compression: str = "none"
+    """``none``, or ``bf16``/``int8``/``int4`` with error feedback (``deca_ds.compression``): each client sends the
+    change of its block since what it sent before, and keeps what it could not send for the next exchange. int8
+    sends 1 byte per value and int4 half a byte, plus a 2-byte scale per 256 values; the first exchange of each
+    block visit travels in bf16. Needs a static graph (not ``one_peer_exponential``) and costs 8 bytes per exchanged
+    value of the active block in memory."""
 
 
 @dataclass
@@ -343,7 +353,18 @@ class RunConfig:
             raise ConfigError(f"topology.path is set but topology.name={t.name}: set topology.name=custom to use "
                               "the file, or remove topology.path")
         _positive("clients.ranks_per_client", self.clients.ranks_per_client)
-        _choice("gossip.dtype", self.gossip.dtype, ("fp32", "bf16"))
+        g = self.gossip
+        _choice("gossip.dtype", g.dtype, GOSSIP_DTYPES)
+        _choice("gossip.compression", g.compression, COMPRESSIONS)
+        if g.compression != "none":
+            if g.dtype != "fp32":
+                raise ConfigError(f"gossip.dtype={g.dtype} rounds uncompressed exchanges; gossip.compression="
+                                  f"{g.compression} sets the wire format itself: remove gossip.dtype (or set it "
+                                  "to fp32)")
+            if t.name == "one_peer_exponential":
+                raise ConfigError(f"gossip.compression={g.compression} keeps a running sum of fixed neighbours' "
+                                  "values, and topology.name=one_peer_exponential changes neighbours every step: "
+                                  "use a static graph (e.g. exponential) or gossip.compression=none")
         _positive("gossip.chunk_mb", self.gossip.chunk_mb)
         wire_bytes = 2 if self.gossip.dtype == "bf16" else 4
         if int(self.gossip.chunk_mb * 2**20) < wire_bytes:  # the Mixer's buffers hold int(chunk_mb * 2**20) bytes

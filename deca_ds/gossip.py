@@ -7,11 +7,14 @@ graph neighbours and itself; data, gradients and moments stay home. This module 
 ``torch.distributed`` point-to-point calls, so it runs on NCCL and gloo alike (no deepspeed import here).
 
 Hazards handled here, in one place:
-- communication order: every rank creates every group in the same order; every exchange starts with a small header
-  (block index, step, sender client, block size) so that a neighbour on another block or step is an error, never
-  silently averaged; a neighbour that never answers is an error after ``timeout`` seconds, not a hang;
-- memory: blocks are streamed in chunks, so receive buffers are ``chunk_bytes`` per neighbour, not block x degree;
-- dtype: the wire may be bf16, the arithmetic is always fp32, and a client's own contribution is never rounded.
+- communication order: every rank creates every group in the same order; every exchange sends a small header
+  (block index, step, sender client, block size) ahead of its first piece, checked before anything is mixed, so a
+  neighbour on another block or step is an error, never silently averaged; a neighbour that never answers is an
+  error naming it after ``timeout`` seconds, not a hang;
+- memory: blocks travel in pieces, a few in flight at once, so receive buffers are ``chunk_bytes`` per neighbour,
+  not block x degree; fp32 tensors are sent from and mixed into their own memory;
+- dtype: the wire may be bf16 or compressed (:mod:`deca_ds.compression`, with error feedback), the arithmetic is
+  always fp32, and a client's own contribution is never rounded.
 """
 
 from __future__ import annotations
@@ -19,21 +22,25 @@ from __future__ import annotations
 import datetime
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from deca_ds.errors import NeighbourError, first_line as _first_line
+from deca_ds.compression import COMPRESSIONS, FIRST_EXCHANGE_CODEC, ErrorFeedback
 
 __all__ = [
     "ClientLayout", "ClientGroups", "ClientMPU", "Mixer", "MixStats", "accumulate_mix_", "mix_stacked_",
-    "consensus_distance",
+    "consensus_distance", "plan_pieces", "pack_pieces", "PIECES_PER_CHUNK", "PACK_BYTES", "HEADER_BYTES",
 ]
 
 HEADER_FIELDS = ("block", "step", "client", "numel")
+HEADER_BYTES = 8 * len(HEADER_FIELDS)
+"""Bytes of the int64 header sent to each neighbour once per exchange (counted in :class:`MixStats`)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -307,18 +314,86 @@ class _FlatView:
             out[o:o + e - s].copy_(flat[s:e])
         return out[: b - a]
 
-    def direct(self, a: int, b: int):
-        """The fp32 tensor slice holding elements ``[a, b)`` if they lie in one fp32 tensor, else ``None``."""
-        pieces = list(self._pieces(a, b))
-        if len(pieces) == 1 and pieces[0][0].dtype == torch.float32:
-            flat, s, e, _ = pieces[0]
-            return flat[s:e]
-        return None
-
     def write(self, a: int, b: int, src: torch.Tensor) -> None:
         """Copy ``src[: b - a]`` into elements ``[a, b)`` (casting to each tensor's dtype)."""
         for flat, s, e, o in self._pieces(a, b):
             flat[s:e].copy_(src[o:o + e - s])
+
+
+PIECES_PER_CHUNK = 8
+"""A piece of a block carries at most ``chunk_bytes / PIECES_PER_CHUNK`` bytes, so several are in flight at once."""
+PACK_BYTES = 1 << 20
+"""Uncompressed, whole tensors of at most this many wire bytes travel packed together in one message (a copy of
+each into a send buffer, up to one piece in all) instead of one message each: below a few hundred KB a message
+costs more than the copy."""
+_ALIGN = 64  # bytes: every region of the arenas starts here, so any wire dtype can view it
+_VECTOR_ALIGN = 64
+"""Pieces start at multiples of this many elements of a tensor (unless a piece is smaller): torch's CPU kernels run
+SIMD loops from a tensor's first element and finish the tail in scalar code, which may round differently (fused
+multiply-add), so a piece must begin on the same SIMD lane grid as its whole tensor for both to round alike."""
+
+
+def plan_pieces(numels: Sequence[int], start: int, end: int, max_numel: int) -> list[tuple[int, int, int, int]]:
+    """Cut elements ``[start, end)`` of tensors laid end to end into the pieces one exchange sends.
+
+    A piece lies inside one tensor (so it is sent straight from the tensor's memory) and holds at most ``max_numel``
+    elements; a tensor's part of the range is cut at multiples of ``max_numel`` from its first element in the range
+    (so when ``max_numel`` is a multiple of the quantization group size, a tensor's groups are the same whether it
+    is sent whole or in pieces).
+
+    Args:
+        numels: element counts of the tensors, in order.
+        start, end: the range to cover (a rank's shard, or everything).
+        max_numel: the largest piece (>= 1).
+
+    Returns:
+        ``(tensor index, first element, end element, offset)`` per piece, in range order; element positions are
+        inside the tensor, ``offset`` is the piece's position inside ``[start, end)``.
+    """
+    pieces, base = [], 0
+    for k, n in enumerate(numels):
+        lo, hi = max(start - base, 0), min(end - base, n)
+        for a in range(lo, hi, max_numel):
+            b = min(a + max_numel, hi)
+            pieces.append((k, a, b, base + a - start))
+        base += n
+    return pieces
+
+
+def pack_pieces(numels: Sequence[int], pieces: Sequence[tuple[int, int, int, int]], pack_numel: int,
+                max_numel: int) -> list[list[tuple[int, int, int, int]]]:
+    """Group consecutive pieces of small whole tensors into one message each; every other piece travels alone.
+
+    A piece joins a group when it starts at its tensor's first element (so each member is mixed on its tensor's
+    own SIMD grid, like the simulator's whole tensor) and holds at most ``pack_numel`` elements, and the group
+    stays within ``max_numel`` elements.
+
+    Args:
+        numels: element counts of the tensors (as for :func:`plan_pieces`).
+        pieces: :func:`plan_pieces` output.
+        pack_numel: largest member (0: no packing).
+        max_numel: largest group.
+
+    Returns:
+        The pieces in order, as groups (lists of one or more pieces).
+    """
+    groups: list[list[tuple[int, int, int, int]]] = []
+    run: list[tuple[int, int, int, int]] = []
+    for piece in pieces:
+        _, lo, hi, _ = piece
+        if pack_numel > 0 and lo == 0 and hi - lo <= pack_numel:
+            if run and sum(p[2] - p[1] for p in run) + hi - lo > max_numel:
+                groups.append(run)
+                run = []
+            run.append(piece)
+            continue
+        if run:
+            groups.append(run)
+            run = []
+        groups.append([piece])
+    if run:
+        groups.append(run)
+    return groups
 
 
 class Mixer:
@@ -329,23 +404,47 @@ class Mixer:
     across tensors) and the client then all-gathers the shards in its data-parallel group, so every rank of a client
     ends with identical tensors and each rank moves ``1/ranks_per_client`` of the block across the network.
 
+    One exchange is pipelined: the block is cut into pieces (:func:`plan_pieces`, each inside one tensor, at most
+    ``chunk_bytes / PIECES_PER_CHUNK`` bytes), every piece is posted as soon as its receive buffers are free (a block
+    that fits in ``chunk_bytes`` is posted whole at once), and each piece is mixed as soon as it arrived while the
+    next ones travel. Receive buffers are one arena per neighbour, used as a ring, at most ``chunk_bytes``. fp32
+    tensors are sent from their own memory and mixed in place (no staging copy), except runs of small whole
+    tensors (:data:`PACK_BYTES`, uncompressed), copied together into one message (:func:`pack_pieces`). The header
+    (block, step, client, size) travels ahead of the first piece in the same round, not in a round-trip of its own,
+    and is checked before any piece is mixed. Arithmetic is :func:`accumulate_mix_` (or
+    :meth:`deca_ds.compression.ErrorFeedback.mix_`) per piece, own term first, then neighbours in
+    ``Topology.neighbors`` order, whatever order the pieces arrive in: the result does not depend on the pipelining.
+
+    Hazard (gloo): a message longer than the receive posted for it aborts the receiving process from gloo's own
+    thread, before any header could be checked. On gloo every receive is therefore posted with room for the longest
+    piece a neighbour can send (the arena keeps that much slack), so a neighbour with a different block size is
+    reported by the header check instead; its longer messages may only scribble over pieces that are then never
+    mixed. NCCL needs equal send and receive counts, so there receives are exact.
+
     Attributes:
         total_bytes_sent: cumulative :attr:`MixStats.bytes_sent` over all calls.
         total_bytes_received: cumulative :attr:`MixStats.bytes_received`.
+        compression: ``gossip.compression`` (``none``, ``bf16``, ``int8``, ``int4``).
+        piece_numel: largest piece, in elements.
     """
 
     def __init__(self, layout: ClientLayout, topology, chunk_bytes: int = 64 << 20,
-                 comm_dtype: torch.dtype = torch.float32, timeout: float = 300.0, dp_group=None):
+                 comm_dtype: torch.dtype = torch.float32, timeout: float = 300.0, dp_group=None,
+                 compression: str = "none"):
         """Args:
             layout: the client layout (must match ``topology``'s size).
             topology: a :class:`deca_ds.topology.Topology`.
-            chunk_bytes: wire bytes per neighbour per exchange round; receive buffers never exceed this per
-                neighbour (the fp32 working buffers are ``chunk_bytes / wire itemsize * 4`` bytes, and the
-                intra-client all-gather ``ranks_per_client`` times that).
-            comm_dtype: wire dtype, ``torch.float32`` or ``torch.bfloat16`` (or ``float16``); arithmetic is fp32.
+            chunk_bytes: receive buffers per neighbour never exceed this (nor one piece: with compression at least
+                one 256-value group); a block smaller than it travels whole at once. Staging buffers (bf16 or
+                compressed wire, fp32 copies of non-fp32 tensors) are as large again, and the intra-client
+                all-gather uses ``ranks_per_client`` times ``chunk_bytes`` of fp32.
+            comm_dtype: wire dtype without compression, ``torch.float32`` or ``torch.bfloat16`` (or ``float16``);
+                arithmetic is fp32.
             timeout: seconds to wait for a neighbour before raising an error naming it.
             dp_group: the client's data-parallel group (``ClientGroups.client_group``); required when
                 ``ranks_per_client > 1``.
+            compression: ``none``, or ``bf16``/``int8``/``int4`` with error feedback
+                (:mod:`deca_ds.compression`; needs ``comm_dtype`` fp32 and a static graph).
 
         Raises:
             ValueError: sizes do not match or an argument is out of range.
@@ -362,14 +461,42 @@ class Mixer:
                 f"Mixer with clients.ranks_per_client={layout.ranks_per_client} needs dp_group "
                 f"(ClientGroups.client_group) to all-gather the mixed shards inside the client"
             )
+        if compression not in COMPRESSIONS:
+            raise ValueError(f"gossip.compression={compression!r} is not one of {', '.join(COMPRESSIONS)}")
+        self.compression = compression
+        self._feedback = None
+        if compression != "none":
+            if comm_dtype != torch.float32:
+                raise ValueError(f"gossip.compression={compression} sets the wire format itself: leave the wire "
+                                 f"dtype fp32 (gossip.dtype), not {comm_dtype}")
+            if topology.time_varying:
+                raise ValueError(f"gossip.compression={compression} keeps a running sum of fixed neighbours' "
+                                 f"values; topology.name={topology.name} changes neighbours every step: use a "
+                                 "static graph or gossip.compression=none")
+            self._feedback = ErrorFeedback(compression)
+            # Pieces are cut at multiples of the group size; sized for the larger of the two formats of a visit
+            # (its first exchange is bf16, 2 bytes a value).
+            group = self._feedback.codec.group_size
+            self.piece_numel = max(group, int(chunk_bytes) // PIECES_PER_CHUNK // 2 // group * group)
+            self._max_message = max(FIRST_EXCHANGE_CODEC.packet_bytes(self.piece_numel),
+                                    self._feedback.codec.packet_bytes(self.piece_numel))
+        else:
+            itemsize = _itemsize(comm_dtype)
+            numel = int(chunk_bytes) // PIECES_PER_CHUNK // itemsize
+            self.piece_numel = numel // _VECTOR_ALIGN * _VECTOR_ALIGN or max(1, numel)
+            self._max_message = self.piece_numel * itemsize
+        # Packing copies: not with compression, whose quantization groups must start at each tensor (simulator).
+        self.pack_numel = PACK_BYTES // _itemsize(comm_dtype) if compression == "none" else 0
+        self.chunk_bytes = int(chunk_bytes)
         self.layout = layout
         self.topology = topology
         self.comm_dtype = comm_dtype
         self.timeout = float(timeout)
         self.dp_group = dp_group
-        self.chunk_numel = max(1, int(chunk_bytes) // torch.tensor([], dtype=comm_dtype).element_size())
+        self.chunk_numel = max(1, int(chunk_bytes) // _itemsize(comm_dtype))
         self.total_bytes_sent = 0
         self.total_bytes_received = 0
+        self._buffers: dict[tuple, torch.Tensor] = {}
 
     # -- public -------------------------------------------------------------------------------------------------
 
@@ -379,21 +506,37 @@ class Mixer:
         start = min(self.layout.local_rank * shard, numel)
         return start, min(start + shard, numel)
 
-    def state_dict(self) -> dict[str, int]:
-        """The cumulative byte counters, for checkpoints (``{"sent", "received"}``)."""
-        return {"sent": self.total_bytes_sent, "received": self.total_bytes_received}
+    def state_dict(self) -> dict[str, Any]:
+        """Cumulative byte counters (``sent``, ``received``) and, with compression, the error-feedback state
+        (``feedback``): everything a resumed run needs to send the same bytes."""
+        state: dict[str, Any] = {"sent": self.total_bytes_sent, "received": self.total_bytes_received}
+        if self._feedback is not None:
+            state["feedback"] = self._feedback.state_dict()
+        return state
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Restore :meth:`state_dict` output."""
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output.
+
+        Raises:
+            ValueError: compression is on and ``state`` has no error-feedback state (it was written without
+                compression), or it was written with another compression.
+        """
         self.total_bytes_sent = state["sent"]
         self.total_bytes_received = state["received"]
+        if self._feedback is not None:
+            if "feedback" not in state:
+                raise ValueError(f"this checkpoint has no gossip error-feedback state (written with "
+                                 f"gossip.compression=none); it cannot resume with "
+                                 f"gossip.compression={self.compression}")
+            self._feedback.load_state_dict(state["feedback"])
 
     def mix_(self, tensors: Sequence[torch.Tensor], step: int, block_idx: int, presharded: bool = False) -> MixStats:
         """Replace this client's ``tensors`` by the ``topology.weights_at(step)``-weighted average with neighbours.
 
         Every rank of every client must call it with the same ``step`` and ``block_idx`` and tensors of the same
-        total size (all ranks of a client with identical values). Single client, or no neighbour at this step: a
-        no-op that moves zero bytes.
+        shapes (all ranks of a client with identical values). Single client, or no neighbour at this step: a
+        no-op that moves zero bytes. If it raises, the exchange is abandoned half-way (messages may still be in
+        flight): stop the run.
 
         Args:
             tensors: the active block's tensors (contiguous, floating point, one device); modified in place.
@@ -418,53 +561,154 @@ class Mixer:
         if not neighbors:
             return MixStats(0, 0, time.perf_counter() - t0)
         device = tensors[0].device if tensors else torch.device("cpu")
-        view = _FlatView(tensors)
+        numels = [t.numel() for t in tensors]
+        numel = sum(numels)
+        start, end = (0, numel) if presharded else self.shard_range(numel)
+        groups = pack_pieces(numels, plan_pieces(numels, start, end, self.piece_numel), self.pack_numel,
+                             self.piece_numel)
+        codec = self._feedback.begin(block_idx, end - start, device) if self._feedback is not None else None
         w = self.topology.weights_at(step)
-        peers = [self.layout.peer_rank(c, self.layout.local_rank) for c in neighbors]
+        exchange = _Exchange(self, neighbors, block_idx, step, numel, device)
+        flats = [t.view(-1) for t in tensors]
+        sizes = [self._piece_sizes([flats[ti].dtype for ti, _, _, _ in g], sum(hi - lo for _, lo, hi, _ in g),
+                                   codec) for g in groups]
+        # Receive arenas: the whole range at once when it fits in chunk_bytes, else a ring of chunk_bytes; on gloo,
+        # with one longest message of slack after any piece (see the class docstring).
+        slack = _align(self._max_message) if exchange.tolerant else 0
+        arena = max([max(r, slack) for _, r in sizes] + [min(sum(r for _, r in sizes) + slack, self.chunk_bytes)])
+        ring = _Ring(arena)
+        in_flight = exchange.in_flight
+        for group, (count, reserve) in zip(groups, sizes):
+            receive = max(reserve, slack)  # gloo: room for the longest piece a neighbour may send
+            region = ring.place(reserve, receive)
+            while in_flight and any(p.overlaps(region, reserve) for p in in_flight):
+                self._finish(exchange, in_flight[0], w, codec)
+                in_flight.popleft()
+            receive_bytes = receive if slack else None
+            if len(group) == 1:
+                ti, lo, hi, offset = group[0]
+                piece = self._start(exchange, arena, region, reserve, count, receive_bytes, flats[ti][lo:hi], offset,
+                                    codec)
+            else:
+                piece = self._start_packed(exchange, arena, region, reserve, count, receive_bytes,
+                                           [(flats[ti][lo:hi], offset) for ti, lo, hi, offset in group])
+            in_flight.append(piece)
+        while in_flight:
+            self._finish(exchange, in_flight[0], w, codec)
+            in_flight.popleft()
+        exchange.check_headers()  # no-op unless there was no piece (an empty shard)
+        exchange.wait_header_sends()
+        if self._feedback is not None:
+            self._feedback.end()
 
-        # 1) header: refuse to average with a neighbour that is somewhere else in the schedule.
-        header = torch.tensor([block_idx, step, me, view.numel], dtype=torch.int64, device=device)
-        theirs = [torch.empty_like(header) for _ in peers]
-        self._exchange(header, theirs, neighbors, peers, block_idx, step, "header")
-        for c, p, h in zip(neighbors, peers, theirs):
-            hb, hs, hc, hn = h.tolist()
-            if (hb, hs, hc, hn) != (block_idx, step, c, view.numel):
-                raise NeighbourError(
-                    f"gossip mismatch with neighbour client {c} (rank {p}): it is on block {hb}, step {hs} with "
-                    f"{hn} elements (sender client {hc}); we (client {me}, rank {self.layout.rank}) are on block "
-                    f"{block_idx}, step {step} with {view.numel} elements"
-                )
-
-        # 2) payload, streamed in chunks: buffers are chunk-sized whatever the block size.
-        start, end = (0, view.numel) if presharded else self.shard_range(view.numel)
-        n = min(self.chunk_numel, max(end - start, 1))
-        own = torch.empty(n, dtype=torch.float32, device=device)
-        wire = own if self.comm_dtype == torch.float32 else torch.empty(n, dtype=self.comm_dtype, device=device)
-        recv = [torch.empty(n, dtype=self.comm_dtype, device=device) for _ in peers]
-        for a in range(start, end, self.chunk_numel):
-            b = min(a + self.chunk_numel, end)
-            # Zero-copy when the chunk is a slice of one fp32 tensor: send from it and accumulate into it.
-            direct = view.direct(a, b)
-            mine = direct if direct is not None else view.read(a, b, own)
-            send = mine if self.comm_dtype == torch.float32 else wire[: b - a].copy_(mine)  # bf16: rounded here only
-            got = [r[: b - a] for r in recv]
-            self._exchange(send, got, neighbors, peers, block_idx, step, f"elements [{a}, {b})")
-            # All sends completed above, so `mine` (which may be the send buffer) can be overwritten now.
-            accumulate_mix_(mine, w[me, me], got, [w[me, c] for c in neighbors])
-            if direct is None:
-                view.write(a, b, mine)
-
-        # 3) multi-rank clients: every rank of the client gets every mixed shard.
+        # multi-rank clients: every rank of the client gets every mixed shard.
         if self.layout.ranks_per_client > 1 and not presharded:
-            self._gather_shards(view, device)
+            self._gather_shards(_FlatView(tensors), device)
 
-        wire_bytes = (end - start) * wire.element_size() + header.numel() * header.element_size()
-        sent = received = wire_bytes * len(peers)
+        sent = received = (exchange.payload_bytes + HEADER_BYTES) * len(neighbors)
         self.total_bytes_sent += sent
         self.total_bytes_received += received
         return MixStats(sent, received, time.perf_counter() - t0)
 
     # -- internals ----------------------------------------------------------------------------------------------
+
+    def _buffer(self, key: tuple, numel: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """A persistent work buffer of at least ``numel`` elements (reallocated only to grow or move)."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype or buf.device != torch.device(device):
+            buf = torch.empty(numel, dtype=dtype, device=device)
+            self._buffers[key] = buf
+        return buf
+
+    def _piece_sizes(self, dtypes: Sequence[torch.dtype], n: int, codec) -> tuple[int, int]:
+        """``(wire elements, bytes it takes in the arenas)`` of a piece of ``n`` values of tensors of ``dtypes``."""
+        if codec is not None:
+            count, itemsize = codec.packet_bytes(n), 1
+        else:
+            count, itemsize = n, _itemsize(self.comm_dtype)
+        # fp32 copies of non-fp32 tensors live at the same place
+        staged = 4 * n if any(d != torch.float32 for d in dtypes) else 0
+        return count, _align(max(count * itemsize, staged))
+
+    def _start(self, exchange: "_Exchange", arena: int, region: int, reserve: int, count: int,
+               receive_bytes: int | None, flat: torch.Tensor, offset: int, codec) -> "_Piece":
+        """Post one piece: its send to every neighbour and a receive from each, at ``region`` of the arenas.
+
+        ``receive_bytes``: the capacity of each receive (gloo), or None for exactly ``count`` wire elements.
+        """
+        n, device = flat.numel(), flat.device
+        if flat.dtype == torch.float32:
+            values, target = flat, None  # sent from and mixed into the tensor itself
+        else:
+            own = self._buffer(("own",), arena, torch.uint8, device)
+            values, target = own[region:region + 4 * n].view(torch.float32).copy_(flat), flat
+        if codec is not None:
+            scratch = self._buffer(("scratch",), 4 * self.piece_numel, torch.uint8, device).view(torch.float32)
+            out = self._buffer(("send",), arena, torch.uint8, device)[region:]
+            send = self._feedback.encode(codec, values, offset, out=out, scratch=scratch)
+            wire = torch.uint8
+        elif self.comm_dtype == torch.float32:
+            send, wire = values, torch.float32
+        else:  # bf16 wire: rounded here only, the own term stays fp32
+            size = n * _itemsize(self.comm_dtype)
+            staging = self._buffer(("send",), arena, torch.uint8, device)[region:region + size]
+            send, wire = staging.view(self.comm_dtype).copy_(values), self.comm_dtype
+        nbytes = receive_bytes if receive_bytes is not None else count * send.element_size()
+        recvs = [self._buffer(("recv", k), arena, torch.uint8, device)[region:region + nbytes].view(wire)
+                 for k in range(len(exchange.peers))]
+        works = exchange.post(send, recvs)
+        exchange.payload_bytes += send.numel() * send.element_size()
+        return _Piece(values, target, offset, region, reserve, send, [r[:count] for r in recvs], works,
+                      f"elements [{offset}, {offset + n}) of this rank's range")
+
+    def _start_packed(self, exchange: "_Exchange", arena: int, region: int, reserve: int, count: int,
+                      receive_bytes: int | None, members: Sequence[tuple[torch.Tensor, int]]) -> "_Piece":
+        """Post several small whole tensors as one message (uncompressed): copied one after the other into the send
+        buffer at ``region``; each is later mixed on its own, from its first element, into its own memory."""
+        device = members[0][0].device
+        wire = self.comm_dtype
+        size = count * _itemsize(wire)
+        send = self._buffer(("send",), arena, torch.uint8, device)[region:region + size].view(wire)
+        parts, pos = [], 0
+        for flat, _ in members:
+            n = flat.numel()
+            if flat.dtype == torch.float32:
+                values, target = flat, None
+            else:
+                own = self._buffer(("own",), arena, torch.uint8, device)
+                values, target = own[region + 4 * pos:region + 4 * (pos + n)].view(torch.float32).copy_(flat), flat
+            send[pos:pos + n].copy_(values)  # rounded to the wire dtype here only
+            parts.append((values, target, pos, n))
+            pos += n
+        nbytes = receive_bytes if receive_bytes is not None else size
+        recvs = [self._buffer(("recv", k), arena, torch.uint8, device)[region:region + nbytes].view(wire)
+                 for k in range(len(exchange.peers))]
+        works = exchange.post(send, recvs)
+        exchange.payload_bytes += size
+        first, last = members[0][1], members[-1][1] + members[-1][0].numel()
+        return _Piece(None, None, first, region, reserve, send, [r[:count] for r in recvs], works,
+                      f"elements [{first}, {last}) of this rank's range ({len(members)} tensors packed)", parts)
+
+    def _finish(self, exchange: "_Exchange", piece: "_Piece", w, codec) -> None:
+        """Wait for one piece's messages, then mix it (own term first, neighbours in order) and write it back."""
+        exchange.check_headers()
+        exchange.wait(piece.works, piece.what)
+        me, neighbors = self.layout.client_id, exchange.neighbors
+        weights = [w[me, c] for c in neighbors]
+        if piece.members is not None:  # packed small tensors: each mixed on its own grid, in its own memory
+            for values, target, pos, n in piece.members:
+                accumulate_mix_(values, w[me, me], [r[pos:pos + n] for r in piece.received], weights)
+                if target is not None:
+                    target.copy_(values)
+            return
+        if codec is not None:
+            scratch = self._buffer(("scratch",), 4 * self.piece_numel, torch.uint8, piece.values.device)
+            self._feedback.mix_(codec, piece.values, piece.offset, w[me, me], piece.received, weights,
+                                scratch.view(torch.float32))
+        else:
+            accumulate_mix_(piece.values, w[me, me], piece.received, weights)
+        if piece.target is not None:
+            piece.target.copy_(piece.values)
 
     @staticmethod
     def _check_tensors(tensors):
@@ -475,42 +719,6 @@ class Mixer:
                 raise ValueError("gossip mixes contiguous tensors only (it writes through flat views)")
         if len({t.device for t in tensors}) > 1:
             raise ValueError(f"gossip tensors are on several devices: {sorted({str(t.device) for t in tensors})}")
-
-    def _exchange(self, send, recvs, neighbors, peers, block_idx, step, what):
-        """Send ``send`` to every peer and receive one tensor from each; errors name the neighbour."""
-        ops = []
-        for p, r in zip(peers, recvs):
-            ops.append(dist.P2POp(dist.irecv, r, p))
-            ops.append(dist.P2POp(dist.isend, send, p))
-        try:
-            works = dist.batch_isend_irecv(ops)
-        except RuntimeError as err:  # gloo refuses to post to a peer whose connection is already closed
-            raise NeighbourError(
-                f"gossip: neighbour clients {', '.join(map(str, neighbors))} (ranks {', '.join(map(str, peers))}) "
-                f"could not be reached ({what} of block {block_idx}, step {step}; we are client "
-                f"{self.layout.client_id}, rank {self.layout.rank}): {_first_line(err)}") from err
-        if len(works) != len(ops):  # coalescing backends (NCCL) return one work for the whole batch
-            names, ranks = ", ".join(map(str, neighbors)), ", ".join(map(str, peers))
-            for work in works:
-                self._wait(work, names, ranks, block_idx, step, what)
-            return
-        deadline = time.monotonic() + self.timeout
-        # Receives first: a silent neighbour shows up as a receive that never completes.
-        for k in list(range(0, len(works), 2)) + list(range(1, len(works), 2)):
-            c, p = neighbors[k // 2], peers[k // 2]
-            self._wait(works[k], c, p, block_idx, step, what, max(deadline - time.monotonic(), 0.001))
-
-    def _wait(self, work, client, rank, block_idx, step, what, seconds=None):
-        seconds = self.timeout if seconds is None else seconds
-        try:
-            work.wait(datetime.timedelta(seconds=seconds))
-        except Exception as err:  # noqa: BLE001 - re-raised with the neighbour's name
-            reason = _first_line(err)
-            raise NeighbourError(
-                f"gossip: neighbour client {client} (rank {rank}) did not answer within {self.timeout:g} s "
-                f"({what} of block {block_idx}, step {step}; we are client {self.layout.client_id}, rank "
-                f"{self.layout.rank}): {reason}"
-            ) from err
 
     def _gather_shards(self, view: _FlatView, device) -> None:
         """All-gather the mixed shards inside the client, chunk by chunk (same loop count on every rank)."""
@@ -544,14 +752,168 @@ class Mixer:
                     view.write(rs, re_, outs[r])
 
 
+@dataclass
+class _Piece:
+    """One piece in flight: where its mixed values go, what was posted, and the works to wait for."""
+
+    values: torch.Tensor | None  # fp32 values mixed in place (the tensor slice itself, or a copy); None if packed
+    target: torch.Tensor | None  # the non-fp32 tensor slice to write the mixed values back to
+    offset: int
+    region: int  # its place in the arenas: bytes [region, region + reserve)
+    reserve: int
+    send: torch.Tensor  # kept alive until the send completed
+    received: list[torch.Tensor]
+    works: list
+    what: str
+    members: list | None = None  # packed pieces: (values, target, wire position, numel) per tensor
+
+    def overlaps(self, start: int, size: int) -> bool:
+        """Whether bytes ``[start, start + size)`` of the arenas meet this piece's place."""
+        return start < self.region + self.reserve and self.region < start + size
+
+
+def _align(nbytes: int) -> int:
+    return -(-nbytes // _ALIGN) * _ALIGN
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+class _Ring:
+    """Places of the pieces in the arenas, one after the other, starting over at 0 when the next would not fit."""
+
+    def __init__(self, size: int):
+        self.size, self.cursor = size, 0
+
+    def place(self, reserve: int, extent: int) -> int:
+        """Start of the next place: ``reserve`` bytes are used, ``extent`` (>= reserve) must lie inside."""
+        start = self.cursor if self.cursor + extent <= self.size else 0
+        self.cursor = start + reserve
+        return start
+
+
+class _Exchange:
+    """One ``mix_`` call's messages: the header sent ahead of the pieces, its check, and waits that name neighbours."""
+
+    def __init__(self, mixer: Mixer, neighbors: list[int], block_idx: int, step: int, numel: int, device):
+        layout = mixer.layout
+        self.mixer, self.neighbors, self.block_idx, self.step, self.numel = mixer, neighbors, block_idx, step, numel
+        self.peers = [layout.peer_rank(c, layout.local_rank) for c in neighbors]
+        # gloo aborts on a message longer than its receive: receive whole pieces' capacity there (see Mixer).
+        self.tolerant = dist.get_backend() == "gloo"
+        self.payload_bytes = 0
+        self.header = torch.tensor([block_idx, step, layout.client_id, numel], dtype=torch.int64, device=device)
+        self.theirs = [torch.empty_like(self.header) for _ in self.peers]
+        self.header_works = self.post(self.header, self.theirs)
+        self.in_flight: deque[_Piece] = deque()
+        self.checked = False
+
+    def post(self, send: torch.Tensor, recvs: Sequence[torch.Tensor]) -> list:
+        """Send ``send`` to every peer and post one receive from each (receive first, per peer)."""
+        ops = []
+        for p, r in zip(self.peers, recvs):
+            ops.append(dist.P2POp(dist.irecv, r, p))
+            ops.append(dist.P2POp(dist.isend, send, p))
+        try:
+            return dist.batch_isend_irecv(ops)
+        except RuntimeError as err:  # gloo refuses to post to a peer whose connection is already closed
+            layout = self.mixer.layout
+            raise NeighbourError(
+                f"gossip: neighbour clients {', '.join(map(str, self.neighbors))} (ranks "
+                f"{', '.join(map(str, self.peers))}) could not be reached (block {self.block_idx}, step {self.step}; "
+                f"we are client {layout.client_id}, rank {layout.rank}): {_first_line(err)}") from err
+
+    def check_headers(self) -> None:
+        """Wait for the neighbours' headers (once) and refuse to mix with one somewhere else in the schedule."""
+        if self.checked:
+            return
+        self.wait(self.header_works, "header", receives_only=True)
+        me, rank = self.mixer.layout.client_id, self.mixer.layout.rank
+        headers = [h.tolist() for h in self.theirs]
+        for c, p, (hb, hs, hc, hn) in zip(self.neighbors, self.peers, headers):
+            if (hb, hs, hc, hn) != (self.block_idx, self.step, c, self.numel):
+                self._drain([h[3] == self.numel for h in headers])
+                raise NeighbourError(
+                    f"gossip mismatch with neighbour client {c} (rank {p}): it is on block {hb}, step {hs} with "
+                    f"{hn} elements (sender client {hc}); we (client {me}, rank {rank}) are on block "
+                    f"{self.block_idx}, step {self.step} with {self.numel} elements"
+                )
+        self.checked = True
+
+    def _drain(self, same_size: list[bool]) -> None:
+        """Before raising a mismatch: complete what was posted to neighbours with our block size.
+
+        Each side posts the header and the same first pieces before it checks a header, so with an equal block size
+        every message has its receive; letting them complete leaves no stray message on the connection for a later
+        exchange to pick up. Best effort, bounded by the timeout; messages of a neighbour of another size are left.
+        """
+        if len(self.header_works) != 2 * len(self.peers):
+            return  # coalesced (NCCL): nothing can be waited for per neighbour
+        deadline = time.monotonic() + self.mixer.timeout
+        works = []  # none of these was waited for yet: the header check comes before any piece's wait
+        for k in range(len(self.peers)):
+            if same_size[k]:
+                works.append(self.header_works[2 * k + 1])  # our header's send to it
+                for piece in self.in_flight:
+                    works += piece.works[2 * k:2 * k + 2]  # the piece's receive from it and send to it
+        for work in works:
+            try:
+                work.wait(datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.001)))
+            except Exception:  # noqa: BLE001 - the mismatch error that follows is the one to report
+                return
+
+    def wait_header_sends(self) -> None:
+        """Wait for the header sends (they completed long ago unless something is wrong)."""
+        if len(self.header_works) == 2 * len(self.peers):  # a coalesced batch was waited for whole already
+            self.wait(self.header_works, "header", sends_only=True)
+
+    def wait(self, works: list, what: str, receives_only: bool = False, sends_only: bool = False) -> None:
+        """Wait for ``works`` (from :meth:`post`): receives first, in neighbour order, each error naming its peer.
+
+        Hazard: a gloo receive work must be waited for once only (a second wait waits for another message).
+        """
+        if len(works) != 2 * len(self.peers):  # coalescing backends (NCCL) return one work for the whole batch
+            names, ranks = ", ".join(map(str, self.neighbors)), ", ".join(map(str, self.peers))
+            for work in works:
+                self._wait(work, names, ranks, what)
+            return
+        # A silent neighbour shows up as a receive that never completes.
+        receives, sends = list(range(0, len(works), 2)), list(range(1, len(works), 2))
+        order = sends if sends_only else receives if receives_only else receives + sends
+        for k in order:
+            self._wait(works[k], self.neighbors[k // 2], self.peers[k // 2], what)
+
+    def _wait(self, work, client, rank, what) -> None:
+        mixer = self.mixer
+        try:
+            work.wait(datetime.timedelta(seconds=mixer.timeout))
+        except Exception as err:  # noqa: BLE001 - re-raised with the neighbour's name
+            reason = _first_line(err)
+            raise NeighbourError(
+                f"gossip: neighbour client {client} (rank {rank}) did not answer within {mixer.timeout:g} s "
+                f"({what} of block {self.block_idx}, step {self.step}; we are client {mixer.layout.client_id}, "
+                f"rank {mixer.layout.rank}): {reason}"
+            ) from err
+
+
 def accumulate_mix_(mine: torch.Tensor, own_weight: float, received: Sequence[torch.Tensor],
                     weights: Sequence[float]) -> torch.Tensor:
     """One client's mixing arithmetic, in place: ``mine <- own_weight * mine + sum_k weights[k] * received[k]``.
 
-    The one place this arithmetic is written: :meth:`Mixer.mix_` applies it to every chunk it exchanges, and the
+    The one place this arithmetic is written: :meth:`Mixer.mix_` applies it to every piece it exchanges, and the
     simulator to every tensor of the block, in the same order (own term first, then neighbours in
     ``Topology.neighbors`` order) with the same operations, so both round identically (each element is computed
-    on its own, so how a block is cut into chunks does not change the result).
+    on its own; pieces start at multiples of :data:`_VECTOR_ALIGN` elements of a tensor, so SIMD and scalar code
+    paths meet the same elements whether a tensor is mixed whole or in pieces).
+
+    One pass over memory per neighbour: the sum is a chain of linear interpolations,
+    ``mine <- lerp(mine, r_k, w_k / S_k)`` with ``S_k = own_weight + w_1 + ... + w_k``, which leaves
+    ``(own_weight * mine + sum_{m<=k} w_m r_m) / S_k`` after neighbour ``k``; a mixing matrix's rows sum to 1, so
+    the chain ends at the mixture (otherwise one more pass multiplies by the row sum). The usual form (scale, then
+    one add per neighbour) makes one more pass over the block, which is a third of the exchange's arithmetic on a
+    ring. A neighbour's values in another dtype than ``mine`` (a bf16 wire) take that usual form, the promotion to
+    fp32 done inside the add.
 
     Args:
         mine: this client's values (fp32), overwritten with the mixture.
@@ -562,9 +924,18 @@ def accumulate_mix_(mine: torch.Tensor, own_weight: float, received: Sequence[to
     Returns:
         ``mine``.
     """
-    mine.mul_(float(own_weight))
+    if any(r.dtype != mine.dtype for r in received):
+        mine.mul_(float(own_weight))
+        for r, w in zip(received, weights):
+            mine.add_(r, alpha=float(w))
+        return mine
+    total = float(own_weight)
     for r, w in zip(received, weights):
-        mine.add_(r, alpha=float(w))
+        total += float(w)
+        if total > 0.0:  # else every weight so far is 0 and so is the mixture's part that is built
+            mine.lerp_(r, float(w) / total)
+    if abs(total - 1.0) > 1e-12:  # below fp32's resolution otherwise: a row of a mixing matrix sums to 1
+        mine.mul_(total)
     return mine
 
 

@@ -20,6 +20,7 @@ neighbours exchange ``x_half`` in the launcher):
 
     for each client: forward/backward -> clip -> hook.before_step() -> optimizer.step()      (x -> x_half)
     for each tensor of the active block, each client: own*W_ii + sum_j W_ij*x_j      (gossip.accumulate_mix_)
+        (with gossip.compression: every client encodes its change, then each mixes: compression.ErrorFeedback)
     for each client: hook.after_step(step) with a ``mix`` that copies that client's row     (signal, BMA, switch)
 
 Where replicas live (``simulate.device``, ``simulate.park_replicas``): by default every replica, its gradients and
@@ -198,6 +199,12 @@ class Simulation:
         self.topology = None
         if self.spec.gossip and n > 1:
             self.topology = build_topology(cfg, n)
+        # gossip.compression: one error-feedback state per client, driven as each client's Mixer drives its own.
+        self.feedback = None
+        if self.topology is not None and cfg.gossip.compression != "none":
+            from deca_ds.compression import ErrorFeedback
+
+            self.feedback = [ErrorFeedback(cfg.gossip.compression) for _ in range(n)]
 
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
         self.pad_id = self.tokenizer.pad_token_id
@@ -394,6 +401,11 @@ class Simulation:
         :func:`deca_ds.gossip.accumulate_mix_`: own term first at full precision, then each neighbour's value as it
         travels (rounded to the wire dtype) in ``Topology.neighbors`` order, fp32 arithmetic. Same operations in the
         same order: the simulator and a launch round identically.
+
+        With ``gossip.compression`` each client's :class:`deca_ds.compression.ErrorFeedback` encodes each tensor
+        (the change since what it sent before) and mixes it with its neighbours' packets, the calls the Mixer makes
+        per piece; the Mixer cuts tensors at multiples of the quantization group, so whole tensors here and pieces
+        there encode and round identically. Bytes are the packets' (scales included) plus the header.
         """
         from deca_ds.gossip import accumulate_mix_
 
@@ -401,21 +413,34 @@ class Simulation:
         w = self.topology.weights_at(step)
         neighbors = [self.topology.neighbors(c, step) for c in range(n)]
         per_client = [self.active_tensors(c) for c in range(n)]
+        numel = sum(t.numel() for t in per_client[0])
+        fb = self.feedback
+        codecs = [fb[c].begin(block, numel, self.device) for c in range(n)] if fb is not None else None
+        payload, offset = 0, 0  # bytes of one client's message to one neighbour (equal for every client)
         mixed = []
         # One tensor of the block at a time on the device; parked runs keep the mixed rows in CPU memory.
         keep = _HOST if self.park else self.device
         for tensors in zip(*per_client):
             own = [t.detach().to(self.device, torch.float32) for t in tensors]
-            wire = own if self.wire_dtype == torch.float32 else [x.to(self.wire_dtype) for x in own]
             rows = torch.stack(own)  # a copy: the clients' own values stay untouched until their hooks run
-            for c in range(n):
-                accumulate_mix_(rows[c], w[c, c], [wire[j] for j in neighbors[c]], [w[c, j] for j in neighbors[c]])
+            if fb is None:
+                wire = own if self.wire_dtype == torch.float32 else [x.to(self.wire_dtype) for x in own]
+                for c in range(n):
+                    accumulate_mix_(rows[c], w[c, c], [wire[j] for j in neighbors[c]],
+                                    [w[c, j] for j in neighbors[c]])
+                payload += own[0].numel() * torch.tensor([], dtype=self.wire_dtype).element_size()
+            else:
+                from deca_ds.compression import mix_clients_
+
+                payload += mix_clients_(rows.view(n, -1), fb, codecs, offset, w, neighbors)
+                offset += own[0].numel()
             mixed.append(rows.to(keep))
-        numel = sum(t.numel() for t in per_client[0])
-        itemsize = torch.tensor([], dtype=self.wire_dtype).element_size()
+        if fb is not None:
+            for c in range(n):
+                fb[c].end()
         for c in range(self.num_clients):
             degree = int(sum(1 for j in range(self.num_clients) if j != c and w[c, j] != 0.0))
-            self._step_bytes[c] = (numel * itemsize + HEADER_BYTES) * degree
+            self._step_bytes[c] = (payload + HEADER_BYTES) * degree
         self._mixed = ((step, block), mixed)
 
     def evaluate_clients(self) -> list[dict[str, Any]]:

@@ -355,7 +355,7 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     if topo is not None:
         mixer = Mixer(layout, topo, chunk_bytes=int(cfg.gossip.chunk_mb * 2**20),
                       comm_dtype=torch.bfloat16 if cfg.gossip.dtype == "bf16" else torch.float32,
-                      timeout=cfg.comm_timeout, dp_group=groups.client_group)
+                      timeout=cfg.comm_timeout, dp_group=groups.client_group, compression=cfg.gossip.compression)
     engine = build_engine(cfg, model, ds, groups, mixer=mixer)
     if cfg.epochs is not None:
         _resolve_epochs(cfg, engine, data, layout, console if rank == 0 else None)

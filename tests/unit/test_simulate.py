@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -289,3 +290,76 @@ def test_parked_replicas_on_gpu_hold_one_replica_and_match_resident():
     assert parked_peak < resident_peak - 2 * replica, (parked_peak, resident_peak, replica)
     # The consensus hook runs on the host when parked, on the GPU when resident: float order may differ.
     np.testing.assert_allclose(parked_losses, resident_losses, rtol=1e-4)
+
+
+def _record_x_half(sim: Simulation) -> list:
+    """Every step's active-block tensors of every client just before mixing (their x_half), float64 copies."""
+    seen = []
+    original = sim._precompute_mixture
+
+    def spy(step, block):
+        seen.append([[t.detach().double().clone() for t in sim.active_tensors(c)] for c in range(sim.num_clients)])
+        original(step, block)
+
+    sim._precompute_mixture = spy
+    return seen
+
+
+@pytest.mark.parametrize("compression", ["int8", "int4"])
+def test_compressed_gossip_is_the_choco_closed_form_and_counts_its_bytes(compression):
+    """Three clients on a ring, gossip.compression: each step's mixture equals the closed form
+    x_i + Σ_j W_ij (x̂_j - x̂_i), x̂ rebuilt in float64 from the codec applied per tensor (first exchange of the visit
+    in bf16, then the codec), and the bytes are the packets' plus the header, per neighbour."""
+    from deca_ds.compression import FIRST_EXCHANGE_CODEC, GROUP_SIZE, make_codec
+
+    sim = Simulation(_cfg("method=badam_gossip", "topology.name=ring", f"gossip.compression={compression}",
+                          "max_steps=3"))
+    halves = _record_x_half(sim)
+    w = sim.topology.weights_at(0)
+    n = 3
+    public = None
+    for step in range(3):
+        sim.step()
+        x = halves[step]
+        if public is None:
+            public = [[torch.zeros_like(t) for t in x[c]] for c in range(n)]
+        codec = FIRST_EXCHANGE_CODEC if step == 0 else make_codec(compression)
+        for c in range(n):
+            for k, t in enumerate(x[c]):
+                change = (t - public[c][k]).float().reshape(-1)
+                public[c][k] += codec.decode(codec.encode(change), change.numel()).double().view(t.shape)
+        for k in range(len(x[0])):
+            for c in range(n):
+                want = x[c][k] + sum(w[c, j] * (public[j][k] - public[c][k]) for j in sim.topology.neighbors(c))
+                got = sim._mixed[1][k][c].double()
+                # fp32 arithmetic of x + (s - (1 - W_ii) x̂): a few roundings, each <= 2^-24 of a term's magnitude
+                scale = x[c][k].abs() + sum(p[k].abs() for p in public)
+                assert bool(((got - want).abs() <= 8 * 2.0**-24 * scale).all()), (step, c, k)
+        sizes = [t.numel() for t in x[0]]
+        payload = sum(codec.packet_bytes(s) for s in sizes)
+        groups = sum(math.ceil(s / GROUP_SIZE) for s in sizes)
+        if step == 0:  # bf16: 2 bytes a value
+            expected = 2 * sum(sizes)
+        else:  # a 2-byte scale per group, then 1 byte (int8) or half a byte, rounded up per tensor (int4) a value
+            expected = 2 * groups + (sum(sizes) if compression == "int8" else sum((s + 1) // 2 for s in sizes))
+        assert payload == expected
+        assert sim._step_bytes == [(expected + HEADER_BYTES) * 2] * n  # ring of 3: two neighbours
+
+
+def test_compressed_bytes_per_step_are_a_quarter_and_an_eighth_of_fp32_plus_scales():
+    """From the byte counters of three runs of the same settings: after the first (bf16) exchange of a block visit,
+    int8 sends N + 2G + H bytes to a neighbour and int4 Σ ceil(n_t / 2) + 2G + H, against 4N + H uncompressed
+    (N values in tensors of n_t, G = Σ ceil(n_t / 256) bf16 scales, H the header): ÷ 4 and ÷ 8 up to the scales."""
+    from deca_ds.compression import GROUP_SIZE
+
+    per_step = {}
+    for compression in ("none", "int8", "int4"):
+        sim = Simulation(_cfg("method=badam_gossip", "topology.name=ring", f"gossip.compression={compression}",
+                              "max_steps=2"))
+        records = [sim.step() for _ in range(2)]
+        per_step[compression] = [r.bytes_sent[0] // 2 for r in records]  # per neighbour
+        sizes = [t.numel() for t in sim.active_tensors(0)]
+    numel, groups = sum(sizes), sum(math.ceil(s / GROUP_SIZE) for s in sizes)
+    assert per_step["none"] == [4 * numel + HEADER_BYTES] * 2
+    assert per_step["int8"] == [2 * numel + HEADER_BYTES, numel + 2 * groups + HEADER_BYTES]
+    assert per_step["int4"] == [2 * numel + HEADER_BYTES, sum((s + 1) // 2 for s in sizes) + 2 * groups + HEADER_BYTES]

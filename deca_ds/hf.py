@@ -369,21 +369,20 @@ def _client_args(args, writer: bool, output_dir: str):
     swapped for a subclass whose ``should_save`` is per client; it pickles as the original class
     (``training_args.bin`` loads without deca_ds).
     """
-    base = type(args)
-    if not getattr(base, "_deca_client_args", False):
+    cls = type(args)
+    if not getattr(cls, "_deca_client_args", False):
+        base = cls
 
         def reduce_ex(self, protocol):
-            plain = object.__new__(base)
-            plain.__dict__.update(self.__dict__)
-            plain.__dict__.pop("_deca_writer", None)
-            return plain.__reduce_ex__(protocol)
+            state = {k: v for k, v in self.__dict__.items() if k != "_deca_writer"}
+            return object.__new__, (base,), state
 
-        base = type(f"Deca{base.__name__}", (base,), {
+        cls = type(f"Deca{base.__name__}", (base,), {
             "should_save": property(lambda self: self._deca_writer),
             "_deca_client_args": True,
             "__reduce_ex__": reduce_ex,
         })
-    args.__class__ = base
+    args.__class__ = cls
     args._deca_writer = writer
     args.output_dir = output_dir
     return args
@@ -660,7 +659,6 @@ class DecaTrainerMixin:
 
     def _record_step(self, step: int, lr: float) -> None:
         """One all-gather of every rank's figures; world rank 0 appends the launcher's metrics.jsonl records."""
-        from deca_ds.gossip import consensus_distance
         from deca_ds.metrics import JsonlWriter, truncate_jsonl_after
 
         fig = self._step_figures
@@ -672,7 +670,7 @@ class DecaTrainerMixin:
         if log_now and self.layout.num_clients > 1:
             names = self.block_optimizer.blocks[fig["block"]].param_names
             params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-            cdist = consensus_distance([params[n].data for n in names], group=self.groups.peer_group)
+            cdist = _client_distance([params[n].data for n in names])
         t = torch.tensor([loss, float(fig["nonfinite"]), float(fig["bytes_sent"]), cdist], dtype=torch.float64)
         rows = [torch.empty_like(t) for _ in range(dist.get_world_size())]
         dist.all_gather(rows, t)
@@ -697,6 +695,21 @@ class DecaTrainerMixin:
             from deca_ds.metrics import plot_run
 
             plot_run(self.run_dir)
+
+
+def _client_distance(tensors: list[torch.Tensor]) -> float:
+    """RMS distance of this client's block from the network average, ``||x_i - mean_j x_j|| / sqrt(numel)``: the
+    launcher's ``consensus_distance`` figure with its arithmetic (one all-reduce per tensor over the world; every
+    client has the same number of ranks holding the same values, so the world mean is the mean over clients)."""
+    world = dist.get_world_size()
+    sq, numel = 0.0, 0
+    for x in tensors:
+        mean = x.detach().float().clone()
+        dist.all_reduce(mean)
+        mean.div_(world)
+        sq += float((x.detach().float() - mean).pow(2).sum())
+        numel += x.numel()
+    return math.sqrt(sq / max(numel, 1))
 
 
 class _DecaCallback(TrainerCallback):

@@ -46,7 +46,8 @@ def main(argv=None) -> int:
         data = deca.client_data(tokenizer)  # DECA: this client's partition (or load the client's own rows here)
         trainer = DecaTrainer(model=model, args=args, train_dataset=data.train, processing_class=tokenizer,
                               data_collator=DataCollator(tokenizer.pad_token_id), deca=deca)  # DECA
-        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint or None)
+        resume = args.resume_from_checkpoint
+        trainer.train(resume_from_checkpoint=True if resume in ("True", "true") else resume or None)
         trainer.save_consensus_model()  # DECA: the average of all clients, a Hugging Face model directory
     except ConfigError as e:
         print(f"deca_ds: error: {e}", file=sys.stderr)

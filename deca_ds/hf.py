@@ -95,7 +95,7 @@ class DecaSettings:
     """The DECA side of a Trainer run: method, blocks, topology, clients (and any other deca_ds setting).
 
     Everything is a :class:`deca_ds.config.RunConfig` underneath, checked as strictly as the recipe's settings, so
-    the same keys and values work in both (README "Running a fine-tune"). ``TrainingArguments`` owns the optimizer
+    the same keys and values work in both (docs/reference.md, "Running a fine-tune"). ``TrainingArguments`` owns the optimizer
     hyperparameters, the seed, ``max_steps`` and ``output_dir``: those are taken from it (:meth:`resolve`).
 
     Attributes:
@@ -451,6 +451,8 @@ class DecaTrainerMixin:
         _client_args(training_args, layout.local_rank == 0,
                      str(self.run_dir / f"client_{layout.client_id}"))
         super().__init__(*args, **kwargs)
+        # A base class may have rebuilt its arguments (TRL's SFTTrainer turns TrainingArguments into an SFTConfig).
+        _client_args(self.args, layout.local_rank == 0, str(self.run_dir / f"client_{layout.client_id}"))
         # The model's own mean loss per micro-batch (not HF's token-count normalisation across micro-batches and
         # devices): what the launcher and DeepSpeed compute.
         self.model_accepts_loss_kwargs = False

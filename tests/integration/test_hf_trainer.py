@@ -119,3 +119,32 @@ def test_torchrun_trainer_four_clients_equal_finetune(tmp_path):
     # (exact) differ by at most a few ulps of the largest partial sum.
     assert torch.allclose(consensus[name], avg, atol=4 * torch.finfo(torch.float32).eps * float(
         sum(c[name].abs() for c in clients).max()), rtol=0)
+
+
+TRL_SCRIPT = '''
+import sys
+from trl import SFTConfig, SFTTrainer
+from deca_ds.hf import DataCollator, DecaSettings, deca_trainer_class, init_distributed
+from deca_ds.models import load_model_and_tokenizer
+
+out, steps = sys.argv[1], int(sys.argv[2])
+deca = DecaSettings(overrides=["data.num_examples=600"])
+init_distributed()
+args = SFTConfig(output_dir=out, max_steps=steps, seed=0, learning_rate=3e-3, per_device_train_batch_size=8,
+                 lr_scheduler_type="constant", max_grad_norm=1.0, save_strategy="no", report_to="none",
+                 logging_steps=10, dataset_kwargs={"skip_prepare_dataset": True})
+model, tok = load_model_and_tokenizer(deca.config.model, seed=0)
+trainer = deca_trainer_class(SFTTrainer)(model=model, args=args, train_dataset=deca.client_data(tok).train,
+                                         processing_class=tok, data_collator=DataCollator(tok.pad_token_id), deca=deca)
+trainer.train()
+'''
+
+
+def test_trl_sft_trainer_two_clients_equal_finetune(tmp_path):
+    pytest.importorskip("trl")
+    ft, sft = tmp_path / "finetune", tmp_path / "sft"
+    script = tmp_path / "sft.py"
+    script.write_text(TRL_SCRIPT)
+    torchrun(2, FT_RECIPE, f"output_dir={ft}", f"max_steps={STEPS}", *DATA)
+    torchrun(2, str(script), str(sft), str(STEPS))
+    assert_equal_runs(figures(ft), figures(sft), 2)

@@ -283,25 +283,23 @@ def resolve_auto(ds: dict[str, Any], cfg: RunConfig, data_parallel: int | None) 
     ``_prepare_deepspeed``); a recipe has no ``TrainingArguments``, so each key takes the recipe's equivalent of the
     argument HF reads, or the argument's default where the recipe has none:
 
-    ======================================================  ================================  ===============================
-    key                                                     HF fills it from                  here
-    ======================================================  ================================  ===============================
-    ``train_micro_batch_size_per_gpu``                      ``per_device_train_batch_size``   8 (the recipe's micro-batch)
-    ``gradient_accumulation_steps``                         ``gradient_accumulation_steps``   1
-    ``train_batch_size``                                    world x micro x accumulation      data-parallel ranks (one client's) x micro x accumulation
-    ``gradient_clipping``                                   ``max_grad_norm`` (1.0)           1.0
-    ``optimizer.params.lr/betas/eps/weight_decay``          the Adam arguments                ``optim.*``
-    ``scheduler.params.warmup_min_lr``                      0                                 0
-    ``scheduler.params.warmup_max_lr``                      ``learning_rate``                 ``optim.lr``
-    ``scheduler.params.total_num_steps``                    the run's steps                   ``max_steps``
-    ``scheduler.params.warmup_num_steps``                   max(1, warmup steps)              1 (no warmup setting)
-    ``fp16.enabled``                                        ``fp16``                          false
-    ``bf16.enabled``                                        ``bf16``                          ``model.dtype=bf16`` under ZeRO 1-3; false at stage 0, where BlockAdam keeps the bf16 weights' fp32 master itself
-    ``zero_optimization.reduce_bucket_size``                hidden²                           hidden² (the model's config.json)
-    ``zero_optimization.stage3_prefetch_bucket_size``       0.9 hidden²                       0.9 hidden²
-    ``zero_optimization.stage3_param_persistence_threshold`` 10 hidden                        10 hidden
-    ``zero_optimization.stage3_gather_16bit_weights_on_model_save``  false                     false
-    ======================================================  ================================  ===============================
+    Key -> what HF fills it from -> what it becomes here:
+
+    - ``train_micro_batch_size_per_gpu``: ``per_device_train_batch_size`` -> 8, the recipe's micro-batch;
+    - ``gradient_accumulation_steps``: ``gradient_accumulation_steps`` -> 1;
+    - ``train_batch_size``: world size x micro x accumulation -> DeepSpeed's data-parallel ranks (one client's, see
+      :func:`data_parallel_size`) x micro x accumulation;
+    - ``gradient_clipping``: ``max_grad_norm`` (default 1.0) -> 1.0;
+    - ``optimizer.params.lr/betas/eps/weight_decay``: the Adam arguments -> ``optim.*`` (the section itself is then
+      refused: BlockAdam is the optimizer);
+    - ``scheduler.params.warmup_min_lr`` -> 0; ``warmup_max_lr``: ``learning_rate`` -> ``optim.lr``;
+      ``total_num_steps``: the run's steps -> ``max_steps``; ``warmup_num_steps``: max(1, warmup steps) -> 1 (the
+      recipe has no warmup setting);
+    - ``fp16.enabled``: ``fp16`` -> false; ``bf16.enabled``: ``bf16`` -> ``model.dtype == bf16`` under ZeRO 1-3, false
+      at stage 0 (BlockAdam keeps the fp32 master of bf16 weights itself);
+    - ``zero_optimization.reduce_bucket_size`` -> hidden², ``stage3_prefetch_bucket_size`` -> int(0.9 hidden²),
+      ``stage3_param_persistence_threshold`` -> 10 hidden (hidden size from the model's config.json, as HF and
+      Accelerate do), ``stage3_gather_16bit_weights_on_model_save`` -> false (Accelerate's value).
 
     Args:
         ds: the DeepSpeed config dict (changed in place).

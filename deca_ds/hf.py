@@ -95,8 +95,8 @@ class DecaSettings:
     """The DECA side of a Trainer run: method, blocks, topology, clients (and any other deca_ds setting).
 
     Everything is a :class:`deca_ds.config.RunConfig` underneath, checked as strictly as the recipe's settings, so
-    the same keys and values work in both (docs/reference.md, "Running a fine-tune"). ``TrainingArguments`` owns the optimizer
-    hyperparameters, the seed, ``max_steps`` and ``output_dir``: those are taken from it (:meth:`resolve`).
+    the same keys and values work in both (docs/reference.md, "Running a fine-tune"). ``TrainingArguments`` owns the
+    optimizer hyperparameters, the seed, ``max_steps`` and ``output_dir``: those are taken from it (:meth:`resolve`).
 
     Attributes:
         config: the settings (before :meth:`resolve`).

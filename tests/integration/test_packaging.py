@@ -31,7 +31,8 @@ def test_wheel_ships_the_configs_and_deca_ds_run_finds_them(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         shipped = {n: z.read(n) for n in z.namelist() if n.startswith("deca_ds/_shipped/")}
     expected = {f"deca_ds/_shipped/configs/{p.name}": p.read_bytes() for p in (ROOT / "recipes/configs").glob("*.yaml")}
-    expected.update({f"deca_ds/_shipped/ds_configs/{p.name}": p.read_bytes() for p in (ROOT / "ds_configs").glob("*.json")})
+    expected.update({f"deca_ds/_shipped/ds_configs/{p.name}": p.read_bytes()
+                     for p in (ROOT / "ds_configs").glob("*.json")})
     assert shipped == expected  # the repository's files, byte for byte: they stay the source of truth
 
     # Installed (no dependencies: the test environment has them) and run from a directory with no repository.

@@ -122,3 +122,23 @@ def test_print_config_names_every_setting_and_its_source(tmp_path, capsys, monke
 def test_first_run_simulates_clients_only_when_nothing_else_was_asked(overrides, world, device, expected):
     cfg = load_config(None, overrides)
     assert cli.first_run_mode(cfg, cli.setting_sources(None, overrides), world, device) is expected
+
+
+def test_first_run_uses_its_schedule_unless_told_otherwise(capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+
+    def shown(argv):
+        assert cli.run_main(argv + ["--print-config"]) == 0
+        return {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()}
+
+    rows = shown([])
+    assert rows["backend"] == ['"simulate"', "first-run"] and rows["num_clients"] == ["4", "first-run"]
+    for key, value in cli.FIRST_RUN_SETTINGS.items():
+        assert rows[key] == [json.dumps(value), "first-run"]
+    rows = shown(["blocks.switch_every=8"])
+    assert rows["blocks.switch_every"] == ["8", "override"] and rows["max_steps"] == ["288", "first-run"]
+    rows = shown(["--config", "default"])  # a YAML's schedule is kept; only the clients run in-process
+    assert rows["blocks.switch_every"] == ["4", "yaml"] and rows["num_clients"] == ["4", "first-run"]
+    rows = shown(["backend=launcher"])
+    assert rows["backend"] == ['"launcher"', "override"] and rows["max_steps"] == ["192", "default"]

@@ -206,8 +206,10 @@ class ConsensusStep:
                 self.spec.consensus and self.signal == "discrepancy") else None
             self.last_mix_stats = self.mix(masters, step, block_idx)
             opt.sync_params_from_master_()
-            if self.spec.consensus:
-                lr = opt.param_groups[0]["lr"]
+            lr = opt.param_groups[0]["lr"]
+            # A warm-up step at lr 0 (optim.schedule) took no step: a displacement per unit of lr is undefined there
+            # (0/0, or x/0 from the mixing), so that step folds nothing into the moments.
+            if self.spec.consensus and (lr > 0 or self.signal == "raw"):
                 prev = self._snapshot or [None] * len(masters)
                 halves = x_half or [None] * len(masters)
                 signals = [consensus_signal(self.signal, p, h, x, lr) for p, h, x in zip(prev, halves, masters)]

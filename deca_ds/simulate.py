@@ -202,6 +202,11 @@ class Simulation:
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
         self.pad_id = self.tokenizer.pad_token_id
         self.data = [build_client_data(cfg, self.tokenizer, c, n) for c in range(n)]
+        if cfg.epochs is not None:  # as the launcher: the mean client's rows over the rows a client takes per step
+            from deca_ds.lr_schedule import steps_for_epochs
+
+            mean_rows = sum(len(d.train) for d in self.data) / n
+            cfg.max_steps = steps_for_epochs(cfg.epochs, mean_rows, self.micro_batch * self.gas)
         # Memory: one replica per client (the centralized baseline trains one shared model, like its all-reduce).
         replicas = 1 if self.spec.world_data_parallel else n
         self.park = bool(cfg.simulate.park_replicas) and replicas > 1
@@ -283,6 +288,12 @@ class Simulation:
     def lr(self) -> float:
         """Current learning rate."""
         return float(self.optimizers[0].param_groups[0]["lr"])
+
+    def set_lr(self, lr: float) -> None:
+        """Every client's learning rate from the next step on."""
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = float(lr)
 
     def _batches(self, client: int, step: int) -> list[dict[str, torch.Tensor]]:
         from deca_ds.data import batch_for_step
@@ -498,6 +509,10 @@ class SimulatorDriver:
 
     def write_monitor_events(self, events: list[tuple[str, float, int]]) -> None:
         """No DeepSpeed monitors in the simulator."""
+
+    def set_lr(self, lr: float) -> None:
+        """Every client's learning rate from the next step on."""
+        self.sim.set_lr(lr)
 
 
 def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False) -> dict[str, Any]:

@@ -89,3 +89,20 @@ def test_methods_without_consensus_or_gossip():
     assert opt2.calls == ["switch"]
     with pytest.raises(ValueError, match="mix"):
         ConsensusStep(opt2, "deca")
+
+
+@pytest.mark.parametrize("signal, folds", [("qgm", False), ("discrepancy", False), ("raw", True)])
+def test_a_warmup_step_at_lr_zero_folds_no_per_lr_signal(signal, folds):
+    """optim.schedule warms up from lr 0: (x - x_new)/0 is not a signal, so such a step mixes and switches only."""
+    opt = FakeOptimizer(torch.tensor([1.0, -1.0]))
+    opt.param_groups[0]["lr"] = 0.0
+
+    def mix(tensors, step, block_idx):
+        opt.calls.append("mix")
+        tensors[0].mul_(0.5)
+
+    hook = ConsensusStep(opt, "deca", mix=mix, signal=signal)
+    hook.before_step()
+    hook.after_step(0)
+    names = [c if isinstance(c, str) else c[0] for c in opt.calls]
+    assert names == (["mix", "sync", "consensus", "switch"] if folds else ["mix", "sync", "switch"])

@@ -175,7 +175,8 @@ def first_run_mode(cfg, sources: dict[str, str], world_size: int, device_type: s
 def print_config(cfg, sources: dict[str, str], world_size: int, file=None) -> None:
     """Every setting with its value and source, then the DeepSpeed config as the run will use it.
 
-    Sources: ``default``, ``yaml``, ``override``, ``first-run`` (see :func:`first_run_mode`); DeepSpeed keys:
+    Sources: ``default``, ``yaml``, ``override``, ``first-run`` (see :func:`first_run_mode`), ``epochs``
+    (``max_steps`` when ``epochs`` is set: derived from the clients' data at start); DeepSpeed keys:
     ``file`` (as written), ``auto`` (an HF ``"auto"`` value resolved by :func:`deca_ds.ds_config.resolve_auto`),
     ``filled`` (a batch key DeepSpeed derives, :func:`deca_ds.ds_config.check_batch_sizes`).
     """
@@ -186,6 +187,8 @@ def print_config(cfg, sources: dict[str, str], world_size: int, file=None) -> No
 
     file = file or sys.stdout
     rows = [(k, json.dumps(v), sources.get(k, "default")) for k, v in _flatten(cfg.to_dict()).items()]
+    if cfg.epochs is not None:  # max_steps is derived from the data at start (deca_ds.lr_schedule.steps_for_epochs)
+        rows = [(k, "derived", "epochs") if k == "max_steps" else (k, v, src) for k, v, src in rows]
     path = cfg.ds_config
     device = accelerator_type() if cfg.backend == "launcher" else "cpu" if cfg.simulate.device == "cpu" else \
         accelerator_type()

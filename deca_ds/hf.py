@@ -66,14 +66,103 @@ from transformers import Trainer, TrainerCallback
 from deca_ds.config import ConfigError, RunConfig, load_config
 
 __all__ = ["DecaSettings", "DecaTrainerMixin", "DecaTrainer", "deca_trainer_class", "init_distributed",
-           "ClientBatchSampler", "DataCollator"]
+           "ClientBatchSampler", "DataCollator", "schedule_arguments"]
 
 DECA_STATE_NAME = "deca_state.pt"
 """Per-client file next to the Trainer's ``optimizer.pt`` in a checkpoint: the Mixer's cumulative byte counters."""
 
 # Settings that TrainingArguments owns: they are copied from it into the run's settings (see DecaSettings.resolve).
+# The learning-rate schedule and epochs are the Trainer's too (its own scheduler steps BlockAdam's rate), but a
+# deca_ds value set for them must agree with TrainingArguments (see _resolve_schedule).
 _FROM_TRAINING_ARGS = ("optim.lr", "optim.betas", "optim.eps", "optim.weight_decay", "seed", "max_steps",
-                       "output_dir")
+                       "output_dir", "optim.schedule", "optim.warmup_steps", "optim.warmup_ratio", "epochs")
+
+
+def _hf_has_warmup_ratio() -> bool:
+    """transformers < 5 has ``warmup_ratio``; 5.x dropped it and reads ``warmup_steps < 1`` as the ratio."""
+    from transformers import TrainingArguments
+
+    return "warmup_ratio" in TrainingArguments.__dataclass_fields__
+
+
+def schedule_arguments(cfg: RunConfig) -> dict[str, Any]:
+    """``TrainingArguments`` keywords that give the Trainer the learning-rate schedule and length of ``cfg``.
+
+    deca_ds's ``optim.schedule`` names are HF's ``lr_scheduler_type`` names (:mod:`deca_ds.lr_schedule` equals
+    transformers' schedulers step for step) with one exception: HF's ``constant`` ignores any warm-up, so a constant
+    rate after a warm-up is HF's ``constant_with_warmup``. ``epochs`` becomes ``num_train_epochs`` with ``max_steps
+    -1`` (:class:`DecaTrainerMixin` then derives the same step count for every client as the recipe does).
+
+    Args:
+        cfg: the run's settings.
+
+    Returns:
+        ``lr_scheduler_type``, the warm-up (``warmup_steps``, or ``warmup_ratio`` where this transformers has it) and
+        ``max_steps`` (and ``num_train_epochs`` with ``epochs``).
+    """
+    o = cfg.optim
+    warm = o.warmup_steps > 0 or o.warmup_ratio > 0
+    kwargs: dict[str, Any] = {"lr_scheduler_type": o.schedule if o.schedule != "constant" else
+                              ("constant_with_warmup" if warm else "constant")}
+    if o.warmup_steps > 0:
+        kwargs["warmup_steps"] = o.warmup_steps
+    elif o.warmup_ratio > 0:
+        kwargs["warmup_ratio" if _hf_has_warmup_ratio() else "warmup_steps"] = o.warmup_ratio
+    if cfg.epochs is not None:
+        kwargs.update(num_train_epochs=float(cfg.epochs), max_steps=-1)
+    else:
+        kwargs["max_steps"] = cfg.max_steps
+    return kwargs
+
+
+def _hf_schedule(args) -> tuple[str, int, float] | None:
+    """The Trainer's schedule as deca_ds settings ``(optim.schedule, warmup_steps, warmup_ratio)``, or None when
+    deca_ds has no equal (``cosine_with_restarts``, scheduler kwargs, ...)."""
+    name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if getattr(args, "lr_scheduler_kwargs", None):
+        return None
+    ws = float(args.warmup_steps or 0)
+    steps, ratio = (int(ws), 0.0) if ws >= 1 else (0, ws) if ws > 0 else (0, float(getattr(args, "warmup_ratio", 0)
+                                                                                    or 0.0))
+    if name == "constant":  # HF's constant schedule ignores the warm-up settings
+        return "constant", 0, 0.0
+    if name == "constant_with_warmup":
+        return "constant", steps, ratio
+    if name in ("linear", "cosine"):
+        return name, steps, ratio
+    return None
+
+
+def _resolve_schedule(cfg: RunConfig, args) -> None:
+    """Take the Trainer's schedule and length into ``cfg`` (in place); refuse a deca_ds value that disagrees.
+
+    Under DecaTrainer the Trainer's own scheduler sets BlockAdam's rate every step (``lr_scheduler_type``, warm-up,
+    ``num_train_epochs``); deca_ds's per-step ``set_lr`` (the recipe's loop) is not run, so a rate is never applied
+    twice. ``optim.schedule``/``optim.warmup_*``/``epochs`` in the deca_ds settings are therefore only accepted when
+    they say what TrainingArguments says (e.g. one recipe YAML used for both paths).
+
+    Raises:
+        ConfigError: a deca_ds schedule or ``epochs`` that TrainingArguments does not give.
+    """
+    o = cfg.optim
+    ours = (o.schedule, o.warmup_steps, 0.0 if o.warmup_steps > 0 else o.warmup_ratio)
+    theirs = _hf_schedule(args)
+    name = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if ours != ("constant", 0, 0.0) and ours != theirs:
+        flags = " ".join(f"--{k} {v}" for k, v in schedule_arguments(cfg).items() if k != "max_steps"
+                         and k != "num_train_epochs")
+        raise ConfigError(f"optim.schedule={o.schedule} (warm-up steps {o.warmup_steps}, ratio {o.warmup_ratio:g}) "
+                          f"disagrees with TrainingArguments lr_scheduler_type={name} (warmup_steps "
+                          f"{args.warmup_steps}): under DecaTrainer the Trainer's scheduler sets the rate; give the "
+                          f"Trainer {flags} or drop optim.schedule/optim.warmup_* from the deca_ds settings")
+    epoch_based = not (args.max_steps and args.max_steps > 0)
+    if cfg.epochs is not None and (not epoch_based or float(args.num_train_epochs) != float(cfg.epochs)):
+        raise ConfigError(f"epochs={cfg.epochs:g} disagrees with TrainingArguments (max_steps={args.max_steps}, "
+                          f"num_train_epochs={args.num_train_epochs:g}): under DecaTrainer the Trainer counts the "
+                          f"steps; give it --num_train_epochs {cfg.epochs:g} --max_steps -1, or drop epochs")
+    if theirs is not None:
+        cfg.optim = dataclasses.replace(cfg.optim, schedule=theirs[0], warmup_steps=theirs[1], warmup_ratio=theirs[2])
+    cfg.epochs = float(args.num_train_epochs) if epoch_based else None
 
 
 def init_distributed(comm_timeout: float = 300.0) -> None:
@@ -206,10 +295,14 @@ class DecaSettings:
 
     def resolve(self, args) -> RunConfig:
         """The run's settings with what ``TrainingArguments`` owns copied in (lr, betas, eps, weight decay, seed,
-        ``max_steps`` when set, ``output_dir``).
+        ``max_steps`` when set, ``output_dir``, the learning-rate schedule and ``num_train_epochs``).
 
         Args:
             args: the Trainer's ``TrainingArguments`` (or TRL's ``SFTConfig``).
+
+        Raises:
+            ConfigError: ``optim.schedule``/warm-up or ``epochs`` set in the deca_ds settings to something
+                TrainingArguments does not say (the Trainer's scheduler owns the rate; see :func:`schedule_arguments`).
         """
         cfg = dataclasses.replace(self.config)
         cfg.optim = dataclasses.replace(cfg.optim, lr=float(args.learning_rate),
@@ -219,6 +312,7 @@ class DecaSettings:
         if args.max_steps and args.max_steps > 0:
             cfg.max_steps = int(args.max_steps)
         cfg.output_dir = str(args.output_dir)
+        _resolve_schedule(cfg, args)
         return cfg.validate()
 
 
@@ -431,9 +525,15 @@ class DecaTrainerMixin:
         if topology is not None:
             layout.check_topology(topology)
         if getattr(training_args, "deepspeed", None):
-            _check_trainer_ds_config(training_args.hf_deepspeed_config.config, cfg, layout.world_size,
-                                     training_args.per_device_train_batch_size,
+            ds = training_args.hf_deepspeed_config.config
+            _check_trainer_ds_config(ds, cfg, layout.world_size, training_args.per_device_train_batch_size,
                                      training_args.gradient_accumulation_steps)
+            from deca_ds.lr_schedule import uses_schedule
+
+            if "scheduler" in ds and uses_schedule(deca.config):
+                raise ConfigError(f"optim.schedule={deca.config.optim.schedule} (with warm-up) and the ds_config "
+                                  "'scheduler' section both set the learning rate (the Trainer then runs "
+                                  "DeepSpeed's): remove one of them")
         self.deca_config, self.layout = cfg, layout
         self.run_dir = Path(training_args.output_dir)
         self.groups = ClientGroups.create(layout)  # collective, same order everywhere, before DeepSpeed
@@ -459,6 +559,39 @@ class DecaTrainerMixin:
         if not self.is_deepspeed_enabled:
             self._no_world_ddp()
         self.add_callback(_DecaCallback(self))
+
+    # --- the run's length ------------------------------------------------------------------------------------------
+
+    def train(self, *args, **kwargs):
+        """The base class's ``train``, after fixing the run's length for every client (collective).
+
+        With ``max_steps`` unset (``num_train_epochs``), the Trainer would count each client's own rows, and
+        non-IID clients hold different amounts: the clients would stop at different steps while their neighbours
+        wait for a gossip exchange. Every client instead takes the recipe's step count for ``epochs``
+        (:func:`deca_ds.lr_schedule.steps_for_epochs` of the mean client's rows), so the Trainer's schedule,
+        the block schedule and the stop are the same everywhere and equal to ``recipes/finetune.py epochs=N``.
+        """
+        if not (self.args.max_steps and self.args.max_steps > 0):
+            self._steps_from_epochs()
+        return super().train(*args, **kwargs)
+
+    def _steps_from_epochs(self) -> None:
+        from deca_ds.engine import device
+        from deca_ds.lr_schedule import steps_for_epochs
+
+        if self.train_dataset is None:
+            raise ConfigError("DecaTrainer needs a train_dataset: this client's rows")
+        rows = torch.tensor([float(len(self.train_dataset))], dtype=torch.float64, device=device())
+        dist.all_reduce(rows)  # every client has the same number of ranks, each holding the client's rows
+        mean_rows = float(rows) / self.layout.world_size
+        per_step = (self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
+                    * self.layout.ranks_per_client)
+        steps = steps_for_epochs(float(self.args.num_train_epochs), mean_rows, per_step)
+        self.args.max_steps = steps
+        self.deca_config.max_steps = steps
+        if dist.get_rank() == 0:
+            print(f"deca_ds: num_train_epochs={self.args.num_train_epochs:g}: {steps} steps for every client (mean "
+                  f"client {mean_rows:.0f} training rows, {per_step} rows per step)")
 
     # --- model preparation -------------------------------------------------------------------------------------
 
@@ -497,6 +630,8 @@ class DecaTrainerMixin:
                                                   self.mixer.mix_ if self.mixer is not None else None)
             opt.register_step_pre_hook(self._before_optimizer_step)
             opt.register_step_post_hook(self._after_optimizer_step)
+            if dist.get_rank() == 0 and self.args.max_steps and self.args.max_steps > 0:
+                opt.schedule.warn_if_incomplete(int(self.args.max_steps))  # as the recipe: blocks never trained
             self.optimizer = opt
             self.block_optimizer = opt
         return self.optimizer
@@ -550,7 +685,9 @@ class DecaTrainerMixin:
         nonfinite = not all_finite(self._micro_losses) or not grads_finite(optimizer.active_params())
         if nonfinite:  # never applied; the schedule still advances (nan_policy=skip)
             optimizer.skip_next_step = True
-        self._step_figures = {"nonfinite": nonfinite, "block": optimizer.active_block_idx, "bytes_sent": 0}
+        # The rate this step uses: the Trainer's scheduler moves it to the next step's before on_step_end.
+        self._step_figures = {"nonfinite": nonfinite, "block": optimizer.active_block_idx, "bytes_sent": 0,
+                              "lr": float(optimizer.param_groups[0]["lr"])}
         self.consensus.before_step()
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
@@ -721,8 +858,9 @@ class _DecaCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_step_end(self, args, state, control, **kwargs):
-        opt = self.trainer.block_optimizer
-        self.trainer._record_step(state.global_step - 1, float(opt.param_groups[0]["lr"]))
+        trainer = self.trainer
+        lr = trainer._step_figures.get("lr", float(trainer.block_optimizer.param_groups[0]["lr"]))
+        trainer._record_step(state.global_step - 1, lr)
         return control
 
     def on_train_end(self, args, state, control, **kwargs):

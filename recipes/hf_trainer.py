@@ -6,8 +6,9 @@
         model.path=/models/Qwen2.5-0.5B-Instruct model.dtype=bf16 data.path=/data/alpaca.jsonl topology.name=exponential
 
 ``--flags`` are ``TrainingArguments``; ``key=value`` items and ``--deca_config recipes/configs/X.yaml`` are deca_ds
-settings (model, data, method, blocks, topology, clients, deca, gossip: the recipe's keys). Without flags the
-Trainer gets the recipe's defaults (learning rate, steps, seed, micro-batch 8, a constant schedule, clipping 1.0), so
+settings (model, data, method, blocks, topology, clients, deca, gossip, and optim.schedule/warm-up/epochs, which
+become the Trainer's own --lr_scheduler_type/--warmup_steps/--num_train_epochs). Without flags the Trainer gets the
+recipe's settings (learning rate, steps, seed, micro-batch 8, the recipe's schedule, clipping 1.0), so
 ``recipes/finetune.py`` and this script compute the same losses (tests/integration/test_hf_trainer.py).
 What differs from an ordinary Trainer script is marked DECA.
 """
@@ -20,13 +21,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def recipe_defaults(cfg) -> list[str]:
-    """TrainingArguments flags that give the recipe's defaults (any flag given later on the command line wins)."""
+    """TrainingArguments flags that give the recipe's settings (any flag given later on the command line wins):
+    ``optim.schedule``, ``optim.warmup_*`` and ``epochs`` become the Trainer's ``--lr_scheduler_type``, warm-up and
+    ``--num_train_epochs`` (deca_ds.hf.schedule_arguments), so the Trainer's own scheduler runs the recipe's
+    schedule."""
+    from deca_ds.hf import schedule_arguments
+
     o = cfg.optim
-    return ["--output_dir", cfg.output_dir, "--max_steps", str(cfg.max_steps), "--seed", str(cfg.seed),
-            "--learning_rate", str(o.lr), "--adam_beta1", str(o.betas[0]), "--adam_beta2", str(o.betas[1]),
-            "--adam_epsilon", str(o.eps), "--weight_decay", str(o.weight_decay), "--per_device_train_batch_size", "8",
-            "--lr_scheduler_type", "constant", "--max_grad_norm", "1.0", "--logging_steps", "10",
-            "--save_strategy", "no", "--report_to", "none"]
+    flags = ["--output_dir", cfg.output_dir, "--seed", str(cfg.seed),
+             "--learning_rate", str(o.lr), "--adam_beta1", str(o.betas[0]), "--adam_beta2", str(o.betas[1]),
+             "--adam_epsilon", str(o.eps), "--weight_decay", str(o.weight_decay), "--per_device_train_batch_size", "8",
+             "--max_grad_norm", "1.0", "--logging_steps", "10", "--save_strategy", "no", "--report_to", "none"]
+    for key, value in schedule_arguments(cfg).items():
+        flags += [f"--{key}", str(value)]
+    return flags
 
 
 def main(argv=None) -> int:

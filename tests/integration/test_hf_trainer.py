@@ -13,7 +13,9 @@ into an lr-sized step, so "close" runs cannot be told from different ones.
 2 ranks run through ``deepspeed --deepspeed ds_configs/hf_auto.json`` (HF "auto" values, the ClientGroups mpu), 4 ranks
 through plain ``torchrun`` (Accelerate without DDP, the trainer's own client all-reduce and clipping). The DeepSpeed
 run also checkpoints at step 10, and a run stopped there and resumed with ``--resume_from_checkpoint True`` ends
-equal to the uninterrupted one.
+equal to the uninterrupted one. A third test runs a cosine schedule with warm-up over ``epochs``: the Trainer's own
+scheduler (from the recipe's settings) gives BlockAdam the rates ``recipes/finetune.py`` sets, every client takes
+the same number of steps although they hold different amounts of data, and a resume restores the schedule.
 """
 
 import json
@@ -57,8 +59,8 @@ def figures(out: Path) -> dict[tuple[int, int], tuple]:
             for r in recs if "loss" in r}
 
 
-def assert_equal_runs(a: dict, b: dict, clients: int) -> None:
-    assert sorted(a) == sorted(b) == [(s, c) for s in range(STEPS) for c in range(clients)]
+def assert_equal_runs(a: dict, b: dict, clients: int, steps: int = STEPS) -> None:
+    assert sorted(a) == sorted(b) == [(s, c) for s in range(steps) for c in range(clients)]
     for key in a:
         assert a[key] == b[key], (key, a[key], b[key])
     assert len({v[1] for v in a.values()}) >= 4, "the run should visit several blocks"
@@ -148,3 +150,33 @@ def test_trl_sft_trainer_two_clients_equal_finetune(tmp_path):
     torchrun(2, FT_RECIPE, f"output_dir={ft}", f"max_steps={STEPS}", *DATA)
     torchrun(2, str(script), str(sft), str(STEPS))
     assert_equal_runs(figures(ft), figures(sft), 2)
+
+
+# 2 clients of the 600-row task hold 166 and 320 training rows: alone, the Trainer would give them ceil(0.6 * 21) = 13
+# and ceil(0.6 * 40) = 24 steps; the recipe's rule (mean client) gives ceil(0.6 * 243 / 8) = 19 to both.
+SCHEDULE = ["optim.schedule=cosine", "optim.warmup_steps=3", "epochs=0.6"]
+SCHEDULE_STEPS = 19
+
+
+def test_trainer_schedule_and_epochs_equal_finetune_and_resume(tmp_path):
+    from deca_ds.config import load_config
+    from deca_ds.lr_schedule import lr_at
+
+    ft, hf, resumed = tmp_path / "finetune", tmp_path / "hf", tmp_path / "hf_resumed"
+    torchrun(2, FT_RECIPE, f"output_dir={ft}", *SCHEDULE, *DATA)
+    torchrun(2, HF_RECIPE, "--output_dir", str(hf), "--save_strategy", "steps", "--save_steps", "10", *SCHEDULE,
+             *DATA)
+    a, b = figures(ft), figures(hf)
+    assert_equal_runs(a, b, 2, steps=SCHEDULE_STEPS)  # losses, blocks, bytes, distances and the rate of every step
+    # The rate each step used is the closed form (one rate, not the Trainer's and deca_ds's schedules applied twice).
+    cfg = load_config(None, [*SCHEDULE, f"max_steps={SCHEDULE_STEPS}"])
+    assert [b[(s, 0)][4] for s in range(SCHEDULE_STEPS)] == [lr_at(cfg, s) for s in range(SCHEDULE_STEPS)]
+    assert b[(0, 0)][4] == 0.0 and max(b[(s, 0)][4] for s in range(SCHEDULE_STEPS)) == cfg.optim.lr
+
+    # Resume from checkpoint-10 (the Trainer's scheduler.pt and BlockAdam's rate restored): the same run.
+    shutil.copytree(hf, resumed)
+    for c in range(2):
+        shutil.rmtree(resumed / f"client_{c}" / f"checkpoint-{SCHEDULE_STEPS}")
+    torchrun(2, HF_RECIPE, "--output_dir", str(resumed), "--save_strategy", "steps", "--save_steps", "10",
+             "--resume_from_checkpoint", "True", *SCHEDULE, *DATA)
+    assert_equal_runs(b, figures(resumed), 2, steps=SCHEDULE_STEPS)

@@ -142,3 +142,16 @@ def test_first_run_uses_its_schedule_unless_told_otherwise(capsys, monkeypatch):
     assert rows["blocks.switch_every"] == ["4", "yaml"] and rows["num_clients"] == ["4", "first-run"]
     rows = shown(["backend=launcher"])
     assert rows["backend"] == ['"launcher"', "override"] and rows["max_steps"] == ["192", "default"]
+
+
+def test_print_config_shows_the_schedule_and_epochs_with_their_sources(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    yaml_path = tmp_path / "r.yaml"
+    yaml_path.write_text("optim:\n  schedule: cosine\n  warmup_ratio: 0.1\n")
+    assert cli.run_main(["--config", str(yaml_path), "epochs=3", "backend=launcher", "--print-config"]) == 0
+    rows = {line.split()[0]: line.split()[1:] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert rows["optim.schedule"] == ['"cosine"', "yaml"]
+    assert rows["optim.warmup_ratio"] == ["0.1", "yaml"]
+    assert rows["optim.warmup_steps"] == ["0", "default"]
+    assert rows["epochs"] == ["3", "override"] or rows["epochs"] == ["3.0", "override"]
+    assert rows["max_steps"] == ["derived", "epochs"]  # the step count comes from the data, at start

@@ -9,7 +9,8 @@ import torch
 
 from deca_ds.config import ConfigError
 from deca_ds.gossip import ClientLayout
-from deca_ds.hf import ClientBatchSampler, DataCollator, DecaSettings, _check_trainer_ds_config, _client_args
+from deca_ds.hf import (ClientBatchSampler, DataCollator, DecaSettings, _check_trainer_ds_config, _client_args,
+                        schedule_arguments)
 
 
 def training_args(**kw):
@@ -113,3 +114,75 @@ def test_every_client_saves_its_own_checkpoints_and_the_args_pickle_plainly():
     loaded = torch.load(buf, weights_only=False)
     assert type(loaded) is TrainingArguments and loaded.output_dir == "runs/x/client_1"
     assert "_deca_writer" not in vars(pickle.loads(pickle.dumps(writer)))
+
+
+# --- the learning-rate schedule: the Trainer's scheduler owns it, deca_ds's settings must agree ----------------------
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["optim.warmup_steps=4"],                          # HF: constant_with_warmup (HF's "constant" ignores warm-up)
+    ["optim.schedule=linear", "optim.warmup_ratio=0.25"],
+    ["optim.schedule=cosine", "optim.warmup_steps=3"],
+    ["optim.schedule=cosine"],
+])
+def test_schedule_arguments_give_the_trainer_the_recipes_rates(overrides):
+    """The Trainer's own scheduler, built from schedule_arguments(cfg) as Trainer.create_scheduler builds it, gives
+    BlockAdam the rate deca_ds.lr_schedule.lr_at gives the recipe at every step. Both evaluate the same float
+    expression (base rate times the same factor), so they are compared with ==."""
+    from transformers import get_scheduler
+
+    from deca_ds.config import load_config
+    from deca_ds.lr_schedule import lr_at
+
+    cfg = load_config(None, overrides + ["max_steps=17", "optim.lr=2e-3"])
+    kwargs = schedule_arguments(cfg)
+    args = training_args(learning_rate=cfg.optim.lr, **kwargs)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=cfg.optim.lr)
+    sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.get_warmup_steps(args.max_steps),
+                          num_training_steps=args.max_steps)
+    seen = []
+    for _ in range(cfg.max_steps):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == [lr_at(cfg, s) for s in range(cfg.max_steps)]
+    # ... and the settings the Trainer reads back are the recipe's (nothing is changed or applied twice).
+    resolved = DecaSettings(overrides=overrides).resolve(args).optim
+    assert (resolved.schedule, resolved.warmup_steps, resolved.warmup_ratio) == (
+        cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.warmup_ratio)
+
+
+def test_the_trainers_schedule_and_epochs_are_taken_into_the_settings():
+    cfg = DecaSettings().resolve(training_args(lr_scheduler_type="cosine", warmup_steps=5, max_steps=40))
+    assert (cfg.optim.schedule, cfg.optim.warmup_steps, cfg.epochs, cfg.max_steps) == ("cosine", 5, None, 40)
+    cfg = DecaSettings().resolve(training_args(lr_scheduler_type="constant", warmup_steps=5, max_steps=40))
+    assert (cfg.optim.schedule, cfg.optim.warmup_steps) == ("constant", 0)  # what HF's constant schedule does
+    cfg = DecaSettings().resolve(training_args(num_train_epochs=2.5))  # HF's defaults: linear, epochs
+    assert (cfg.optim.schedule, cfg.epochs) == ("linear", 2.5)
+    # A schedule deca_ds has no name for stays the Trainer's; the settings keep their (unused) constant.
+    cfg = DecaSettings().resolve(training_args(lr_scheduler_type="inverse_sqrt", max_steps=10))
+    assert cfg.optim.schedule == "constant"
+
+
+@pytest.mark.parametrize("overrides,kw,match", [
+    (["optim.schedule=cosine"], {"lr_scheduler_type": "linear", "max_steps": 10},
+     "optim.schedule=cosine.*disagrees with TrainingArguments lr_scheduler_type=linear.*--lr_scheduler_type cosine"),
+    (["optim.warmup_steps=4"], {"lr_scheduler_type": "constant", "max_steps": 10},
+     "--lr_scheduler_type constant_with_warmup --warmup_steps 4"),
+    (["optim.schedule=linear", "optim.warmup_steps=4"], {"lr_scheduler_type": "linear", "warmup_steps": 2,
+                                                         "max_steps": 10}, "warmup_steps 2"),
+    (["epochs=2"], {"lr_scheduler_type": "constant", "max_steps": 10},
+     "epochs=2 disagrees.*--num_train_epochs 2 --max_steps -1"),
+    (["epochs=2"], {"lr_scheduler_type": "constant", "num_train_epochs": 3}, "epochs=2 disagrees"),
+])
+def test_a_deca_schedule_the_trainer_does_not_run_is_refused(overrides, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        DecaSettings(overrides=overrides).resolve(training_args(**kw))
+
+
+def test_an_agreeing_deca_schedule_is_accepted():
+    cfg = DecaSettings(overrides=["optim.schedule=cosine", "optim.warmup_steps=3", "epochs=2"]).resolve(
+        training_args(lr_scheduler_type="cosine", warmup_steps=3, num_train_epochs=2))
+    assert (cfg.optim.schedule, cfg.optim.warmup_steps, cfg.epochs) == ("cosine", 3, 2.0)

@@ -581,6 +581,9 @@ class DecaTrainerMixin:
 
         if self.train_dataset is None:
             raise ConfigError("DecaTrainer needs a train_dataset: this client's rows")
+        if not hasattr(self.train_dataset, "__len__"):
+            raise ConfigError("num_train_epochs needs a train_dataset with a length (an iterable dataset has none): "
+                              "give TrainingArguments max_steps instead")
         rows = torch.tensor([float(len(self.train_dataset))], dtype=torch.float64, device=device())
         dist.all_reduce(rows)  # every client has the same number of ranks, each holding the client's rows
         mean_rows = float(rows) / self.layout.world_size

@@ -25,8 +25,9 @@ def test_wheel_ships_the_configs_and_deca_ds_run_finds_them(tmp_path):
             (src / name).parent.mkdir(parents=True, exist_ok=True)
             (src / name).write_bytes((ROOT / name).read_bytes())
     dist = tmp_path / "dist"
+    offline = dict(os.environ, PIP_NO_INDEX="1")  # pip must not reach an index: tests run without network
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(src)], check=True, capture_output=True, text=True, timeout=300)
+                    str(src)], check=True, capture_output=True, text=True, timeout=300, env=offline)
     (wheel,) = dist.glob("deca_ds-*.whl")
     with zipfile.ZipFile(wheel) as z:
         shipped = {n: z.read(n) for n in z.namelist() if n.startswith("deca_ds/_shipped/")}
@@ -38,7 +39,7 @@ def test_wheel_ships_the_configs_and_deca_ds_run_finds_them(tmp_path):
     # Installed (no dependencies: the test environment has them) and run from a directory with no repository.
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-                   check=True, capture_output=True, text=True, timeout=300)
+                   check=True, capture_output=True, text=True, timeout=300, env=offline)
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = dict(os.environ, PYTHONPATH=str(site), DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")

@@ -21,12 +21,55 @@ from deca_ds.config import ConfigError, RunConfig
 REPO_DS_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 DEFAULT_MICRO_BATCH = 8
 
-__all__ = ["REPO_DS_CONFIGS", "DEFAULT_MICRO_BATCH", "default_ds_config_path", "load_ds_config", "check_ds_config",
-           "check_batch_sizes", "data_parallel_size", "zero_stage", "uses_activation_checkpointing"]
+__all__ = ["REPO_DS_CONFIGS", "DEFAULT_MICRO_BATCH", "shipped_dir", "shipped_path", "default_ds_config_path",
+           "load_ds_config", "resolve_auto", "check_ds_config", "check_batch_sizes", "data_parallel_size",
+           "zero_stage", "uses_activation_checkpointing"]
+
+SHIPPED = {"ds_configs": ("ds_configs",), "configs": ("recipes", "configs")}
+"""Files shipped with deca_ds, by kind -> their folder in the repository (the source of truth). A wheel carries a
+copy under ``deca_ds/_shipped/<kind>/`` (setup.py's build step), so a plain ``pip install`` finds them too."""
+
+
+def shipped_dir(kind: str) -> Path:
+    """The folder of shipped ``kind`` files (``ds_configs`` or ``configs``, the recipe YAMLs).
+
+    The repository's own folder when deca_ds runs from a checkout (editable installs included), else the copy
+    installed with the package.
+
+    Raises:
+        ValueError: an unknown kind.
+    """
+    if kind not in SHIPPED:
+        raise ValueError(f"unknown kind of shipped file {kind!r}: use one of {', '.join(SHIPPED)}")
+    repo = Path(__file__).resolve().parents[1].joinpath(*SHIPPED[kind])
+    if repo.is_dir():
+        return repo
+    return Path(__file__).resolve().parent / "_shipped" / kind
+
+
+def shipped_path(path: str | os.PathLike, kind: str = "ds_configs") -> Path:
+    """``path`` as given when it exists; else, when it names a shipped file (``ds_configs/gpu_bf16.json``,
+    ``gpu_bf16.json``, ``gpu_bf16``), that file in :func:`shipped_dir`. Lets the shipped recipes' relative
+    ``ds_config: ds_configs/X.json`` work from any directory and from a pip install.
+
+    Returns:
+        The path to use (``path`` itself when nothing shipped matches; the caller reports it missing).
+    """
+    given = Path(path)
+    if given.is_file():
+        return given
+    suffix = ".json" if kind == "ds_configs" else ".yaml"
+    name = given.name if given.suffix else given.name + suffix
+    if len(given.parts) == 1 or given.parts[-2] in (kind, "configs"):
+        candidate = shipped_dir(kind) / name
+        if candidate.is_file():
+            return candidate
+    return given
 
 
 def default_ds_config_path(device_type: str | None = None) -> Path:
-    """``ds_configs/cpu_fp32.json`` on the CPU, else ``ds_configs/gpu_bf16.json``.
+    """``ds_configs/cpu_fp32.json`` on the CPU, else ``ds_configs/gpu_bf16.json`` (shipped copies, see
+    :func:`shipped_dir`).
 
     Args:
         device_type: the accelerator type (default: :func:`deca_ds.devices.accelerator_type`).
@@ -35,7 +78,7 @@ def default_ds_config_path(device_type: str | None = None) -> Path:
         from deca_ds.devices import accelerator_type
 
         device_type = accelerator_type()
-    return REPO_DS_CONFIGS / ("cpu_fp32.json" if device_type == "cpu" else "gpu_bf16.json")
+    return shipped_dir("ds_configs") / ("cpu_fp32.json" if device_type == "cpu" else "gpu_bf16.json")
 
 
 def load_ds_config(path: str | os.PathLike | None, device_type: str | None = None) -> dict[str, Any]:
@@ -50,9 +93,10 @@ def load_ds_config(path: str | os.PathLike | None, device_type: str | None = Non
     """
     if path is None:
         path = default_ds_config_path(device_type)
-        if not Path(path).is_file():  # installed without the repository: same settings as cpu_fp32.json
+        if not Path(path).is_file():  # installed without the shipped files: same settings as cpu_fp32.json
             return {"train_micro_batch_size_per_gpu": DEFAULT_MICRO_BATCH, "gradient_accumulation_steps": 1,
                     "steps_per_print": 1000000, "wall_clock_breakdown": False}
+    path = shipped_path(path)
     if not Path(path).is_file():
         raise ConfigError(f"ds_config={str(path)!r} does not exist: give the path of a DeepSpeed JSON "
                           "(see ds_configs/)")
@@ -205,10 +249,138 @@ def data_parallel_size(cfg: RunConfig, world_size: int | None) -> int | None:
     return world_size
 
 
+AUTO = "auto"
+"""Hugging Face's placeholder in a DeepSpeed JSON: "fill this from the training settings"."""
+
+
+def _hidden_size(cfg: RunConfig) -> int:
+    """The model's hidden size, from its config.json alone (the embedded model's without files)."""
+    from deca_ds.models import embedded_model_config
+
+    if cfg.model.path is None:
+        return int(embedded_model_config().hidden_size)
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(cfg.model.path)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.path={cfg.model.path!r}: its config.json cannot be read to fill the ds_config's "
+                          f"\"auto\" bucket sizes ({str(e).splitlines()[0][:120]}): give numbers instead") from None
+    config = getattr(config, "text_config", None) or config
+    if getattr(config, "hidden_size", None):
+        return int(config.hidden_size)
+    if getattr(config, "hidden_sizes", None):
+        return int(max(config.hidden_sizes))
+    raise ConfigError(f"model.path={cfg.model.path!r} has neither hidden_size nor hidden_sizes: replace the "
+                      "ds_config's \"auto\" bucket sizes by numbers")
+
+
+def resolve_auto(ds: dict[str, Any], cfg: RunConfig, data_parallel: int | None) -> dict[str, Any]:
+    """Replace Hugging Face's ``"auto"`` values in a DeepSpeed config, in place, the way the HF Trainer resolves them.
+
+    The Trainer fills ``"auto"`` from its ``TrainingArguments`` (``transformers.integrations.deepspeed.
+    HfTrainerDeepSpeedConfig.trainer_config_process``/``trainer_config_finalize``, then Accelerate's
+    ``_prepare_deepspeed``); a recipe has no ``TrainingArguments``, so each key takes the recipe's equivalent of the
+    argument HF reads, or the argument's default where the recipe has none:
+
+    Key -> what HF fills it from -> what it becomes here:
+
+    - ``train_micro_batch_size_per_gpu``: ``per_device_train_batch_size`` -> 8, the recipe's micro-batch;
+    - ``gradient_accumulation_steps``: ``gradient_accumulation_steps`` -> 1;
+    - ``train_batch_size``: world size x micro x accumulation -> DeepSpeed's data-parallel ranks (one client's, see
+      :func:`data_parallel_size`) x micro x accumulation;
+    - ``gradient_clipping``: ``max_grad_norm`` (default 1.0) -> 1.0;
+    - ``optimizer.params.lr/betas/eps/weight_decay``: the Adam arguments -> ``optim.*`` (the section itself is then
+      refused: BlockAdam is the optimizer);
+    - ``scheduler.params.warmup_min_lr`` -> 0; ``warmup_max_lr``: ``learning_rate`` -> ``optim.lr``;
+      ``total_num_steps``: the run's steps -> ``max_steps``; ``warmup_num_steps``: max(1, warmup steps) -> 1 (the
+      recipe has no warmup setting);
+    - ``fp16.enabled``: ``fp16`` -> false; ``bf16.enabled``: ``bf16`` -> ``model.dtype == bf16`` under ZeRO 1-3, false
+      at stage 0 (BlockAdam keeps the fp32 master of bf16 weights itself);
+    - ``zero_optimization.reduce_bucket_size`` -> hidden², ``stage3_prefetch_bucket_size`` -> int(0.9 hidden²),
+      ``stage3_param_persistence_threshold`` -> 10 hidden (hidden size from the model's config.json, as HF and
+      Accelerate do), ``stage3_gather_16bit_weights_on_model_save`` -> false (Accelerate's value).
+
+    Args:
+        ds: the DeepSpeed config dict (changed in place).
+        cfg: the run's settings.
+        data_parallel: DeepSpeed's data-parallel ranks (:func:`data_parallel_size`); None when unknown (then an
+            ``"auto"`` ``train_batch_size`` is dropped: DeepSpeed derives it from the other two keys).
+
+    Returns:
+        ``{dotted key: resolved value}`` of every value that was ``"auto"`` (empty when none was).
+
+    Raises:
+        ConfigError: ``"auto"`` at a key HF does not fill either.
+    """
+    resolved: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> list[str]:
+        if isinstance(node, dict):
+            return [k for key, v in node.items() for k in walk(v, f"{prefix}{key}.")]
+        return [prefix[:-1]] if node == AUTO else []
+
+    keys = walk(ds, "")
+    if not keys:
+        return resolved
+    o = cfg.optim
+    micro = ds.get("train_micro_batch_size_per_gpu")
+    micro = DEFAULT_MICRO_BATCH if micro in (None, AUTO) else micro
+    gas = ds.get("gradient_accumulation_steps")
+    gas = 1 if gas in (None, AUTO) else gas
+    stage = _section(ds, "zero_optimization").get("stage", 0)
+    hidden: list[int] = []
+
+    def h() -> int:
+        if not hidden:
+            hidden.append(_hidden_size(cfg))
+        return hidden[0]
+
+    values = {
+        "train_micro_batch_size_per_gpu": lambda: micro,
+        "gradient_accumulation_steps": lambda: gas,
+        "train_batch_size": lambda: None if data_parallel is None or not isinstance(micro, int)
+        or not isinstance(gas, int) else micro * gas * data_parallel,
+        "gradient_clipping": lambda: 1.0,
+        "optimizer.params.lr": lambda: o.lr,
+        "optimizer.params.betas": lambda: list(o.betas),
+        "optimizer.params.eps": lambda: o.eps,
+        "optimizer.params.weight_decay": lambda: o.weight_decay,
+        "scheduler.params.warmup_min_lr": lambda: 0,
+        "scheduler.params.warmup_max_lr": lambda: o.lr,
+        "scheduler.params.total_num_steps": lambda: cfg.max_steps,
+        "scheduler.params.warmup_num_steps": lambda: 1,
+        "fp16.enabled": lambda: False,
+        "bf16.enabled": lambda: cfg.model.dtype == "bf16" and stage in (1, 2, 3),
+        "bfloat16.enabled": lambda: cfg.model.dtype == "bf16" and stage in (1, 2, 3),
+        "zero_optimization.reduce_bucket_size": lambda: h() * h(),
+        "zero_optimization.stage3_prefetch_bucket_size": lambda: int(0.9 * h() * h()),
+        "zero_optimization.stage3_param_persistence_threshold": lambda: 10 * h(),
+        "zero_optimization.stage3_gather_16bit_weights_on_model_save": lambda: False,
+    }
+    unknown = [k for k in keys if k not in values]
+    if unknown:
+        raise ConfigError(f"ds_config {unknown[0]}=\"auto\": neither the Hugging Face Trainer nor deca_ds fills this "
+                          "key: give a value")
+    for key in keys:
+        value = values[key]()
+        *parents, last = key.split(".")
+        node = ds
+        for part in parents:
+            node = node[part]
+        if value is None:
+            del node[last]
+        else:
+            node[last] = value
+        resolved[key] = value
+    return resolved
+
+
 def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int | None = None) -> None:
     """Refuse DeepSpeed settings that silently break block-wise training, with the fix in one line.
 
-    Every section is type-checked first (a bare value where DeepSpeed expects an object is refused). Stage 0
+    Every section is type-checked first (a bare value where DeepSpeed expects an object is refused) and Hugging Face
+    ``"auto"`` values are resolved as the HF Trainer resolves them (:func:`resolve_auto`). Stage 0
     (``deca_ds.engine.DecaEngine``): no bf16/fp16 section (BlockAdam keeps the fp32 master itself) and no offload.
     Stages 1-3 (``deca_ds.engine.ZeroBlockEngine``): a ``bf16`` section only with ``model.dtype=bf16``, no fp16,
     optimizer offload to the CPU allowed, parameter offload refused. Batch keys are filled and checked as DeepSpeed
@@ -225,6 +397,9 @@ def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int | None =
     """
     if not isinstance(ds, dict):
         raise ConfigError(f"ds_config must be a JSON object, got {type(ds).__name__}: write {{...}} at the top level")
+    for key in OBJECT_SECTIONS:
+        _section(ds, key)
+    resolve_auto(ds, cfg, data_parallel_size(cfg, world_size))
     for key in OBJECT_SECTIONS:
         _section(ds, key)
     zero = _section(ds, "zero_optimization")

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 
@@ -264,7 +264,8 @@ def truncate_jsonl_after(path: str | os.PathLike, step: int) -> None:
 
 
 def make_progress(console: Console | None = None) -> Progress:
-    """Rank 0's progress bar: step, round, active block, loss, tokens/s."""
+    """Rank 0's progress bar: step, round, active block, loss, tokens/s, elapsed time and the estimated time left
+    (rich's speed estimate over the recent steps)."""
     return Progress(
         TextColumn("[bold]step {task.completed}/{task.total}"),
         BarColumn(),
@@ -272,9 +273,64 @@ def make_progress(console: Console | None = None) -> Progress:
         TextColumn("loss {task.fields[loss]:.4f}"),
         TextColumn("{task.fields[tps]:.0f} tok/s"),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         console=console,
         transient=False,
     )
+
+
+PLOT_NAME = "training.png"
+"""The figure every run writes next to ``metrics.jsonl`` (:func:`plot_run`)."""
+
+
+def plot_run(output_dir: str | os.PathLike, path: str | os.PathLike | None = None) -> Path | None:
+    """Draw each client's training loss and consensus distance over steps from ``output_dir/metrics.jsonl``.
+
+    Two panels sharing the step axis: the loss per client (log scale) and the consensus distance per client (RMS
+    distance of the trained block from the clients' average; 0 at agreement, absent for a single client or a method
+    without gossip). Evaluation records and non-finite values are left out.
+
+    Args:
+        output_dir: the run's directory.
+        path: the PNG to write (default ``output_dir/training.png``).
+
+    Returns:
+        The PNG's path, or None when ``metrics.jsonl`` holds no step record.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    output_dir = Path(output_dir)
+    src = output_dir / "metrics.jsonl"
+    records = [r for r in read_jsonl(src) if "loss" in r] if src.is_file() else []
+    if not records:
+        return None
+    clients = sorted({r["client"] for r in records})
+    fig, (ax_loss, ax_dist) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for c in clients:
+        mine = sorted((r for r in records if r["client"] == c), key=lambda r: r["step"])
+        steps = [r["step"] + 1 for r in mine]
+        loss = [r["loss"] if r["loss"] is not None and math.isfinite(r["loss"]) else float("nan") for r in mine]
+        dist = [r.get("consensus_distance") or 0.0 for r in mine]
+        ax_loss.plot(steps, loss, lw=1, label=f"client {c}")
+        ax_dist.plot(steps, dist, lw=1, label=f"client {c}")
+    ax_loss.set_yscale("log")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.set_title(f"{len(clients)} client(s): loss and consensus distance per step")
+    ax_dist.set_ylabel("consensus distance (RMS)")
+    ax_dist.set_xlabel("optimizer step")
+    if len(clients) <= 10:
+        ax_loss.legend(fontsize=7, ncol=2)
+    for ax in (ax_loss, ax_dist):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    out = Path(path) if path is not None else output_dir / PLOT_NAME
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def summary_table(clients: Iterable[dict[str, Any]], consensus: dict[str, Any] | None) -> Table:

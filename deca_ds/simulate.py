@@ -563,7 +563,7 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
     from rich.console import Console
 
     from deca_ds.data import evaluate
-    from deca_ds.metrics import JsonlWriter
+    from deca_ds.metrics import JsonlWriter, plot_run
 
     if cfg.resume or cfg.checkpoint_every:
         raise ConfigError("backend=simulate does not write or resume checkpoints: set resume=false and "
@@ -604,4 +604,5 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
                "num_clients": sim.num_clients, "clients": clients, "consensus": consensus,
                "train_seconds": outcome.train_seconds, "wall_seconds": time.perf_counter() - t0}
     write_summary(out, summary, None if quiet else console)
+    plot_run(out)  # training.png: every client's loss and consensus distance over steps
     return summary

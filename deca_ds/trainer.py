@@ -331,7 +331,7 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     from deca_ds.ds_config import uses_activation_checkpointing
     from deca_ds.engine import build_engine, setup_distributed
     from deca_ds.gossip import ClientGroups, Mixer
-    from deca_ds.metrics import JsonlWriter, truncate_jsonl_after
+    from deca_ds.metrics import JsonlWriter, plot_run, truncate_jsonl_after
     from deca_ds.models import load_model_and_tokenizer
     from deca_ds.summary import finish
 
@@ -400,6 +400,8 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
         dist.destroy_process_group()
         return None
     summary = finish(cfg, engine, data, tokenizer, layout, out, outcome.last_loss, console)
+    if rank == 0:
+        plot_run(out)  # training.png: every client's loss and consensus distance over steps
     engine.close()
     # Tear the process group down explicitly: left to interpreter exit, gloo's threads occasionally abort the
     # process ("terminate called without an active exception") after the run has finished.

@@ -1,14 +1,15 @@
 """Decentralized full-parameter fine-tuning with DECA on DeepSpeed: one client per rank (or per group of ranks).
 
-    deepspeed recipes/finetune.py                                   # embedded default, one client per GPU
+    deepspeed recipes/finetune.py                                   # one client per GPU; no GPU: 4 clients in-process
     deepspeed --num_gpus 4 recipes/finetune.py                      # four clients (CPU-only machines too)
     deepspeed recipes/finetune.py --config recipes/configs/X.yaml optim.lr=1e-4 topology.name=exponential
-    torchrun --nproc_per_node 4 recipes/finetune.py --config recipes/configs/default.yaml
+    deepspeed recipes/finetune.py --deepspeed ds_configs/hf_auto.json --print-config
+    torchrun --nproc_per_node 4 recipes/finetune.py --config default
 
-The recipe only wires things together; everything else lives in deca_ds (config -> trainer.run).
+The recipe only wires things together: arguments -> settings -> deca_ds.trainer.run (or deca_ds.simulate with every
+client in one process); ``deca-ds run`` is the same recipe (deca_ds.cli.run_main).
 """
 
-import argparse
 import os
 import sys
 
@@ -17,45 +18,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def parse_args(argv=None):
-    """Recipe arguments: ``--config``, dotted overrides, and what the launchers add."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="recipe YAML (see recipes/configs/); default: the embedded default")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value settings, e.g. optim.lr=1e-4")
-    parser.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
-                        help="DeepSpeed JSON (same as ds_config=PATH)")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help="set by the deepspeed launcher")
-    return parser.parse_args(argv)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    from deca_ds.config import ConfigError, load_config
-    from deca_ds.errors import EXIT_CONFIG, EXIT_FAULT, EXIT_NONFINITE, describe_fault
-    from deca_ds.loop import NonFiniteError
-    from deca_ds.trainer import run
+    from deca_ds.cli import run_main
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if cfg.backend == "simulate":  # every client in this one process (deca_ds.simulate)
-            from deca_ds.simulate import run_simulation
-
-            run_simulation(cfg)
-        else:
-            run(cfg, ds_config_path=args.deepspeed_config)
-    except ConfigError as e:
-        print(f"deca_ds: error: {e}", file=sys.stderr)
-        return EXIT_CONFIG
-    except NonFiniteError as e:
-        print(f"deca_ds: stopped: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except Exception as e:  # a fault only start-up could not rule out: one line on every rank; a bug keeps its traceback
-        line = describe_fault(e)
-        if line is None:
-            raise
-        print(f"deca_ds: error: {line}", file=sys.stderr)
-        return EXIT_FAULT
-    return 0
+    return run_main(argv, prog="recipes/finetune.py")
 
 
 if __name__ == "__main__":

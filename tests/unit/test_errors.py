@@ -46,7 +46,7 @@ def test_recipe_prints_one_line_and_exits_nonzero(monkeypatch, capsys, tmp_path)
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "state.pt"))
 
     monkeypatch.setattr(deca_ds.trainer, "run", full_disk)
-    assert _recipe().main([f"output_dir={tmp_path / 'run'}"]) == EXIT_FAULT
+    assert _recipe().main([f"output_dir={tmp_path / 'run'}", "backend=launcher"]) == EXIT_FAULT
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("deca_ds: error: disk error writing") and "Traceback" not in err[0]
 
@@ -55,4 +55,4 @@ def test_recipe_prints_one_line_and_exits_nonzero(monkeypatch, capsys, tmp_path)
 
     monkeypatch.setattr(deca_ds.trainer, "run", bug)
     with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
-        _recipe().main([f"output_dir={tmp_path / 'run2'}"])
+        _recipe().main([f"output_dir={tmp_path / 'run2'}", "backend=launcher"])

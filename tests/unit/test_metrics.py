@@ -125,3 +125,47 @@ def test_write_json_atomic_is_strict_and_never_half_written(tmp_path, monkeypatc
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+
+
+def test_plot_run_draws_each_clients_loss_and_consensus_distance(tmp_path):
+    from matplotlib import image
+
+    from deca_ds.metrics import plot_run
+
+    assert plot_run(tmp_path) is None  # no metrics.jsonl: nothing to draw, nothing written
+    writer = JsonlWriter(tmp_path / "metrics.jsonl")
+    for step in range(20):
+        for c in range(3):
+            writer.write({"step": step, "client": c, "loss": 5.0 / (step + 1) + c, "block": step // 4, "lr": 1e-3,
+                          "consensus_distance": 0.01 * (c + 1), "bytes_sent": 10, "nonfinite": False, "time": step})
+    writer.write({"step": 19, "client": 0, "eval": {"loss": 1.0}})  # evaluation records are not steps
+    writer.write({"step": 20, "client": 1, "loss": float("nan"), "block": 5, "lr": 1e-3, "consensus_distance": 0.0,
+                  "bytes_sent": 10, "nonfinite": True, "time": 20})
+    writer.close()
+    path = plot_run(tmp_path)
+    assert path == tmp_path / "training.png"
+    pixels = image.imread(path)
+    assert pixels.shape[0] > 300 and pixels.shape[1] > 400
+    assert len({tuple(p) for p in pixels.reshape(-1, pixels.shape[-1])[::97].tolist()}) > 3  # lines, not a blank
+
+
+def test_progress_bar_shows_the_time_left():
+    import io
+    import time
+
+    from rich.console import Console
+    from rich.progress import TimeRemainingColumn
+
+    from deca_ds.metrics import make_progress
+
+    out = io.StringIO()
+    progress = make_progress(Console(file=out, width=200, force_terminal=False))
+    assert any(isinstance(col, TimeRemainingColumn) for col in progress.columns)
+    progress.start()
+    task = progress.add_task("train", total=10, round=0, block=0, loss=1.0, tps=0.0)
+    for k in range(1, 4):
+        time.sleep(0.02)
+        progress.update(task, completed=k)
+    assert progress.tasks[0].time_remaining is not None and progress.tasks[0].time_remaining > 0
+    progress.stop()
+    assert "ETA 0:00:0" in out.getvalue()  # the estimated time left is printed

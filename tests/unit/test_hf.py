@@ -1,0 +1,188 @@
+"""deca_ds.hf without processes: settings, the batch sampler against the launcher's batches, the DeepSpeed checks
+and the per-client arguments. The Trainer runs themselves are in tests/integration/test_hf_trainer.py."""
+
+import io
+import pickle
+
+import pytest
+import torch
+
+from deca_ds.config import ConfigError
+from deca_ds.gossip import ClientLayout
+from deca_ds.hf import (ClientBatchSampler, DataCollator, DecaSettings, _check_trainer_ds_config, _client_args,
+                        schedule_arguments)
+
+
+def training_args(**kw):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=kw.pop("output_dir", "unused"), report_to="none", use_cpu=True, **kw)
+
+
+def test_settings_map_onto_the_recipe_keys():
+    deca = DecaSettings(method="badam_gossip", blocks={"layers_per_block": 2, "switch_every": 48},
+                        topology={"name": "erdos_renyi", "p": 0.3}, clients=2, overrides=["gossip.dtype=bf16"])
+    c = deca.config
+    assert (c.method, c.blocks.layers_per_block, c.blocks.switch_every) == ("badam_gossip", 2, 48)
+    assert (c.topology.name, c.topology.p, c.clients.ranks_per_client, c.gossip.dtype) == ("erdos_renyi", 0.3, 2,
+                                                                                           "bf16")
+    assert DecaSettings(topology="exponential").config.topology.name == "exponential"
+    with pytest.raises(ConfigError, match="blocks.switch_evry"):
+        DecaSettings(blocks={"switch_evry": 4})
+    with pytest.raises(ConfigError, match="method=centralized is the plain Trainer"):
+        DecaSettings(method="centralized")
+
+
+def test_training_arguments_own_the_optimizer_and_the_run():
+    args = training_args(output_dir="runs/x", learning_rate=2e-5, adam_beta1=0.8, adam_beta2=0.95, adam_epsilon=1e-6,
+                         weight_decay=0.1, seed=7, max_steps=30)
+    cfg = DecaSettings().resolve(args)
+    assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.eps, cfg.optim.weight_decay) == (2e-5, [0.8, 0.95], 1e-6, 0.1)
+    assert (cfg.seed, cfg.max_steps, cfg.output_dir) == (7, 30, "runs/x")
+
+
+def test_from_argv_splits_deca_settings_from_trainer_flags(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: local\n")
+    deca, rest = DecaSettings.from_argv(["--output_dir", "o", "topology.name=star", "--deca_config", str(recipe),
+                                         "--learning_rate=1e-4"])
+    assert rest == ["--output_dir", "o", "--learning_rate=1e-4"]
+    assert (deca.config.method, deca.config.topology.name) == ("local", "star")
+
+
+@pytest.mark.parametrize("rpc,local_rank,gas", [(1, 0, 1), (2, 1, 3), (3, 2, 2)])
+def test_sampler_draws_the_launchers_batches(rpc, local_rank, gas):
+    """The launcher cuts micro-batch m of step s as batch_for_step(train, (s*gas + m)*rpc + local_rank, ...)
+    (deca_ds.trainer.LauncherDriver._micro_batches); the sampler must give the same rows, across Trainer epochs."""
+    from deca_ds.data import batch_for_step
+
+    n, mbs, seed, client = 37, 4, 42, 1
+    layout = ClientLayout(world_size=rpc * 3, rank=client * rpc + local_rank, ranks_per_client=rpc)
+    rows = {"input_ids": [[i + 1] for i in range(n)], "labels": [[i + 1] for i in range(n)],
+            "attention_mask": [[1] for _ in range(n)]}
+    sampler = ClientBatchSampler(n, mbs, gas, seed, layout)
+    assert len(sampler) % gas == 0
+    drawn = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        drawn += list(sampler)
+    for k, idx in enumerate(drawn):
+        step, micro = divmod(k, gas)
+        ref = batch_for_step(rows, (step * gas + micro) * rpc + layout.local_rank, mbs, seed, client, pad_id=0)
+        assert ref["input_ids"][:, 0].tolist() == [i + 1 for i in idx], (k, step, micro)
+
+
+def test_collator_pads_as_the_recipe():
+    rows = [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7], "attention_mask": [1, 1, 1]},
+            {"input_ids": [8], "labels": [8], "attention_mask": [1]}]
+    batch = DataCollator(pad_token_id=0)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+@pytest.mark.parametrize("ds,match", [
+    ({"zero_optimization": {"stage": 2}}, "ZeRO stage 0.*recipes/finetune.py"),
+    ({"bf16": {"enabled": True}}, "load the model in bf16"),
+    ({"optimizer": {"type": "AdamW"}}, "optimizer"),
+    ({"zero_optimization": {"stage": 0, "offload_param": {"device": "cpu"}}}, "offload_param"),
+])
+def test_deepspeed_settings_the_trainer_path_cannot_honour_are_refused(ds, match):
+    with pytest.raises(ConfigError, match=match):
+        _check_trainer_ds_config(ds, DecaSettings().config, world_size=4, micro=8, gas=1)
+
+
+def test_hf_auto_config_passes_the_checks():
+    import json
+
+    from deca_ds.ds_config import REPO_DS_CONFIGS
+
+    ds = json.loads((REPO_DS_CONFIGS / "hf_auto.json").read_text())
+    _check_trainer_ds_config(ds, DecaSettings().config, world_size=4, micro=8, gas=2)
+
+
+def test_every_client_saves_its_own_checkpoints_and_the_args_pickle_plainly():
+    from transformers import TrainingArguments
+
+    writer = _client_args(training_args(output_dir="runs/x"), True, "runs/x/client_1")
+    other = _client_args(training_args(output_dir="runs/x"), False, "runs/x/client_1")
+    assert writer.should_save is True and other.should_save is False  # not "world rank 0 only"
+    assert writer.output_dir == "runs/x/client_1"
+    buf = io.BytesIO()
+    torch.save(writer, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert type(loaded) is TrainingArguments and loaded.output_dir == "runs/x/client_1"
+    assert "_deca_writer" not in vars(pickle.loads(pickle.dumps(writer)))
+
+
+# --- the learning-rate schedule: the Trainer's scheduler owns it, deca_ds's settings must agree ----------------------
+
+
+@pytest.mark.parametrize("overrides", [
+    [],
+    ["optim.warmup_steps=4"],                          # HF: constant_with_warmup (HF's "constant" ignores warm-up)
+    ["optim.schedule=linear", "optim.warmup_ratio=0.25"],
+    ["optim.schedule=cosine", "optim.warmup_steps=3"],
+    ["optim.schedule=cosine"],
+])
+def test_schedule_arguments_give_the_trainer_the_recipes_rates(overrides):
+    """The Trainer's own scheduler, built from schedule_arguments(cfg) as Trainer.create_scheduler builds it, gives
+    BlockAdam the rate deca_ds.lr_schedule.lr_at gives the recipe at every step. Both evaluate the same float
+    expression (base rate times the same factor), so they are compared with ==."""
+    from transformers import get_scheduler
+
+    from deca_ds.config import load_config
+    from deca_ds.lr_schedule import lr_at
+
+    cfg = load_config(None, overrides + ["max_steps=17", "optim.lr=2e-3"])
+    kwargs = schedule_arguments(cfg)
+    args = training_args(learning_rate=cfg.optim.lr, **kwargs)
+    param = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([param], lr=cfg.optim.lr)
+    sched = get_scheduler(args.lr_scheduler_type, opt, num_warmup_steps=args.get_warmup_steps(args.max_steps),
+                          num_training_steps=args.max_steps)
+    seen = []
+    for _ in range(cfg.max_steps):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == [lr_at(cfg, s) for s in range(cfg.max_steps)]
+    # ... and the settings the Trainer reads back are the recipe's (nothing is changed or applied twice).
+    resolved = DecaSettings(overrides=overrides).resolve(args).optim
+    assert (resolved.schedule, resolved.warmup_steps, resolved.warmup_ratio) == (
+        cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.warmup_ratio)
+
+
+def test_the_trainers_schedule_and_epochs_are_taken_into_the_settings():
+    cfg = DecaSettings().resolve(training_args(lr_scheduler_type="cosine", warmup_steps=5, max_steps=40))
+    assert (cfg.optim.schedule, cfg.optim.warmup_steps, cfg.epochs, cfg.max_steps) == ("cosine", 5, None, 40)
+    cfg = DecaSettings().resolve(training_args(lr_scheduler_type="constant", warmup_steps=5, max_steps=40))
+    assert (cfg.optim.schedule, cfg.optim.warmup_steps) == ("constant", 0)  # what HF's constant schedule does
+    cfg = DecaSettings().resolve(training_args(num_train_epochs=2.5))  # HF's defaults: linear, epochs
+    assert (cfg.optim.schedule, cfg.epochs) == ("linear", 2.5)
+    # A schedule deca_ds has no name for stays the Trainer's; the settings keep their (unused) constant.
+    cfg = DecaSettings().resolve(training_args(lr_scheduler_type="inverse_sqrt", max_steps=10))
+    assert cfg.optim.schedule == "constant"
+
+
+@pytest.mark.parametrize("overrides,kw,match", [
+    (["optim.schedule=cosine"], {"lr_scheduler_type": "linear", "max_steps": 10},
+     "optim.schedule=cosine.*disagrees with TrainingArguments lr_scheduler_type=linear.*--lr_scheduler_type cosine"),
+    (["optim.warmup_steps=4"], {"lr_scheduler_type": "constant", "max_steps": 10},
+     "--lr_scheduler_type constant_with_warmup --warmup_steps 4"),
+    (["optim.schedule=linear", "optim.warmup_steps=4"], {"lr_scheduler_type": "linear", "warmup_steps": 2,
+                                                         "max_steps": 10}, "warmup_steps 2"),
+    (["epochs=2"], {"lr_scheduler_type": "constant", "max_steps": 10},
+     "epochs=2 disagrees.*--num_train_epochs 2 --max_steps -1"),
+    (["epochs=2"], {"lr_scheduler_type": "constant", "num_train_epochs": 3}, "epochs=2 disagrees"),
+])
+def test_a_deca_schedule_the_trainer_does_not_run_is_refused(overrides, kw, match):
+    with pytest.raises(ConfigError, match=match):
+        DecaSettings(overrides=overrides).resolve(training_args(**kw))
+
+
+def test_an_agreeing_deca_schedule_is_accepted():
+    cfg = DecaSettings(overrides=["optim.schedule=cosine", "optim.warmup_steps=3", "epochs=2"]).resolve(
+        training_args(lr_scheduler_type="cosine", warmup_steps=3, num_train_epochs=2))
+    assert (cfg.optim.schedule, cfg.optim.warmup_steps, cfg.epochs) == ("cosine", 3, 2.0)

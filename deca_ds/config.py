@@ -98,6 +98,9 @@ class DataConfig:
     eval_examples: int = 512
     """Test examples used for the periodic and final evaluation (the global test split holds
     ``num_examples * test_size`` rows; 0 or less: all of them)."""
+    client_eval_examples: int | None = None
+    """Test examples for each client's own evaluation in the simulator (``None``: ``eval_examples``); the consensus
+    model always uses ``eval_examples``. Sweeps use fewer rows per client to keep 8 client evaluations cheap."""
     eval_generate: bool = True
     """Also score greedy generation at evaluation (``accuracy_gen``, ``exact_match``); the simulator honours it,
     sweeps turn it off for speed (classification accuracy and macro-F1 come from label log-likelihoods)."""
@@ -318,6 +321,8 @@ class RunConfig:
         if not 0.0 <= d.test_size < 1.0:
             raise ConfigError(f"data.test_size={d.test_size!r} is out of range: use a fraction in [0, 1)")
         _at_least("data.eval_examples", d.eval_examples, 0)
+        if d.client_eval_examples is not None:
+            _at_least("data.client_eval_examples", d.client_eval_examples, 0)
         b = self.blocks
         _positive("blocks.layers_per_block", b.layers_per_block)
         _positive("blocks.switch_every", b.switch_every)

@@ -479,7 +479,7 @@ class Simulation:
             if key not in evals:
                 with self.on_device(c) as model:
                     model.eval()
-                    evals[key] = evaluate(model, self.tokenizer, self.data[c], max_examples=self.cfg.data.eval_examples,
+                    evals[key] = evaluate(model, self.tokenizer, self.data[c], max_examples=_client_rows(self.cfg),
                                           batch_size=64, generate=self.cfg.data.eval_generate)
                     model.train()
         return [evals[0 if len(self.models) == 1 else c] for c in range(self.num_clients)]
@@ -648,3 +648,9 @@ def _full_model(model: torch.nn.Module) -> torch.nn.Module:
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     return model
+
+
+def _client_rows(cfg: RunConfig) -> int:
+    """Test rows of each client's own evaluation (``data.client_eval_examples``, else ``data.eval_examples``)."""
+    d = cfg.data
+    return d.eval_examples if d.client_eval_examples is None else d.client_eval_examples

@@ -536,6 +536,7 @@ class StackedSimulation:
     def evaluate_clients(self) -> list[dict[str, Any]]:
         """Each client's weights scored on the shared test split (the centralized model once)."""
         from deca_ds.data import evaluate
+        from deca_ds.simulate import _client_rows
 
         evals: dict[int, dict] = {}
         model = self._scratch()
@@ -544,7 +545,7 @@ class StackedSimulation:
             if row not in evals:
                 self._load_row(model, {k: v[row] for k, v in self.params.items()})
                 model.eval()
-                evals[row] = evaluate(model, self.tokenizer, self.data[c], max_examples=self.cfg.data.eval_examples,
+                evals[row] = evaluate(model, self.tokenizer, self.data[c], max_examples=_client_rows(self.cfg),
                                           batch_size=64, generate=self.cfg.data.eval_generate)
                 model.train()
         return [evals[0 if self.replicas == 1 else c] for c in range(self.num_clients)]

@@ -49,9 +49,9 @@ WEIGHT_RTOL = 1e-4
 
 METHODS = {
     "deca_raw": ["method=deca", "deca.signal=raw"],
-    "deca_qgm": ["method=deca", "deca.signal=qgm", "deca.betas=[0.9,0.999]"],
+    "deca_qgm": ["method=deca", "deca.signal=qgm"],
     "deca_discrepancy": ["method=deca", "deca.signal=discrepancy"],
-    "deca_qgm_grad": ["method=deca", "deca.signal=qgm_grad", "deca.betas=[0.9,0.999]"],
+    "deca_qgm_grad": ["method=deca", "deca.signal=qgm_grad", "deca.betas=[0.99,0.999]"],
     "deca_discrepancy_grad": ["method=deca", "deca.signal=discrepancy_grad"],
     "deca_offload": ["method=deca", "deca.signal=qgm_grad", "optim.state_policy=offload", "blocks.order=random"],
     "badam_gossip": ["method=badam_gossip"],

@@ -266,8 +266,8 @@ def adam_denominators(opt) -> list[torch.Tensor]:
     """``sqrt(v_hat) + eps`` of every active parameter of a client optimizer, with its current second moment.
 
     ``v_hat = v / (1 - alpha2**t)`` with the block's step counter ``t`` (taken as at least 1: a client whose first
-    step on this block was skipped has ``v = 0`` and gets ``eps``), written as :func:`deca_ds.optim.block_adam.adamw_step_`
-    writes its denominator. Reads :class:`deca_ds.optim.BlockAdam`'s state (``exp_avg_sq``, ``step``) or calls the
+    step on this block was skipped has ``v = 0`` and gets ``eps``), written as
+    :func:`deca_ds.optim.block_adam.adamw_step_` writes its denominator. Reads :class:`deca_ds.optim.BlockAdam`'s state (``exp_avg_sq``, ``step``) or calls the
     optimizer's own ``adam_denominators()`` (the stacked simulator).
 
     Raises:

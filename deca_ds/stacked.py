@@ -41,13 +41,13 @@ from torch import nn
 from deca_ds.blocks import BlockSchedule
 from deca_ds.build import block_names_for, prepare_model, uses_torch_adamw
 from deca_ds.config import ConfigError, RunConfig
-from deca_ds.consensus import ConsensusStep, method_spec
+from deca_ds.consensus import ConsensusStep
 from deca_ds.data.formatting import IGNORE_INDEX
 from deca_ds.loop import StepRecord
 from deca_ds.optim.block_adam import adamw_step_
 from deca_ds.optim.state_store import BlockStateStore
 
-__all__ = ["StackedBlockAdam", "StackedSimulation", "stacked_losses", "clip_per_client_"]
+__all__ = ["StackedBlockAdam", "StackedSimulation", "stacked_losses", "clip_per_client_", "stacked_weights"]
 
 
 # ------------------------------------------------------------------------------------------------------------ maths

@@ -625,7 +625,8 @@ def summarize_protocol(name: str, out_dir: str) -> Path:
             diff_lines.append(f"| {a} − {b} | {','.join(common)} | " + " | ".join(cells_txt) + " |")
         if diff_lines:
             lines += ["", "Paired per-seed differences, mean [95 % t-interval]:", "",
-                      "| difference | eval seeds | cons. acc | cons. macro-F1 | cons. test loss |", "|---|---|---|---|---|"]
+                      "| difference | eval seeds | cons. acc | cons. macro-F1 | cons. test loss |",
+                      "|---|---|---|---|---|"]
             lines += diff_lines
         lines.append("")
     md = Path(out_dir) / f"{name}.md"

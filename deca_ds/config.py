@@ -34,6 +34,7 @@ PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt")
 TASKS = ("classification", "generation")
 NAN_POLICIES = ("skip", "stop")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 BACKENDS = ("launcher", "simulate")
 CENTRALIZED_OPTIMIZERS = ("block_adam", "adamw")
 
@@ -145,6 +146,14 @@ class OptimConfig:
     """``reset`` drops an inactive block's master and moments (BAdam); ``offload`` keeps them in CPU memory."""
     offload_dtype: str = "fp32"
     """Storage of offloaded state: ``fp32`` or ``int8`` (bitsandbytes blockwise quantization)."""
+    schedule: str = "constant"
+    """Learning-rate schedule over the run's steps, as Hugging Face's ``lr_scheduler_type``: ``constant``,
+    ``linear`` (linear decay to 0 at the last step) or ``cosine`` (half a cosine to 0); each after
+    ``warmup_steps`` of linear warm-up from 0 (see :mod:`deca_ds.lr_schedule`)."""
+    warmup_steps: int = 0
+    """Linear warm-up steps (0: none, or ``warmup_ratio`` of the run)."""
+    warmup_ratio: float = 0.0
+    """Warm-up as a fraction of the run's steps, used when ``warmup_steps`` is 0."""
 
 
 @dataclass
@@ -238,7 +247,11 @@ class RunConfig:
     """Path to a DeepSpeed JSON. ``None``: ``ds_configs/cpu_fp32.json`` without a GPU, else ``gpu_bf16.json``."""
     output_dir: str = "runs/default"
     max_steps: int = 192
-    """Optimizer steps per client."""
+    """Optimizer steps per client (replaced by ``epochs`` when that is set)."""
+    epochs: float | None = None
+    """Passes over the data instead of ``max_steps``: ``ceil(epochs x mean client train rows / rows per client
+    step)`` steps (clients hold different amounts of non-IID data and all take the same steps, so the mean client
+    makes ``epochs`` passes). When set, ``max_steps`` is derived from it and the setting is ignored."""
     seed: int = 0
     """Seed of the model initialisation and the block order; an integer in [0, 2**64)."""
     resume: bool | str = False
@@ -296,6 +309,8 @@ class RunConfig:
         _choice("nan_policy", self.nan_policy, NAN_POLICIES)
         _choice("backend", self.backend, BACKENDS)
         _positive("max_steps", self.max_steps)
+        if self.epochs is not None:
+            _positive("epochs", self.epochs)
         _at_least("checkpoint_every", self.checkpoint_every, 0)
         _at_least("keep_checkpoints", self.keep_checkpoints, 1)
         if not 1e-3 <= self.comm_timeout <= MAX_COMM_TIMEOUT:
@@ -345,6 +360,10 @@ class RunConfig:
         _at_least("optim.weight_decay", o.weight_decay, 0.0)
         _choice("optim.state_policy", o.state_policy, STATE_POLICIES)
         _choice("optim.offload_dtype", o.offload_dtype, OFFLOAD_DTYPES)
+        _choice("optim.schedule", o.schedule, LR_SCHEDULES)
+        _at_least("optim.warmup_steps", o.warmup_steps, 0)
+        if not 0.0 <= o.warmup_ratio < 1.0:
+            raise ConfigError(f"optim.warmup_ratio={o.warmup_ratio!r} is out of range: use a fraction in [0, 1)")
         _choice("deca.signal", self.deca.signal, SIGNALS)
         _betas("deca.betas", self.deca.betas, allow_one=True)
         t = self.topology

@@ -228,6 +228,7 @@ class ConsensusStep:
         opt = self.optimizer
         block_idx = opt.active_block_idx
         self.last_mix_stats = None
+        self.last_signal_sq = None  # a step that folds nothing (lr 0, no gossip) reports no signal
         if self.spec.gossip:
             masters = opt.master_params()
             x_half = [x.detach().float().clone() for x in masters] if (
@@ -237,8 +238,10 @@ class ConsensusStep:
                 self.spec.consensus and self.signal in GRADIENT_UNIT_SIGNALS) else None
             self.last_mix_stats = self.mix(masters, step, block_idx)
             opt.sync_params_from_master_()
-            if self.spec.consensus:
-                lr = opt.param_groups[0]["lr"]
+            lr = opt.param_groups[0]["lr"]
+            # A warm-up step at lr 0 (optim.schedule) took no step: a displacement per unit of lr is undefined there
+            # (0/0, or x/0 from the mixing), so that step folds nothing into the moments.
+            if self.spec.consensus and (lr > 0 or self.signal == "raw"):
                 prev = self._snapshot or [None] * len(masters)
                 halves = x_half or [None] * len(masters)
                 dens = denoms or [None] * len(masters)

@@ -5,7 +5,7 @@ single-process simulator (every client in one process, ``deca_ds.simulate``). Ea
 takes one optimizer step on every client and reports every client's figures as a :class:`StepRecord`; the loop owns
 what happens around it, in this order per step:
 
-    driver.step -> nan policy -> metrics.jsonl record + monitors (log steps) -> progress -> stop on SIGTERM/SIGINT
+    set_lr (optim.schedule) -> driver.step -> nan policy -> metrics.jsonl record + monitors (log steps) -> progress -> stop on SIGTERM/SIGINT
         -> periodic evaluation -> periodic checkpoint;  after the last step (or a stop): final checkpoint
 
 ``summary.json`` is written by :func:`write_summary` for both.
@@ -100,6 +100,9 @@ class Driver(Protocol):
     def write_monitor_events(self, events: list[tuple[str, float, int]]) -> None:
         """``(tag, value, step)`` events for the ds_config's monitors."""
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of every client's next step (``optim.schedule``)."""
+
 
 @dataclasses.dataclass
 class LoopOutcome:
@@ -152,6 +155,9 @@ def run_loop(driver: Driver, cfg: RunConfig, start_step: int = 0, writer: JsonlW
     Raises:
         NonFiniteError: ``nan_policy=stop`` and some client produced a non-finite loss or gradient.
     """
+    from deca_ds.lr_schedule import lr_at, uses_schedule
+
+    scheduled = uses_schedule(cfg)
     step, last_loss, tokens_total, stopped = start_step, {}, 0, False
     t0 = time.perf_counter()
     progress = make_progress(console) if show_progress else None
@@ -163,6 +169,8 @@ def run_loop(driver: Driver, cfg: RunConfig, start_step: int = 0, writer: JsonlW
                                          loss=float("nan"), tps=0.0)
             while step < cfg.max_steps:
                 log_now = (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps
+                if scheduled:  # a pure function of the step: the same rate on every path, nothing to checkpoint
+                    driver.set_lr(lr_at(cfg, step))
                 rec = driver.step(step, measure_distance=log_now, stop_requested=stop_flag.requested)
                 tokens_total += rec.tokens
                 bad = [c for c, x in enumerate(rec.nonfinite) if x]

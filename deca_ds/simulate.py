@@ -164,6 +164,22 @@ def common_setup(sim, cfg: RunConfig) -> None:
         sim.topology = build_topology(cfg, n)
 
 
+def apply_epochs(sim) -> None:
+    """``epochs`` set: replace ``sim.cfg.max_steps`` by that many passes of the mean client over its training rows,
+    as the launcher does (clients hold different amounts; every client takes the same number of steps).
+
+    Args:
+        sim: a per-client or stacked simulation whose ``data``, ``micro_batch`` and ``gas`` are set.
+    """
+    cfg = sim.cfg
+    if cfg.epochs is None:
+        return
+    from deca_ds.lr_schedule import steps_for_epochs
+
+    mean_rows = sum(len(d.train) for d in sim.data) / sim.num_clients
+    cfg.max_steps = steps_for_epochs(cfg.epochs, mean_rows, sim.micro_batch * sim.gas)
+
+
 class Diagnostics:
     """Run-level figures that say how the consensus signal compares with the gradient it is averaged with.
 
@@ -252,6 +268,7 @@ class Simulation:
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
         self.pad_id = self.tokenizer.pad_token_id
         self.data = [build_client_data(cfg, self.tokenizer, c, n) for c in range(n)]
+        apply_epochs(self)
         # Memory: one replica per client (the centralized baseline trains one shared model, like its all-reduce).
         replicas = 1 if self.spec.world_data_parallel else n
         self.park = bool(cfg.simulate.park_replicas) and replicas > 1
@@ -335,6 +352,12 @@ class Simulation:
     def lr(self) -> float:
         """Current learning rate."""
         return float(self.optimizers[0].param_groups[0]["lr"])
+
+    def set_lr(self, lr: float) -> None:
+        """Every client's learning rate from the next step on."""
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = float(lr)
 
     def _batches(self, client: int, step: int) -> list[dict[str, torch.Tensor]]:
         from deca_ds.data import batch_for_step
@@ -560,6 +583,10 @@ class SimulatorDriver:
 
     def write_monitor_events(self, events: list[tuple[str, float, int]]) -> None:
         """No DeepSpeed monitors in the simulator."""
+
+    def set_lr(self, lr: float) -> None:
+        """Every client's learning rate from the next step on."""
+        self.sim.set_lr(lr)
 
 
 def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False) -> dict[str, Any]:

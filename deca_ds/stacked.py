@@ -319,7 +319,7 @@ class StackedSimulation:
         Raises:
             ConfigError: as :class:`deca_ds.simulate.Simulation`, or a setting the stacked path does not run.
         """
-        from deca_ds.simulate import Diagnostics, common_setup
+        from deca_ds.simulate import Diagnostics, apply_epochs, common_setup
 
         common_setup(self, cfg)
         n = self.num_clients
@@ -336,6 +336,7 @@ class StackedSimulation:
         from deca_ds.data import build_client_data
 
         self.data = [build_client_data(cfg, self.tokenizer, c, n) for c in range(n)]
+        apply_epochs(self)
         model.to(self.device)
         model = prepare_model(cfg, model)
         self.block_wise = not uses_torch_adamw(cfg)
@@ -512,6 +513,11 @@ class StackedSimulation:
     def lr(self) -> float:
         """Current learning rate."""
         return float(self.optimizer.param_groups[0]["lr"])
+
+    def set_lr(self, lr: float) -> None:
+        """Every client's learning rate from the next step on (``optim.schedule``; the run loop calls it)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = float(lr)
 
     @torch.no_grad()
     def _load_row(self, model: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:

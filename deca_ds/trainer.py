@@ -30,6 +30,7 @@ from deca_ds.consensus import method_spec
 from deca_ds.gossip import ClientLayout
 from deca_ds.loop import NonFiniteError, StepRecord, run_loop
 from deca_ds.step import Engine
+from deca_ds.supervise import LauncherWatch, elastic_restart_count
 
 __all__ = ["preflight", "Preflight", "LauncherDriver", "run", "NonFiniteError"]
 
@@ -81,6 +82,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     from deca_ds.data import check_data_config
     from deca_ds.devices import accelerator_type
     from deca_ds.ds_config import check_ds_config, load_ds_config
+    from deca_ds.lr_schedule import uses_schedule, warmup_steps
     from deca_ds.models import check_model_config
     from deca_ds.optim.state_store import check_offload_support
 
@@ -97,6 +99,9 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     check_lora_support(cfg)
     if cfg.optim.state_policy == "offload":
         check_offload_support(cfg.optim.offload_dtype)
+    if uses_schedule(cfg) and "scheduler" in ds:
+        raise ConfigError(f"optim.schedule={cfg.optim.schedule} (with warm-up {warmup_steps(cfg)}) and the ds_config "
+                          "'scheduler' section both set the learning rate: remove one of them")
     topology = None
     if method_spec(cfg.method).gossip:
         topology = build_topology(cfg, layout.num_clients)
@@ -167,6 +172,22 @@ def _gather_counts(counts, layout):
     return np.array([rows[layout.client_ranks(c)[0]] for c in range(layout.num_clients)])
 
 
+def _resolve_epochs(cfg: RunConfig, engine: Engine, data, layout: ClientLayout, console) -> None:
+    """``max_steps`` from ``epochs``: the mean client's training rows (one all-reduce; every rank of a client holds
+    the client's rows, and every client has the same number of ranks) over the rows a client takes per step."""
+    from deca_ds.engine import device
+    from deca_ds.lr_schedule import steps_for_epochs
+
+    rows = torch.tensor([float(len(data.train))], dtype=torch.float64, device=device())
+    dist.all_reduce(rows)
+    mean_rows = float(rows) / layout.world_size
+    mbs, gas = engine.batch_shape
+    cfg.max_steps = steps_for_epochs(cfg.epochs, mean_rows, mbs * gas * layout.ranks_per_client)
+    if console is not None:
+        console.print(f"epochs={cfg.epochs:g}: {cfg.max_steps} steps (mean client {mean_rows:.0f} training rows, "
+                      f"{mbs * gas * layout.ranks_per_client} rows per step; max_steps is derived)")
+
+
 class LauncherDriver:
     """This rank's client as :func:`deca_ds.loop.run_loop` drives it (one process per rank; every rank runs it).
 
@@ -191,6 +212,8 @@ class LauncherDriver:
         self.cfg, self.engine, self.data, self.tokenizer, self.layout, self.out = cfg, engine, data, tokenizer, \
             layout, out
         self.console = console
+        self.watch = LauncherWatch()
+        self.launcher_gone: int | None = None
         self.num_clients = layout.num_clients
 
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
@@ -212,8 +235,12 @@ class LauncherDriver:
         return torch.stack(out).cpu()
 
     def step(self, step: int, measure_distance: bool, stop_requested: bool) -> StepRecord:
-        """This client's step, then every rank's figures (collective)."""
+        """This client's step, then every rank's figures (collective). A launcher above this rank that is gone
+        counts as a stop request (no worker outlives its launcher)."""
         res = self.engine.train_step(self._micro_batches(step))
+        if self.launcher_gone is None:
+            self.launcher_gone = self.watch.gone()
+        stop_requested = stop_requested or self.launcher_gone is not None
         cdist = _consensus_distance(self.engine.block_tensors(res.block)) if (
             measure_distance and self.layout.num_clients > 1) else 0.0
         rows = self._gather_rows([res.loss, float(res.nonfinite), float(stop_requested), float(res.bytes_sent),
@@ -256,6 +283,10 @@ class LauncherDriver:
         """Rank 0's events to the ds_config's monitors."""
         self.engine.write_monitor_events(events)
 
+    def set_lr(self, lr: float) -> None:
+        """This client's learning rate from the next step on."""
+        self.engine.set_lr(lr)
+
 
 def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | None:
     """Run one decentralized fine-tune on this rank. Returns the summary on rank 0, None elsewhere.
@@ -265,6 +296,9 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
         NonFiniteError: ``nan_policy=stop`` and some client produced a non-finite value.
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    restarts = elastic_restart_count()
+    if restarts and cfg.resume is False:  # torchrun --max-restarts restarted us: continue, never start over
+        cfg.resume = "auto"
     ds, layout, topo, found, changed = preflight(cfg, world_size, ds_config_path)
 
     from rich.console import Console
@@ -300,6 +334,8 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
                       comm_dtype=torch.bfloat16 if cfg.gossip.dtype == "bf16" else torch.float32,
                       timeout=cfg.comm_timeout, dp_group=groups.client_group)
     engine = build_engine(cfg, model, ds, groups, mixer=mixer)
+    if cfg.epochs is not None:
+        _resolve_epochs(cfg, engine, data, layout, console if rank == 0 else None)
     start_step = 0
     if found is not None:
         engine.load_state_dict(ckpt.read_client_state(found, layout.client_id))
@@ -317,6 +353,8 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
             topo.render(console=console)
         # Records past the resumed step (or every record of a run restarted before its first checkpoint) go.
         truncate_jsonl_after(out / "metrics.jsonl", start_step)
+        if restarts:
+            console.print(f"elastic restart {restarts}: continuing the run (resume={cfg.resume})")
         if found is not None:
             console.print(f"resumed from {found} at step {start_step}"
                           + (f" (changed: {'; '.join(changed)})" if changed else ""))
@@ -330,6 +368,8 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
         if writer is not None:
             writer.close()
     if outcome.stopped_early:
+        if driver.launcher_gone is not None:
+            console.print(f"rank {rank}: the launcher above this worker (pid {driver.launcher_gone}) is gone")
         if rank == 0:
             console.print(f"stopped by signal after step {outcome.step}; checkpoint saved — continue with "
                           "resume=true")

@@ -34,9 +34,23 @@ def setup_distributed(comm_timeout: float) -> None:
     if get_accelerator().device_name() == "cpu":
         # NB: `import deepspeed.comm.torch as m` would bind the real torch module (name clash): go through importlib.
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
-    if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(),
-                                   timeout=timedelta(seconds=comm_timeout), verbose=False)
+    if dist.is_initialized():
+        return
+    backend = get_accelerator().communication_backend_name()
+    timeout = timedelta(seconds=comm_timeout)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # Hazard (measured with torch 2.13, gloo): after torchrun's elastic agent restarts the workers, it hands
+        # them the same agent-hosted TCPStore, still holding the previous round's process-group keys (torch's
+        # rendezvous assumes a new store per round and adds no prefix), so the restarted workers read their dead
+        # predecessors' addresses and connectFullMesh fails with "Connection refused". A prefix per restart
+        # round keeps every round's keys apart; DeepSpeed then adopts the initialized group.
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                              int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+        round_ = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"/deca_ds/restart_{round_}", store),
+                                rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                                timeout=timeout)
+    deepspeed.init_distributed(dist_backend=backend, timeout=timeout, verbose=False)
 
 
 def device() -> torch.device:

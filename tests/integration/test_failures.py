@@ -10,6 +10,7 @@ replay one.
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,12 +25,18 @@ pytestmark = pytest.mark.integration
 
 
 class Run:
-    """One torchrun launch in its own session (process group), output captured to files (no pipe can fill up)."""
+    """One torchrun (or deepspeed-launcher) launch in its own session (process group), output captured to files (no
+    pipe can fill up)."""
 
-    def __init__(self, logdir: Path, name: str, nproc: int, *args: str):
+    def __init__(self, logdir: Path, name: str, nproc: int, *args: str, launcher: str = "torchrun",
+                 restarts: int = 0):
         self.out, self.err = logdir / f"{name}.out", logdir / f"{name}.err"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-               str(free_port()), RECIPE, *args]
+        if launcher == "deepspeed":
+            exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
+            cmd = [exe, "--num_gpus", str(nproc), "--master_port", str(free_port()), RECIPE, *args]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                   "--max-restarts", str(restarts), "--master_port", str(free_port()), RECIPE, *args]
         with open(self.out, "w") as o, open(self.err, "w") as e:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=o, stderr=e, start_new_session=True)
         self.pgid = self.proc.pid  # start_new_session: the launcher leads a new process group
@@ -60,11 +67,20 @@ class Run:
     def stderr(self) -> str:
         return self.err.read_text(errors="replace")
 
+    def descendants(self) -> list[int]:
+        """Every live process below the launcher (torchrun starts each worker in a session of its own, so the
+        process tree, not the session, tells which processes belong to the run)."""
+        import psutil
+
+        try:
+            return [p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
     def workers(self) -> dict[int, int]:
-        """``{RANK: pid}`` of the launcher's worker processes (read from each child's environment)."""
+        """``{RANK: pid}`` of the run's worker processes (read from each process's environment)."""
         found = {}
-        ps = subprocess.run(["ps", "-o", "pid=", "--ppid", str(self.proc.pid)], capture_output=True, text=True)
-        for pid in map(int, ps.stdout.split()):
+        for pid in self.descendants():
             try:
                 env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
             except OSError:
@@ -160,6 +176,71 @@ def test_sigterm_then_kill9_then_resume_is_bit_equal_to_an_uninterrupted_run(tmp
         for k in a["model"]:
             assert torch.equal(a["model"][k], b["model"][k]), (c, k)
     assert not list((part / "checkpoints").glob("step_*/client_*.tmp"))
+
+    # 4) crash recovery without a human: under torchrun --max-restarts the elastic agent restarts every worker
+    #    when one is killed (-9, at a random step after the first checkpoint); the restarted workers continue
+    #    from the newest complete checkpoint by themselves (same command, no resume setting) and end bit-equal.
+    elastic = tmp_path / "elastic"
+    kill_step, victim = rng.randint(2, 7), rng.randint(0, 1)
+    print(f"elastic: kill -9 of rank {victim} once step {kill_step} is logged")
+
+    def logged_steps() -> int:
+        try:
+            return len((elastic / "metrics.jsonl").read_text().splitlines()) // 2
+        except OSError:
+            return 0
+
+    run = Run(tmp_path, "elastic", 2, f"output_dir={elastic}", *common, restarts=1)
+    try:
+        _wait_for(lambda: _latest(elastic) and logged_steps() >= kill_step and len(run.workers()) == 2, run,
+                  poll=0.005)
+        os.kill(run.workers()[victim], signal.SIGKILL)
+        rc = run.wait(300)
+    finally:
+        run.cleanup()
+    assert rc == 0, run.stderr()[-6000:]
+    assert "elastic restart 1: continuing the run" in run.stderr()
+    for c in range(2):
+        a, b = _state(full, c), _state(elastic, c)
+        assert b["global_step"] == 10
+        for k in a["model"]:
+            assert torch.equal(a["model"][k], b["model"][k]), (c, k)
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "torchrun"])
+def test_sigterm_to_the_launcher_alone_stops_every_worker_with_a_checkpoint(tmp_path, launcher):
+    """SIGTERM to the launcher process only (not its workers), as a scheduler or `kill <pid>` sends it: every
+    worker finishes its step, the run checkpoints there and no process of the run outlives the launcher (the
+    deepspeed runner itself dies at once; the workers see it gone and stop)."""
+    out = tmp_path / "run"
+    run = Run(tmp_path, launcher, 2, f"output_dir={out}", "max_steps=400", "checkpoint_every=50", *FAST,
+              launcher=launcher)
+    import psutil
+
+    try:
+        _wait_for(lambda: len(run.workers()) == 2 and (out / "metrics.jsonl").is_file()
+                  and len((out / "metrics.jsonl").read_text().splitlines()) >= 4, run)
+        tree = [psutil.Process(pid) for pid in run.descendants()]  # launch.py (deepspeed) and the workers
+        run.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 90
+        while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in tree) and \
+                time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = [p.pid for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        for p in tree:  # never leave a process behind, whatever the outcome
+            try:
+                p.kill()
+            except psutil.Error:
+                pass
+        run.cleanup()
+    assert not left, f"processes outlived the launcher: {left}\n{run.stderr()[-4000:]}"
+    text = run.stderr() + run.out.read_text(errors="replace")
+    assert "stopped by signal after step" in text, text[-4000:]
+    stopped_at = int(text.split("stopped by signal after step")[1].split(";")[0])
+    assert _latest(out) == f"step_{stopped_at:08d}"
+    for c in range(2):
+        assert _state(out, c)["global_step"] == stopped_at
 
 
 @pytest.mark.parametrize("sig", [signal.SIGSTOP, signal.SIGKILL], ids=["SIGSTOP", "SIGKILL"])

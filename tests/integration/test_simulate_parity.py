@@ -24,7 +24,8 @@ from deca_ds.config import load_config
 from deca_ds.simulate import run_simulation
 SETTINGS = ["method=deca", "deca.signal=qgm", "max_steps=6", "blocks.switch_every=2", "optim.lr=1e-2",
             "topology.name=ring", "data.num_examples=400", "data.eval_examples=4", "data.min_partition_size=4",
-            "log_every=1", "blocks.include_embeddings=false", "blocks.include_lm_head=false"]
+            "log_every=1", "blocks.include_embeddings=false", "blocks.include_lm_head=false", "optim.schedule=cosine",
+            "optim.warmup_steps=2"]
 
 
 def _records(path: Path) -> dict[tuple[int, int], dict]:

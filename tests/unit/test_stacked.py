@@ -97,9 +97,10 @@ def test_stacked_equals_per_client(case):
     wr, wg = stacked_weights(ref), stacked_weights(got)
     assert set(wr) == set(wg)
     assert _rel(wr, wg) <= WEIGHT_RTOL
-    # The weights moved (the comparison is not between two untouched initialisations).
+    # The weights moved by more than 10x the bound (an untouched run would fail it: the comparison is not between
+    # two untouched initialisations).
     init = stacked_weights(StackedSimulation(load_config(None, BASE + METHODS[case])))
-    assert _rel(wr, init) > 100 * WEIGHT_RTOL or case == "dec_lora"
+    assert _rel(wr, init) > 10 * WEIGHT_RTOL or case == "dec_lora"
     np.testing.assert_allclose(got.consensus_distances(0), ref.consensus_distances(0), rtol=1e-2, atol=1e-7)
     assert got.peak_optimizer_state_bytes == ref.peak_optimizer_state_bytes
     dg, dr = got.diagnostics.summary(), ref.diagnostics.summary()
@@ -189,3 +190,45 @@ def test_stacked_refuses_parked_replicas():
     cfg = load_config(None, BASE + ["simulate.park_replicas=true"])
     with pytest.raises(ConfigError, match="simulate.stacked=false"):
         StackedSimulation(cfg)
+
+
+@pytest.mark.parametrize("signal", ["qgm_grad", "raw"])
+def test_stacked_follows_the_lr_schedule_as_the_per_client_path(signal, tmp_path):
+    """optim.schedule on the stacked path: the run loop's set_lr reaches every client, the warm-up step at lr 0 folds
+    no per-lr signal (the diagnostics count one fewer signal step than the per-client path would otherwise), and the
+    losses stay within the parity bound of the per-client reference driven the same way."""
+    from deca_ds.lr_schedule import lr_at
+    from deca_ds.simulate import SimulatorDriver
+
+    extra = ["method=deca", f"deca.signal={signal}", "optim.schedule=cosine", "optim.warmup_steps=3",
+             "max_steps=12"]
+    runs = {}
+    for stacked in (False, True):
+        cfg = load_config(None, BASE + extra + [f"simulate.stacked={'true' if stacked else 'false'}"])
+        sim = StackedSimulation(cfg) if stacked else Simulation(cfg)
+        driver = SimulatorDriver(sim)
+        recs = []
+        for s in range(cfg.max_steps):
+            driver.set_lr(lr_at(cfg, s))
+            recs.append(sim.step())
+        runs[stacked] = (sim, recs, cfg)
+    (ref, ref_recs, cfg), (got, got_recs, _) = runs[False], runs[True]
+    assert [r.lr for r in got_recs] == [lr_at(cfg, s) for s in range(12)]
+    assert got_recs[0].lr == 0.0 and got_recs[3].lr == cfg.optim.lr
+    np.testing.assert_allclose(np.array([r.losses for r in got_recs]), np.array([r.losses for r in ref_recs]),
+                               rtol=LOSS_RTOL, atol=0)
+    # Signal entries counted: every client, every step whose signal was folded -- all 12 for raw, all but the
+    # lr-0 step 0 for a per-lr reading.
+    numel = [sum(got.params[k][0].numel() for k in got.blocks[r.block]) for r in got_recs]
+    folded = range(12) if signal == "raw" else range(1, 12)
+    assert got.diagnostics.h_n == ref.diagnostics.h_n == 3 * sum(numel[s] for s in folded)
+    assert np.isfinite(got.diagnostics.summary()["rms_h"])
+
+
+def test_stacked_applies_epochs():
+    from deca_ds.lr_schedule import steps_for_epochs
+
+    cfg = load_config(None, BASE + ["epochs=0.5"])
+    sim = StackedSimulation(cfg)
+    mean_rows = sum(len(d.train) for d in sim.data) / 3
+    assert cfg.max_steps == steps_for_epochs(0.5, mean_rows, sim.micro_batch * sim.gas) != 50

@@ -355,7 +355,7 @@ def _smooth(xs: list[float], k: int = 5) -> list[float]:
 
 MIN_EVAL_SEEDS = 5
 """A protocol table reports a cell only when it has at least this many evaluation seeds (a unit test checks)."""
-PROTOCOL_GRIDS = ("paper", "paper_r16", "skew")
+PROTOCOL_GRIDS = ("paper", "paper_r16", "skew", "paper_core")
 """The protocol grids behind docs/results.md, in priority order (``recipes/configs/sweeps/<name>.yaml``)."""
 
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -538,6 +538,9 @@ def cmd_protocol(args) -> int:
             todo = todo_tune if phase == "tune" else todo_eval
             print(f"{name}: {len(todo)} {phase} runs to run", file=sys.stderr)
             tasks += [(r, str(Path(args.runs_dir) / name), out / f"{name}.jsonl") for r in todo]
+        # Seed-major order: every method of a seed finishes before the next seed starts, so a sweep stopped early
+        # leaves complete per-seed pairs (stable sort: the grid's order within a seed).
+        tasks.sort(key=lambda t: int(t[0]["labels"].get("seed", 0)))
         if args.limit:
             tasks = tasks[: args.limit]
         _run_pool(tasks, args.jobs)

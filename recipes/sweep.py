@@ -555,6 +555,7 @@ PROTOCOL_METRICS = [
     ("consensus_accuracy", "cons. acc", 3, 1.0),
     ("consensus_macro_f1", "cons. macro-F1", 3, 1.0),
     ("consensus_test_loss", "cons. test loss", 3, 1.0),
+    ("client_accuracy_mean", "mean client acc", 3, 1.0),
     ("client_accuracy_worst", "worst client acc", 3, 1.0),
     ("client_test_loss_worst", "worst client loss", 3, 1.0),
     ("bytes_sent_per_client", "MiB sent/client", 1, 2.0 ** -20),

@@ -18,7 +18,64 @@ from deca_ds.config import BlocksConfig, ConfigError, RunConfig
 from deca_ds.consensus import ConsensusStep, MixFn, method_spec
 
 __all__ = ["partition_for", "check_blocks", "block_names_for", "uses_torch_adamw", "build_optimizer",
-           "topology_options", "build_topology", "build_consensus_step"]
+           "topology_options", "build_topology", "build_consensus_step", "check_lora_support", "prepare_model",
+           "lora_param_names"]
+
+LORA_MARK = "lora_"
+"""Every parameter peft's LoRA adds has this in its name (``lora_A``, ``lora_B``)."""
+
+
+def check_lora_support(cfg: RunConfig) -> None:
+    """Fail with one line, before anything runs, when ``method=dec_lora`` cannot run here.
+
+    Raises:
+        ConfigError: ``peft`` is not installed, or the model is in fp16 (LoRA adapters train in the model's dtype
+            here; use fp32 or bf16).
+    """
+    if not method_spec(cfg.method).lora:
+        return
+    try:
+        import peft  # noqa: F401
+    except ImportError:
+        raise ConfigError("method=dec_lora needs the peft library, which is not installed: pip install "
+                          "'deca_ds[lora]' (or 'peft>=0.13'), or choose another method") from None
+
+
+def prepare_model(cfg: RunConfig, model: nn.Module) -> nn.Module:
+    """The model a method trains: for ``dec_lora`` the base wrapped with LoRA adapters (``peft``), else ``model``.
+
+    The adapters are initialised from ``cfg.seed`` (peft's default: ``lora_A`` Kaiming-uniform, ``lora_B`` zero),
+    identically on every client and process, without touching the global RNG; the base weights are frozen.
+
+    Args:
+        cfg: the run's settings (``method``, ``lora``, ``seed``).
+        model: the loaded model, on the device it trains on.
+
+    Raises:
+        ConfigError: as :func:`check_lora_support`, or ``lora.target_modules`` names no module of the model.
+    """
+    if not method_spec(cfg.method).lora:
+        return model
+    check_lora_support(cfg)
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    lo = cfg.lora
+    targets = lo.target_modules if lo.target_modules is not None else "all-linear"
+    peft_cfg = PeftLoraConfig(r=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=targets,
+                              bias="none", task_type="CAUSAL_LM")
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(cfg.seed)
+        try:
+            wrapped = get_peft_model(model, peft_cfg)
+        except ValueError as e:
+            raise ConfigError(f"lora.target_modules={lo.target_modules!r}: {str(e).splitlines()[0][:200]}") from None
+    return wrapped
+
+
+def lora_param_names(model: nn.Module) -> list[str]:
+    """Names of the LoRA adapter parameters of a peft-wrapped model, in ``named_parameters`` order."""
+    return [n for n, _ in model.named_parameters() if LORA_MARK in n]
 
 
 def partition_for(model: nn.Module, blocks: BlocksConfig) -> BlockPartition:
@@ -79,8 +136,11 @@ def block_names_for(cfg: RunConfig, model: nn.Module) -> list[list[str]]:
     """Parameter names of each block the method trains, in block order.
 
     Block-wise methods get :func:`partition_for`'s blocks; D-Adam (``single_block``) one block of all of them; the
-    torch-AdamW baseline one block of every model parameter.
+    torch-AdamW baseline one block of every model parameter; ``dec_lora`` one block of the LoRA adapters of a
+    model wrapped by :func:`prepare_model`.
     """
+    if method_spec(cfg.method).lora:
+        return [_lora_block(model)]
     if uses_torch_adamw(cfg):
         return [[n for n, _ in model.named_parameters()]]
     partition = partition_for(model, cfg.blocks)
@@ -102,14 +162,25 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                  weight_decay=o.weight_decay)
     spec = method_spec(cfg.method)
-    blocks: Any = partition_for(model, cfg.blocks)
-    if spec.single_block:
-        blocks = [blocks.param_names()]
+    if spec.lora:
+        blocks: Any = [_lora_block(model)]
+    else:
+        blocks = partition_for(model, cfg.blocks)
+        if spec.single_block:
+            blocks = [blocks.param_names()]
     b = cfg.blocks
     return BlockAdam(model, blocks, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                      switch_every=b.switch_every, order=b.order, state_policy=o.state_policy,
                      fixed_order=b.fixed_order, seed=cfg.seed, offload_dtype=o.offload_dtype, auto_switch=False,
                      local_moments=spec.local_moments)
+
+
+def _lora_block(model: nn.Module) -> list[str]:
+    names = lora_param_names(model)
+    if not names:
+        raise ConfigError("method=dec_lora: the model has no LoRA adapters (it was not wrapped by "
+                          "deca_ds.build.prepare_model)")
+    return names
 
 
 def topology_options(cfg: RunConfig) -> dict[str, Any]:

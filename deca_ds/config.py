@@ -20,11 +20,11 @@ from typing import Any
 
 import yaml
 
-METHODS = ("deca", "badam_gossip", "trivial_bma", "dadam", "local", "centralized")
+METHODS = ("deca", "badam_gossip", "trivial_bma", "dadam", "local", "centralized", "dec_lora")
 ORDERS = ("ascending", "descending", "fixed", "random")
 STATE_POLICIES = ("reset", "offload")
 OFFLOAD_DTYPES = ("fp32", "int8")
-SIGNALS = ("qgm", "discrepancy", "raw")
+SIGNALS = ("qgm", "discrepancy", "raw", "qgm_grad", "discrepancy_grad")
 DTYPES = ("fp32", "bf16", "fp16")
 TOPOLOGIES = (
     "ring", "torus", "exponential", "one_peer_exponential", "erdos_renyi", "bipartite", "complete", "star", "custom",
@@ -72,8 +72,9 @@ class DataConfig:
     ``auto`` (detected from the fields)."""
     task: str = "classification"
     """Synthetic task of the embedded default: ``classification`` (label-skewed) or ``generation`` (task-skewed)."""
-    num_examples: int = 4000
-    """Size of the synthetic dataset (all clients together, before the test split)."""
+    num_examples: int = 6000
+    """Size of the synthetic dataset (all clients together, before the test split; the default's 10 % test split
+    holds 600 rows)."""
     num_labels: int = 4
     """Labels (classification) or task families (generation) of the synthetic data."""
     partition: str = "dirichlet"
@@ -97,8 +98,15 @@ class DataConfig:
     ``last_assistant`` (the final answer only; earlier turns are prompt). The same for single-turn rows."""
     test_size: float = 0.1
     """Fraction held out as the global test split (shared by all clients for evaluation)."""
-    eval_examples: int = 64
-    """Test examples used for the periodic and final evaluation."""
+    eval_examples: int = 512
+    """Test examples used for the periodic and final evaluation (the global test split holds
+    ``num_examples * test_size`` rows; 0 or less: all of them)."""
+    client_eval_examples: int | None = None
+    """Test examples for each client's own evaluation in the simulator (``None``: ``eval_examples``); the consensus
+    model always uses ``eval_examples``. Sweeps use fewer rows per client to keep 8 client evaluations cheap."""
+    eval_generate: bool = True
+    """Also score greedy generation at evaluation (``accuracy_gen``, ``exact_match``); the simulator honours it,
+    sweeps turn it off for speed (classification accuracy and macro-F1 come from label log-likelihoods)."""
     seed: int = 42
     """Seed of generation, partition and per-client shuffling."""
 
@@ -155,7 +163,9 @@ class DecaConfig:
     """DECA's consensus correction of the moments."""
 
     signal: str = "raw"
-    """Consensus signal h: ``raw`` x_new - x, ``qgm`` (x - x_new)/lr, or ``discrepancy`` (x_half - x_new)/lr.
+    """Consensus signal h: ``raw`` x_new - x, ``qgm`` (x - x_new)/lr, ``discrepancy`` (x_half - x_new)/lr, or
+    ``qgm_grad`` / ``discrepancy_grad``: those two times the client's Adam denominator sqrt(v_hat) + eps, i.e. in
+    gradient units (docs/design.md §1).
     ``raw`` measured best of the three (docs/results.md): with Adam the other two live on the scale of the
     normalised update (~1 per element), not of the gradient, and swamp the moments."""
     betas: list[float] = field(default_factory=lambda: [0.99, 0.9999])
@@ -216,7 +226,27 @@ class SimulateConfig:
     """Keep every client's replica (weights, gradients, optimizer state) in CPU memory and move it to ``device``
     only for its own forward, backward and optimizer step: device memory for one client instead of all of them,
     at the cost of copying one model to and from the device per client per step. No effect for ``centralized``
-    (one shared model) or when ``device`` is the CPU."""
+    (one shared model) or when ``device`` is the CPU. Per-client path only (``stacked: false``)."""
+    stacked: bool = True
+    """Run the clients as one batched model (``deca_ds.stacked``): trained parameters stacked along a leading client
+    dimension, one vectorised forward/backward (``torch.func.vmap``), Adam, clipping and the consensus correction on
+    the stacked block, gossip as one matrix product per tensor. ``false``: one model replica and one optimizer per
+    client (``deca_ds.simulate``), which equals a launch bit for bit; the stacked path equals it within float
+    rounding (tests/unit/test_stacked.py)."""
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters of ``method: dec_lora`` (the ``peft`` library; base weights frozen)."""
+
+    rank: int = 8
+    """Rank r of every adapter."""
+    alpha: float = 16.0
+    """Scaling numerator (``lora_alpha``): adapters are scaled by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input (0 keeps runs deterministic)."""
+    target_modules: list[str] | None = None
+    """Module names to adapt; ``None``: every linear layer but the LM head (peft's ``all-linear``)."""
 
 
 @dataclass
@@ -242,7 +272,8 @@ class RunConfig:
     must keep every setting that defines the run (see :func:`deca_ds.checkpoint.compare_run_settings`)."""
     method: str = "deca"
     """``deca``, ``badam_gossip`` (no BMA), ``trivial_bma``, ``dadam`` (full Adam + full-model gossip), ``local``
-    (no communication) or ``centralized`` (all ranks one data-parallel group)."""
+    (no communication), ``centralized`` (all ranks one data-parallel group) or ``dec_lora`` (frozen base, LoRA
+    adapters gossiped every step; needs ``peft``)."""
     centralized_optimizer: str = "block_adam"
     """Optimizer of ``method: centralized``: ``block_adam`` or ``adamw`` (full-parameter)."""
     checkpoint_every: int = 0
@@ -269,6 +300,7 @@ class RunConfig:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     gossip: GossipConfig = field(default_factory=GossipConfig)
     simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> "RunConfig":
         """Check value ranges and names; returns self. Raises :class:`ConfigError` on the first problem."""
@@ -314,6 +346,8 @@ class RunConfig:
         if not 0.0 <= d.test_size < 1.0:
             raise ConfigError(f"data.test_size={d.test_size!r} is out of range: use a fraction in [0, 1)")
         _at_least("data.eval_examples", d.eval_examples, 0)
+        if d.client_eval_examples is not None:
+            _at_least("data.client_eval_examples", d.client_eval_examples, 0)
         b = self.blocks
         _positive("blocks.layers_per_block", b.layers_per_block)
         _positive("blocks.switch_every", b.switch_every)
@@ -370,6 +404,13 @@ class RunConfig:
         if int(self.gossip.chunk_mb * 2**20) < wire_bytes:  # the Mixer's buffers hold int(chunk_mb * 2**20) bytes
             raise ConfigError(f"gossip.chunk_mb={self.gossip.chunk_mb!r} is less than one {self.gossip.dtype} "
                               f"value ({wire_bytes} bytes): use a value such as 64 (MiB)")
+        _positive("lora.rank", self.lora.rank)
+        _positive("lora.alpha", self.lora.alpha)
+        if not 0.0 <= self.lora.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.lora.dropout!r} is out of range: use a probability in [0, 1)")
+        if self.lora.target_modules is not None and not self.lora.target_modules:
+            raise ConfigError("lora.target_modules=[] is empty: name the modules to adapt (e.g. [q_proj, v_proj]) "
+                              "or remove the setting for every linear layer")
         if not self.simulate.device.strip():
             raise ConfigError("simulate.device='' is empty: use auto, cpu or a torch device such as cuda:0")
         return self

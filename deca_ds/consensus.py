@@ -19,7 +19,9 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
-SIGNALS = ("qgm", "discrepancy", "raw")
+SIGNALS = ("qgm", "discrepancy", "raw", "qgm_grad", "discrepancy_grad")
+GRADIENT_UNIT_SIGNALS = ("qgm_grad", "discrepancy_grad")
+"""Signals converted to gradient units through the client's Adam preconditioner (docs/design.md §1)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,8 @@ class MethodSpec:
         local_moments: the local gradient updates the stored moments (False: "trivial BMA" ablation).
         single_block: one block holding every trainable parameter (full-parameter Adam).
         world_data_parallel: all ranks form one data-parallel group (centralized baseline).
+        lora: the base model is frozen and LoRA adapters (``peft``) on its linear layers are the one trained,
+            gossiped block (Dec-LoRA).
     """
 
     gossip: bool
@@ -39,6 +43,7 @@ class MethodSpec:
     local_moments: bool = True
     single_block: bool = False
     world_data_parallel: bool = False
+    lora: bool = False
 
 
 _METHODS = {
@@ -48,6 +53,7 @@ _METHODS = {
     "dadam": MethodSpec(gossip=True, consensus=False, single_block=True),
     "local": MethodSpec(gossip=False, consensus=False),
     "centralized": MethodSpec(gossip=False, consensus=False, world_data_parallel=True),
+    "dec_lora": MethodSpec(gossip=True, consensus=False, single_block=True, lora=True),
 }
 
 
@@ -55,7 +61,8 @@ def method_spec(method: str) -> MethodSpec:
     """Return what ``method`` does between steps.
 
     Args:
-        method: one of ``deca``, ``badam_gossip``, ``trivial_bma``, ``dadam``, ``local``, ``centralized``.
+        method: one of ``deca``, ``badam_gossip``, ``trivial_bma``, ``dadam``, ``local``, ``centralized``,
+            ``dec_lora``.
 
     Raises:
         ValueError: unknown method.
@@ -66,17 +73,23 @@ def method_spec(method: str) -> MethodSpec:
 
 
 def consensus_signal(kind: str, x_prev: torch.Tensor | None, x_half: torch.Tensor | None, x_new: torch.Tensor,
-                     lr: float) -> torch.Tensor:
+                     lr: float, denom: torch.Tensor | None = None) -> torch.Tensor:
     """The consensus signal ``h`` of one tensor (docs/design.md §1; the paper's exact form is unknown).
 
+    Elementwise, so a tensor stacked over clients (leading client dimension) gives every client's signal at once.
+
     Args:
-        kind: ``qgm`` -> ``(x_prev - x_new) / lr``, the whole step's displacement on gradient scale;
-            ``discrepancy`` -> ``(x_half - x_new) / lr``, local minus aggregated;
-            ``raw`` -> ``x_new - x_prev``, as a third-party transcription writes it (unscaled).
-        x_prev: block value before the local step (needed by ``qgm`` and ``raw``).
-        x_half: block value after the local step, before mixing (needed by ``discrepancy``).
+        kind: ``qgm`` -> ``(x_prev - x_new) / lr``, the whole step's displacement in units of a normalised Adam
+            step; ``discrepancy`` -> ``(x_half - x_new) / lr``, local minus aggregated, same units;
+            ``raw`` -> ``x_new - x_prev``, as a third-party transcription writes it (unscaled, weight units);
+            ``qgm_grad`` / ``discrepancy_grad`` -> the ``qgm`` / ``discrepancy`` displacement times the client's
+            current Adam denominator ``sqrt(v_hat) + eps`` (``denom``): a normalised step converted back to
+            gradient units, so that ``h**2`` is commensurate with the ``g**2`` that ``v`` averages.
+        x_prev: block value before the local step (needed by ``qgm``, ``qgm_grad`` and ``raw``).
+        x_half: block value after the local step, before mixing (needed by the ``discrepancy`` readings).
         x_new: block value after mixing.
         lr: the step's learning rate (γ).
+        denom: ``sqrt(v_hat) + eps`` of the same shape (the gradient-unit readings only).
 
     Returns:
         A new fp32 tensor shaped like ``x_new``.
@@ -88,6 +101,11 @@ def consensus_signal(kind: str, x_prev: torch.Tensor | None, x_half: torch.Tenso
         return (x_half.float() - x_new).div_(lr)
     if kind == "raw":
         return x_new - x_prev.float()
+    if kind in GRADIENT_UNIT_SIGNALS:
+        if denom is None:
+            raise ValueError(f"deca.signal={kind!r} needs the Adam denominator sqrt(v_hat) + eps")
+        base = x_prev if kind == "qgm_grad" else x_half
+        return (base.float() - x_new).div_(lr).mul_(denom.to(x_new.device, torch.float32))
     raise ValueError(f"deca.signal={kind!r} is not known: use one of {', '.join(SIGNALS)}")
 
 
@@ -142,6 +160,9 @@ class ConsensusOptimizer(Protocol):
     def switch_if_due(self) -> bool:
         """Switch to the block the schedule assigns to the next step; return whether it switched."""
 
+    # The gradient-unit signals also read the client's Adam denominators (:func:`adam_denominators`): from an
+    # ``adam_denominators()`` method (the stacked simulator's optimizer) or from BlockAdam's own state.
+
 
 class MixFn(Protocol):
     """Neighbour mixing of the active block, in place: ``x_i <- sum_j w_ij x_j``."""
@@ -174,11 +195,18 @@ class ConsensusStep:
             raise ValueError(f"method={method!r} gossips: pass a mix function")
         if signal not in SIGNALS:
             raise ValueError(f"deca.signal={signal!r} is not known: use one of {', '.join(SIGNALS)}")
+        if self.spec.consensus and signal in GRADIENT_UNIT_SIGNALS and not _has_denominators(optimizer):
+            raise ValueError(f"deca.signal={signal!r} needs the client's Adam denominators, which "
+                             f"{type(optimizer).__name__} does not expose (ZeRO stages 1-3): use deca.signal=qgm, "
+                             "discrepancy or raw, or ZeRO stage 0")
         self.mix = mix
         self.signal = signal
         self.betas = tuple(float(b) for b in betas)
         self._snapshot: list[torch.Tensor] | None = None
         self.last_mix_stats = None
+        self.last_signal_sq: torch.Tensor | None = None
+        """Sum of ``h**2`` over the active block at the last step (over the non-client dimensions of each tensor
+        when the tensors are stacked over clients, i.e. one value per client), for the rms(h)/rms(g) diagnostic."""
 
     def to(self, device: torch.device) -> "ConsensusStep":
         """Move the pending pre-step snapshot (if any) to ``device``; for callers that move the model between
@@ -189,7 +217,7 @@ class ConsensusStep:
 
     @property
     def _needs_prev(self) -> bool:
-        return self.spec.consensus and self.signal in ("qgm", "raw")
+        return self.spec.consensus and self.signal in ("qgm", "raw", "qgm_grad")
 
     def before_step(self) -> None:
         """Snapshot the active block's fp32 values (x) when the consensus signal needs them."""
@@ -209,10 +237,14 @@ class ConsensusStep:
         opt = self.optimizer
         block_idx = opt.active_block_idx
         self.last_mix_stats = None
+        self.last_signal_sq = None  # a step that folds nothing (lr 0, no gossip) reports no signal
         if self.spec.gossip:
             masters = opt.master_params()
             x_half = [x.detach().float().clone() for x in masters] if (
-                self.spec.consensus and self.signal == "discrepancy") else None
+                self.spec.consensus and self.signal in ("discrepancy", "discrepancy_grad")) else None
+            # The preconditioner of the step just taken, before the fold changes v.
+            denoms = adam_denominators(opt) if (
+                self.spec.consensus and self.signal in GRADIENT_UNIT_SIGNALS) else None
             self.last_mix_stats = self.mix(masters, step, block_idx)
             opt.sync_params_from_master_()
             lr = opt.param_groups[0]["lr"]
@@ -221,7 +253,51 @@ class ConsensusStep:
             if self.spec.consensus and (lr > 0 or self.signal == "raw"):
                 prev = self._snapshot or [None] * len(masters)
                 halves = x_half or [None] * len(masters)
-                signals = [consensus_signal(self.signal, p, h, x, lr) for p, h, x in zip(prev, halves, masters)]
+                dens = denoms or [None] * len(masters)
+                signals = [consensus_signal(self.signal, p, h, x, lr, d)
+                           for p, h, x, d in zip(prev, halves, masters, dens)]
+                self.last_signal_sq = _sum_sq(signals, stacked=getattr(opt, "stacked", False))
                 opt.apply_consensus_(signals, betas=self.betas)
         self._snapshot = None
         return opt.switch_if_due()
+
+
+def _sum_sq(tensors: Sequence[torch.Tensor], stacked: bool) -> torch.Tensor:
+    """Sum of squares of every element (``stacked``: per slice of the leading client dimension), fp32."""
+    if stacked:
+        return sum(t.float().pow(2).flatten(1).sum(1) for t in tensors)
+    return sum(t.float().pow(2).sum() for t in tensors)
+
+
+def _has_denominators(opt) -> bool:
+    return hasattr(opt, "adam_denominators") or (hasattr(opt, "active_params") and hasattr(opt, "state"))
+
+
+@torch.no_grad()
+def adam_denominators(opt) -> list[torch.Tensor]:
+    """``sqrt(v_hat) + eps`` of every active parameter of a client optimizer, with its current second moment.
+
+    ``v_hat = v / (1 - alpha2**t)`` with the block's step counter ``t`` (taken as at least 1: a client whose first
+    step on this block was skipped has ``v = 0`` and gets ``eps``), written as
+    :func:`deca_ds.optim.block_adam.adamw_step_` writes its denominator. Reads :class:`deca_ds.optim.BlockAdam`'s state (``exp_avg_sq``, ``step``) or calls the
+    optimizer's own ``adam_denominators()`` (the stacked simulator).
+
+    Raises:
+        ValueError: the optimizer exposes neither.
+    """
+    if hasattr(opt, "adam_denominators"):
+        return opt.adam_denominators()
+    if not _has_denominators(opt):
+        raise ValueError(f"{type(opt).__name__} exposes no Adam second moments")
+    group = opt.param_groups[0]
+    beta2, eps = group["betas"][1], group["eps"]
+    out = []
+    for p in opt.active_params():
+        st = opt.state.get(p) or {}
+        if "exp_avg_sq" not in st:
+            out.append(torch.full(p.shape, float(eps), dtype=torch.float32, device=p.device))
+            continue
+        t = max(int(st["step"].item()), 1)
+        bias_correction2_sqrt = (1 - beta2**t) ** 0.5
+        out.append((st["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(eps))
+    return out

@@ -48,13 +48,15 @@ import numpy as np
 import torch
 
 from deca_ds import checkpoint as ckpt
-from deca_ds.build import build_consensus_step, build_optimizer, build_topology, uses_torch_adamw
+from deca_ds.build import (build_consensus_step, build_optimizer, build_topology, check_lora_support,
+                           prepare_model, uses_torch_adamw)
 from deca_ds.config import ConfigError, RunConfig
 from deca_ds.consensus import method_spec
 from deca_ds.loop import StepRecord, run_loop, write_summary
 from deca_ds.step import clip_grad_norm_as_deepspeed_, grads_finite, run_micro_batches
 
-__all__ = ["Simulation", "SimulatorDriver", "run_simulation", "mix_rows", "resolve_device", "HEADER_BYTES"]
+__all__ = ["Simulation", "SimulatorDriver", "run_simulation", "make_simulation", "mix_rows", "resolve_device",
+           "HEADER_BYTES", "Diagnostics", "common_setup"]
 
 HEADER_BYTES = 4 * 8
 """Bytes of the int64 header (block, step, client, numel) the launcher's Mixer sends before every payload."""
@@ -121,6 +123,97 @@ def mix_rows(stacked: torch.Tensor, weights: np.ndarray, wire_dtype: torch.dtype
     return (off @ wire + diag[:, None] * own).view(stacked.shape)
 
 
+def common_setup(sim, cfg: RunConfig) -> None:
+    """Checks and settings shared by the per-client and the stacked simulator, set as attributes of ``sim``:
+    ``cfg``, ``num_clients``, ``spec``, ``device``, ``ds_config``, ``micro_batch``, ``gas``, ``clip``, ``wire_dtype``,
+    ``topology``.
+
+    Raises:
+        ConfigError: missing ``num_clients``, unsupported DeepSpeed settings or a bad topology/data/model setting.
+    """
+    from deca_ds.data import check_data_config
+    from deca_ds.ds_config import check_ds_config, load_ds_config
+    from deca_ds.models import check_model_config
+
+    if not cfg.num_clients:
+        raise ConfigError("backend=simulate needs num_clients: write num_clients=8")
+    sim.cfg = cfg
+    sim.num_clients = n = int(cfg.num_clients)
+    sim.spec = method_spec(cfg.method)
+    sim.device = resolve_device(cfg.simulate.device)
+    ds = load_ds_config(cfg.ds_config, device_type=sim.device.type)
+    check_ds_config(ds, cfg)
+    sim.ds_config = ds
+    if "scheduler" in ds:
+        raise ConfigError("backend=simulate does not run DeepSpeed LR schedulers: remove the ds_config "
+                          "'scheduler' section (or use the launcher)")
+    if cfg.clients.ranks_per_client != 1:
+        raise ConfigError("backend=simulate runs one rank per client: set clients.ranks_per_client=1")
+    sim.micro_batch = int(ds["train_micro_batch_size_per_gpu"])
+    sim.gas = int(ds.get("gradient_accumulation_steps", 1))
+    sim.clip = float(ds.get("gradient_clipping", 0.0) or 0.0)
+    check_model_config(cfg.model)
+    check_lora_support(cfg)
+    if cfg.optim.state_policy == "offload":
+        from deca_ds.optim.state_store import check_offload_support
+
+        check_offload_support(cfg.optim.offload_dtype)
+    check_data_config(cfg, n)
+    sim.wire_dtype = _WIRE_DTYPES[cfg.gossip.dtype]
+    sim.topology = None
+    if sim.spec.gossip and n > 1:
+        sim.topology = build_topology(cfg, n)
+
+
+def apply_epochs(sim) -> None:
+    """``epochs`` set: replace ``sim.cfg.max_steps`` by that many passes of the mean client over its training rows,
+    as the launcher does (clients hold different amounts; every client takes the same number of steps).
+
+    Args:
+        sim: a per-client or stacked simulation whose ``data``, ``micro_batch`` and ``gas`` are set.
+    """
+    cfg = sim.cfg
+    if cfg.epochs is None:
+        return
+    from deca_ds.lr_schedule import steps_for_epochs
+
+    mean_rows = sum(len(d.train) for d in sim.data) / sim.num_clients
+    cfg.max_steps = steps_for_epochs(cfg.epochs, mean_rows, sim.micro_batch * sim.gas)
+
+
+class Diagnostics:
+    """Run-level figures that say how the consensus signal compares with the gradient it is averaged with.
+
+    ``rms_g``: RMS of the (clipped) gradient entries that entered Adam's moments, over every step and client;
+    ``rms_h``: RMS of the consensus signal entries folded into them; ``clipped_fraction``: the fraction of (client,
+    step) updates whose gradient norm exceeded ``gradient_clipping`` (DeepSpeed's test ``norm + 1e-6 > clip``).
+    """
+
+    def __init__(self, num_clients: int):
+        self.num_clients = num_clients
+        self.g_sq, self.g_n, self.h_sq, self.h_n, self.clipped, self.updates = 0.0, 0, 0.0, 0, 0, 0
+
+    def add_gradient(self, sum_sq: float, numel: int, clipped: bool) -> None:
+        """One replica's update: sum of squared gradient entries, their count, and whether it was clipped."""
+        self.g_sq += float(sum_sq)
+        self.g_n += int(numel)
+        self.clipped += bool(clipped)
+        self.updates += 1
+
+    def add_signal(self, sum_sq: float, numel: int) -> None:
+        """One client's consensus signal of one step: sum of squared entries and their count."""
+        self.h_sq += float(sum_sq)
+        self.h_n += int(numel)
+
+    def summary(self) -> dict[str, float | None]:
+        """``rms_g``, ``rms_h``, ``rms_h_over_g`` (None without a signal) and ``clipped_fraction``."""
+        rms_g = math.sqrt(self.g_sq / self.g_n) if self.g_n else None
+        rms_h = math.sqrt(self.h_sq / self.h_n) if self.h_n else None
+        ratio = rms_h / rms_g if rms_h is not None and rms_g else None
+        return {"rms_g": rms_g, "rms_h": rms_h, "rms_h_over_g": ratio,
+                "clipped_fraction": self.clipped / self.updates if self.updates else None}
+
+
 class _RowMix:
     """The ``mix`` callable of one client's ConsensusStep: copies the precomputed mixed rows in place."""
 
@@ -168,57 +261,27 @@ class Simulation:
         Raises:
             ConfigError: missing ``num_clients``, unsupported DeepSpeed settings or a bad topology/data setting.
         """
-        from deca_ds.data import build_client_data, check_data_config
-        from deca_ds.ds_config import check_ds_config, load_ds_config
-        from deca_ds.models import check_model_config, load_model_and_tokenizer
+        from deca_ds.data import build_client_data
+        from deca_ds.models import load_model_and_tokenizer
 
-        if not cfg.num_clients:
-            raise ConfigError("backend=simulate needs num_clients: write num_clients=8")
-        self.cfg = cfg
-        self.num_clients = n = int(cfg.num_clients)
-        self.spec = method_spec(cfg.method)
-        self.device = resolve_device(cfg.simulate.device)
-        ds = load_ds_config(cfg.ds_config, device_type=self.device.type)
-        check_ds_config(ds, cfg)
-        self.ds_config = ds
-        if "scheduler" in ds:
-            raise ConfigError("backend=simulate does not run DeepSpeed LR schedulers: remove the ds_config "
-                              "'scheduler' section (or use the launcher)")
-        if cfg.clients.ranks_per_client != 1:
-            raise ConfigError("backend=simulate runs one rank per client: set clients.ranks_per_client=1")
-        self.micro_batch = int(ds["train_micro_batch_size_per_gpu"])
-        self.gas = int(ds.get("gradient_accumulation_steps", 1))
-        self.clip = float(ds.get("gradient_clipping", 0.0) or 0.0)
-        check_model_config(cfg.model)
-        if cfg.optim.state_policy == "offload":
-            from deca_ds.optim.state_store import check_offload_support
-
-            check_offload_support(cfg.optim.offload_dtype)
-        check_data_config(cfg, n)
-        self.wire_dtype = _WIRE_DTYPES[cfg.gossip.dtype]
-        self.topology = None
-        if self.spec.gossip and n > 1:
-            self.topology = build_topology(cfg, n)
+        common_setup(self, cfg)
+        n = self.num_clients
         # gossip.compression: one error-feedback state per client, driven as each client's Mixer drives its own.
         self.feedback = None
         if self.topology is not None and cfg.gossip.compression != "none":
             from deca_ds.compression import ErrorFeedback
 
             self.feedback = [ErrorFeedback(cfg.gossip.compression) for _ in range(n)]
-
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
         self.pad_id = self.tokenizer.pad_token_id
         self.data = [build_client_data(cfg, self.tokenizer, c, n) for c in range(n)]
-        if cfg.epochs is not None:  # as the launcher: the mean client's rows over the rows a client takes per step
-            from deca_ds.lr_schedule import steps_for_epochs
-
-            mean_rows = sum(len(d.train) for d in self.data) / n
-            cfg.max_steps = steps_for_epochs(cfg.epochs, mean_rows, self.micro_batch * self.gas)
+        apply_epochs(self)
         # Memory: one replica per client (the centralized baseline trains one shared model, like its all-reduce).
         replicas = 1 if self.spec.world_data_parallel else n
         self.park = bool(cfg.simulate.park_replicas) and replicas > 1
         # Replicas are placed before the optimizers exist: optimizer state is created lazily on the weights' device.
         model.to(_HOST if self.park else self.device)
+        model = prepare_model(cfg, model)
         self.models = [model] + [copy.deepcopy(model) for _ in range(replicas - 1)]
         self.optimizers = [build_optimizer(cfg, m) for m in self.models]
         # The torch-AdamW baseline has no blocks and never gossips: no hook.
@@ -230,6 +293,7 @@ class Simulation:
         self._mixed = None
         self.global_step = 0
         self.peak_optimizer_state_bytes = 0
+        self.diagnostics = Diagnostics(n)
 
     # ----------------------------------------------------------------------------------------------- helpers
 
@@ -323,8 +387,14 @@ class Simulation:
         returns whether every gradient is finite."""
         grads = [p for p in model.parameters() if p.grad is not None]
         finite = grads_finite(grads)
+        norm = None
         if self.clip > 0 and grads and finite:
-            clip_grad_norm_as_deepspeed_(grads, self.clip)
+            norm = float(clip_grad_norm_as_deepspeed_(grads, self.clip))
+        if grads and finite:
+            # Diagnostics only (read after clipping; the arithmetic of the step is untouched).
+            self.diagnostics.add_gradient(float(sum(p.grad.detach().float().pow(2).sum() for p in grads)),
+                                          sum(p.grad.numel() for p in grads),
+                                          norm is not None and norm + 1e-6 > self.clip)
         return finite
 
     def _skip(self, i: int) -> None:
@@ -377,6 +447,9 @@ class Simulation:
         for i, hook in enumerate(self.hooks):
             if hook is not None:
                 hook.after_step(step)
+                if hook.last_signal_sq is not None:
+                    self.diagnostics.add_signal(float(hook.last_signal_sq),
+                                                sum(t.numel() for t in self.block_tensors(i, block)))
         for c in range(n):
             self.bytes_sent[c] += self._step_bytes[c]
         self.global_step += 1
@@ -454,7 +527,8 @@ class Simulation:
             if key not in evals:
                 with self.on_device(c) as model:
                     model.eval()
-                    evals[key] = evaluate(model, self.tokenizer, self.data[c], max_examples=self.cfg.data.eval_examples)
+                    evals[key] = evaluate(model, self.tokenizer, self.data[c], max_examples=_client_rows(self.cfg),
+                                          batch_size=64, generate=self.cfg.data.eval_generate)
                     model.train()
         return [evals[0 if len(self.models) == 1 else c] for c in range(self.num_clients)]
 
@@ -569,7 +643,7 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
         raise ConfigError("backend=simulate does not write or resume checkpoints: set resume=false and "
                           "checkpoint_every=0 (or use the launcher)")
     ckpt.prepare_output_dir(cfg.output_dir, cfg.resume)
-    sim = Simulation(cfg)
+    sim = make_simulation(cfg)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     ckpt.append_run_leg(out, ckpt.run_record(cfg, sim.ds_config, None, sim.num_clients, backend="simulate"))
@@ -589,7 +663,7 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
     for c in range(sim.num_clients):
         own = evals[c]
         if save_models and cfg.model.save_client_models:
-            sim.model_of(c).save_pretrained(out / "clients" / f"client_{c}")
+            _full_model(sim.model_of(c)).save_pretrained(out / "clients" / f"client_{c}")
             sim.tokenizer.save_pretrained(out / "clients" / f"client_{c}")
         clients.append({"client": c, "final_loss": outcome.last_loss.get(c), "test_loss": own.get("loss"),
                         "test_accuracy": own.get("accuracy"), "eval": own, "bytes_sent": sim.bytes_sent[c],
@@ -597,12 +671,39 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
     avg = sim.consensus_model().to(sim.device)
     avg.eval()
     if save_models:
-        avg.save_pretrained(out / "consensus", safe_serialization=True)
+        _full_model(copy.deepcopy(avg)).save_pretrained(out / "consensus", safe_serialization=True)
         sim.tokenizer.save_pretrained(out / "consensus")
-    consensus = evaluate(avg, sim.tokenizer, sim.data[0], max_examples=cfg.data.eval_examples)
+    consensus = evaluate(avg, sim.tokenizer, sim.data[0], max_examples=cfg.data.eval_examples, batch_size=64,
+                         generate=cfg.data.eval_generate)
     summary = {"method": cfg.method, "backend": "simulate", "steps": sim.global_step,
                "num_clients": sim.num_clients, "clients": clients, "consensus": consensus,
+               "stacked": isinstance(sim, _stacked_class()), "diagnostics": sim.diagnostics.summary(),
                "train_seconds": outcome.train_seconds, "wall_seconds": time.perf_counter() - t0}
     write_summary(out, summary, None if quiet else console)
     plot_run(out)  # training.png: every client's loss and consensus distance over steps
     return summary
+
+
+def _stacked_class():
+    from deca_ds.stacked import StackedSimulation
+
+    return StackedSimulation
+
+
+def make_simulation(cfg: RunConfig):
+    """The simulator ``simulate.stacked`` selects: :class:`deca_ds.stacked.StackedSimulation` (one batched model) or
+    :class:`Simulation` (one replica per client, bit-equal to a launch)."""
+    return _stacked_class()(cfg) if cfg.simulate.stacked else Simulation(cfg)
+
+
+def _full_model(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain Hugging Face model to save: a peft (dec_lora) model with its adapters merged into the base."""
+    if hasattr(model, "merge_and_unload"):
+        return model.merge_and_unload()
+    return model
+
+
+def _client_rows(cfg: RunConfig) -> int:
+    """Test rows of each client's own evaluation (``data.client_eval_examples``, else ``data.eval_examples``)."""
+    d = cfg.data
+    return d.eval_examples if d.client_eval_examples is None else d.client_eval_examples

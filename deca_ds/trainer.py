@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from deca_ds import checkpoint as ckpt
-from deca_ds.build import build_topology, check_blocks
+from deca_ds.build import build_topology, check_blocks, check_lora_support, prepare_model
 from deca_ds.config import ConfigError, RunConfig
 from deca_ds.consensus import method_spec
 from deca_ds.gossip import ClientLayout
@@ -96,6 +96,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     check_ds_config(ds, cfg, world_size=world_size)
     check_model_config(cfg.model)
     check_blocks(cfg)
+    check_lora_support(cfg)
     if cfg.optim.state_policy == "offload":
         check_offload_support(cfg.optim.offload_dtype)
     if uses_schedule(cfg) and "scheduler" in ds:
@@ -347,6 +348,7 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     if cfg.model.gradient_checkpointing is False and uses_activation_checkpointing(ds):
         cfg.model.gradient_checkpointing = True
     model, tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
+    model = prepare_model(cfg, model)  # dec_lora: the base wrapped with LoRA adapters (peft)
     data = build_client_data(cfg, tokenizer, layout.client_id, layout.num_clients)
     counts = data.counts
     if data.counts_local_only:  # per-client files: only this client's row is known locally

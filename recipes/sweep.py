@@ -119,8 +119,15 @@ def run_one(run: dict[str, Any], runs_dir: str) -> dict[str, Any]:
     accs = [c["test_accuracy"] if c["test_accuracy"] is not None else c["eval"].get("exact_match", 0.0)
             for c in summary["clients"]]
     cons = summary["consensus"] or {}
+    diag = summary.get("diagnostics") or {}
+    f1s = [c["eval"].get("macro_f1") for c in summary["clients"]]
     return {
         "run_id": run["run_id"], "labels": run["labels"], "settings": run["settings"],
+        "phase": run.get("phase", "grid"), "hparams": run.get("hparams"),
+        "eval_rows": cons.get("examples"),
+        "client_macro_f1_worst": min(f1s) if all(f is not None for f in f1s) else None,
+        "rms_h": diag.get("rms_h"), "rms_g": diag.get("rms_g"), "rms_h_over_g": diag.get("rms_h_over_g"),
+        "clipped_fraction": diag.get("clipped_fraction"),
         "consensus_accuracy": cons.get("accuracy", cons.get("exact_match")),
         "consensus_macro_f1": cons.get("macro_f1"),
         "consensus_test_loss": cons.get("loss"),
@@ -343,6 +350,294 @@ def _smooth(xs: list[float], k: int = 5) -> list[float]:
     return [sum(xs[max(0, i - k + 1): i + 1]) / len(xs[max(0, i - k + 1): i + 1]) for i in range(len(xs))]
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# the tuning protocol: tuning seeds choose the hyperparameters, fresh evaluation seeds measure
+
+MIN_EVAL_SEEDS = 5
+"""A protocol table reports a cell only when it has at least this many evaluation seeds (a unit test checks)."""
+PROTOCOL_GRIDS = ("paper", "paper_r16", "skew", "paper_core")
+"""The protocol grids behind docs/results.md, in priority order (``recipes/configs/sweeps/<name>.yaml``)."""
+
+_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+        20: 2.086, 25: 2.060, 30: 2.042}
+"""Two-sided 95 % quantiles of Student's t by degrees of freedom (larger df: the next smaller tabulated one)."""
+
+
+def t95(df: int) -> float:
+    """The two-sided 95 % quantile of Student's t with ``df`` degrees of freedom (conservative between rows)."""
+    if df < 1:
+        raise ValueError("a confidence interval needs at least 2 paired values")
+    return _T95[max(k for k in _T95 if k <= df)]
+
+
+def paired_interval(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """Mean of the paired differences ``a_i - b_i`` and its 95 % t-interval ``(mean, low, high)``."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    m, s = _mean_std(d)
+    half = t95(len(d) - 1) * s / math.sqrt(len(d))
+    return m, m - half, m + half
+
+
+def _seeded(settings: dict[str, Any], seed: int) -> dict[str, Any]:
+    # A seed draws everything random: model init and block order, partition and batch order, and the graph.
+    return {**settings, "seed": seed, "data.seed": seed, "topology.seed": seed}
+
+
+def _cells(spec: dict[str, Any]) -> list[tuple[dict[str, str], dict[str, Any]]]:
+    """(labels, settings) of every grid cell of a protocol spec (no seeds; methods without gossip once per split
+    only when the split changes nothing but the topology)."""
+    base = _flatten(spec.get("base") or {})
+    axes = [[(axis, str(label), _flatten(v or {})) for label, v in values.items()]
+            for axis, values in (spec.get("grid") or {}).items()]
+    out, seen = [], set()
+    for combo in itertools.product(*axes):
+        settings, labels = dict(base), {}
+        for axis, label, v in combo:
+            settings.update(v)
+            labels[axis] = label
+        if any(all(labels.get(a) == str(v) for a, v in ex.items()) for ex in spec.get("exclude") or []):
+            continue
+        if settings.get("method") in NO_GOSSIP:
+            topo = {k: v for k, v in settings.items() if k.startswith("topology.")}
+            for k in topo:
+                settings.pop(k)
+        key = json.dumps(settings, sort_keys=True, default=str)
+        if key in seen:  # e.g. local on ER and on the ring: the same run
+            continue
+        seen.add(key)
+        out.append((labels, settings))
+    return out
+
+
+def tuning_runs(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """The tuning runs of a protocol spec: every method x lr (x deca.betas for methods with a consensus
+    correction) x tuning seed, in the spec's tuning cell (``tune.split``, default the first of each other axis)."""
+    tune = spec.get("tune") or {}
+    if not tune:
+        return []
+    runs = []
+    for labels, settings in _cells(spec):
+        if any(labels.get(a) != v for a, v in (tune.get("cell") or {}).items()):
+            continue
+        if any(labels.get(a) != first for a, first in _first_labels(spec).items()
+               if a != "method" and a not in (tune.get("cell") or {})):
+            continue
+        consensus = settings.get("method") in ("deca", "trivial_bma")
+        betas = tune.get("deca_betas") if consensus else None
+        for lr in tune["lr"]:
+            for b in (betas or [None]):
+                for seed in tune["seeds"]:
+                    hp = {"optim.lr": lr, **({"deca.betas": b} if b is not None else {})}
+                    lab = {"method": labels["method"], "lr": _label(lr),
+                           **({"betas": _label(b)} if b is not None else {}), "seed": str(seed)}
+                    runs.append({"run_id": "tune__" + "__".join(f"{a}={v}" for a, v in lab.items()),
+                                 "labels": lab, "settings": _seeded({**settings, **hp}, seed), "phase": "tune",
+                                 "hparams": hp})
+    return runs
+
+
+def _first_labels(spec: dict[str, Any]) -> dict[str, str]:
+    return {axis: str(next(iter(values))) for axis, values in (spec.get("grid") or {}).items()}
+
+
+def choose_hparams(spec: dict[str, Any], records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per method label, the tuning configuration with the best mean ``tune.metric`` over the tuning seeds.
+
+    Only complete configurations (every tuning seed finished) compete; a method without one is absent. Nothing
+    here reads an evaluation seed's run.
+
+    Returns:
+        ``{method: {"hparams": {...}, "score": mean metric, "candidates": {config label: mean}}}``.
+    """
+    tune = spec["tune"]
+    metric, sign = tune.get("metric", "consensus_test_loss"), (-1.0 if tune.get("maximize") else 1.0)
+    runs = tuning_runs(spec)
+    done = {r["run_id"]: r for r in records if r.get("phase") == "tune"}
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in runs:
+        key = (run["labels"]["method"], json.dumps(run["hparams"], sort_keys=True))
+        groups.setdefault(key, []).append(run)
+    out: dict[str, dict[str, Any]] = {}
+    for (method, hp_key), group in groups.items():
+        recs = [done.get(r["run_id"]) for r in group]
+        if any(r is None or r.get(metric) is None or not math.isfinite(r[metric]) for r in recs):
+            if all(r is not None for r in recs):  # finished but diverged: worst possible score
+                score = math.inf
+            else:
+                continue
+        else:
+            score = sum(r[metric] for r in recs) / len(recs)
+        entry = out.setdefault(method, {"hparams": None, "score": None, "candidates": {}})
+        entry["candidates"][hp_key] = score if math.isfinite(score) else None
+        # Lower sign*score is better; a diverged configuration (inf) never beats a finished one; ties keep the
+        # first configuration of the grid.
+        if entry["hparams"] is None or (math.isfinite(score) and (entry["score"] is None or
+                                                                   sign * score < sign * entry["score"])):
+            entry["hparams"] = json.loads(hp_key)
+            entry["score"] = score if math.isfinite(score) else None
+    return out
+
+
+def eval_runs(spec: dict[str, Any], chosen: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The evaluation runs: every cell x evaluation seed, with its method's chosen hyperparameters (cells whose
+    method has no complete tuning yet are left out)."""
+    runs = []
+    for labels, settings in _cells(spec):
+        method = labels["method"]
+        hp = (chosen.get(method) or {}).get("hparams")
+        if spec.get("tune") and hp is None:
+            continue
+        hp_labels = {("lr" if k == "optim.lr" else "betas"): _label(v) for k, v in (hp or {}).items()}
+        for seed in spec["eval_seeds"]:
+            # The chosen hyperparameters are part of the run's name: a changed choice makes new runs.
+            lab = {**labels, **hp_labels, "seed": str(seed)}
+            runs.append({"run_id": "eval__" + "__".join(f"{a}={v}" for a, v in lab.items()), "labels": lab,
+                         "settings": _seeded({**settings, **(hp or {})}, seed), "phase": "eval",
+                         "hparams": hp or {}})
+    return runs
+
+
+def _records(path: Path) -> list[dict[str, Any]]:
+    return load_results(str(path)) if path.exists() else []
+
+
+def protocol_todo(name: str, out: Path, methods: list[str] | None = None
+                  ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Missing tuning runs and missing (currently runnable) evaluation runs of protocol grid ``name`` (only the
+    method labels in ``methods`` when given)."""
+    spec = yaml.safe_load((GRIDS_DIR / f"{name}.yaml").read_text())
+    recs = _records(out / f"{name}.jsonl")
+    done = {r["run_id"] for r in recs}
+    tune_src = spec.get("tune_from")
+    if tune_src:
+        src_spec = yaml.safe_load((GRIDS_DIR / f"{tune_src}.yaml").read_text())
+        chosen = choose_hparams(src_spec, _records(out / f"{tune_src}.jsonl"))
+        spec = {**spec, "tune": None}
+        todo_tune = []
+    else:
+        chosen = choose_hparams(spec, recs) if spec.get("tune") else {}
+        todo_tune = [r for r in tuning_runs(spec) if r["run_id"] not in done]
+    todo_eval = [r for r in eval_runs(spec, chosen) if r["run_id"] not in done]
+    if methods:
+        todo_tune = [r for r in todo_tune if r["labels"]["method"] in methods]
+        todo_eval = [r for r in todo_eval if r["labels"]["method"] in methods]
+    return todo_tune, todo_eval
+
+
+def cmd_protocol(args) -> int:
+    """Tuning runs of every protocol grid, then the evaluation runs they unlock, then the summaries."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = args.grids or list(PROTOCOL_GRIDS)
+    t0 = time.perf_counter()
+    for phase in ("tune", "eval"):
+        tasks = []
+        for name in names:
+            todo_tune, todo_eval = protocol_todo(name, out, args.methods)
+            todo = todo_tune if phase == "tune" else todo_eval
+            print(f"{name}: {len(todo)} {phase} runs to run", file=sys.stderr)
+            tasks += [(r, str(Path(args.runs_dir) / name), out / f"{name}.jsonl") for r in todo]
+        # Seed-major order: every method of a seed finishes before the next seed starts, so a sweep stopped early
+        # leaves complete per-seed pairs (stable sort: the grid's order within a seed).
+        tasks.sort(key=lambda t: int(t[0]["labels"].get("seed", 0)))
+        if args.limit:
+            tasks = tasks[: args.limit]
+        _run_pool(tasks, args.jobs)
+    print(f"protocol: {time.perf_counter() - t0:.0f}s with {args.jobs} job(s)", file=sys.stderr)
+    for name in names:
+        if (out / f"{name}.jsonl").exists():
+            print(summarize_protocol(name, str(out)))
+    return 0
+
+
+PROTOCOL_METRICS = [
+    ("consensus_accuracy", "cons. acc", 3, 1.0),
+    ("consensus_macro_f1", "cons. macro-F1", 3, 1.0),
+    ("consensus_test_loss", "cons. test loss", 3, 1.0),
+    ("client_accuracy_mean", "mean client acc", 3, 1.0),
+    ("client_accuracy_worst", "worst client acc", 3, 1.0),
+    ("client_test_loss_worst", "worst client loss", 3, 1.0),
+    ("bytes_sent_per_client", "MiB sent/client", 1, 2.0 ** -20),
+    ("optimizer_state_bytes", "opt. state KiB", 0, 2.0 ** -10),
+    ("rms_h_over_g", "rms(h)/rms(g)", 3, 1.0),
+    ("clipped_fraction", "clipped", 2, 1.0),
+]
+
+
+def protocol_tables(name: str, out_dir: str) -> dict[str, Any]:
+    """Per cell (non-method labels), per method: the evaluation records, chosen hyperparameters and paired
+    differences; cells with fewer than :data:`MIN_EVAL_SEEDS` evaluation seeds are listed as incomplete."""
+    spec = yaml.safe_load((GRIDS_DIR / f"{name}.yaml").read_text())
+    out = Path(out_dir)
+    src = spec.get("tune_from") or name
+    src_spec = yaml.safe_load((GRIDS_DIR / f"{src}.yaml").read_text())
+    chosen = choose_hparams(src_spec, _records(out / f"{src}.jsonl")) if src_spec.get("tune") else {}
+    # Only evaluation runs of the current choice count (a record made with an earlier choice is kept, unused).
+    current = {r["run_id"] for r in eval_runs({**spec, "tune": src_spec.get("tune")}, chosen)}
+    recs = [r for r in _records(out / f"{name}.jsonl") if r.get("phase") == "eval" and r["run_id"] in current]
+    cells: dict[tuple, dict[str, list]] = {}
+    for r in recs:
+        key = tuple((a, v) for a, v in r["labels"].items() if a not in ("method", "seed", "lr", "betas"))
+        cells.setdefault(key, {}).setdefault(r["labels"]["method"], []).append(r)
+    return {"spec": spec, "cells": cells, "chosen": chosen}
+
+
+def summarize_protocol(name: str, out_dir: str) -> Path:
+    """``<out_dir>/<name>.md``: one table per cell (mean ± std over evaluation seeds, only methods with at least
+    :data:`MIN_EVAL_SEEDS` seeds), the chosen hyperparameters, and the paired differences with 95 % intervals."""
+    t = protocol_tables(name, out_dir)
+    spec, cells, chosen = t["spec"], t["cells"], t["chosen"]
+    lines = [f"<!-- generated by: python recipes/sweep.py protocol --grids {name} (summaries: "
+             f"python recipes/sweep.py summarize-protocol {name}) -->", ""]
+    if chosen:
+        lines += ["Hyperparameters chosen on the tuning seeds (mean tuning metric in brackets):", ""]
+        for m, c in chosen.items():
+            if c["hparams"] is not None:
+                score = "diverged" if c["score"] is None else f"{c['score']:.4g}"
+                lines.append(f"- {m}: {json.dumps(c['hparams'])} ({score})")
+        lines.append("")
+    for key, methods in sorted(cells.items()):
+        title = ", ".join(f"{a}={v}" for a, v in key) or "paper setting"
+        lines += [f"### {title}", "", "| method | eval seeds | " + " | ".join(m[1] for m in PROTOCOL_METRICS) + " |",
+                  "|---" * (len(PROTOCOL_METRICS) + 2) + "|"]
+        incomplete = []
+        for m, rs in methods.items():
+            seeds = sorted(int(r["labels"]["seed"]) for r in rs)
+            if len(seeds) < MIN_EVAL_SEEDS:
+                incomplete.append(f"{m} ({len(seeds)} seeds)")
+                continue
+            cells_txt = [_fmt([r.get(k) for r in rs], d, sc) for k, _, d, sc in PROTOCOL_METRICS]
+            lines.append(f"| {m} | {','.join(map(str, seeds))} | " + " | ".join(cells_txt) + " |")
+        if incomplete:
+            lines += ["", f"Not reported (fewer than {MIN_EVAL_SEEDS} evaluation seeds): {', '.join(incomplete)}."]
+        pairs = spec.get("paired") or []
+        diff_lines = []
+        for a, b in pairs:
+            if a not in methods or b not in methods:
+                continue
+            ra = {r["labels"]["seed"]: r for r in methods[a]}
+            rb = {r["labels"]["seed"]: r for r in methods[b]}
+            common = sorted(set(ra) & set(rb), key=int)
+            if len(common) < MIN_EVAL_SEEDS:
+                continue
+            cells_txt = []
+            for k, label in (("consensus_accuracy", "acc"), ("consensus_macro_f1", "F1"),
+                             ("consensus_test_loss", "loss")):
+                m, lo, hi = paired_interval([ra[s][k] for s in common], [rb[s][k] for s in common])
+                cells_txt.append(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            diff_lines.append(f"| {a} − {b} | {','.join(common)} | " + " | ".join(cells_txt) + " |")
+        if diff_lines:
+            lines += ["", "Paired per-seed differences, mean [95 % t-interval]:", "",
+                      "| difference | eval seeds | cons. acc | cons. macro-F1 | cons. test loss |",
+                      "|---|---|---|---|---|"]
+            lines += diff_lines
+        lines.append("")
+    md = Path(out_dir) / f"{name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    return md
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -357,6 +652,17 @@ def main(argv=None) -> int:
     a.add_argument("--out", default="docs/results", help="where the sweep_<grid>.jsonl/.md/.png files live")
     a.add_argument("--runs-dir", default="outputs/sweeps", help="per-run metrics.jsonl/summary.json")
     a.add_argument("--grids", nargs="*", choices=ALL_GRIDS, help=f"a subset of {', '.join(ALL_GRIDS)}")
+    p = sub.add_parser("protocol", help="tuning seeds, then evaluation seeds, of the protocol grids (missing runs "
+                                        "only), then their summaries")
+    p.add_argument("--jobs", type=int, default=2, help="runs in parallel (one core each)")
+    p.add_argument("--out", default="docs/results", help="where <grid>.jsonl/.md live")
+    p.add_argument("--runs-dir", default="outputs/sweeps", help="per-run metrics.jsonl/summary.json")
+    p.add_argument("--grids", nargs="*", choices=PROTOCOL_GRIDS, help=f"a subset of {', '.join(PROTOCOL_GRIDS)}")
+    p.add_argument("--limit", type=int, default=0, help="run at most this many missing runs per phase")
+    p.add_argument("--methods", nargs="*", help="only these method labels (default: every method of the grids)")
+    sp = sub.add_parser("summarize-protocol", help="the markdown tables of a protocol grid's results")
+    sp.add_argument("grid", choices=PROTOCOL_GRIDS)
+    sp.add_argument("--out", default="docs/results")
     s = sub.add_parser("summarize", help="markdown tables and PNG curves of a results file")
     s.add_argument("results")
     s.add_argument("--out", default="docs/results")
@@ -366,6 +672,11 @@ def main(argv=None) -> int:
         return cmd_run(args)
     if args.cmd == "all":
         return cmd_all(args)
+    if args.cmd == "protocol":
+        return cmd_protocol(args)
+    if args.cmd == "summarize-protocol":
+        print(summarize_protocol(args.grid, args.out))
+        return 0
     print(summarize(args.results, args.out))
     return 0
 

@@ -205,7 +205,7 @@ def _reference_lengths(tokenizer, rows) -> int:
     return max(len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in rows) + 1
 
 
-def _forward_passes(tokenizer, data, n: int, batch_size: int) -> int:
+def _forward_passes(tokenizer, data, n: int, batch_size: int, generate: bool = True) -> int:
     """Upper bound of the forward passes :func:`evaluate` makes on ``n`` test rows (generation may stop sooner)."""
     if n == 0:
         return 0
@@ -214,8 +214,8 @@ def _forward_passes(tokenizer, data, n: int, batch_size: int) -> int:
     if data.label_names:
         names = list(data.label_names)
         longest = max(len(c) for c in _label_ids(tokenizer, names))
-        return batches + math.ceil(n * len(names) / batch_size) + batches * longest
-    return batches + batches * _reference_lengths(tokenizer, rows)
+        return batches + math.ceil(n * len(names) / batch_size) + (batches * longest if generate else 0)
+    return batches + (batches * _reference_lengths(tokenizer, rows) if generate else 0)
 
 
 def _position_limit(model) -> int | None:
@@ -247,7 +247,7 @@ def eval_progress(console=None, description: str = "evaluating") -> Iterator[Pro
 
 @torch.no_grad()
 def evaluate(model, tokenizer, data, max_examples: int, batch_size: int = 16,
-             progress: ProgressFn | None = None) -> dict[str, Any]:
+             progress: ProgressFn | None = None, generate: bool = True) -> dict[str, Any]:
     """Score a model on the first ``max_examples`` rows of the global test split.
 
     Args:
@@ -259,6 +259,9 @@ def evaluate(model, tokenizer, data, max_examples: int, batch_size: int = 16,
         progress: called as ``progress(done, total)`` with the forward passes done and the most there will be
             (greedy generation may stop early; ``done`` then jumps); None (the default) reports nothing. For a bar,
             see :func:`eval_progress`.
+        generate: also score greedy generation (``accuracy_gen``/``macro_f1_gen`` for classification,
+            ``exact_match`` otherwise). ``False`` skips the decoding loop, the costliest part on many rows: then
+            classification reports the log-likelihood metrics only, and other data only the loss.
 
     Returns:
         ``examples``, ``loss`` and ``perplexity`` (token-weighted over response tokens). For classification data
@@ -273,11 +276,11 @@ def evaluate(model, tokenizer, data, max_examples: int, batch_size: int = 16,
         warnings.warn(f"evaluating rows of up to data.max_length={data.max_length} tokens with a model of "
                       f"max_position_embeddings={limit}: positions past {limit} are out of the model's range",
                       stacklevel=2)
-    tick = _Ticker(_forward_passes(tokenizer, data, n, batch_size), progress)
+    tick = _Ticker(_forward_passes(tokenizer, data, n, batch_size, generate), progress)
     was_training = model.training
     model.eval()
     try:
-        out = _evaluate(model, tokenizer, data, n, batch_size, tick)
+        out = _evaluate(model, tokenizer, data, n, batch_size, tick, generate)
     finally:
         model.train(was_training)
     tick.done = tick.total
@@ -285,7 +288,7 @@ def evaluate(model, tokenizer, data, max_examples: int, batch_size: int = 16,
     return out
 
 
-def _evaluate(model, tokenizer, data, n: int, batch_size: int, tick: _Ticker) -> dict[str, Any]:
+def _evaluate(model, tokenizer, data, n: int, batch_size: int, tick: _Ticker, generate: bool = True) -> dict[str, Any]:
     device = _device(model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out: dict[str, Any] = {"examples": n}
@@ -315,16 +318,20 @@ def _evaluate(model, tokenizer, data, n: int, batch_size: int, tick: _Ticker) ->
         pred_ll = np.asarray(scores).reshape(n, len(names)).argmax(axis=1)
         lookup = {name: k for k, name in enumerate(names)}
         targets = [lookup[r["label"]] for r in rows]
-        gen = greedy_generate(model, prompts, max(len(c) for c in conts), eos, pad_id, batch_size, on_forward=tick)
-        pred_gen = [lookup.get(tokenizer.decode(g, skip_special_tokens=True).strip(), -1) for g in gen]
-        for suffix, pred in (("_ll", pred_ll), ("_gen", pred_gen)):
+        scored = [("_ll", pred_ll)]
+        if generate:
+            gen = greedy_generate(model, prompts, max(len(c) for c in conts), eos, pad_id, batch_size,
+                                  on_forward=tick)
+            scored.append(("_gen", [lookup.get(tokenizer.decode(g, skip_special_tokens=True).strip(), -1)
+                                    for g in gen]))
+        for suffix, pred in scored:
             m = classification_metrics(pred, targets, len(names))
             out[f"accuracy{suffix}"] = m["accuracy"]
             out[f"macro_f1{suffix}"] = m["macro_f1"]
             out[f"per_label_accuracy{suffix}"] = dict(zip(names, m["per_label_accuracy"]))
         out["accuracy"], out["macro_f1"] = out["accuracy_ll"], out["macro_f1_ll"]
         out["per_label_accuracy"] = out["per_label_accuracy_ll"]
-    else:
+    elif generate:
         refs = [r["response"] for r in rows]
         longest = _reference_lengths(tokenizer, rows)
         prompts = [prompt_ids_for_eval(r["prompt"], tokenizer, data.max_length - longest) for r in rows]

@@ -37,7 +37,7 @@ DISTRACTORS = [
     "the", "a", "today", "very", "new", "some", "big", "small", "old", "we", "they", "saw", "about", "after",
     "really", "this", "that", "many", "good", "long", "near", "our", "with", "again",
 ]
-CLASSIFY_INSTRUCTION = "Classify the topic of the text."
+CLASSIFY_INSTRUCTION = "Topic?"
 
 GENERATION_TASKS = ("reverse", "sort", "add", "lookup", "upper", "count")
 """Task families of the ``generation`` task, in label order."""

@@ -47,6 +47,7 @@ def test_simulator_matches_two_process_launch(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     summary = run_simulation(load_config(None, [f"output_dir={simulated}", "num_clients=2", "backend=simulate",
+                                                "simulate.stacked=false",
                                                 *SETTINGS]), quiet=True)
 
     a, b = _records(launched / "metrics.jsonl"), _records(simulated / "metrics.jsonl")
@@ -91,7 +92,8 @@ def test_three_clients_bf16_wire_every_client_model_bit_equal(tmp_path):
            RECIPE, f"output_dir={launched}", *settings]
     proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_simulation(load_config(None, [f"output_dir={simulated}", "num_clients=3", "backend=simulate", *settings]),
+    run_simulation(load_config(None, [f"output_dir={simulated}", "num_clients=3", "backend=simulate",
+                                   "simulate.stacked=false", *settings]),
                    quiet=True)
 
     a, b = _records(launched / "metrics.jsonl"), _records(simulated / "metrics.jsonl")
@@ -123,7 +125,8 @@ def test_three_clients_int8_compressed_gossip_every_client_model_bit_equal(tmp_p
            RECIPE, f"output_dir={launched}", *settings]
     proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_simulation(load_config(None, [f"output_dir={simulated}", "num_clients=3", "backend=simulate", *settings]),
+    run_simulation(load_config(None, [f"output_dir={simulated}", "num_clients=3", "backend=simulate",
+                                   "simulate.stacked=false", *settings]),
                    quiet=True)
 
     a, b = _records(launched / "metrics.jsonl"), _records(simulated / "metrics.jsonl")

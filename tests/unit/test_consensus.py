@@ -91,10 +91,18 @@ def test_methods_without_consensus_or_gossip():
         ConsensusStep(opt2, "deca")
 
 
-@pytest.mark.parametrize("signal, folds", [("qgm", False), ("discrepancy", False), ("raw", True)])
+class FakeAdamOptimizer(FakeOptimizer):
+    """A FakeOptimizer with an Adam denominator sqrt(v_hat) + eps of 2 everywhere (the gradient-unit readings)."""
+
+    def adam_denominators(self):
+        return [torch.full_like(self.x, 2.0)]
+
+
+@pytest.mark.parametrize("signal, folds", [("qgm", False), ("discrepancy", False), ("raw", True),
+                                           ("qgm_grad", False), ("discrepancy_grad", False)])
 def test_a_warmup_step_at_lr_zero_folds_no_per_lr_signal(signal, folds):
     """optim.schedule warms up from lr 0: (x - x_new)/0 is not a signal, so such a step mixes and switches only."""
-    opt = FakeOptimizer(torch.tensor([1.0, -1.0]))
+    opt = FakeAdamOptimizer(torch.tensor([1.0, -1.0]))
     opt.param_groups[0]["lr"] = 0.0
 
     def mix(tensors, step, block_idx):
@@ -106,3 +114,22 @@ def test_a_warmup_step_at_lr_zero_folds_no_per_lr_signal(signal, folds):
     hook.after_step(0)
     names = [c if isinstance(c, str) else c[0] for c in opt.calls]
     assert names == (["mix", "sync", "consensus", "switch"] if folds else ["mix", "sync", "switch"])
+    assert (hook.last_signal_sq is not None) == folds  # the diagnostics count no signal for a step that folds none
+
+
+@pytest.mark.parametrize("signal", ["qgm_grad", "discrepancy_grad"])
+def test_gradient_unit_signal_is_the_normalised_displacement_times_the_denominator(signal):
+    """h = (x_base - x_new) / lr * (sqrt(v_hat) + eps), x_base = x_prev (qgm_grad) or x_half (discrepancy_grad)."""
+    x_prev, x_half, x_new = torch.tensor([1.0, -1.0]), torch.tensor([0.8, -0.6]), torch.tensor([0.5, 0.0])
+    opt = FakeAdamOptimizer(x_prev.clone())
+
+    def mix(tensors, step, block_idx):
+        tensors[0].copy_(x_new)
+
+    hook = ConsensusStep(opt, "deca", mix=mix, signal=signal)
+    hook.before_step()
+    opt.x.copy_(x_half)  # the local step
+    hook.after_step(0)
+    base = x_prev if signal == "qgm_grad" else x_half
+    (h,) = next(c for c in opt.calls if isinstance(c, tuple))[1]
+    torch.testing.assert_close(h, (base - x_new) / 0.5 * 2.0, rtol=0, atol=0)

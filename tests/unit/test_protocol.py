@@ -1,0 +1,157 @@
+"""The tuning protocol of recipes/sweep.py and the reported tables: nothing is chosen on an evaluation seed, paired
+intervals are Student-t intervals, and no reported cell has fewer than 5 evaluation seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "recipes"))
+import sweep  # noqa: E402
+
+RESULTS = ROOT / "docs" / "results"
+
+
+def _spec(**over):
+    spec = {"base": {"num_clients": 2, "max_steps": 4}, "tune": {"seeds": [100, 101], "lr": [0.001, 0.01],
+                                                                 "deca_betas": [[0.99, 0.999]]},
+            "eval_seeds": [0, 1, 2, 3, 4],
+            "grid": {"method": {"deca": {"method": "deca"}, "badam_gossip": {"method": "badam_gossip"}}}}
+    spec.update(over)
+    return spec
+
+
+def _rec(run, loss):
+    return {"run_id": run["run_id"], "labels": run["labels"], "phase": run["phase"], "consensus_test_loss": loss}
+
+
+def test_paired_interval_is_the_student_t_interval():
+    a, b = [1.0, 2.0, 4.0, 3.0, 5.0], [0.5, 1.0, 3.0, 3.5, 4.0]
+    d = [0.5, 1.0, 1.0, -0.5, 1.0]
+    mean = sum(d) / 5
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 4)
+    m, lo, hi = sweep.paired_interval(a, b)
+    assert m == pytest.approx(mean)
+    assert hi - m == pytest.approx(2.776 * sd / math.sqrt(5))  # t(0.975, 4) = 2.776
+    assert lo == pytest.approx(2 * m - hi)
+
+
+def test_hyperparameters_are_chosen_on_tuning_seeds_only():
+    spec = _spec()
+    tune = sweep.tuning_runs(spec)
+    assert {r["labels"]["seed"] for r in tune} == {"100", "101"}
+    # deca: lr 0.01 better on the tuning seeds; badam_gossip: lr 0.001.
+    recs = [_rec(r, 1.0 if (r["labels"]["lr"] == "0.01") == (r["labels"]["method"] == "deca") else 2.0) for r in tune]
+    chosen = sweep.choose_hparams(spec, recs)
+    assert chosen["deca"]["hparams"] == {"optim.lr": 0.01, "deca.betas": [0.99, 0.999]}
+    assert chosen["badam_gossip"]["hparams"] == {"optim.lr": 0.001}
+    runs = sweep.eval_runs(spec, chosen)
+    assert {r["labels"]["seed"] for r in runs} == {"0", "1", "2", "3", "4"}
+    assert all(r["settings"]["topology.seed"] == r["settings"]["seed"] == r["settings"]["data.seed"] for r in runs)
+    # Evaluation records, however good, never change the choice.
+    evals = [_rec(r, -100.0) | {"labels": {**r["labels"], "lr": "0.001"}} for r in runs]
+    assert sweep.choose_hparams(spec, recs + evals)["deca"]["hparams"]["optim.lr"] == 0.01
+    # An incomplete configuration (one tuning seed missing) does not compete.
+    partial = [r for r in recs if not (r["labels"]["method"] == "deca" and r["labels"]["lr"] == "0.001"
+                                       and r["labels"]["seed"] == "101")]
+    for r in partial:
+        if r["labels"]["method"] == "deca" and r["labels"]["lr"] == "0.001":
+            r["consensus_test_loss"] = 0.0
+    assert sweep.choose_hparams(spec, partial)["deca"]["hparams"]["optim.lr"] == 0.01
+
+
+def test_protocol_grids_separate_tuning_and_evaluation_seeds():
+    for name in sweep.PROTOCOL_GRIDS:
+        spec = yaml.safe_load((sweep.GRIDS_DIR / f"{name}.yaml").read_text())
+        assert len(spec["eval_seeds"]) >= sweep.MIN_EVAL_SEEDS, name
+        src = spec.get("tune_from")
+        tune = (yaml.safe_load((sweep.GRIDS_DIR / f"{src}.yaml").read_text()) if src else spec).get("tune")
+        # A grid without tuning (paper_core) fixes its hyperparameters in base: nothing is chosen on any seed.
+        assert tune is None or not set(tune["seeds"]) & set(spec["eval_seeds"]), name
+        assert tune is not None or not sweep.tuning_runs(spec), name
+        # Every run is a valid recipe configuration.
+        from deca_ds.config import load_config
+
+        for run in sweep.tuning_runs(spec)[:3] + sweep.eval_runs(spec, {})[:3]:
+            load_config(None, sweep._overrides({**run["settings"], "output_dir": "/tmp/x"}))
+
+
+_ROW = re.compile(r"^\| (?P<method>[^|]+?) \| (?P<seeds>\d+(?:,\d+)*) \|")
+
+
+def reported_rows(md: str) -> list[tuple[str, list[int]]]:
+    """(method, evaluation seeds) of every table row that reports evaluation seeds (the ``eval seeds`` column)."""
+    rows, in_table = [], False
+    for line in md.splitlines():
+        if line.startswith("| ") and "eval seeds" in line:
+            in_table = True
+            continue
+        if in_table and line.startswith("|"):
+            m = _ROW.match(line)
+            if m:
+                rows.append((m["method"], [int(s) for s in m["seeds"].split(",")]))
+            continue
+        in_table = False
+    return rows
+
+
+def test_reported_row_parser_catches_a_four_seed_cell():
+    md = "| method | eval seeds | acc |\n|---|---|---|\n| a | 0,1,2,3,4 | 0.9 |\n| b | 0,1,2,3 | 0.8 |\n"
+    rows = reported_rows(md)
+    assert rows == [("a", [0, 1, 2, 3, 4]), ("b", [0, 1, 2, 3])]
+    assert [m for m, s in rows if len(s) < sweep.MIN_EVAL_SEEDS] == ["b"]
+
+
+def test_summary_leaves_out_cells_with_fewer_than_five_eval_seeds(tmp_path, monkeypatch):
+    spec = _spec(tune=None)
+    (tmp_path / "grids").mkdir()
+    (tmp_path / "grids" / "tiny.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.setattr(sweep, "GRIDS_DIR", tmp_path / "grids")
+    runs = sweep.eval_runs(spec, {})
+    recs = []
+    for r in runs:
+        if r["labels"]["method"] == "badam_gossip" and r["labels"]["seed"] == "4":
+            continue  # badam_gossip has 4 evaluation seeds
+        recs.append({**_rec(r, 1.0), "consensus_accuracy": 0.5})
+    (tmp_path / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    md = sweep.summarize_protocol("tiny", str(tmp_path)).read_text()
+    rows = reported_rows(md)
+    assert [m for m, _ in rows] == ["deca"]
+    assert "badam_gossip (4 seeds)" in md
+
+
+def _published() -> list[tuple[str, str]]:
+    out = [("docs/results.md", (ROOT / "docs" / "results.md").read_text())]
+    for name in sweep.PROTOCOL_GRIDS:
+        md = RESULTS / f"{name}.md"
+        if md.exists():
+            out.append((str(md.relative_to(ROOT)), md.read_text()))
+    return out
+
+
+def test_every_published_cell_has_at_least_five_evaluation_seeds():
+    """Fails when docs/results.md or a generated protocol table reports a cell measured on fewer than 5 evaluation
+    seeds, or names a seed whose run is not in the results files."""
+    records = {}
+    for name in sweep.PROTOCOL_GRIDS:
+        path = RESULTS / f"{name}.jsonl"
+        if path.exists():
+            for r in sweep.load_results(str(path)):
+                if r.get("phase") == "eval":
+                    records.setdefault(r["labels"]["method"], set()).add(int(r["labels"]["seed"]))
+    for where, md in _published():
+        for method, seeds in reported_rows(md):
+            assert len(seeds) >= sweep.MIN_EVAL_SEEDS, f"{where}: {method} reported on {len(seeds)} seeds"
+            if "−" in method:  # a paired difference row: both methods must have the seeds
+                parts = [p.strip() for p in method.split("−")]
+            else:
+                parts = [method]
+            for p in parts:
+                assert set(seeds) <= records.get(p, set()), f"{where}: {p} seeds {seeds} not all in the results"

@@ -355,8 +355,14 @@ def write_client_state(output_dir: str | os.PathLike, step: int, client_id: int,
             f.flush()
             os.fsync(f.fileno())
         _fsync_dir(tmp)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        # torch.save reports a full disk as "RuntimeError: [enforce fail at inline_container.cc] unexpected pos"
+        # with the OSError only in the context: surface the OSError, naming the file, so the run ends with the
+        # disk's one-line error (deca_ds.errors.describe_fault) rather than a traceback.
+        cause = err.__context__
+        if not isinstance(err, OSError) and isinstance(cause, OSError):
+            raise OSError(cause.errno, cause.strerror, str(final / "state.pt")) from err
         raise
     if final.exists():  # a re-save of the same step (e.g. final save right after a periodic one)
         shutil.rmtree(final)

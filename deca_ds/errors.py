@@ -37,6 +37,18 @@ def first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+# Transport failures gloo and NCCL report as a plain RuntimeError (not torch.distributed.DistError) when a peer's
+# connection is gone, e.g. while posting a receive: recognised by the backend's own wording, which no bug of ours
+# produces.
+_BACKEND_MARKERS = ("gloo/transport/", "Connection closed by peer", "Connection reset by peer", "NCCL error",
+                    "ProcessGroupNCCL", "Socket Timeout")
+
+
+def _from_comm_backend(err: BaseException) -> bool:
+    text = str(err)
+    return any(m in text for m in _BACKEND_MARKERS)
+
+
 def describe_fault(err: BaseException) -> str | None:
     """One line for a fault that can only happen after start-up, or None for anything else.
 
@@ -67,7 +79,7 @@ def describe_fault(err: BaseException) -> str | None:
         peer_faults += (dist.DistError,)
     except (ImportError, AttributeError):  # a torch built without torch.distributed
         pass
-    if isinstance(err, peer_faults):
+    if isinstance(err, peer_faults) or (isinstance(err, RuntimeError) and _from_comm_backend(err)):
         return (f"a collective with the other ranks failed ({first_line(err)}): a peer process stopped or the network "
                 f"dropped; the launcher's output names the rank that failed first; {_RESUME}")
     return None

@@ -102,6 +102,27 @@ def test_a_save_that_fails_mid_write_renames_nothing_and_keeps_latest(tmp_path, 
     assert ckpt.find_resume_checkpoint(tmp_path, client_ids=range(2)).name == "step_00000002"
 
 
+def test_a_full_disk_inside_torch_save_surfaces_as_the_os_error_naming_the_file(tmp_path, monkeypatch):
+    """torch.save turns ENOSPC into "RuntimeError: [enforce fail at inline_container.cc] unexpected pos" with the
+    OSError as context (seen on a full tmpfs): the checkpoint writer re-raises the OSError, naming the file."""
+    import errno
+
+    from deca_ds.errors import describe_fault
+
+    def full_disk(obj, f, *args, **kwargs):
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 189120 vs 189072")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError) as info:
+        ckpt.save_checkpoint(tmp_path, 4, 0, True, lambda: {"w": torch.ones(4)}, keep=2, barrier=lambda: None)
+    assert info.value.errno == errno.ENOSPC and info.value.filename.endswith("client_0/state.pt")
+    assert describe_fault(info.value).startswith("disk error writing ")
+    assert not (tmp_path / "checkpoints" / "step_00000004" / "client_0.tmp").exists()
+
+
 def test_missing_client_is_a_clear_error(tmp_path):
     _save(tmp_path, 2, clients=(0,))
     with pytest.raises(ckpt.CheckpointError, match="client_1 is missing .*client 1.*number of clients"):

@@ -99,7 +99,7 @@ def test_print_config_names_every_setting_and_its_source(tmp_path, capsys, monke
     rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
     assert rows["max_steps"][1:] == ["7", "yaml"]
     assert rows["optim.lr"][1:] == ["0.0005", "override"]
-    assert rows["data.num_examples"][1:] == ["4000", "default"]
+    assert rows["data.num_examples"][1:] == ["6000", "default"]
     settings = [k for k in rows if not k.startswith("deepspeed:")]
     assert sorted(settings) == sorted(cli._flatten(load_config().to_dict()))  # every setting, once
     assert rows["ds_config"][1:] == [json.dumps(str(REPO_DS_CONFIGS / "hf_auto.json")), "--deepspeed"]

@@ -25,6 +25,9 @@ def _recipe():
     (dist.DistBackendError("Connection closed by peer [127.0.0.1]:1234\nmore"),
      ["a collective with the other ranks failed (Connection closed by peer [127.0.0.1]:1234)", "peer process"]),
     (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), ["collective", "Connection reset by peer"]),
+    (RuntimeError("[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                  "[127.0.0.1]:27788. This is typically caused by a remote worker crashing."),
+     ["a collective with the other ranks failed", "Connection closed by peer"]),
 ])
 def test_faults_are_one_line_with_cause_and_fix(err, words):
     line = describe_fault(err)

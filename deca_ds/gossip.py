@@ -35,7 +35,7 @@ from deca_ds.compression import COMPRESSIONS, FIRST_EXCHANGE_CODEC, ErrorFeedbac
 
 __all__ = [
     "ClientLayout", "ClientGroups", "ClientMPU", "Mixer", "MixStats", "accumulate_mix_", "mix_stacked_",
-    "consensus_distance", "plan_pieces", "pack_pieces", "PIECES_PER_CHUNK", "PACK_BYTES", "HEADER_BYTES",
+    "consensus_distance", "client_distance", "plan_pieces", "pack_pieces", "PIECES_PER_CHUNK", "PACK_BYTES", "HEADER_BYTES",
 ]
 
 HEADER_FIELDS = ("block", "step", "client", "numel")
@@ -993,3 +993,27 @@ def consensus_distance(tensors: Sequence[torch.Tensor], group=None, chunk_numel:
         sq += (own - total).double().square().sum()
     dist.all_reduce(sq, group=group)
     return math.sqrt(sq.item() / (n * max(view.numel, 1)))
+
+
+def client_distance(tensors: list[torch.Tensor]) -> float:
+    """RMS distance of this rank's block from the network average: ||x_i - mean_j x_j|| / sqrt(numel).
+
+    One all-reduce per tensor over all ranks (every rank of a client holds the same values, and every client has
+    the same number of ranks, so the world mean is the mean over clients). Monitoring only, at log steps; the
+    launcher and ``deca_ds.hf`` both report it (collective: every rank calls it with its block).
+
+    Args:
+        tensors: this rank's copy of the block's tensors.
+
+    Returns:
+        The RMS distance over every element of the block.
+    """
+    world = dist.get_world_size()
+    sq, numel = 0.0, 0
+    for x in tensors:
+        mean = x.detach().float().clone()
+        dist.all_reduce(mean)
+        mean.div_(world)
+        sq += float((x.detach().float() - mean).pow(2).sum())
+        numel += x.numel()
+    return math.sqrt(sq / max(numel, 1))

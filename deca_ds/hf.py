@@ -64,6 +64,7 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 from deca_ds.config import ConfigError, RunConfig, load_config
+from deca_ds.gossip import client_distance
 
 __all__ = ["DecaSettings", "DecaTrainerMixin", "DecaTrainer", "deca_trainer_class", "init_distributed",
            "ClientBatchSampler", "DataCollator", "schedule_arguments"]
@@ -812,7 +813,7 @@ class DecaTrainerMixin:
         if log_now and self.layout.num_clients > 1:
             names = self.block_optimizer.blocks[fig["block"]].param_names
             params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-            cdist = _client_distance([params[n].data for n in names])
+            cdist = client_distance([params[n].data for n in names])
         t = torch.tensor([loss, float(fig["nonfinite"]), float(fig["bytes_sent"]), cdist], dtype=torch.float64)
         rows = [torch.empty_like(t) for _ in range(dist.get_world_size())]
         dist.all_gather(rows, t)
@@ -837,21 +838,6 @@ class DecaTrainerMixin:
             from deca_ds.metrics import plot_run
 
             plot_run(self.run_dir)
-
-
-def _client_distance(tensors: list[torch.Tensor]) -> float:
-    """RMS distance of this client's block from the network average, ``||x_i - mean_j x_j|| / sqrt(numel)``: the
-    launcher's ``consensus_distance`` figure with its arithmetic (one all-reduce per tensor over the world; every
-    client has the same number of ranks holding the same values, so the world mean is the mean over clients)."""
-    world = dist.get_world_size()
-    sq, numel = 0.0, 0
-    for x in tensors:
-        mean = x.detach().float().clone()
-        dist.all_reduce(mean)
-        mean.div_(world)
-        sq += float((x.detach().float() - mean).pow(2).sum())
-        numel += x.numel()
-    return math.sqrt(sq / max(numel, 1))
 
 
 class _DecaCallback(TrainerCallback):

@@ -15,7 +15,6 @@ Order of a run (every rank, same order — collectives must match):
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -27,7 +26,7 @@ from deca_ds import checkpoint as ckpt
 from deca_ds.build import build_topology, check_blocks, check_lora_support, prepare_model
 from deca_ds.config import ConfigError, RunConfig
 from deca_ds.consensus import method_spec
-from deca_ds.gossip import ClientLayout
+from deca_ds.gossip import ClientLayout, client_distance
 from deca_ds.loop import NonFiniteError, StepRecord, run_loop
 from deca_ds.step import Engine
 from deca_ds.supervise import LauncherWatch, elastic_restart_count
@@ -171,23 +170,6 @@ def _read_state_everywhere(found: Path, layout: ClientLayout) -> dict[str, Any]:
     return state
 
 
-def _consensus_distance(tensors: list[torch.Tensor]) -> float:
-    """RMS distance of this rank's block from the network average: ||x_i - mean_j x_j|| / sqrt(numel).
-
-    One all-reduce of the block over all ranks (every rank of a client holds the same values, and every client has
-    the same number of ranks, so the world mean is the mean over clients). Monitoring only, at log steps.
-    """
-    world = dist.get_world_size()
-    sq, numel = 0.0, 0
-    for x in tensors:
-        mean = x.detach().float().clone()
-        dist.all_reduce(mean)
-        mean.div_(world)
-        sq += float((x.detach().float() - mean).pow(2).sum())
-        numel += x.numel()
-    return math.sqrt(sq / max(numel, 1))
-
-
 def _gather_counts(counts, layout):
     """Each client's own row of the partition summary, gathered (per-client files: nobody sees all data)."""
     rows = [None] * dist.get_world_size()
@@ -266,7 +248,7 @@ class LauncherDriver:
         if self.launcher_gone is None:
             self.launcher_gone = self.watch.gone()
         stop_requested = stop_requested or self.launcher_gone is not None
-        cdist = _consensus_distance(self.engine.block_tensors(res.block)) if (
+        cdist = client_distance(self.engine.block_tensors(res.block)) if (
             measure_distance and self.layout.num_clients > 1) else 0.0
         rows = self._gather_rows([res.loss, float(res.nonfinite), float(stop_requested), float(res.bytes_sent),
                                   float(res.tokens), cdist])

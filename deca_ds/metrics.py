@@ -345,7 +345,8 @@ def summary_table(clients: Iterable[dict[str, Any]], consensus: dict[str, Any] |
     for c in clients:
         table.add_row(str(c["client"]), fmt(c.get("final_loss")), fmt(c.get("test_loss")),
                       fmt(c.get("test_accuracy"), ".3f"), fmt(c.get("bytes_sent", 0) / 2**20, ".1f"),
-                      fmt(c.get("peak_memory_bytes", 0) / 2**20, ".0f"))
+                      # The simulator has no per-client peak (every client shares one process): "-", not 0.
+                      fmt(c["peak_memory_bytes"] / 2**20, ".0f") if "peak_memory_bytes" in c else "-")
     if consensus is not None:
         table.add_row("consensus", "-", fmt(consensus.get("loss")), fmt(consensus.get("accuracy"), ".3f"), "-", "-")
     return table

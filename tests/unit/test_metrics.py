@@ -169,3 +169,15 @@ def test_progress_bar_shows_the_time_left():
     assert progress.tasks[0].time_remaining is not None and progress.tasks[0].time_remaining > 0
     progress.stop()
     assert "ETA 0:00:0" in out.getvalue()  # the estimated time left is printed
+
+
+def test_summary_table_shows_a_peak_only_where_one_was_measured():
+    from rich.console import Console
+
+    from deca_ds.metrics import summary_table
+
+    console = Console(width=200, record=True)
+    console.print(summary_table([{"client": 0, "final_loss": 1.0, "bytes_sent": 2**20, "peak_memory_bytes": 3 * 2**20},
+                                 {"client": 1, "final_loss": 1.0, "bytes_sent": 2**20}], None))
+    rows = [ln for ln in console.export_text().splitlines() if ln.startswith("│")]
+    assert rows[0].split("│")[-2].strip() == "3" and rows[1].split("│")[-2].strip() == "-"

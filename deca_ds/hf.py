@@ -393,8 +393,15 @@ class DataCollator:
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         from deca_ds.data import collate
 
-        return collate({k: [r[k] for r in rows] for k in ("input_ids", "labels", "attention_mask")},
-                       self.pad_token_id)
+        # TRL's SFTTrainer drops columns outside its own signature list, attention_mask among them: an unpadded row's
+        # mask is all ones, so it is rebuilt from the row's length (equal to the recipe's rows).
+        masks = [r["attention_mask"] if "attention_mask" in r else _ones_like(r["input_ids"]) for r in rows]
+        return collate({"input_ids": [r["input_ids"] for r in rows], "labels": [r["labels"] for r in rows],
+                        "attention_mask": masks}, self.pad_token_id)
+
+
+def _ones_like(ids: Any) -> Any:
+    return torch.ones_like(ids) if isinstance(ids, torch.Tensor) else [1] * len(ids)
 
 
 # -------------------------------------------------------------------------------------------------------------------

@@ -151,3 +151,25 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", init: boo
 def _failures(outcome: dict) -> str:
     lines = [f"  rank {r}: {str(v).strip().splitlines()[-1]}" for r, (ok, v) in sorted(outcome.items()) if not ok]
     return ("\nfailures:\n" + "\n".join(lines)) if lines else ""
+
+
+def tiny_llama():
+    """A 2-layer Llama of 64 tokens, the same weights on every call and in every process (seed 0, RNG untouched)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                      tie_word_embeddings=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return LlamaForCausalLM(cfg)
+
+
+def token_batch(client, step):
+    """One micro-batch (2 rows of 12 random tokens of ``tiny_llama``'s vocabulary), a pure function of (client, step)."""
+    import torch
+
+    g = torch.Generator().manual_seed(1000 * client + step)
+    ids = torch.randint(0, 64, (2, 12), generator=g)
+    return [{"input_ids": ids, "labels": ids}]

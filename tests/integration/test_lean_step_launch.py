@@ -10,28 +10,11 @@ all-reduce / copy-back of every gradient). Every step's loss and the final weigh
 import pytest
 import torch
 
-from dist import run_distributed
+from dist import run_distributed, tiny_llama, token_batch
 
 pytestmark = pytest.mark.integration
 
 STEPS = 5
-
-
-def _tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                      tie_word_embeddings=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return LlamaForCausalLM(cfg)
-
-
-def _batch(client, step):
-    g = torch.Generator().manual_seed(1000 * client + step)
-    ids = torch.randint(0, 64, (2, 12), generator=g)
-    return [{"input_ids": ids, "labels": ids}]
 
 
 def _body(rank, world):
@@ -62,11 +45,11 @@ def _body(rank, world):
         if variant == "previous":
             stage0.build_optimizer, stage0.all_finite = reference_build, per_tensor_all_finite
         try:
-            eng = E.build_engine(cfg, _tiny_model(), ds, groups, mixer=Mixer(layout, topo))
+            eng = E.build_engine(cfg, tiny_llama(), ds, groups, mixer=Mixer(layout, topo))
             reduced = eng.engine.enable_backward_allreduce
             if variant == "previous":
                 eng.engine.enable_backward_allreduce = True  # DeepSpeed's reduction over the one-rank client
-            losses = [eng.train_step(_batch(layout.client_id, s)).loss for s in range(STEPS)]
+            losses = [eng.train_step(token_batch(layout.client_id, s)).loss for s in range(STEPS)]
             weights = {k: v.detach().numpy().copy() for k, v in eng.model.state_dict().items()}
             eng.close()
         finally:

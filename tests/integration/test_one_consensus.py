@@ -15,28 +15,11 @@ One launch of 2 clients x 1 rank (gloo, CPU). For the stage-0 engine (BlockAdam)
 import pytest
 import torch
 
-from dist import run_distributed
+from dist import run_distributed, tiny_llama, token_batch
 
 pytestmark = pytest.mark.integration
 
 STEPS = 3
-
-
-def _tiny_model():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
-                      tie_word_embeddings=False)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return LlamaForCausalLM(cfg)
-
-
-def _batch(client, step):
-    g = torch.Generator().manual_seed(1000 * client + step)
-    ids = torch.randint(0, 64, (2, 12), generator=g)
-    return [{"input_ids": ids, "labels": ids}]
 
 
 def _body(rank, world):
@@ -79,10 +62,10 @@ def _body(rank, world):
             consensus.consensus_signal, consensus.fold_moments_ = counting_signal, fold
             try:
                 ds = dict(base, zero_optimization={"stage": stage})
-                eng = E.build_engine(cfg, _tiny_model(), ds, groups, mixer=Mixer(layout, topo))
+                eng = E.build_engine(cfg, tiny_llama(), ds, groups, mixer=Mixer(layout, topo))
                 active = []
                 for s in range(STEPS):
-                    active.append(len(eng.block_tensors(eng.train_step(_batch(layout.client_id, s)).block)))
+                    active.append(len(eng.block_tensors(eng.train_step(token_batch(layout.client_id, s)).block)))
                 # numpy: tensors returned through the result queue would need the child alive (shared memory)
                 weights = {k: v.detach().float().numpy().copy() for k, v in eng.model.state_dict().items()}
                 eng.close()

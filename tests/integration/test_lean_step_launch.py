@@ -8,7 +8,6 @@ all-reduce / copy-back of every gradient). Every step's loss and the final weigh
 """
 
 import pytest
-import torch
 
 from dist import run_distributed, tiny_llama, token_batch
 

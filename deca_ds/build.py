@@ -149,15 +149,31 @@ def block_names_for(cfg: RunConfig, model: nn.Module) -> list[list[str]]:
     return [list(b.param_names) for b in partition.blocks]
 
 
-def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+def build_optimizer(cfg: RunConfig, model: nn.Module, fused_backward_ok: bool = False) -> torch.optim.Optimizer:
     """The client optimizer of ``cfg.method`` for ``model`` (already on its training device).
 
     :class:`deca_ds.optim.BlockAdam` (``auto_switch=False``: the switch happens in :class:`ConsensusStep`), one block
-    per layer group or one block for D-Adam, or torch AdamW for the centralized full-parameter baseline.
+    per layer group or one block for D-Adam, or torch AdamW for the centralized full-parameter baseline. With
+    ``optim.fused_backward`` BlockAdam steps each parameter inside backward.
+
+    Args:
+        cfg: the run's settings.
+        model: the model to train.
+        fused_backward_ok: the caller's step supports ``optim.fused_backward``: it takes the consensus snapshot
+            before backward, reads non-finite gradients from ``nonfinite_in_backward()`` and touches no gradient
+            after backward (the stage-0 engine and the per-client simulator do).
+
+    Raises:
+        ConfigError: ``optim.fused_backward=true`` and the caller does not support it (the Hugging Face Trainer
+            integration: its step clips and checks gradients after backward).
     """
     from deca_ds.optim import BlockAdam
 
     o = cfg.optim
+    if o.fused_backward and not fused_backward_ok:
+        raise ConfigError("optim.fused_backward=true is not supported here (the Hugging Face Trainer integration "
+                          "clips and checks gradients after backward): use the launcher or the per-client simulator, "
+                          "or set optim.fused_backward=false")
     if uses_torch_adamw(cfg):
         return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                  weight_decay=o.weight_decay)
@@ -172,7 +188,7 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     return BlockAdam(model, blocks, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                      switch_every=b.switch_every, order=b.order, state_policy=o.state_policy,
                      fixed_order=b.fixed_order, seed=cfg.seed, offload_dtype=o.offload_dtype, auto_switch=False,
-                     local_moments=spec.local_moments)
+                     local_moments=spec.local_moments, fused_backward=o.fused_backward)
 
 
 def _lora_block(model: nn.Module) -> list[str]:

@@ -156,6 +156,17 @@ class OptimConfig:
     """Linear warm-up steps (0: none, or ``warmup_ratio`` of the run)."""
     warmup_ratio: float = 0.0
     """Warm-up as a fraction of the run's steps, used when ``warmup_steps`` is 0."""
+    fused_backward: bool = False
+    """Step each active parameter inside backward, as soon as its gradient is complete, and free that gradient at
+    once (BlockAdam's ``fused_backward``): the active block's gradients are never alive together, so model states
+    lose the block's gradients (4L bytes of an fp32 block, 2L of bf16) and keep one tensor's. Bit-identical to the
+    unfused step. Refused, before anything runs, with what needs every gradient before the update: ds_config
+    ``gradient_clipping`` > 0, more than one micro-batch per step (``gradient_accumulation_steps`` > 1), ZeRO stages
+    1-3, ``clients.ranks_per_client`` > 1 and ``method: centralized`` (a data-parallel gradient reduction),
+    ``nan_policy: skip`` (the update is applied before the step is known to be finite; with ``stop`` the run stops
+    and no checkpoint holds it), fp16 loss scaling, the stacked simulator (``simulate.stacked: false`` runs it) and
+    the Hugging Face Trainer integration. The simulator's ``rms_g`` diagnostic is not measured (no gradient
+    survives backward)."""
 
 
 @dataclass
@@ -374,6 +385,8 @@ class RunConfig:
         _at_least("optim.warmup_steps", o.warmup_steps, 0)
         if not 0.0 <= o.warmup_ratio < 1.0:
             raise ConfigError(f"optim.warmup_ratio={o.warmup_ratio!r} is out of range: use a fraction in [0, 1)")
+        if o.fused_backward:
+            _check_fused_backward(self)
         _choice("deca.signal", self.deca.signal, SIGNALS)
         _betas("deca.betas", self.deca.betas, allow_one=True)
         t = self.topology
@@ -457,6 +470,25 @@ def _resume(value: bool | str) -> None:
         return
     raise ConfigError(f"resume={value!r} is not known: use true, false, auto or step_N (e.g. step_96, a checkpoint "
                       "taken after step 96)")
+
+
+def _check_fused_backward(cfg: "RunConfig") -> None:
+    """Refuse run settings that need every gradient of the step before the update (``optim.fused_backward``);
+    the DeepSpeed settings are checked by :func:`deca_ds.ds_config.check_ds_config`."""
+    fix = "or set optim.fused_backward=false"
+    if cfg.nan_policy == "skip":
+        raise ConfigError("optim.fused_backward=true applies each update during backward, before the step is known to "
+                          f"be finite, so nan_policy=skip cannot skip it: use nan_policy=stop, {fix}")
+    if cfg.method == "centralized":
+        raise ConfigError("optim.fused_backward=true steps each parameter before a data-parallel gradient average "
+                          f"could happen, and method=centralized averages every rank's gradients: choose a "
+                          f"decentralized method (deca, badam_gossip, ...), {fix}")
+    if cfg.clients.ranks_per_client > 1:
+        raise ConfigError(f"optim.fused_backward=true steps each parameter before the client's ranks could average "
+                          f"its gradient: use clients.ranks_per_client=1 (got {cfg.clients.ranks_per_client}), {fix}")
+    if cfg.backend == "simulate" and cfg.simulate.stacked:
+        raise ConfigError("optim.fused_backward=true has nothing to fuse in the stacked simulator (it computes "
+                          f"gradients with torch.func): set simulate.stacked=false, {fix}")
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

@@ -453,6 +453,42 @@ def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int | None =
                           else "rank(s) (method=centralized: every rank is one data-parallel group)")
     else:
         check_batch_sizes(dict(ds), 1)  # types only; the arithmetic needs the world size
+    if cfg.optim.fused_backward:
+        _check_fused_backward(ds, stage, clip)
+
+
+FUSED_FIX = "or set optim.fused_backward=false"
+
+
+def _check_fused_backward(ds: dict[str, Any], stage: int, clip: float | None) -> None:
+    """Refuse DeepSpeed settings that need every gradient of the step before the update, with
+    ``optim.fused_backward`` (which steps each parameter inside backward and frees its gradient).
+
+    ``ds`` has its batch keys filled (:func:`check_batch_sizes`): a ``train_batch_size`` that implies several
+    micro-batches per step is caught through the derived ``gradient_accumulation_steps``.
+    """
+    if stage >= 1:
+        raise ConfigError(f"ds_config zero_optimization.stage={stage} with optim.fused_backward=true: the fused step "
+                          f"is BlockAdam's own (ZeRO partitions DeepSpeed's optimizer): use stage 0, {FUSED_FIX}")
+    if clip:
+        raise ConfigError(f"ds_config gradient_clipping={json.dumps(clip)} with optim.fused_backward=true: clipping "
+                          "needs the whole gradient's norm before any update, and the fused step updates each "
+                          f'parameter as its gradient completes: set "gradient_clipping": 0, {FUSED_FIX}')
+    gas = ds.get("gradient_accumulation_steps", 1)
+    if gas != 1:
+        raise ConfigError(f"ds_config gradient_accumulation_steps={gas} with optim.fused_backward=true: the fused step "
+                          "updates the weights during the first micro-batch's backward: set "
+                          f"\"gradient_accumulation_steps\": 1 (and raise train_micro_batch_size_per_gpu), {FUSED_FIX}")
+    if _enabled(_section(ds, "amp"), "amp"):
+        raise ConfigError(f"ds_config enables amp with optim.fused_backward=true: amp scales the loss and unscales "
+                          f"gradients after backward, when the fused step has already used them: remove amp, "
+                          f"{FUSED_FIX}")
+    autocast = _section(ds, "torch_autocast")
+    if _enabled(autocast, "torch_autocast") and str(autocast.get("dtype", "")).replace("torch.", "") in (
+            "fp16", "float16", "half"):
+        raise ConfigError("ds_config torch_autocast with dtype fp16 scales the loss (a GradScaler) and unscales "
+                          "gradients in engine.step(), after optim.fused_backward=true has already applied them: use "
+                          f"bf16 (or no) autocast, {FUSED_FIX}")
 
 
 def uses_activation_checkpointing(ds: dict[str, Any]) -> bool:

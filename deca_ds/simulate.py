@@ -19,6 +19,7 @@ Communication order, one step (hazard: every client must have taken its local st
 neighbours exchange ``x_half`` in the launcher):
 
     for each client: forward/backward -> clip -> hook.before_step() -> optimizer.step()      (x -> x_half)
+        (with optim.fused_backward: hook.before_step() -> forward/backward, which steps; no clipping)
     for each tensor of the active block, each client: own*W_ii + sum_j W_ij*x_j      (gossip.accumulate_mix_)
         (with gossip.compression: every client encodes its change, then each mixes: compression.ErrorFeedback)
     for each client: hook.after_step(step) with a ``mix`` that copies that client's row     (signal, BMA, switch)
@@ -283,7 +284,9 @@ class Simulation:
         model.to(_HOST if self.park else self.device)
         model = prepare_model(cfg, model)
         self.models = [model] + [copy.deepcopy(model) for _ in range(replicas - 1)]
-        self.optimizers = [build_optimizer(cfg, m) for m in self.models]
+        self.optimizers = [build_optimizer(cfg, m, fused_backward_ok=True) for m in self.models]
+        # optim.fused_backward: each client's BlockAdam steps inside its backward (centralized is refused).
+        self.fused = bool(cfg.optim.fused_backward)
         # The torch-AdamW baseline has no blocks and never gossips: no hook.
         self.block_wise = not uses_torch_adamw(cfg)
         self.hooks = [build_consensus_step(cfg, opt, _RowMix(self, c)) if self.block_wise else None
@@ -434,11 +437,17 @@ class Simulation:
         else:
             for c in range(n):
                 with self.on_device(c) as model:
+                    if self.fused and self.hooks[c] is not None:
+                        # Hazard (order): the fused step changes the weights during backward; snapshot before.
+                        self.hooks[c].before_step()
                     mbs = self._forward_backward(model, c, step, 1.0)
                     losses[c], tokens = mbs.mean, tokens + mbs.tokens
-                    nonfinite[c] = not (self._clip_and_check(model) and mbs.finite)
-                    if nonfinite[c]:
-                        self._skip(c)
+                    if self.fused:  # already applied; no gradient left, BlockAdam flagged non-finite ones
+                        nonfinite[c] = self.optimizers[c].nonfinite_in_backward() or not mbs.finite
+                    else:
+                        nonfinite[c] = not (self._clip_and_check(model) and mbs.finite)
+                        if nonfinite[c]:
+                            self._skip(c)
                     self._take_step(c)
         self._step_bytes = [0] * n
         self._mixed = None
@@ -461,7 +470,7 @@ class Simulation:
                           tokens=tokens)
 
     def _take_step(self, i: int) -> None:
-        if self.hooks[i] is not None:
+        if self.hooks[i] is not None and not self.fused:
             self.hooks[i].before_step()
         self.optimizers[i].step()
         if self.hooks[i] is None:

@@ -321,6 +321,9 @@ class StackedSimulation:
         """
         from deca_ds.simulate import Diagnostics, apply_epochs, common_setup
 
+        if cfg.optim.fused_backward:
+            raise ConfigError("optim.fused_backward=true has nothing to fuse in the stacked simulator (it computes "
+                              "gradients with torch.func): set simulate.stacked=false, or optim.fused_backward=false")
         common_setup(self, cfg)
         n = self.num_clients
         if cfg.simulate.park_replicas:

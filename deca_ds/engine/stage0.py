@@ -8,6 +8,12 @@ off, docs/design.md §3), so BlockAdam owns the block logic and the fp32 master,
         -> gossip the active block -> consensus signal -> moment correction -> switch?
 
 The client layout's ``mpu`` makes gradients average inside a client and never across clients.
+
+With ``optim.fused_backward`` BlockAdam takes the local step inside backward (each parameter as its gradient
+completes), so the consensus snapshot is taken before backward, non-finite gradients are read from BlockAdam's
+device-side flag, and ``engine.step()`` finds no gradient left: at stage 0, without clipping (refused with the
+setting) and with the one-rank client's reduction switched off, it calls BlockAdam's ``step()`` (which then only
+advances the schedule) and sets every ``.grad`` to None.
 """
 
 from __future__ import annotations
@@ -52,9 +58,10 @@ class DecaEngine:
         self.spec = method_spec(cfg.method)
         self.device = device()
         model.to(self.device)  # before the optimizer: its fp32 masters live where the weights live
-        self.optimizer = build_optimizer(cfg, model)
+        self.optimizer = build_optimizer(cfg, model, fused_backward_ok=True)
         self.mixer = mixer if self.spec.gossip else None
         self.block_optimizer = None if uses_torch_adamw(cfg) else self.optimizer
+        self.fused = self.block_optimizer is not None and self.block_optimizer.fused_backward
         self.hook = None
         if self.block_optimizer is not None:
             self.hook = build_consensus_step(cfg, self.block_optimizer,
@@ -123,22 +130,32 @@ class DecaEngine:
 
         A non-finite loss or gradient never reaches the weights: the update is skipped on this client (the schedule
         still advances, so every client stays on the same block) and ``nonfinite`` is reported; the caller applies
-        ``nan_policy``.
+        ``nan_policy``. With ``optim.fused_backward`` the update was applied during backward, before anything could
+        be checked: ``nonfinite`` is still reported (``nan_policy=stop`` is the only policy allowed with it).
         """
         block = self.active_block()
+        if self.fused and self.hook is not None:
+            # Hazard (order): the fused step changes the weights during backward; the pre-step snapshot of the
+            # consensus signal must be taken before it.
+            self.hook.before_step()
         # DeepSpeed counts micro-steps in engine.step(): every micro-batch but the last is a non-boundary step.
         mbs = run_micro_batches(micro_batches, self.device, lambda b: self.engine(**b).loss, self.engine.backward,
                                 between=self.engine.step)
         if not self.engine.is_gradient_accumulation_boundary():
             raise RuntimeError(f"train_step got {len(micro_batches)} micro-batches but DeepSpeed expects "
                                f"gradient_accumulation_steps={self.batch_shape.accumulation_steps} per step")
-        # One fused finite check of the losses and every gradient (one host sync, not one per tensor).
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        nonfinite = not all_finite(mbs.losses + grads)
-        if nonfinite:
-            self._skip_update()
-        if self.hook is not None:
-            self.hook.before_step()
+        if self.fused:
+            # No gradient is left: BlockAdam flagged non-finite ones on the device as it stepped them.
+            nonfinite = self.block_optimizer.nonfinite_in_backward()
+            nonfinite = not all_finite(mbs.losses) or nonfinite
+        else:
+            # One fused finite check of the losses and every gradient (one host sync, not one per tensor).
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            nonfinite = not all_finite(mbs.losses + grads)
+            if nonfinite:
+                self._skip_update()
+            if self.hook is not None:
+                self.hook.before_step()
         self.engine.step()
         switched, stats = False, None
         if self.hook is not None:

@@ -102,3 +102,22 @@ def test_fused_backward_simulator_equals_unfused_bit_for_bit(tmp_path, extra, bl
         for k in rw:
             assert torch.equal(fw[k], rw[k]), k
     assert any(not torch.equal(fused_w[0][k], fused_w[1][k]) for k in fused_w[0])  # clients differ
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_non_finite_gradient_is_reported_with_and_without_the_fused_step(tmp_path, fused):
+    """A NaN gradient under a finite loss (a tensor hook poisons it before it is accumulated) is caught: by the
+    fused finite check after backward, or by BlockAdam's device-side flag while it steps inside backward."""
+    from deca_ds.simulate import Simulation
+
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps(NO_CLIP))
+    cfg = load_config(None, SMALL + [f"ds_config={ds}", f"optim.fused_backward={str(fused).lower()}",
+                                     "method=badam_gossip", "max_steps=1"])
+    sim = Simulation(cfg)
+    p = sim.optimizers[0].active_params()[0]
+    p.register_hook(lambda g: torch.full_like(g, float("nan")))
+    rec = sim.step()
+    assert rec.nonfinite == [True, False] and all(torch.isfinite(torch.tensor(x)) for x in rec.losses)
+    # nan_policy=stop ends the run here; unfused, the update was skipped; fused, it was already applied.
+    assert torch.isfinite(p).all() != fused

@@ -174,7 +174,8 @@ class ConsensusStep:
     """Runs DECA's between-steps sequence around a :class:`ConsensusOptimizer` (BlockAdam, or ZeRO's view).
 
     Call :meth:`before_step` right before the optimizer step (it snapshots the block when the signal needs the
-    pre-step value) and :meth:`after_step` right after it, at every gradient-accumulation boundary. The optimizer
+    pre-step value) and :meth:`after_step` right after it, at every gradient-accumulation boundary. When the optimizer
+    steps inside backward (BlockAdam's ``fused_backward``), call :meth:`before_step` before backward instead. The optimizer
     must be built with ``auto_switch=False``: the switch happens here, after the consensus correction.
 
     Memory: at most one extra fp32 copy of the active block (the snapshot), never of the whole model.

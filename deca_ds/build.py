@@ -149,31 +149,17 @@ def block_names_for(cfg: RunConfig, model: nn.Module) -> list[list[str]]:
     return [list(b.param_names) for b in partition.blocks]
 
 
-def build_optimizer(cfg: RunConfig, model: nn.Module, fused_backward_ok: bool = False) -> torch.optim.Optimizer:
+def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     """The client optimizer of ``cfg.method`` for ``model`` (already on its training device).
 
     :class:`deca_ds.optim.BlockAdam` (``auto_switch=False``: the switch happens in :class:`ConsensusStep`), one block
     per layer group or one block for D-Adam, or torch AdamW for the centralized full-parameter baseline. With
-    ``optim.fused_backward`` BlockAdam steps each parameter inside backward.
-
-    Args:
-        cfg: the run's settings.
-        model: the model to train.
-        fused_backward_ok: the caller's step supports ``optim.fused_backward``: it takes the consensus snapshot
-            before backward, reads non-finite gradients from ``nonfinite_in_backward()`` and touches no gradient
-            after backward (the stage-0 engine and the per-client simulator do).
-
-    Raises:
-        ConfigError: ``optim.fused_backward=true`` and the caller does not support it (the Hugging Face Trainer
-            integration: its step clips and checks gradients after backward).
+    ``optim.fused_backward`` BlockAdam steps each parameter inside backward (the caller's step must allow it: see
+    :func:`build_consensus_step`).
     """
     from deca_ds.optim import BlockAdam
 
     o = cfg.optim
-    if o.fused_backward and not fused_backward_ok:
-        raise ConfigError("optim.fused_backward=true is not supported here (the Hugging Face Trainer integration "
-                          "clips and checks gradients after backward): use the launcher or the per-client simulator, "
-                          "or set optim.fused_backward=false")
     if uses_torch_adamw(cfg):
         return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                  weight_decay=o.weight_decay)
@@ -224,14 +210,27 @@ def build_topology(cfg: RunConfig, num_clients: int):
         raise ConfigError(f"topology.name={t.name!r}: {str(e).splitlines()[0]}") from None
 
 
-def build_consensus_step(cfg: RunConfig, optimizer, mix: MixFn | None) -> ConsensusStep:
+def build_consensus_step(cfg: RunConfig, optimizer, mix: MixFn | None,
+                         fused_backward_ok: bool = False) -> ConsensusStep:
     """DECA's between-steps hook around ``optimizer`` (a :class:`deca_ds.consensus.ConsensusOptimizer`).
 
     Args:
         cfg: the run's settings (``method``, ``deca.signal``, ``deca.betas``).
         optimizer: BlockAdam, or the ZeRO engine's view of its partitioned state.
         mix: the neighbour exchange; ignored (may be None) when the method does not gossip.
+        fused_backward_ok: the caller's step supports ``optim.fused_backward`` (the optimizer steps inside
+            backward): it calls :meth:`ConsensusStep.before_step` before backward, reads non-finite gradients from
+            BlockAdam's ``nonfinite_in_backward()`` and neither clips nor checks gradients after backward (the stage-0
+            engine and the per-client simulator do).
+
+    Raises:
+        ConfigError: ``optim.fused_backward=true`` and the caller's step does not support it (the Hugging Face
+            Trainer integration: it snapshots, clips and checks gradients after backward).
     """
+    if cfg.optim.fused_backward and not fused_backward_ok:
+        raise ConfigError("optim.fused_backward=true is not supported by this training path (the Hugging Face "
+                          "Trainer integration snapshots, clips and checks gradients after backward): use the launcher "
+                          "or the per-client simulator, or set optim.fused_backward=false")
     spec = method_spec(cfg.method)
     return ConsensusStep(optimizer, cfg.method, mix=mix if spec.gossip else None, signal=cfg.deca.signal,
                          betas=cfg.deca.betas)

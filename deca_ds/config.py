@@ -165,7 +165,7 @@ class OptimConfig:
     1-3, ``clients.ranks_per_client`` > 1 and ``method: centralized`` (a data-parallel gradient reduction),
     ``nan_policy: skip`` (the update is applied before the step is known to be finite; with ``stop`` the run stops
     and no checkpoint holds it), fp16 loss scaling, the stacked simulator (``simulate.stacked: false`` runs it) and
-    the Hugging Face Trainer integration. The simulator's ``rms_g`` diagnostic is not measured (no gradient
+    the Hugging Face Trainer integration (when it builds its optimizer, before its first step). The simulator's ``rms_g`` diagnostic is not measured (no gradient
     survives backward)."""
 
 

@@ -284,13 +284,13 @@ class Simulation:
         model.to(_HOST if self.park else self.device)
         model = prepare_model(cfg, model)
         self.models = [model] + [copy.deepcopy(model) for _ in range(replicas - 1)]
-        self.optimizers = [build_optimizer(cfg, m, fused_backward_ok=True) for m in self.models]
+        self.optimizers = [build_optimizer(cfg, m) for m in self.models]
         # optim.fused_backward: each client's BlockAdam steps inside its backward (centralized is refused).
         self.fused = bool(cfg.optim.fused_backward)
         # The torch-AdamW baseline has no blocks and never gossips: no hook.
         self.block_wise = not uses_torch_adamw(cfg)
-        self.hooks = [build_consensus_step(cfg, opt, _RowMix(self, c)) if self.block_wise else None
-                      for c, opt in enumerate(self.optimizers)]
+        self.hooks = [build_consensus_step(cfg, opt, _RowMix(self, c), fused_backward_ok=True) if self.block_wise
+                      else None for c, opt in enumerate(self.optimizers)]
         self.bytes_sent = [0] * n
         self._step_bytes = [0] * n
         self._mixed = None

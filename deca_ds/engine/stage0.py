@@ -58,14 +58,15 @@ class DecaEngine:
         self.spec = method_spec(cfg.method)
         self.device = device()
         model.to(self.device)  # before the optimizer: its fp32 masters live where the weights live
-        self.optimizer = build_optimizer(cfg, model, fused_backward_ok=True)
+        self.optimizer = build_optimizer(cfg, model)
         self.mixer = mixer if self.spec.gossip else None
         self.block_optimizer = None if uses_torch_adamw(cfg) else self.optimizer
         self.fused = self.block_optimizer is not None and self.block_optimizer.fused_backward
         self.hook = None
         if self.block_optimizer is not None:
             self.hook = build_consensus_step(cfg, self.block_optimizer,
-                                             self.mixer.mix_ if self.mixer is not None else None)
+                                             self.mixer.mix_ if self.mixer is not None else None,
+                                             fused_backward_ok=True)  # train_step snapshots before backward
         mpu = None if self.spec.world_data_parallel else groups.mpu
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(model=model, optimizer=self.optimizer,
                                                                     config=ds_config, mpu=mpu)

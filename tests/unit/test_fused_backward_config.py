@@ -46,17 +46,20 @@ def test_fused_backward_refuses_what_needs_every_gradient_before_the_update(over
 
 
 def test_fused_backward_is_accepted_where_it_works_and_reaches_blockadam():
-    from deca_ds.build import build_optimizer
+    from deca_ds.build import build_consensus_step, build_optimizer
     from deca_ds.models import load_model_and_tokenizer
 
     cfg = load_config(None, FUSED + ["backend=simulate", "simulate.stacked=false", "num_clients=2"])
     check_ds_config(dict(NO_CLIP), cfg)
     check_ds_config({**NO_CLIP, "torch_autocast": {"enabled": True, "dtype": "bf16"}}, cfg)  # no loss scaling
     model, _ = load_model_and_tokenizer(cfg.model, seed=0)
-    assert build_optimizer(cfg, model, fused_backward_ok=True).fused_backward
-    # The Hugging Face Trainer integration clips and checks gradients after backward: refused when it builds one.
+    opt = build_optimizer(cfg, model)
+    assert opt.fused_backward
+    build_consensus_step(cfg, opt, lambda *a: None, fused_backward_ok=True)
+    # The Hugging Face Trainer integration snapshots, clips and checks gradients after backward: it builds its
+    # consensus step without saying it supports the fused step, and is refused there, before its first step.
     with pytest.raises(ConfigError, match="Hugging Face Trainer"):
-        build_optimizer(cfg, model)
+        build_consensus_step(cfg, opt, lambda *a: None)
     assert not build_optimizer(load_config(), model).fused_backward  # off by default
 
 

@@ -28,6 +28,7 @@ over 512k Gaussian and log-normal values.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -81,7 +82,10 @@ def check_offload_support(offload_dtype: str, setting: str = "optim.offload_dtyp
                           f"({type(e).__name__}: {first}): re{fix}") from None
 
 
+@functools.lru_cache(maxsize=None)
 def _code_map(signed: bool, device: torch.device) -> torch.Tensor:
+    # Cached: building the map takes tens of ms of Python, and the active block's 8-bit moments (BlockAdam
+    # moment_dtype="int8") need it four times per tensor per step. Read-only for bitsandbytes' kernels.
     from bitsandbytes.functional import create_dynamic_map
 
     return create_dynamic_map(signed=signed).to(device)

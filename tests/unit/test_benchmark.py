@@ -74,8 +74,8 @@ def test_fused_backward_model_states_are_4_psi_plus_8_block_plus_one_gradient():
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_fused_int8_model_states_are_w_psi_plus_2_block_plus_scales_plus_one_gradient(dtype):
-    """fp32 weights: 4Ψ + 2L + scales + one tensor's gradient (issue 15 goal 4: <= 4Ψ + 4L); bf16 weights with the fp32
-    master: 2Ψ + 4L + 2L + scales + one tensor's gradient (goal: <= 2Ψ + 8L keeping the master)."""
+    """fp32 weights: 4Ψ + 2L + scales + one tensor's gradient (issue 15 goal 4: <= 4Ψ + 4L); bf16 weights with the
+    fp32 master: 2Ψ + 4L + 2L + scales + one tensor's gradient (goal: <= 2Ψ + 8L keeping the master)."""
     r = measure(_spec("deca_fused_int8", dtype=dtype, layers_per_block=2, state_policy="reset", switch_every=1))
     w = 4 if dtype == "fp32" else 2
     block = 2 * LAYER

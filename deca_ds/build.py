@@ -174,7 +174,8 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
     return BlockAdam(model, blocks, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                      switch_every=b.switch_every, order=b.order, state_policy=o.state_policy,
                      fixed_order=b.fixed_order, seed=cfg.seed, offload_dtype=o.offload_dtype, auto_switch=False,
-                     local_moments=spec.local_moments, fused_backward=o.fused_backward)
+                     local_moments=spec.local_moments, fused_backward=o.fused_backward,
+                     moment_dtype=o.moment_dtype)
 
 
 def _lora_block(model: nn.Module) -> list[str]:

@@ -454,11 +454,12 @@ CHANGEABLE_SETTINGS = frozenset({
     "max_steps", "checkpoint_every", "keep_checkpoints", "comm_timeout", "log_every", "eval_every", "output_dir",
     "resume", "nan_policy", "ds_config",  # ds_config is the path; its contents are compared key by key
     "data.eval_examples", "model.save_client_models", "model.gradient_checkpointing", "gossip.chunk_mb",
-    "simulate.device", "simulate.park_replicas", "optim.lr",
+    "simulate.device", "simulate.park_replicas", "optim.lr", "optim.fused_backward",
 })
 """Dotted settings that may differ between legs. ``optim.lr`` may change (e.g. continuing at a lower rate) unless a
 ds_config ``scheduler`` owns the learning rate; the resumed leg must then use the new value, not the checkpoint's.
-``model.gradient_checkpointing`` and ``gossip.chunk_mb`` change memory, not results."""
+``model.gradient_checkpointing``, ``gossip.chunk_mb`` and ``optim.fused_backward`` (bit-identical steps) change memory,
+not results."""
 CHANGEABLE_DS_KEYS = frozenset({
     "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state", "tensorboard", "csv_monitor", "wandb",
     "comet", "monitor_config", "flops_profiler", "comms_logger", "activation_checkpointing",

@@ -24,6 +24,7 @@ METHODS = ("deca", "badam_gossip", "trivial_bma", "dadam", "local", "centralized
 ORDERS = ("ascending", "descending", "fixed", "random")
 STATE_POLICIES = ("reset", "offload")
 OFFLOAD_DTYPES = ("fp32", "int8")
+MOMENT_DTYPES = ("fp32", "int8")
 SIGNALS = ("qgm", "discrepancy", "raw", "qgm_grad", "discrepancy_grad")
 DTYPES = ("fp32", "bf16", "fp16")
 TOPOLOGIES = (
@@ -148,6 +149,10 @@ class OptimConfig:
     """``reset`` drops an inactive block's master and moments (BAdam); ``offload`` keeps them in CPU memory."""
     offload_dtype: str = "fp32"
     """Storage of offloaded state: ``fp32`` or ``int8`` (bitsandbytes blockwise quantization)."""
+    moment_dtype: str = "fp32"
+    """Storage of the active block's Adam moments: ``fp32``, or ``int8`` (bitsandbytes blockwise quantization, as
+    ``offload_dtype=int8``; 2 bytes per parameter instead of 8, dequantized one tensor at a time for each step and
+    consensus fold). BlockAdam only: not with ``simulate.stacked=true``, ZeRO stages 1-3 or the torch-AdamW baseline."""
     schedule: str = "constant"
     """Learning-rate schedule over the run's steps, as Hugging Face's ``lr_scheduler_type``: ``constant``,
     ``linear`` (linear decay to 0 at the last step) or ``cosine`` (half a cosine to 0); each after
@@ -381,6 +386,14 @@ class RunConfig:
         _at_least("optim.weight_decay", o.weight_decay, 0.0)
         _choice("optim.state_policy", o.state_policy, STATE_POLICIES)
         _choice("optim.offload_dtype", o.offload_dtype, OFFLOAD_DTYPES)
+        _choice("optim.moment_dtype", o.moment_dtype, MOMENT_DTYPES)
+        if o.moment_dtype == "int8" and self.backend == "simulate" and self.simulate.stacked:
+            raise ConfigError("optim.moment_dtype=int8 is not supported by the stacked simulator (simulate.stacked="
+                              "true keeps fp32 moments): set simulate.stacked=false, or optim.moment_dtype=fp32")
+        if o.moment_dtype == "int8" and self.method == "centralized" and self.centralized_optimizer == "adamw":
+            raise ConfigError("optim.moment_dtype=int8 applies to BlockAdam, and centralized_optimizer=adamw is torch "
+                              "AdamW with fp32 moments: set centralized_optimizer=block_adam, or "
+                              "optim.moment_dtype=fp32")
         _choice("optim.schedule", o.schedule, LR_SCHEDULES)
         _at_least("optim.warmup_steps", o.warmup_steps, 0)
         if not 0.0 <= o.warmup_ratio < 1.0:

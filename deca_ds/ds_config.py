@@ -455,6 +455,10 @@ def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int | None =
         check_batch_sizes(dict(ds), 1)  # types only; the arithmetic needs the world size
     if cfg.optim.fused_backward:
         _check_fused_backward(ds, stage, clip)
+    if cfg.optim.moment_dtype != "fp32" and stage >= 1:
+        raise ConfigError(f"optim.moment_dtype={cfg.optim.moment_dtype} needs BlockAdam, and under ZeRO stage {stage} "
+                          "DeepSpeed's AdamW holds the moments: set optim.moment_dtype=fp32 or "
+                          "zero_optimization.stage=0")
 
 
 FUSED_FIX = "or set optim.fused_backward=false"

@@ -225,6 +225,10 @@ class DecaSettings:
                               "for it, or recipes/finetune.py method=centralized")
         if self.config.backend != "launcher":
             raise ConfigError("backend=simulate runs every client in one process: use recipes/finetune.py for it")
+        if self.config.optim.fused_backward:
+            raise ConfigError("optim.fused_backward=true is not supported with the Hugging Face Trainer (it clips and "
+                              "checks gradients after backward): set optim.fused_backward=false, or use "
+                              "recipes/finetune.py")
 
     @classmethod
     def from_argv(cls, argv: Sequence[str]) -> tuple["DecaSettings", list[str]]:

@@ -324,6 +324,9 @@ class StackedSimulation:
         if cfg.optim.fused_backward:
             raise ConfigError("optim.fused_backward=true has nothing to fuse in the stacked simulator (it computes "
                               "gradients with torch.func): set simulate.stacked=false, or optim.fused_backward=false")
+        if cfg.optim.moment_dtype != "fp32":
+            raise ConfigError(f"optim.moment_dtype={cfg.optim.moment_dtype} needs BlockAdam, which the stacked simulator "
+                              "does not use: set simulate.stacked=false, or optim.moment_dtype=fp32")
         common_setup(self, cfg)
         n = self.num_clients
         if cfg.simulate.park_replicas:

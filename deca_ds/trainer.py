@@ -98,6 +98,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     check_lora_support(cfg)
     if cfg.optim.state_policy == "offload":
         check_offload_support(cfg.optim.offload_dtype)
+    check_offload_support(cfg.optim.moment_dtype, setting="optim.moment_dtype")
     if uses_schedule(cfg) and "scheduler" in ds:
         raise ConfigError(f"optim.schedule={cfg.optim.schedule} (with warm-up {warmup_steps(cfg)}) and the ds_config "
                           "'scheduler' section both set the learning rate: remove one of them")

@@ -17,7 +17,8 @@ Record fields: ``method``, ``blocks``, ``state_policy``, ``params``, ``largest_b
 ``gossip_buffer_bytes``, ``peak_device_bytes`` (GPU) or ``peak_rss_bytes`` (CPU, fresh process, VmHWM after the
 model is built and ``clear_refs`` reset it), ``tokens_per_s``, ``time_{forward,backward,optimizer,gossip,
 block_switch}_s`` (per measured step), ``bytes_sent_per_step`` (computed, see ``bytes_sent_note``), and the targets
-checked (``target_*``).
+checked (``target_*``); ``deca_fused_int8`` also ``moment_scratch_bytes`` (the fp32 copy of one tensor's moments its
+step dequantizes, a temporary buffer outside the model states).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from deca_ds.bench.planner import MIB, ring_degree
 
 DEFAULT_SHAPE = {"hidden": 512, "intermediate": 1376, "layers": 8, "heads": 8, "kv_heads": 8, "vocab": 8000}
 """CPU default: an 8-layer Llama of 33.5M parameters (untied embeddings), big enough for ratios to mean something."""
+DECA_METHODS = ("deca", "deca_fused", "deca_fused_int8")
+"""The records of one client's BlockAdam step (unfused, fused into backward, fused with 8-bit moments)."""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,8 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/benchmark", help="output directory (default runs/benchmark)")
     p.add_argument("--methods", default="adamw,adamw_fused,zero_offload,deca,badam,deca_real",
                    help="comma list of adamw (torch default), adamw_fused (torch fused=True), zero_offload, deca, "
-                        "deca_fused (optimizer step inside backward), badam, deca_real (the real launcher step; "
-                        "several processes)")
+                        "deca_fused (optimizer step inside backward), deca_fused_int8 (and 8-bit active-block "
+                        "moments), badam, deca_real (the real launcher step; several processes)")
     p.add_argument("--reps", type=int, default=3, help="rounds over all methods (median and spread); >= 3 advised")
     p.add_argument("--real-clients", type=int, default=4, help="deca_real: clients on the ring (2 neighbours each)")
     p.add_argument("--real-reps", type=int, default=5, help="deca_real: alternated rounds of real vs local steps")
@@ -94,7 +97,7 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
             specs.append(dict(common, method=method))
         elif method == "zero_offload":
             specs.append(dict(common, method="zero_offload"))
-        elif method in ("deca", "deca_fused", "badam"):
+        elif method in DECA_METHODS + ("badam",):
             policies = [s for s in args.state_policies.split(",") if s] if method != "badam" else ["reset"]
             for lpb in lpbs:
                 blocks = -(-n_layers // lpb)
@@ -109,7 +112,7 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                               gossip_chunk_mb=args.gossip_chunk_mb, threads=1))
         else:
             raise ValueError(f"unknown method {method!r}: use adamw, adamw_fused, zero_offload, deca, deca_fused, "
-                             "badam or deca_real")
+                             "deca_fused_int8, badam or deca_real")
     return specs
 
 
@@ -273,7 +276,7 @@ def annotate(records: list[dict[str, Any]], clients: int, topology: str = "ring"
         if r.get("not_applicable") or r.get("failed") or r.get("skipped") or r.get("method") == "deca_real":
             continue
         wire = 4  # fp32 on the wire (gossip.dtype default)
-        if r["method"] in ("deca", "deca_fused"):
+        if r["method"] in DECA_METHODS:
             r["bytes_sent_per_step"] = r["largest_block_params"] * wire * degree
             r["gossip_buffer_bytes"] = degree * min(r["largest_block_params"] * wire, chunk)
             r["bytes_sent_note"] = f"computed: largest block x {wire} B x degree {degree} ({topology}, {clients} clients)"
@@ -285,9 +288,11 @@ def annotate(records: list[dict[str, Any]], clients: int, topology: str = "ring"
             r["bytes_sent_per_step"] = 0
             r["gossip_buffer_bytes"] = 0
             r["bytes_sent_note"] = "single-client method: no communication"
-        if r["method"] in ("deca", "deca_fused"):
+        if r["method"] in DECA_METHODS:
             w = {"fp32": 4, "bf16": 2, "fp16": 2}[r["model_dtype"]]
             per_block = 12 if w == 4 else 14
+            if r["method"] == "deca_fused_int8":  # issue 15 goal 4: 4Ψ + 4L, or 2Ψ + 8L keeping the fp32 master
+                per_block = 4 if w == 4 else 8
             bound = w * r["params"] + per_block * r["largest_block_params"]
             r["target_model_state_bound_bytes"] = bound
             r["target_model_state_ok"] = r["model_state_bytes"] <= bound
@@ -317,7 +322,7 @@ def annotate(records: list[dict[str, Any]], clients: int, topology: str = "ring"
 def _label(r: dict[str, Any]) -> str:
     if r.get("method") == "deca_real":
         return f"deca (real step) {r.get('clients')} clients"
-    if r.get("method") in ("deca", "deca_fused", "badam") and r.get("layers_per_block"):
+    if r.get("method") in DECA_METHODS + ("badam",) and r.get("layers_per_block"):
         extra = f" {r['state_policy']}" if r["method"] != "badam" else ""
         return f"{r['method']} B={r.get('blocks') or '?'}{extra}"
     return str(r.get("method"))

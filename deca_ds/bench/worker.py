@@ -220,7 +220,8 @@ class _DecaBlockAdam(_Plain):
         self.opt = deca_ds.BlockAdam(model, part, lr=spec["lr"], betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
                                      switch_every=spec["switch_every"], order="ascending",
                                      state_policy=spec["state_policy"], offload_dtype=spec.get("offload_dtype", "fp32"),
-                                     auto_switch=False, fused_backward=spec["method"] == "deca_fused")
+                                     auto_switch=False, fused_backward=spec["method"] in FUSED_METHODS,
+                                     moment_dtype="int8" if spec["method"] == "deca_fused_int8" else "fp32")
         self.memory_report = deca_ds.memory_report
 
     def optimizer_step(self):
@@ -287,7 +288,9 @@ METHODS = {
     "badam": _BAdam,
     "deca": _DecaBlockAdam,
     "deca_fused": _DecaBlockAdam,  # BlockAdam(fused_backward=True): each parameter stepped inside backward
+    "deca_fused_int8": _DecaBlockAdam,  # ... and the active block's moments in 8 bits (moment_dtype="int8")
 }
+FUSED_METHODS = ("deca_fused", "deca_fused_int8")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -342,7 +345,7 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
             # Gradients are counted right after backward (BlockAdam frees them inside step()), optimizer state
             # right after the step: together the model states held at the step's peak.
             grad_bytes = tensor_bytes([p.grad for p in params], device.type)
-            if spec["method"] == "deca_fused":
+            if spec["method"] in FUSED_METHODS:
                 # Each gradient is freed by its own hook right after it is accumulated, before the next one exists:
                 # at most one is alive, so the largest active tensor's gradient bounds them (none is left now).
                 assert grad_bytes == 0, "fused_backward left gradients behind"
@@ -352,6 +355,11 @@ def measure(spec: dict[str, Any]) -> dict[str, Any]:
         t3 = time.perf_counter()
         if last:
             state_bytes = _count_states(params, method, device, grad_bytes)
+            if spec["method"] == "deca_fused_int8":
+                # Not a model state but reported: the step dequantizes one tensor's m and v to fp32 at a time (a
+                # chunk no larger than the block's largest tensor), a temporary buffer like the fp32 step's own
+                # denominators, which no record counts.
+                state_bytes["moment_scratch_bytes"] = 8 * max(p.numel() for p in method.opt.active_params())
         switched = method.switch()
         _sync(device)
         t4 = time.perf_counter()

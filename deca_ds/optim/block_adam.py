@@ -7,7 +7,10 @@ engine then gossips the block (through :meth:`BlockAdam.master_params`), folds t
 
 Memory: gradients, the fp32 master (only for bf16/fp16 models; an fp32 model's weights are their own master) and the
 moments exist for the active block only. With ``state_policy="offload"`` inactive blocks' state waits in host memory
-(:class:`~deca_ds.optim.state_store.BlockStateStore`).
+(:class:`~deca_ds.optim.state_store.BlockStateStore`). With ``moment_dtype="int8"`` the active block's two moments are
+held in 8 bits (bitsandbytes' blockwise quantization, the format ``state_store`` uses for offloaded moments): 2 bytes
+per parameter plus 8 bytes of scales per 256, instead of 8; each step dequantizes one tensor at a time, runs the same
+AdamW arithmetic and quantizes the result again.
 
 Bookkeeping (which block, which parameters, state moves) is kept apart from the maths (:func:`adamw_step_`), as in
 ``torch.optim.adam``.
@@ -23,9 +26,13 @@ from torch import nn
 
 from deca_ds import consensus
 from deca_ds.blocks import Block, BlockPartition, BlockSchedule
-from deca_ds.optim.state_store import OFFLOAD_DTYPES, BlockStateStore
+from deca_ds.optim.state_store import (OFFLOAD_DTYPES, BlockStateStore, Quantized, check_offload_support, dequantize,
+                                       quantize)
 
 STATE_POLICIES = ("reset", "offload")
+MOMENT_DTYPES = ("fp32", "int8")
+INT8_MOMENT_KEYS = ("exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes", "exp_avg_sq_absmax")
+"""State keys of 8-bit moments (``moment_dtype="int8"``), in place of ``exp_avg`` and ``exp_avg_sq``."""
 
 
 @torch.no_grad()
@@ -139,6 +146,37 @@ def _chunks(items: list, sizes: list[int], cap: int) -> list[list]:
     return out
 
 
+def moments_of(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fp32 moments (m, v) of one parameter's BlockAdam state.
+
+    fp32 state: the state's own tensors (in-place writes change the state). 8-bit state: new dequantized fp32 tensors
+    (writes change nothing until :func:`store_moments_` quantizes them back).
+    """
+    if "exp_avg_codes" not in state:
+        return state["exp_avg"], state["exp_avg_sq"]
+    shape = state["exp_avg_codes"].shape
+    m = dequantize(Quantized(state["exp_avg_codes"], state["exp_avg_absmax"], sqrt=False), shape)
+    v = dequantize(Quantized(state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"], sqrt=True), shape)
+    return m, v
+
+
+def store_moments_(state: dict, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+    """Quantize fp32 moments into one parameter's 8-bit state (keys :data:`INT8_MOMENT_KEYS`), on their device.
+
+    The format is :func:`deca_ds.optim.state_store.quantize`'s, i.e. bitsandbytes' blockwise dynamic quantization
+    with 256 values per block: m with the signed dynamic map, as bitsandbytes' 8-bit Adam does; v with the unsigned
+    map (v >= 0: no code is spent on a sign, as in bitsandbytes' 8-bit Adam), but of ``sqrt(v)`` rather than of v:
+    v spans twice the orders of magnitude of sqrt(v) within a block, and the small entries that decide Adam's
+    denominator ``sqrt(v) + eps`` would otherwise fall below the map's smallest code (3e-7 of the block's maximum)
+    and become 0, turning their update into ``m / eps``. It is also the offload store's format, so offloading these
+    moments stores them as they are (no second quantization).
+    """
+    qm = quantize(exp_avg, sqrt=False)
+    qv = quantize(exp_avg_sq, sqrt=True)
+    state["exp_avg_codes"], state["exp_avg_absmax"] = qm.codes, qm.absmax
+    state["exp_avg_sq_codes"], state["exp_avg_sq_absmax"] = qv.codes, qv.absmax
+
+
 def _normalize_blocks(model: nn.Module, blocks) -> list[Block]:
     named = dict(model.named_parameters())
     if isinstance(blocks, BlockPartition):
@@ -160,7 +198,9 @@ class BlockAdam(torch.optim.Optimizer):
     ``param_groups`` holds exactly one group with the active block's parameters (and ``lr``, ``betas``, ``eps``,
     ``weight_decay``), so DeepSpeed (stage 0, client optimizer) and LR schedulers work unchanged; on a switch the
     same group dict gets the new block's parameters. ``opt.state[p]`` exists for active-block parameters only, with
-    torch's keys ``step``, ``exp_avg``, ``exp_avg_sq`` (fp32) and ``master`` (fp32) when ``p`` is not fp32.
+    torch's keys ``step``, ``exp_avg``, ``exp_avg_sq`` (fp32) and ``master`` (fp32) when ``p`` is not fp32; with
+    ``moment_dtype="int8"`` the two moments are :data:`INT8_MOMENT_KEYS` instead (read them with
+    :func:`moments_of`).
 
     Args:
         model: The model; only its parameters in ``blocks`` are trained, the others get ``requires_grad=False``.
@@ -176,7 +216,13 @@ class BlockAdam(torch.optim.Optimizer):
             and restore them at the next visit; the block's ``step`` counter continues).
         fixed_order: Block indices for ``order="fixed"``.
         seed: Shared seed of ``order="random"``.
-        offload_dtype: ``"fp32"`` or ``"int8"`` storage of offloaded moments (see ``state_store``).
+        offload_dtype: ``"fp32"`` or ``"int8"`` storage of offloaded moments (see ``state_store``); moments that
+            are 8-bit already (``moment_dtype="int8"``) are offloaded as they are.
+        moment_dtype: ``"fp32"`` or ``"int8"``: the active block's ``exp_avg`` and ``exp_avg_sq`` held in 8 bits
+            (:func:`store_moments_`; needs bitsandbytes). Every step, consensus fold and denominator read
+            dequantizes them (one tensor, or a chunk no larger than the block's largest tensor, at a time: the
+            extra fp32 memory is one tensor's moments, not the block's), runs the fp32 arithmetic and quantizes the
+            result again.
         auto_switch: Switch blocks at the end of :meth:`step` when the schedule says so. Set ``False`` when something
             must happen between the step and the switch (gossip + consensus), then call :meth:`switch_if_due`.
         local_moments: ``False`` for the "trivial BMA" ablation: gradients do not update the stored moments.
@@ -191,8 +237,9 @@ class BlockAdam(torch.optim.Optimizer):
             :meth:`nonfinite_in_backward` says whether any stepped gradient was not finite.
 
     Raises:
-        ValueError: unknown ``state_policy``/``offload_dtype``/``order``, bad hyperparameters, or block names not in
-            the model.
+        ValueError: unknown ``state_policy``/``offload_dtype``/``moment_dtype``/``order``, bad hyperparameters, or
+            block names not in the model.
+        ConfigError: ``int8`` storage without an importable bitsandbytes.
     """
 
     def __init__(
@@ -210,6 +257,7 @@ class BlockAdam(torch.optim.Optimizer):
         fixed_order: Sequence[int] | None = None,
         seed: int = 0,
         offload_dtype: str = "fp32",
+        moment_dtype: str = "fp32",
         auto_switch: bool = True,
         local_moments: bool = True,
         fused_backward: bool = False,
@@ -218,6 +266,9 @@ class BlockAdam(torch.optim.Optimizer):
             raise ValueError(f"unknown state_policy {state_policy!r}; choose one of {STATE_POLICIES}")
         if offload_dtype not in OFFLOAD_DTYPES:
             raise ValueError(f"unknown offload_dtype {offload_dtype!r}; choose one of {OFFLOAD_DTYPES}")
+        if moment_dtype not in MOMENT_DTYPES:
+            raise ValueError(f"unknown moment_dtype {moment_dtype!r}; choose one of {MOMENT_DTYPES}")
+        check_offload_support(moment_dtype, setting="optim.moment_dtype")
         if not lr > 0:
             raise ValueError(f"lr must be > 0, got {lr}")
         if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
@@ -229,6 +280,7 @@ class BlockAdam(torch.optim.Optimizer):
         self._schedule = BlockSchedule(len(self._blocks), switch_every, order, fixed_order, seed)
         self.state_policy = state_policy
         self.offload_dtype = offload_dtype
+        self.moment_dtype = moment_dtype
         self.auto_switch = auto_switch
         self.local_moments = local_moments
         self.skip_next_step = False
@@ -304,8 +356,12 @@ class BlockAdam(torch.optim.Optimizer):
         if not st:
             # Hazard (dtype): moments and master are fp32 whatever the model dtype.
             st["step"] = torch.tensor(0.0)
-            st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
-            st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            zeros = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.preserve_format)
+            if self.moment_dtype == "int8":
+                store_moments_(st, zeros, zeros)
+            else:
+                st["exp_avg"] = zeros
+                st["exp_avg_sq"] = torch.zeros_like(zeros)
             if p.dtype != torch.float32:
                 st["master"] = p.detach().float()
         return st
@@ -344,8 +400,41 @@ class BlockAdam(torch.optim.Optimizer):
             if h.shape != p.shape:
                 raise ValueError(f"signal for {self._names[p]} has shape {tuple(h.shape)}, expected {tuple(p.shape)}")
         states = [self._state_for(p) for p in params]
-        consensus.fold_moments_([st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states], list(signals),
-                                betas)
+        if self.moment_dtype == "fp32":
+            consensus.fold_moments_([st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+                                    list(signals), betas)
+            return
+        if tuple(float(b) for b in betas) == (1.0, 1.0):
+            return  # the fold leaves the moments unchanged; quantizing them again would only add error
+        for st, h in zip(states, signals):
+            # Memory: one tensor's fp32 moments at a time.
+            m, v = moments_of(st)
+            consensus.fold_moments_(m, v, h, betas)
+            store_moments_(st, m, v)
+
+    @torch.no_grad()
+    def adam_denominators(self) -> list[torch.Tensor]:
+        """``sqrt(v_hat) + eps`` of every active parameter, from its current second moment (dequantized when 8-bit).
+
+        Exactly :func:`deca_ds.consensus.adam_denominators`' reading of fp32 state (``v_hat = v / (1 - alpha2**t)``
+        with the block's step counter ``t`` taken as at least 1; ``eps`` where the parameter has no state yet), so
+        the gradient-unit consensus signals see the denominator this optimizer's step divides by.
+
+        Returns:
+            One new fp32 tensor per active parameter, in :meth:`active_params` order.
+        """
+        group = self.param_groups[0]
+        beta2, eps = group["betas"][1], group["eps"]
+        out = []
+        for p in self.active_params():
+            st = self.state.get(p) or {}
+            if "step" not in st:
+                out.append(torch.full(p.shape, float(eps), dtype=torch.float32, device=p.device))
+                continue
+            t = max(int(st["step"].item()), 1)
+            bias_correction2_sqrt = (1 - beta2**t) ** 0.5
+            out.append((moments_of(st)[1].sqrt() / bias_correction2_sqrt).add_(eps))
+        return out
 
     # ------------------------------------------------------------------------------------------------ step
 
@@ -392,10 +481,17 @@ class BlockAdam(torch.optim.Optimizer):
         grads = [p.grad if p.grad.dtype == torch.float32 else p.grad.float() for p in params]
         counters = [st["step"] for st in states]
         torch._foreach_add_(counters, 1)
+        # fp32 moments: the state's own tensors; 8-bit: dequantized copies. Memory: the chunk is at most the block's
+        # largest tensor, so the copies never exceed one tensor's fp32 moments.
+        moments = [moments_of(st) for st in states]
         # Phase 2: the AdamW maths on the masters.
-        adamw_foreach_step_(xs, grads, [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states],
+        adamw_foreach_step_(xs, grads, [m for m, _ in moments], [v for _, v in moments],
                             [int(c.item()) for c in counters], group["lr"], beta1, beta2, group["eps"],
                             group["weight_decay"], self.local_moments)
+        if self.moment_dtype == "int8" and self.local_moments:
+            # Without local moments the step left m and v unchanged: nothing to store (no needless re-rounding).
+            for st, (m, v) in zip(states, moments):
+                store_moments_(st, m, v)
         # Phase 3: write the masters back into the model weights (rounded to bf16/fp16).
         low = [(p.data, st["master"]) for p, st in zip(params, states) if "master" in st]
         if low:
@@ -516,6 +612,7 @@ class BlockAdam(torch.optim.Optimizer):
             "schedule": self._schedule.state_dict(),
             "block_names": [list(b.param_names) for b in self._blocks],
             "state_policy": self.state_policy,
+            "moment_dtype": self.moment_dtype,
             "local_moments": self.local_moments,
             "param_group": group,
             "state": active,
@@ -527,7 +624,7 @@ class BlockAdam(torch.optim.Optimizer):
         """Restore a state saved by :meth:`state_dict` (the model weights are restored separately).
 
         Raises:
-            ValueError: the checkpoint's blocks or state policy differ from this optimizer's.
+            ValueError: the checkpoint's blocks, state policy or moment dtype differ from this optimizer's.
         """
         if state_dict.get("format") != "deca_ds.BlockAdam/1":
             raise ValueError("not a BlockAdam state dict (missing format 'deca_ds.BlockAdam/1')")
@@ -538,6 +635,10 @@ class BlockAdam(torch.optim.Optimizer):
             raise ValueError(
                 f"checkpoint uses state_policy={state_dict['state_policy']!r}, this optimizer {self.state_policy!r}"
             )
+        saved_dtype = state_dict.get("moment_dtype", "fp32")  # checkpoints from before moment_dtype hold fp32
+        if saved_dtype != self.moment_dtype:
+            raise ValueError(f"checkpoint holds {saved_dtype} moments, this optimizer moment_dtype="
+                             f"{self.moment_dtype!r}: resume with optim.moment_dtype={saved_dtype}")
         self._schedule.load_state_dict(state_dict["schedule"])
         # Drop whatever state exists now (without parking it), then activate the checkpoint's block.
         self.state = defaultdict(dict)

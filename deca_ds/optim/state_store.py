@@ -13,6 +13,9 @@ optional dependency, ``pip install 'deca_ds[int8]'``, checked by :func:`check_of
   with the unsigned dynamic map: halving the dynamic range of the stored value keeps far more relative precision for
   the small entries that dominate Adam's denominator.
 * ``master`` and ``step`` stay exact (fp32): quantizing weights would destroy them.
+* moments already held in 8 bits (``BlockAdam(moment_dtype="int8")``: keys ``exp_avg_codes``/``exp_avg_absmax`` and
+  ``exp_avg_sq_codes``/``exp_avg_sq_absmax``, in this module's format) are stored as they are, with either
+  ``offload_dtype``: quantizing them again would only add error.
 
 Error bound (per block of :data:`QUANT_BLOCKSIZE` consecutive values with absolute maximum ``a``): each value is
 stored as one of the two code-map entries bracketing it, so ``|m' - m| <= gap_signed * a_m`` and
@@ -25,6 +28,7 @@ over 512k Gaussian and log-normal values.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -52,31 +56,36 @@ class Quantized:
         return self.codes, self.absmax
 
 
-def check_offload_support(offload_dtype: str) -> None:
+def check_offload_support(offload_dtype: str, setting: str = "optim.offload_dtype") -> None:
     """Fail with one line when ``offload_dtype`` needs a library that is missing (``int8``: bitsandbytes).
 
-    Cheap enough for a preflight check (imports bitsandbytes once); :class:`BlockStateStore` also calls it.
+    Cheap enough for a preflight check (imports bitsandbytes once); :class:`BlockStateStore` and
+    ``BlockAdam(moment_dtype="int8")`` also call it.
 
     Args:
-        offload_dtype: ``optim.offload_dtype``.
+        offload_dtype: the value of ``setting`` (``fp32`` or ``int8``).
+        setting: the setting named in the error: ``optim.offload_dtype`` or ``optim.moment_dtype``.
 
     Raises:
         ConfigError: ``int8`` without an importable bitsandbytes, naming the setting and the fix.
     """
     if offload_dtype != "int8":
         return
-    fix = "install it with pip install 'deca_ds[int8]' (or 'bitsandbytes>=0.43'), or set optim.offload_dtype=fp32"
+    fix = f"install it with pip install 'deca_ds[int8]' (or 'bitsandbytes>=0.43'), or set {setting}=fp32"
     try:
         import bitsandbytes.functional  # noqa: F401
     except ImportError:
-        raise ConfigError(f"optim.offload_dtype=int8 needs bitsandbytes, which is not installed: {fix}") from None
+        raise ConfigError(f"{setting}=int8 needs bitsandbytes, which is not installed: {fix}") from None
     except Exception as e:  # a broken install (missing native library, CUDA mismatch) raises other types
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise ConfigError(f"optim.offload_dtype=int8 needs bitsandbytes, which fails to import "
+        raise ConfigError(f"{setting}=int8 needs bitsandbytes, which fails to import "
                           f"({type(e).__name__}: {first}): re{fix}") from None
 
 
+@functools.lru_cache(maxsize=None)
 def _code_map(signed: bool, device: torch.device) -> torch.Tensor:
+    # Cached: building the map takes tens of ms of Python, and the active block's 8-bit moments (BlockAdam
+    # moment_dtype="int8") need it four times per tensor per step. Read-only for bitsandbytes' kernels.
     from bitsandbytes.functional import create_dynamic_map
 
     return create_dynamic_map(signed=signed).to(device)
@@ -154,16 +163,20 @@ class BlockStateStore:
         return sorted(self._blocks)
 
     def put(self, block_idx: int, states: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Store one block's state (``name -> {"step", "exp_avg", "exp_avg_sq", ["master"]}``).
+        """Store one block's state (``name -> {"step", "exp_avg", "exp_avg_sq", ["master"]}``, or with 8-bit
+        moments ``exp_avg_codes``, ``exp_avg_absmax``, ``exp_avg_sq_codes``, ``exp_avg_sq_absmax`` in place of the
+        two moments).
 
-        The tensors are copied to host memory when they live on an accelerator; on CPU fp32 they are kept as they
-        are (no copy). The caller must drop its own references afterwards.
+        The tensors are copied to host memory when they live on an accelerator; on CPU they are kept as they are (no
+        copy). Only fp32 ``exp_avg``/``exp_avg_sq`` are quantized (``offload_dtype="int8"``); 8-bit moments are kept
+        as given. The caller must drop its own references afterwards.
         """
         self._pending.pop(block_idx, None)
         old = self._buffers.pop(block_idx, None) or self._blocks.get(block_idx, {})
         stored: dict[str, dict[str, object]] = {}
         for name, st in states.items():
-            self._shapes[name] = st["exp_avg"].shape
+            # Moments held in 8 bits already (BlockAdam moment_dtype=int8) have codes shaped like the parameter.
+            self._shapes[name] = (st["exp_avg"] if "exp_avg" in st else st["exp_avg_codes"]).shape
             entry: dict[str, object] = {}
             for key, t in st.items():
                 if self.offload_dtype == "int8" and key in _QUANTIZED_KEYS:
@@ -192,7 +205,8 @@ class BlockStateStore:
         self._pending[block_idx] = (moved, event)
 
     def take(self, block_idx: int, device: torch.device) -> dict[str, dict[str, torch.Tensor]] | None:
-        """Remove a block's state from the store and return it as fp32 tensors on ``device`` (``None`` if absent).
+        """Remove a block's state from the store and return it as tensors on ``device`` (``None`` if absent): the
+        moments this store quantized come back dequantized to fp32, everything else as it was put.
 
         Host buffers are kept for reuse by the next :meth:`put` of the same block.
         """
@@ -224,7 +238,8 @@ class BlockStateStore:
         return out
 
     def peek(self, block_idx: int) -> dict[str, dict[str, torch.Tensor]]:
-        """A block's stored state as fp32 CPU tensors (dequantized copies), without removing it."""
+        """A block's stored state as CPU tensors (copies; moments this store quantized are dequantized to fp32,
+        moments that arrived in 8 bits are returned as they are held), without removing it."""
         return {name: {key: (dequantize(v, self._shapes[name]) if isinstance(v, Quantized) else v.clone())
                        for key, v in entry.items()}
                 for name, entry in self._blocks[block_idx].items()}

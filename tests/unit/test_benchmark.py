@@ -72,6 +72,28 @@ def test_fused_backward_model_states_are_4_psi_plus_8_block_plus_one_gradient():
     assert r["model_state_bytes"] == 4 * PSI + 8 * block + 4 * 32 * 64 and r["finite"]
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_fused_int8_model_states_are_w_psi_plus_2_block_plus_scales_plus_one_gradient(dtype):
+    """fp32 weights: 4Ψ + 2L + scales + one tensor's gradient (issue 15 goal 4: <= 4Ψ + 4L); bf16 weights with the
+    fp32 master: 2Ψ + 4L + 2L + scales + one tensor's gradient (goal: <= 2Ψ + 8L keeping the master)."""
+    r = measure(_spec("deca_fused_int8", dtype=dtype, layers_per_block=2, state_policy="reset", switch_every=1))
+    w = 4 if dtype == "fp32" else 2
+    block = 2 * LAYER
+    h, f, kv_dim = 32, 64, 2 * (32 // 4)  # hidden, intermediate, kv heads x head dim
+    layer_tensors = [h * h, kv_dim * h, kv_dim * h, h * h, h * f, h * f, h * f, h, h]  # q k v o gate up down 2 norms
+    scales = 2 * 4 * 2 * sum(-(-n // 256) for n in layer_tensors)  # m and sqrt(v): an fp32 absmax per 256 values
+    largest_tensor = h * f
+    master = 0 if dtype == "fp32" else 4 * block
+    assert r["largest_block_params"] == block and r["switches"] == 4 and r["finite"]
+    assert (r["weight_bytes"], r["grad_bytes"], r["optimizer_state_bytes"]) == (
+        w * PSI, w * largest_tensor, master + 2 * block + scales)
+    assert r["model_state_bytes"] == w * PSI + master + 2 * block + scales + w * largest_tensor
+    assert r["moment_scratch_bytes"] == 8 * largest_tensor  # reported apart: a temporary buffer
+    annotate([r], clients=2)
+    assert r["target_model_state_bound_bytes"] == w * PSI + (4 if dtype == "fp32" else 8) * block
+    assert r["target_model_state_ok"]
+
+
 def test_annotate_computes_communication_and_targets():
     recs = [
         {"method": "adamw", "params": 1000, "largest_block_params": 1000, "tokens_per_s": 100.0,

@@ -124,3 +124,18 @@ def test_a_non_finite_gradient_is_reported_with_and_without_the_fused_step(tmp_p
     assert rec.nonfinite == [True, False] and all(torch.isfinite(torch.tensor(x)) for x in rec.losses)
     # nan_policy=stop ends the run here; unfused, the update was skipped; fused, it was already applied.
     assert torch.isfinite(p).all() != fused
+
+
+def test_hf_settings_refuse_fused_backward_before_the_trainer_is_built():
+    from deca_ds.hf import DecaSettings
+
+    with pytest.raises(ConfigError, match="optim.fused_backward=false") as e:
+        DecaSettings(overrides=["optim.fused_backward=true"])
+    assert "\n" not in str(e.value)
+
+
+def test_a_resume_may_switch_the_fused_step_on_or_off():
+    # Bit-identical steps (above): changing it between legs changes memory, not results, so a resume allows it.
+    from deca_ds.checkpoint import CHANGEABLE_SETTINGS
+
+    assert "optim.fused_backward" in CHANGEABLE_SETTINGS

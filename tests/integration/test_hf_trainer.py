@@ -68,34 +68,6 @@ def assert_equal_runs(a: dict, b: dict, clients: int, steps: int = STEPS) -> Non
     assert all(v[2] > 0 for v in a.values()), "every client gossips every step"
 
 
-def test_deepspeed_trainer_two_clients_equal_finetune_and_resume(tmp_path):
-    ft, hf, stopped = tmp_path / "finetune", tmp_path / "hf", tmp_path / "hf_resumed"
-    torchrun(2, FT_RECIPE, f"output_dir={ft}", f"max_steps={STEPS}", *DATA)
-    hf_args = ["--deepspeed", HF_AUTO, "--save_strategy", "steps", "--save_steps", "10", *DATA]
-    deepspeed(2, HF_RECIPE, "--output_dir", str(hf), "--max_steps", str(STEPS), *hf_args)
-    assert_equal_runs(figures(ft), figures(hf), 2)
-
-    # The Trainer's checkpoint layout, per client (DeepSpeed's files, BlockAdam's state inside them).
-    for c in range(2):
-        ck = hf / f"client_{c}" / "checkpoint-10"
-        for name in ("model.safetensors", "trainer_state.json", "scheduler.pt", "latest", "deca_state.pt"):
-            assert (ck / name).is_file(), ck / name
-        ds_state = torch.load(ck / "global_step10" / "mp_rank_00_model_states.pt", weights_only=False)
-        assert ds_state["optimizer"]["format"] == "deca_ds.BlockAdam/1"
-        assert ds_state["optimizer"]["global_step"] == 10
-    # Stop at step 10, resume with the Trainer's own flag: the same run.
-    deepspeed(2, HF_RECIPE, "--output_dir", str(stopped), "--max_steps", "10", *hf_args)
-    deepspeed(2, HF_RECIPE, "--output_dir", str(stopped), "--max_steps", str(STEPS), "--resume_from_checkpoint",
-              "True", *hf_args)
-    assert_equal_runs(figures(hf), figures(stopped), 2)
-    for c in range(2):
-        a = torch.load(hf / f"client_{c}" / "checkpoint-20" / "deca_state.pt", weights_only=True)
-        b = torch.load(stopped / f"client_{c}" / "checkpoint-20" / "deca_state.pt", weights_only=True)
-        assert a == b and a["mixer"]["sent"] > 0  # the Mixer's byte counters survived the resume
-
-    assert (hf / "training.png").stat().st_size > 0
-
-
 def test_torchrun_trainer_four_clients_equal_finetune(tmp_path):
     ft, hf = tmp_path / "finetune", tmp_path / "hf"
     torchrun(4, FT_RECIPE, f"output_dir={ft}", f"max_steps={STEPS}", *DATA)
@@ -169,14 +141,17 @@ SCHEDULE = ["optim.schedule=cosine", "optim.warmup_steps=3", "epochs=0.6"]
 SCHEDULE_STEPS = 19
 
 
-def test_trainer_schedule_and_epochs_equal_finetune_and_resume(tmp_path):
+def test_deepspeed_trainer_two_clients_schedule_and_epochs_equal_finetune_and_resume(tmp_path):
+    """The Trainer launched by `deepspeed` with the Trainer's DeepSpeed integration (hf_auto.json), a cosine schedule
+    with warm-up and a run length in epochs: every step equals recipes/finetune.py's; its checkpoints are the
+    Trainer's layout with BlockAdam inside DeepSpeed's files; a resume with the Trainer's own flag is the same run."""
     from deca_ds.config import load_config
     from deca_ds.lr_schedule import lr_at
 
     ft, hf, resumed = tmp_path / "finetune", tmp_path / "hf", tmp_path / "hf_resumed"
     torchrun(2, FT_RECIPE, f"output_dir={ft}", *SCHEDULE, *DATA)
-    torchrun(2, HF_RECIPE, "--output_dir", str(hf), "--save_strategy", "steps", "--save_steps", "10", *SCHEDULE,
-             *DATA)
+    hf_args = ["--deepspeed", HF_AUTO, "--save_strategy", "steps", "--save_steps", "10", *SCHEDULE, *DATA]
+    deepspeed(2, HF_RECIPE, "--output_dir", str(hf), *hf_args)
     a, b = figures(ft), figures(hf)
     assert_equal_runs(a, b, 2, steps=SCHEDULE_STEPS)  # losses, blocks, bytes, distances and the rate of every step
     # The rate each step used is the closed form (one rate, not the Trainer's and deca_ds's schedules applied twice).
@@ -184,10 +159,25 @@ def test_trainer_schedule_and_epochs_equal_finetune_and_resume(tmp_path):
     assert [b[(s, 0)][4] for s in range(SCHEDULE_STEPS)] == [lr_at(cfg, s) for s in range(SCHEDULE_STEPS)]
     assert b[(0, 0)][4] == 0.0 and max(b[(s, 0)][4] for s in range(SCHEDULE_STEPS)) == cfg.optim.lr
 
-    # Resume from checkpoint-10 (the Trainer's scheduler.pt and BlockAdam's rate restored): the same run.
+    # The Trainer's checkpoint layout, per client (DeepSpeed's files, BlockAdam's state inside them).
+    for c in range(2):
+        ck = hf / f"client_{c}" / "checkpoint-10"
+        for name in ("model.safetensors", "trainer_state.json", "scheduler.pt", "latest", "deca_state.pt"):
+            assert (ck / name).is_file(), ck / name
+        ds_state = torch.load(ck / "global_step10" / "mp_rank_00_model_states.pt", weights_only=False)
+        assert ds_state["optimizer"]["format"] == "deca_ds.BlockAdam/1"
+        assert ds_state["optimizer"]["global_step"] == 10
+
+    # Resume from checkpoint-10 with the Trainer's own flag (its scheduler.pt and BlockAdam's rate restored): the
+    # same run, and the Mixer's byte counters survive.
     shutil.copytree(hf, resumed)
     for c in range(2):
         shutil.rmtree(resumed / f"client_{c}" / f"checkpoint-{SCHEDULE_STEPS}")
-    torchrun(2, HF_RECIPE, "--output_dir", str(resumed), "--save_strategy", "steps", "--save_steps", "10",
-             "--resume_from_checkpoint", "True", *SCHEDULE, *DATA)
+    deepspeed(2, HF_RECIPE, "--output_dir", str(resumed), "--resume_from_checkpoint", "True", *hf_args)
     assert_equal_runs(b, figures(resumed), 2, steps=SCHEDULE_STEPS)
+    for c in range(2):
+        x = torch.load(hf / f"client_{c}" / f"checkpoint-{SCHEDULE_STEPS}" / "deca_state.pt", weights_only=True)
+        y = torch.load(resumed / f"client_{c}" / f"checkpoint-{SCHEDULE_STEPS}" / "deca_state.pt", weights_only=True)
+        assert x == y and x["mixer"]["sent"] > 0
+
+    assert (hf / "training.png").stat().st_size > 0

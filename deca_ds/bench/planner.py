@@ -797,7 +797,8 @@ def format_plan(plan: Plan) -> str:
         f"  gossip buffers {format_bytes(d['gossip_buffers'])}; offloaded state on CPU {format_bytes(d['cpu_offload'])}"
         + (f"; int8 step scratch (one tensor's fp32 m,v) {format_bytes(d['moment_scratch'])}"
            if d["moment_scratch"] else ""),
-        f"  GPU total {format_bytes(plan.deca_total_bytes)} -> {'FITS' if plan.fits else 'does NOT fit'}",
+        f"  GPU total {format_bytes(plan.deca_total_bytes)} (active block at the peak: {d['block']}) -> "
+        f"{'FITS' if plan.fits else 'does NOT fit'}",
     ]
     if plan.recommended:
         rec = plan.recommended
@@ -809,9 +810,9 @@ def format_plan(plan: Plan) -> str:
                      + (", optim.moment_dtype=int8" if rec["moment_dtype"] == "int8" else "")
                      + "".join(f", blocks.{k}=false" for k in frozen) + f" -> {format_bytes(rec['total_gpu_bytes'])}")
         if "fused_backward_saves_bytes" in rec:
-            lines.append(f"  (fused step: each parameter stepped inside backward and its gradient freed, bit-identical; "
-                         f"saves {format_bytes(rec['fused_backward_saves_bytes'])}; the written ds_config has "
-                         f"gradient_clipping 0, which the fused step needs)")
+            lines.append(f"  (fused step: each parameter stepped inside backward and its gradient freed, "
+                         f"bit-identical; saves {format_bytes(rec['fused_backward_saves_bytes'])}; the written "
+                         f"ds_config has gradient_clipping 0, which the fused step needs)")
         if "moment_dtype_int8_saves_bytes" in rec:
             lines.append(f"  (int8 moments: the block's m,v in 8 bits, 2 bytes + scales per parameter instead of 8; "
                          f"saves {format_bytes(rec['moment_dtype_int8_saves_bytes'])} net of one tensor's fp32 "

@@ -27,7 +27,9 @@ Formulas (Ψ parameters, L parameters of the largest block, N = ranks per client
   codes + 2 × 4 bytes per 256-value quantization block (S = Σ⌈n/256⌉ over the block's tensors) instead of 8·L; the
   step (and the consensus fold) decodes one tensor's m and v to fp32 at a time: 8·T bytes of scratch, not a model
   state but counted in the GPU total. With both: 2Ψ + 4L + 2L + 8S + 2T (bf16), 4Ψ + 2L + 8S + 4T (fp32). These are
-  the tensors the benchmark worker counts (``deca_fused``, ``deca_fused_int8``; tested equal).
+  the tensors the benchmark worker counts (``deca_fused``, ``deca_fused_int8``; tested equal). The active block at
+  the peak is the one whose figures are largest (:attr:`ModelShape.block_profiles`): with these settings a smaller
+  block made of one huge tensor (an embedding) can cost more than the largest block.
 * activations (see :func:`activation_bytes`): saved tensors of a Llama/Qwen decoder layer with memory-efficient
   attention (no s×s matrix), per token ``6h + 2h·kv/heads + 4f`` values in the weight dtype, plus the logits
   (``V`` per token: weight dtype + fp32 upcast + fp32 gradient). Upper bound: the active block is the lowest one,
@@ -278,7 +280,7 @@ def deca_state_bytes(params: int, block_params: int, dtype: str = "bf16", state_
 
     Args:
         params: Ψ.
-        block_params: L, the largest block.
+        block_params: L, the active block (the largest one for the usual bound).
         dtype: Weight dtype on the device (``bf16``, ``fp16`` or ``fp32``).
         state_policy: ``reset`` (inactive state dropped) or ``offload`` (kept in CPU memory).
         offload_dtype: ``fp32`` or ``int8`` storage of offloaded moments.
@@ -290,10 +292,9 @@ def deca_state_bytes(params: int, block_params: int, dtype: str = "bf16", state_
             block's.
         moment_dtype: ``optim.moment_dtype``: ``fp32`` (8 bytes per parameter) or ``int8`` (2 bytes per parameter
             + 8 bytes per quantization block, and 8 bytes per value of one tensor's fp32 scratch).
-        largest_tensor_params: T, the largest tensor of a block (:attr:`ModelShape.largest_tensor_params`);
-            ``None``: L, an upper bound.
-        moment_scale_blocks: S, quantization blocks of the largest block (:attr:`ModelShape
-            .largest_block_scale_blocks`); required for ``moment_dtype="int8"``.
+        largest_tensor_params: T, the block's largest tensor; ``None``: L, an upper bound.
+        moment_scale_blocks: S, the block's 256-value quantization blocks, ``Σ⌈n/256⌉`` over its tensors;
+            required for ``moment_dtype="int8"``.
 
     Returns:
         Dict with ``weights``, ``grads``, ``master``, ``moments`` (int8: codes and scales), ``moment_scales`` (the

@@ -48,6 +48,11 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-policy", choices=("reset", "offload"), default="offload")
     p.add_argument("--offload-dtype", choices=("fp32", "int8"), default="fp32")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--fused-backward", action=argparse.BooleanOptionalAction, default=None,
+                   help="optim.fused_backward (default: off, turned on by the plan when it helps and the written "
+                   "recipe allows it: one rank per client; it writes gradient_clipping 0)")
+    p.add_argument("--moment-dtype", choices=("fp32", "int8"), default=None,
+                   help="optim.moment_dtype (default: fp32, int8 tried by the plan as --fused-backward)")
     p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="weight dtype on the GPU")
     p.add_argument("--topology", default="ring", help="gossip graph, for the neighbour count (default ring)")
     p.add_argument("--max-degree", type=int, default=None, help="neighbours per client (random/custom graphs)")
@@ -67,6 +72,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         state_policy=args.state_policy, offload_dtype=args.offload_dtype,
         activation_checkpointing=args.activation_checkpointing, dtype=args.dtype, topology=args.topology,
         max_degree=args.max_degree, gossip_chunk_mb=args.gossip_chunk_mb, overhead=parse_bytes(args.overhead),
+        fused_backward=args.fused_backward, moment_dtype=args.moment_dtype,
     )
     plan = plan_from_model_dir(args.model, req)
     written = None

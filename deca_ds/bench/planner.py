@@ -20,7 +20,16 @@ Formulas (Ψ parameters, L parameters of the largest block, N = ranks per client
   master) + 8·L m/v, i.e. 2Ψ + 14L for bf16 and 4Ψ + 12L for fp32; plus gossip receive buffers, bounded by
   ``min(L·wire_bytes, chunk) × degree``. With ``state_policy: offload`` the inactive blocks' master and moments live in
   CPU memory (reported apart, never on the GPU); ``offload_dtype: int8`` stores the moments as 1 byte + one fp32
-  absmax per 4096 values (bitsandbytes blockwise), the master stays fp32.
+  absmax per 256 values (bitsandbytes blockwise, ``state_store.QUANT_BLOCKSIZE``), the master stays fp32.
+* ``optim.fused_backward``: each active parameter is stepped inside backward and its gradient freed at once, so the
+  block's gradients (w·L) are replaced by one tensor's, w·T (T = the largest tensor of a block).
+* ``optim.moment_dtype: int8``: the block's m and sqrt(v) in bitsandbytes' 8-bit blockwise format, 2·L bytes of
+  codes + 2 × 4 bytes per 256-value quantization block (S = Σ⌈n/256⌉ over the block's tensors) instead of 8·L; the
+  step (and the consensus fold) decodes one tensor's m and v to fp32 at a time: 8·T bytes of scratch, not a model
+  state but counted in the GPU total. With both: 2Ψ + 4L + 2L + 8S + 2T (bf16), 4Ψ + 2L + 8S + 4T (fp32). These are
+  the tensors the benchmark worker counts (``deca_fused``, ``deca_fused_int8``; tested equal). The active block at
+  the peak is the one whose figures are largest (:attr:`ModelShape.block_profiles`): with these settings a smaller
+  block made of one huge tensor (an embedding) can cost more than the largest block.
 * activations (see :func:`activation_bytes`): saved tensors of a Llama/Qwen decoder layer with memory-efficient
   attention (no s×s matrix), per token ``6h + 2h·kv/heads + 4f`` values in the weight dtype, plus the logits
   (``V`` per token: weight dtype + fp32 upcast + fp32 gradient). Upper bound: the active block is the lowest one,
@@ -38,15 +47,18 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 from deca_ds.build import partition_for
-from deca_ds.config import BlocksConfig, DecaConfig, OptimConfig, RunConfig
+from deca_ds.config import BlocksConfig, ConfigError, DecaConfig, OptimConfig, RunConfig
+from deca_ds.optim.state_store import QUANT_BLOCKSIZE
 
 GIB = 1024**3
 MIB = 1024**2
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3,
           "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": MIB, "gib": GIB, "tib": 1024**4}
 _WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-INT8_BLOCKSIZE = 4096
-"""Values per fp32 absmax in bitsandbytes' blockwise 8-bit quantization (``quantize_blockwise`` default)."""
+INT8_BLOCKSIZE = QUANT_BLOCKSIZE
+"""Values per fp32 absmax of deca_ds's 8-bit moments, offloaded (``offload_dtype``) or active (``moment_dtype``):
+the block size ``deca_ds.optim.state_store.quantize`` passes to bitsandbytes' ``quantize_blockwise`` (256)."""
+INT8_NEEDS = "needs bitsandbytes where it trains: pip install 'deca_ds[int8]'"
 PRETRAINED_LR = 5e-5
 """Learning rate written for a pretrained model: ``OptimConfig.lr``'s default suits the embedded tiny model only (its
 docstring: pretrained LLMs want ~1e-5 to 5e-5)."""
@@ -107,6 +119,16 @@ class ModelShape:
         include_embeddings: Whether the embeddings are a block (else frozen).
         include_lm_head: Whether the final norm and LM head are a block (else frozen).
         largest_block_name: Name of the largest block (``embeddings``, ``layers.3``, ``lm_head``).
+        largest_tensor_params: T, the largest parameter tensor inside any block: the one gradient alive at a time
+            with ``optim.fused_backward`` and the one tensor whose fp32 moments int8 moments decode at a time.
+            0: unknown, bounded by the largest block.
+        largest_block_scale_blocks: S, the most 256-value quantization blocks of one block, ``Σ⌈n/256⌉`` over its
+            tensors (each tensor is quantized on its own), maximised over the blocks: int8 moments keep one fp32
+            scale per quantization block and moment. 0: unknown (int8 moments cannot be planned).
+        block_profiles: ``(name, parameters, largest tensor, quantization blocks)`` of every block: the memory of
+            the active block is the largest over them (with the fused step and int8 moments it need not be the
+            largest block's: one huge tensor, such as an embedding, costs 8 bytes per value of scratch). Empty:
+            only the maxima above are known, and their sum is used (an upper bound).
     """
 
     params: int
@@ -124,6 +146,9 @@ class ModelShape:
     include_embeddings: bool = False
     include_lm_head: bool = False
     largest_block_name: str = ""
+    largest_tensor_params: int = 0
+    largest_block_scale_blocks: int = 0
+    block_profiles: list[tuple[str, int, int, int]] = field(default_factory=list)
 
 
 def build_meta_model(model_dir: str):
@@ -157,8 +182,11 @@ def inspect_model(model, blocks: BlocksConfig | None = None) -> ModelShape:
     blocks = blocks or BlocksConfig()
     named = dict(model.named_parameters())  # deduplicates tied weights
     part = partition_for(model, blocks)
-    sizes = [sum(named[n].numel() for n in b.param_names if n in named) for b in part.blocks]
+    tensors = [[named[n].numel() for n in b.param_names if n in named] for b in part.blocks]
+    sizes = [sum(t) for t in tensors]
     largest = max(range(len(sizes)), key=sizes.__getitem__)
+    scales = [sum(-(-n // QUANT_BLOCKSIZE) for n in t) for t in tensors]  # each tensor is quantized on its own
+    profiles = [(b.name, n, max(t, default=0), q) for b, n, t, q in zip(part.blocks, sizes, tensors, scales)]
     largest_module = 0
     for module in model.modules():
         own = sum(p.numel() for p in module.parameters(recurse=False))
@@ -181,6 +209,9 @@ def inspect_model(model, blocks: BlocksConfig | None = None) -> ModelShape:
         include_embeddings=blocks.include_embeddings,
         include_lm_head=blocks.include_lm_head,
         largest_block_name=part.blocks[largest].name,
+        largest_tensor_params=max((p[2] for p in profiles), default=0),
+        largest_block_scale_blocks=max(scales, default=0),
+        block_profiles=profiles,
     )
 
 
@@ -238,12 +269,18 @@ def full_adam_bytes(params: int, stage: int, ranks: int = 1, offload: bool = Fal
 
 def deca_state_bytes(params: int, block_params: int, dtype: str = "bf16", state_policy: str = "reset",
                      offload_dtype: str = "fp32", trainable_params: int | None = None, degree: int = 2,
-                     gossip_wire_bytes: int = 4, gossip_chunk_bytes: int = 64 * MIB) -> dict[str, int]:
+                     gossip_wire_bytes: int = 4, gossip_chunk_bytes: int = 64 * MIB, fused_backward: bool = False,
+                     moment_dtype: str = "fp32", largest_tensor_params: int | None = None,
+                     moment_scale_blocks: int | None = None) -> dict[str, int]:
     """Per-GPU model-state bytes of deca_ds, by category, plus the CPU bytes of offloaded block state.
+
+    The categories are the tensors the benchmark worker counts (``deca_ds.bench.worker``): ``weights`` its
+    ``weight_bytes``, ``grads`` its ``grad_bytes``, ``master + moments`` its ``optimizer_state_bytes`` (0-d step
+    counters left out, as there) and ``moment_scratch`` its ``moment_scratch_bytes``.
 
     Args:
         params: Ψ.
-        block_params: L, the largest block.
+        block_params: L, the active block (the largest one for the usual bound).
         dtype: Weight dtype on the device (``bf16``, ``fp16`` or ``fp32``).
         state_policy: ``reset`` (inactive state dropped) or ``offload`` (kept in CPU memory).
         offload_dtype: ``fp32`` or ``int8`` storage of offloaded moments.
@@ -251,27 +288,58 @@ def deca_state_bytes(params: int, block_params: int, dtype: str = "bf16", state_
         degree: Neighbours of a client in the gossip graph (largest degree for irregular graphs).
         gossip_wire_bytes: Bytes per exchanged element (4 fp32, 2 bf16).
         gossip_chunk_bytes: Receive buffer per neighbour is ``min(L·wire_bytes, chunk)``.
+        fused_backward: ``optim.fused_backward``: one tensor's gradient (``largest_tensor_params``) instead of the
+            block's.
+        moment_dtype: ``optim.moment_dtype``: ``fp32`` (8 bytes per parameter) or ``int8`` (2 bytes per parameter
+            + 8 bytes per quantization block, and 8 bytes per value of one tensor's fp32 scratch).
+        largest_tensor_params: T, the block's largest tensor; ``None``: L, an upper bound.
+        moment_scale_blocks: S, the block's 256-value quantization blocks, ``Σ⌈n/256⌉`` over its tensors;
+            required for ``moment_dtype="int8"``.
 
     Returns:
-        Dict with ``weights``, ``grads``, ``master``, ``moments``, ``model_states`` (their sum, on the GPU),
-        ``gossip_buffers`` (GPU, apart) and ``cpu_offload`` (CPU).
+        Dict with ``weights``, ``grads``, ``master``, ``moments`` (int8: codes and scales), ``moment_scales`` (the
+        scales' part of ``moments``), ``model_states`` (weights + grads + master + moments, on the GPU),
+        ``moment_scratch`` (GPU, apart: a temporary, not a model state), ``gossip_buffers`` (GPU, apart) and
+        ``cpu_offload`` (CPU).
+
+    Raises:
+        ValueError: an unknown ``moment_dtype``, or ``int8`` without ``moment_scale_blocks``.
     """
     w = _WEIGHT_BYTES[dtype]
     trainable = params if trainable_params is None else trainable_params
+    tensor = block_params if largest_tensor_params is None else largest_tensor_params
     master_per = 0 if w == 4 else 4  # fp32 weights are the master: no second copy
+    if moment_dtype == "fp32":
+        moments, scales, scratch = 8 * block_params, 0, 0
+    elif moment_dtype == "int8":
+        if not moment_scale_blocks:
+            raise ValueError("moment_dtype=int8 needs moment_scale_blocks (ModelShape.largest_block_scale_blocks, "
+                             "from inspect_model): the scales are counted per tensor")
+        # m and sqrt(v): 1 byte per value each, plus one fp32 absmax per quantization block each.
+        scales = 2 * 4 * moment_scale_blocks
+        moments = 2 * block_params + scales
+        # The step decodes one tensor's m and v to fp32 (BlockAdam._step_chunk: chunks capped at the largest tensor).
+        scratch = 8 * tensor
+    else:
+        raise ValueError(f"moment_dtype={moment_dtype!r}: use fp32 or int8")
     out = {
         "weights": w * params,
-        "grads": w * block_params,
+        # Fused: each gradient is freed by its hook before the next one is accumulated; one tensor's is alive.
+        "grads": w * (tensor if fused_backward else block_params),
         "master": master_per * block_params,
-        "moments": 8 * block_params,
+        "moments": moments,
+        "moment_scales": scales,
     }
     out["model_states"] = out["weights"] + out["grads"] + out["master"] + out["moments"]
+    out["moment_scratch"] = scratch
     out["gossip_buffers"] = degree * min(block_params * gossip_wire_bytes, gossip_chunk_bytes)
     inactive = max(trainable - block_params, 0)
     if state_policy == "reset":
         out["cpu_offload"] = 0
     elif state_policy == "offload":
-        per_moment = 4 if offload_dtype == "fp32" else 1 + 4 / INT8_BLOCKSIZE
+        # 8-bit active moments are offloaded as they are (state_store keeps their format).
+        eight_bit = offload_dtype == "int8" or moment_dtype == "int8"
+        per_moment = 1 + 4 / INT8_BLOCKSIZE if eight_bit else 4
         out["cpu_offload"] = int(inactive * (master_per + 2 * per_moment))
     else:
         raise ValueError(f"state_policy={state_policy!r}: use reset or offload")
@@ -380,6 +448,20 @@ class PlanRequest:
     gossip_chunk_mb: float = 64.0
     overhead: int = GIB
     """Bytes set aside for the CUDA context, kernels' workspaces and allocator fragmentation."""
+    fused_backward: bool | None = None
+    """``optim.fused_backward``; ``None``: off as asked, turned on by the search when the request does not fit and
+    the written settings allow it (:func:`fused_refusal`)."""
+    moment_dtype: str | None = None
+    """``optim.moment_dtype`` (``fp32``/``int8``); ``None``: fp32 as asked, int8 tried by the search as for
+    ``fused_backward`` (:func:`int8_refusal`)."""
+
+    def fused(self) -> bool:
+        """Whether this request steps inside backward (``None`` counts as off)."""
+        return bool(self.fused_backward)
+
+    def moments(self) -> str:
+        """The active block's moment storage of this request (``None`` counts as fp32)."""
+        return self.moment_dtype or "fp32"
 
     def blocks(self) -> BlocksConfig:
         """The recipe's ``blocks`` section for this request: the project's defaults, with this request's choices."""
@@ -422,6 +504,7 @@ class Plan:
             "full_adam_model_state_bytes": self.full_adam[0]["gpu_bytes"],
             "deca_model_state_bytes": self.deca["model_states"],
             "gossip_buffer_bytes": self.deca["gossip_buffers"],
+            "moment_scratch_bytes": self.deca["moment_scratch"],
             "cpu_offload_bytes": self.deca["cpu_offload"],
             "activation_bytes": self.activation_bytes,
             "deca_total_bytes": self.deca_total_bytes,
@@ -436,14 +519,77 @@ class Plan:
         }
 
 
-def _evaluate(shape: ModelShape, req: PlanRequest) -> tuple[dict[str, int], int, int]:
+def fused_refusal(req: PlanRequest) -> str | None:
+    """Why the recipe the planner writes for ``req`` cannot use ``optim.fused_backward`` (``None``: it can).
+
+    The written ds_config always has ``gradient_accumulation_steps: 1`` and ZeRO stage 0 for a one-rank client, and
+    with the fused step ``gradient_clipping: 0`` (:func:`recommended_ds_config`); what is left to refuse
+    (``deca_ds.config._check_fused_backward``, ``deca_ds.ds_config._check_fused_backward``) is a client of several
+    ranks (written with ZeRO-2, and its ranks average each gradient before the step) and the project defaults the
+    recipe inherits (``method``, ``nan_policy``).
+    """
+    defaults = RunConfig()
+    if req.ranks_per_client > 1:
+        return (f"optim.fused_backward needs clients.ranks_per_client=1 (got {req.ranks_per_client}): a client's "
+                "ranks average each gradient before the step, and the plan writes ZeRO-2 for them")
+    if defaults.method == "centralized":
+        return "optim.fused_backward does not apply to method=centralized (a data-parallel gradient average)"
+    if defaults.nan_policy == "skip":
+        return "optim.fused_backward cannot skip a step after the fact, and the default nan_policy is skip"
+    return None
+
+
+def int8_refusal(req: PlanRequest) -> str | None:
+    """Why the recipe the planner writes for ``req`` cannot use ``optim.moment_dtype=int8`` (``None``: it can).
+
+    8-bit moments are BlockAdam's: refused under ZeRO stages 1-3, which the plan writes for a client of several
+    ranks (``deca_ds.ds_config.check_ds_config``). bitsandbytes is checked where the run starts (its preflight), not
+    here: the plan may be made on another machine.
+    """
+    if req.ranks_per_client > 1:
+        return (f"optim.moment_dtype=int8 needs ZeRO stage 0, and the plan writes ZeRO-2 for a client of "
+                f"{req.ranks_per_client} ranks (DeepSpeed's AdamW then holds the moments)")
+    return None
+
+
+def check_request(req: PlanRequest) -> None:
+    """Refuse a request that asks for settings its written recipe could not run.
+
+    Raises:
+        ConfigError: ``fused_backward=True`` or ``moment_dtype="int8"`` where :func:`fused_refusal` /
+            :func:`int8_refusal` say no, or an unknown ``moment_dtype``; one line naming the setting and the fix.
+    """
+    if req.moment_dtype not in (None, "fp32", "int8"):
+        raise ConfigError(f"--moment-dtype {req.moment_dtype!r} is not known: use fp32 or int8")
+    why = fused_refusal(req) if req.fused_backward else None
+    if why:
+        raise ConfigError(f"--fused-backward: {why}; drop --fused-backward")
+    why = int8_refusal(req) if req.moment_dtype == "int8" else None
+    if why:
+        raise ConfigError(f"--moment-dtype int8: {why}; use --moment-dtype fp32 or --ranks-per-client 1")
+
+
+def _evaluate(shape: ModelShape, req: PlanRequest) -> tuple[dict[str, Any], int, int]:
+    """The deca_ds breakdown of the block whose GPU bytes are largest (``deca["block"]`` names it), the activation
+    bound and the GPU total."""
     degree = req.max_degree if req.max_degree is not None else ring_degree(req.clients, req.topology)
-    deca = deca_state_bytes(shape.params, shape.largest_block_params, req.dtype, req.state_policy,
-                            req.offload_dtype, shape.trainable_params, degree,
-                            gossip_chunk_bytes=int(req.gossip_chunk_mb * MIB))
+    profiles = shape.block_profiles or [(shape.largest_block_name, shape.largest_block_params,
+                                         shape.largest_tensor_params or shape.largest_block_params,
+                                         shape.largest_block_scale_blocks)]
+    deca: dict[str, Any] = {}
+    gpu = -1
+    for name, n, tensor, scale_blocks in profiles:  # ties: the first (the embeddings before a layer)
+        d: dict[str, Any] = deca_state_bytes(
+            shape.params, n, req.dtype, req.state_policy, req.offload_dtype, shape.trainable_params, degree,
+            gossip_chunk_bytes=int(req.gossip_chunk_mb * MIB), fused_backward=req.fused(),
+            moment_dtype=req.moments(), largest_tensor_params=tensor, moment_scale_blocks=scale_blocks or None)
+        this = d["model_states"] + d["moment_scratch"] + d["gossip_buffers"]
+        if this > gpu:
+            deca, gpu = {**d, "block": name}, this
     act = activation_bytes(shape, req.seq_len, req.micro_batch, _WEIGHT_BYTES[req.dtype],
                            req.activation_checkpointing)
-    total = deca["model_states"] + deca["gossip_buffers"] + act + req.overhead
+    # The int8 scratch lives during the step, which the fused step runs inside backward (activations alive): added.
+    total = deca["model_states"] + deca["moment_scratch"] + deca["gossip_buffers"] + act + req.overhead
     return deca, act, total
 
 
@@ -472,7 +618,8 @@ def full_adam_table(shape: ModelShape, req: PlanRequest) -> list[dict[str, Any]]
 
 
 def _candidates(req: PlanRequest) -> list[PlanRequest]:
-    """The request, then each relaxation added to the previous ones, in the search order of :func:`make_plan`."""
+    """The request, then each structural relaxation added to the previous ones, in the search order of
+    :func:`make_plan` (the memory settings of :func:`_memory_settings` are tried within each)."""
     out = [req]
     cur = req
     if not cur.activation_checkpointing:
@@ -495,12 +642,34 @@ def _candidates(req: PlanRequest) -> list[PlanRequest]:
     return out
 
 
+def _memory_settings(req: PlanRequest) -> list[dict[str, Any]]:
+    """The memory settings the search may turn on for ``req``, cheapest in speed first.
+
+    Both come before activation checkpointing. The fused step costs no time (the same arithmetic, tensor by tensor,
+    inside backward; bit-identical results) and gives up only gradient clipping, which it refuses. 8-bit moments add
+    one decode and encode of each tensor's moments per step and per consensus fold, elementwise O(L) work against the
+    step's O(L x tokens) matmuls, and approximate the moments within the code map's spacing. Checkpointing recomputes
+    every layer's forward (about a third more compute per step). Each is tried only when the user left it open
+    (``None``) and where the recipe written for it runs (:func:`fused_refusal`, :func:`int8_refusal`).
+    """
+    out: list[dict[str, Any]] = []
+    if req.fused_backward is None and fused_refusal(req) is None:
+        out.append({"fused_backward": True})
+    if req.moment_dtype is None and int8_refusal(req) is None:
+        out.append({"moment_dtype": "int8"})
+    return out
+
+
 def make_plan(shape_for: Callable[[BlocksConfig], ModelShape], req: PlanRequest) -> Plan:
     """Evaluate the requested settings and, if they do not fit, search for settings that do.
 
-    Search order (first that fits wins, each step keeping the previous ones): the request as given; activation
-    checkpointing; fewer layers per block (down to 1); micro-batch 1; then, only for settings the user left to the
-    recipe defaults, the embeddings frozen, then the LM head frozen too.
+    Search order (first that fits wins): the request as given, then activation checkpointing, fewer layers per block
+    (down to 1), micro-batch 1 and, only for settings the user left to the recipe defaults, the embeddings frozen,
+    then the LM head frozen too, each keeping the previous ones. At each of these, first as it stands, then with
+    ``optim.fused_backward``, then with ``optim.moment_dtype=int8`` as well (:func:`_memory_settings`), each kept
+    only where it lowers the GPU total: the fused step saves nothing for a block of one tensor, and 8-bit moments
+    cost more than they save when a block's largest tensor is most of it (the step's fp32 scratch is 8 bytes per
+    value of that tensor, the saving 6 bytes per value of the block).
 
     Args:
         shape_for: ``BlocksConfig -> ModelShape`` (the partition depends on the blocks settings).
@@ -509,34 +678,65 @@ def make_plan(shape_for: Callable[[BlocksConfig], ModelShape], req: PlanRequest)
     Returns:
         The :class:`Plan` for the request, with ``recommended``/``recommended_request`` holding the settings that fit
         (empty/``None`` if none).
+
+    Raises:
+        ConfigError: the request asks for a setting its recipe could not run (:func:`check_request`).
     """
+    check_request(req)
     shape = shape_for(req.blocks())
     deca, act, total = _evaluate(shape, req)
     table = full_adam_table(shape, req)
     plan = Plan(req, shape, table, deca, act, total, total <= req.gpu_memory, any(r["fits"] for r in table))
     wanted = req.blocks()
     unfrozen_total = None  # what training every requested block needs, at the last settings tried before freezing
-    for cand in _candidates(req):
-        blocks = cand.blocks()
+    for level in _candidates(req):
+        blocks = level.blocks()
         s = shape if blocks == wanted else shape_for(blocks)
-        _, _, t = _evaluate(s, cand)
         frozen = (blocks.include_embeddings, blocks.include_lm_head) != (wanted.include_embeddings,
                                                                          wanted.include_lm_head)
+        cand, t = level, _evaluate(s, level)[2]
+        fits = t <= cand.gpu_memory
+        for setting in _memory_settings(req):
+            if fits:
+                break
+            nxt = replace(cand, **setting)
+            t_nxt = _evaluate(s, nxt)[2]
+            if t_nxt < t:  # never recommend a setting that saves nothing here
+                cand, t = nxt, t_nxt
+                fits = t <= cand.gpu_memory
         if not frozen:
             unfrozen_total = t
-        if t <= cand.gpu_memory:
+        if fits:
+            # Fewest changes: a setting turned on above that the fit no longer needs (the one turned on later may
+            # have moved the peak to another block) is dropped again, the later one first.
+            for setting in reversed(_memory_settings(req)):
+                key = next(iter(setting))
+                if getattr(cand, key) == setting[key]:
+                    back = replace(cand, **{key: getattr(req, key)})
+                    t_back = _evaluate(s, back)[2]
+                    if t_back <= back.gpu_memory:
+                        cand, t = back, t_back
             plan.recommended_request = cand
             plan.recommended = {"layers_per_block": blocks.layers_per_block,
                                 "include_embeddings": blocks.include_embeddings,
                                 "include_lm_head": blocks.include_lm_head, "micro_batch": cand.micro_batch,
                                 "activation_checkpointing": cand.activation_checkpointing,
                                 "state_policy": cand.state_policy, "offload_dtype": cand.offload_dtype,
+                                "fused_backward": cand.fused(), "moment_dtype": cand.moments(),
+                                "gradient_clipping": _clipping(cand),
                                 "total_gpu_bytes": t, "num_blocks": s.num_blocks,
                                 "largest_block_params": s.largest_block_params,
                                 "largest_block_name": s.largest_block_name,
                                 "trainable_params": s.trainable_params, "frozen_params": s.params - s.trainable_params}
             if frozen:
                 plan.recommended["unfrozen_total_gpu_bytes"] = unfrozen_total
+            # What each memory setting the search turned on saves at the recommended settings (the plan says so).
+            if cand.fused() and not req.fused():
+                plan.recommended["fused_backward_saves_bytes"] = _evaluate(
+                    s, replace(cand, fused_backward=False))[2] - t
+            if cand.moments() == "int8" and req.moments() != "int8":
+                plan.recommended["moment_dtype_int8_saves_bytes"] = _evaluate(
+                    s, replace(cand, moment_dtype="fp32"))[2] - t
             break
     return plan
 
@@ -586,14 +786,20 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {row['setting']:40s} {format_bytes(row['gpu_bytes']):>12s} "
                      f"{format_bytes(row['cpu_bytes']):>12s} {format_bytes(row['total_gpu_bytes']):>12s}  "
                      f"{'yes' if row['fits'] else 'no'}")
+    grads = "one tensor's grad (fused step)" if r.fused() else "block grads"
+    moments = "block m,v (int8 + scales)" if r.moments() == "int8" else "block m,v"
     lines += [
         "",
-        f"deca_ds (state_policy {r.state_policy}, offload_dtype {r.offload_dtype}):",
-        f"  weights {format_bytes(d['weights'])} + block grads {format_bytes(d['grads'])} + block master "
-        f"{format_bytes(d['master'])} + block m,v {format_bytes(d['moments'])} = model states "
+        f"deca_ds (state_policy {r.state_policy}, offload_dtype {r.offload_dtype}, fused_backward "
+        f"{str(r.fused()).lower()}, moment_dtype {r.moments()}):",
+        f"  weights {format_bytes(d['weights'])} + {grads} {format_bytes(d['grads'])} + block master "
+        f"{format_bytes(d['master'])} + {moments} {format_bytes(d['moments'])} = model states "
         f"{format_bytes(d['model_states'])}",
-        f"  gossip buffers {format_bytes(d['gossip_buffers'])}; offloaded state on CPU {format_bytes(d['cpu_offload'])}",
-        f"  GPU total {format_bytes(plan.deca_total_bytes)} -> {'FITS' if plan.fits else 'does NOT fit'}",
+        f"  gossip buffers {format_bytes(d['gossip_buffers'])}; offloaded state on CPU {format_bytes(d['cpu_offload'])}"
+        + (f"; int8 step scratch (one tensor's fp32 m,v) {format_bytes(d['moment_scratch'])}"
+           if d["moment_scratch"] else ""),
+        f"  GPU total {format_bytes(plan.deca_total_bytes)} (active block at the peak: {d['block']}) -> "
+        f"{'FITS' if plan.fits else 'does NOT fit'}",
     ]
     if plan.recommended:
         rec = plan.recommended
@@ -601,7 +807,17 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"recommended: layers_per_block={rec['layers_per_block']} ({rec['num_blocks']} blocks, largest "
                      f"{rec['largest_block_name']} {rec['largest_block_params'] / 1e6:.1f}M params), micro_batch="
                      f"{rec['micro_batch']}, activation_checkpointing={str(rec['activation_checkpointing']).lower()}"
+                     + (", optim.fused_backward=true" if rec["fused_backward"] else "")
+                     + (", optim.moment_dtype=int8" if rec["moment_dtype"] == "int8" else "")
                      + "".join(f", blocks.{k}=false" for k in frozen) + f" -> {format_bytes(rec['total_gpu_bytes'])}")
+        if "fused_backward_saves_bytes" in rec:
+            lines.append(f"  (fused step: each parameter stepped inside backward and its gradient freed, "
+                         f"bit-identical; saves {format_bytes(rec['fused_backward_saves_bytes'])}; the written "
+                         f"ds_config has gradient_clipping 0, which the fused step needs)")
+        if "moment_dtype_int8_saves_bytes" in rec:
+            lines.append(f"  (int8 moments: the block's m,v in 8 bits, 2 bytes + scales per parameter instead of 8; "
+                         f"saves {format_bytes(rec['moment_dtype_int8_saves_bytes'])} net of one tensor's fp32 "
+                         f"scratch; {INT8_NEEDS})")
         if frozen:
             lines.append(f"  ({' and '.join(k.removeprefix('include_') for k in frozen)} frozen: training them as "
                          f"blocks needs {format_bytes(rec['unfrozen_total_gpu_bytes'])}; "
@@ -611,20 +827,27 @@ def format_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _clipping(req: PlanRequest) -> float:
+    """``gradient_clipping`` written for ``req``: 1.0, or 0 (off) with the fused step, which refuses clipping (the
+    whole gradient's norm is not known before the first parameter is updated)."""
+    return 0.0 if req.fused() else 1.0
+
+
 def recommended_ds_config(plan: Plan) -> dict[str, Any]:
     """DeepSpeed JSON for the recommended settings.
 
     Stage 0 with DeepSpeed's ``bf16``/``fp16`` sections off: the model is cast by deca_ds and BlockAdam owns the fp32
     master (docs/design.md §3); with several ranks per client, ZeRO-2 partitions the active block's state inside the
-    client (the engine re-initializes DeepSpeed on each block switch).
+    client (the engine re-initializes DeepSpeed on each block switch). Gradient clipping 1.0, or 0 when the plan
+    recommends ``optim.fused_backward`` (:func:`_clipping`).
     """
     rec = plan.recommended or {}
-    r = plan.request
+    r = plan.recommended_request or plan.request
     stage = 0 if r.ranks_per_client == 1 else 2
     cfg: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": rec.get("micro_batch", r.micro_batch),
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": 1.0,
+        "gradient_accumulation_steps": 1,  # one micro-batch per step: also what the fused step needs
+        "gradient_clipping": _clipping(r),
         "zero_optimization": {"stage": stage},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 1000000,
@@ -658,7 +881,7 @@ def recommended_recipe(plan: Plan, model_dir: str, ds_config_path: str) -> dict[
         "data": {"path": None, "max_length": req.seq_len},
         "blocks": asdict(blocks),
         "optim": {**asdict(OptimConfig()), "lr": PRETRAINED_LR, "state_policy": req.state_policy,
-                  "offload_dtype": req.offload_dtype},
+                  "offload_dtype": req.offload_dtype, "fused_backward": req.fused(), "moment_dtype": req.moments()},
         "deca": asdict(DecaConfig()),
         "topology": {"name": req.topology if req.topology in topologies else "ring"},
         "clients": {"ranks_per_client": req.ranks_per_client},
@@ -668,29 +891,58 @@ def recommended_recipe(plan: Plan, model_dir: str, ds_config_path: str) -> dict[
 def write_plan(plan: Plan, model_dir: str, out_dir: str) -> tuple[str, str]:
     """Write ``OUT/ds_config.json`` and ``OUT/recipe.yaml`` for the recommended settings.
 
+    Both are checked before anything is written, as a run checks them: the recipe with
+    :func:`deca_ds.config.load_config`, the ds_config with :func:`deca_ds.ds_config.check_ds_config` for the recipe's
+    world size (so a recommended ``optim.fused_backward`` comes with a ds_config it accepts).
+
     Returns:
         The two paths written.
 
     Raises:
-        ValueError: nothing fits, so there is nothing to recommend.
+        ValueError: nothing fits, so there is nothing to recommend; or (a planner bug) the settings it would write
+            are refused.
     """
     import yaml
 
     if not plan.recommended:
         raise ValueError("nothing fits on this GPU, so no config was written: use a larger GPU, shorter sequences "
                          "(--seq-len) or more ranks per client")
-    os.makedirs(out_dir, exist_ok=True)
     ds_path = os.path.join(out_dir, "ds_config.json")
-    with open(ds_path, "w") as f:
-        json.dump(recommended_ds_config(plan), f, indent=2)
-        f.write("\n")
     recipe_path = os.path.join(out_dir, "recipe.yaml")
+    ds = recommended_ds_config(plan)
     recipe = recommended_recipe(plan, os.path.abspath(model_dir), os.path.abspath(ds_path))
+    req = plan.recommended_request or plan.request
     header = (f"# Written by: deca-ds plan --model {model_dir} --gpu-memory {plan.request.gpu_memory / GIB:g}GiB "
               f"--seq-len {plan.request.seq_len} --write {out_dir}\n"
               f"# Run: deepspeed --num_gpus {plan.request.clients * plan.request.ranks_per_client} "
-              f"recipes/finetune.py --config {recipe_path} data.path=/data/your-data.jsonl\n")
+              f"recipes/finetune.py --config {recipe_path} data.path=/data/your-data.jsonl\n"
+              + (f"# optim.moment_dtype=int8 {INT8_NEEDS}\n" if req.moments() == "int8" else ""))
+    text = header + yaml.safe_dump(recipe, sort_keys=False)
+    _check_written(text, ds, plan.request.clients * plan.request.ranks_per_client)
+    os.makedirs(out_dir, exist_ok=True)
+    with open(ds_path, "w") as f:
+        json.dump(ds, f, indent=2)
+        f.write("\n")
     with open(recipe_path, "w") as f:
-        f.write(header)
-        yaml.safe_dump(recipe, f, sort_keys=False)
+        f.write(text)
     return ds_path, recipe_path
+
+
+def _check_written(recipe_text: str, ds: dict[str, Any], world_size: int) -> None:
+    """Load the recipe text as a run would and check the ds_config against it; nothing is written on failure."""
+    import copy
+    import tempfile
+
+    from deca_ds.config import load_config
+    from deca_ds.ds_config import check_ds_config
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "recipe.yaml")
+            with open(path, "w") as f:
+                f.write(recipe_text)
+            cfg = load_config(path)
+        check_ds_config(copy.deepcopy(ds), cfg, world_size)  # it fills batch keys in place: keep ours as written
+    except ConfigError as e:
+        raise ValueError(f"the planner's recommended settings are refused ({e}); nothing was written: please report "
+                         "this planner bug") from None

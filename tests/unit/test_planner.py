@@ -119,7 +119,7 @@ def test_deca_state_bytes_hand_figures():
     off = deca_state_bytes(psi, blk, "bf16", "offload", trainable_params=9_000)
     assert off["cpu_offload"] == 8_000 * (4 + 8)
     q = deca_state_bytes(psi, blk, "bf16", "offload", "int8", trainable_params=9_000)
-    assert q["cpu_offload"] == int(8_000 * (4 + 2 * (1 + 4 / 4096)))
+    assert q["cpu_offload"] == int(8_000 * (4 + 2 * (1 + 4 / 256)))  # an fp32 absmax per 256 values
     # The receive buffer is bounded by the chunk, whatever the block size.
     big = deca_state_bytes(10**9, 10**8, "bf16", degree=3, gossip_chunk_bytes=64 * MIB)
     assert big["gossip_buffers"] == 3 * 64 * MIB
@@ -180,16 +180,26 @@ def test_cli_plan_recommends_checkpointing_or_refuses(tmp_path, capsys):
 def synthetic_shape(blocks):
     lpb = blocks.layers_per_block
     emb = 2 * 10**8 if blocks.include_embeddings else 0  # a block bigger than 6 layers
+    layer_tensor = 10**7  # each layer: three tensors of 10M parameters
+    profiles = ([("embeddings", emb, emb, -(-emb // 256))] if emb else []) + [
+        (f"layers.{i}", 3 * layer_tensor * lpb, layer_tensor, 3 * lpb * -(-layer_tensor // 256))
+        for i in range(0, 32, lpb)]
     return ModelShape(params=10**9, trainable_params=10**9 - 2 * 10**8 + emb, num_blocks=32 // lpb + bool(emb),
                       largest_block_params=max(3 * 10**7 * lpb, emb), largest_module_params=10**8, num_layers=32,
                       hidden_size=2048, intermediate_size=8192, num_attention_heads=16, num_key_value_heads=16,
                       vocab_size=32000, layers_per_block=lpb, include_embeddings=blocks.include_embeddings,
-                      largest_block_name="embeddings" if emb else "layers.0")
+                      largest_block_name="embeddings" if emb else "layers.0",
+                      largest_tensor_params=max(emb, layer_tensor), block_profiles=profiles,
+                      largest_block_scale_blocks=max(p[3] for p in profiles))
+
+
+# The structural search (checkpointing, layers per block, freezing) with the memory settings kept off.
+STRUCTURAL = dict(fused_backward=False, moment_dtype="fp32")
 
 
 def test_make_plan_search_order():
     req = PlanRequest(gpu_memory=parse_bytes("4.5GiB"), seq_len=2048, layers_per_block=4, overhead=0,
-                      include_embeddings=False)
+                      include_embeddings=False, **STRUCTURAL)
     plan = planner.make_plan(synthetic_shape, req)
     rec = plan.recommended
     # Checkpointing alone is not enough at 4 layers per block; the planner falls back to fewer layers per block.
@@ -201,7 +211,7 @@ def test_make_plan_search_order():
 
 
 def test_make_plan_freezes_embeddings_last_and_only_when_left_to_defaults():
-    base = dict(gpu_memory=parse_bytes("4.5GiB"), seq_len=2048, layers_per_block=2, overhead=0)
+    base = dict(gpu_memory=parse_bytes("4.5GiB"), seq_len=2048, layers_per_block=2, overhead=0, **STRUCTURAL)
     plan = planner.make_plan(synthetic_shape, PlanRequest(**base))  # embeddings: the recipe default (trained)
     rec = plan.recommended
     assert plan.shape.include_embeddings and plan.shape.largest_block_name == "embeddings"
@@ -264,3 +274,208 @@ def test_written_recipe_follows_changed_defaults(monkeypatch):
     recipe = planner.recommended_recipe(plan, "/m", "/ds.json")
     assert recipe["deca"] == {"signal": "qgm", "betas": [0.5, 0.75]}
     assert recipe["blocks"]["switch_every"] == 48 and recipe["max_steps"] == planner.ROUNDS * 32 * 48
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# optim.fused_backward and optim.moment_dtype=int8.
+
+
+def _quant_blocks(sizes, per=256):
+    return sum(-(-n // per) for n in sizes)  # each tensor quantized on its own, an absmax per 256 values
+
+
+def test_int8_figures_are_the_quantized_storage():
+    """The planner's 8-bit bytes (1 per value + 4 per 256-value block) are what deca_ds's quantizer stores."""
+    pytest.importorskip("bitsandbytes")
+    from deca_ds.optim.state_store import quantize
+
+    for n in (1, 256, 257, 5000):
+        q = quantize(torch.randn(n), sqrt=False)
+        assert sum(t.numel() * t.element_size() for t in q.tensors()) == n + 4 * _quant_blocks([n])
+    psi, blk, tensor, blocks = 10_000, 1_000, 400, 5
+    q = deca_state_bytes(psi, blk, "bf16", "reset", fused_backward=True, moment_dtype="int8",
+                         largest_tensor_params=tensor, moment_scale_blocks=blocks)
+    assert (q["weights"], q["grads"], q["master"]) == (2 * psi, 2 * tensor, 4 * blk)
+    assert q["moments"] == 2 * blk + 2 * 4 * blocks and q["moment_scales"] == 40
+    assert q["model_states"] == 2 * psi + 2 * tensor + 6 * blk + 40 and q["moment_scratch"] == 8 * tensor
+    fused = deca_state_bytes(psi, blk, "fp32", fused_backward=True, largest_tensor_params=tensor)
+    assert fused["model_states"] == 4 * psi + 4 * tensor + 8 * blk and fused["moment_scratch"] == 0
+    # 8-bit active moments are offloaded as they are (1 byte + scales), whatever offload_dtype says.
+    off = deca_state_bytes(psi, blk, "bf16", "offload", "fp32", trainable_params=9_000, moment_dtype="int8",
+                           moment_scale_blocks=blocks)
+    assert off["cpu_offload"] == int(8_000 * (4 + 2 * (1 + 4 / 256)))
+    with pytest.raises(ValueError, match="moment_scale_blocks"):
+        deca_state_bytes(psi, blk, moment_dtype="int8")
+
+
+# The benchmark's model (tests/unit/test_benchmark.py): 4 layers, 2 per block, untied embedding and head.
+BENCH_SHAPE = {"hidden": 32, "intermediate": 64, "layers": 4, "heads": 4, "kv_heads": 2, "vocab": 128}
+
+
+@pytest.mark.parametrize("method,dtype", [("deca", "fp32"), ("deca", "bf16"), ("deca_fused", "fp32"),
+                                          ("deca_fused", "bf16"), ("deca_fused_int8", "fp32"),
+                                          ("deca_fused_int8", "bf16")])
+def test_model_states_equal_the_tensors_the_benchmark_worker_counts(method, dtype):
+    """Planner bytes by category == the worker's bytes counted from the tensors BlockAdam holds (exactly).
+
+    Not modelled and not counted by the worker either: 0-d step counters, and the step's other temporaries (the
+    fp32 copy of a bf16 gradient, the denominators), which are at most one tensor's and covered by ``--overhead``.
+    """
+    if method == "deca_fused_int8":
+        pytest.importorskip("bitsandbytes")
+    from deca_ds.bench.worker import build_model, measure
+
+    spec = {"device": "cpu", "dtype": dtype, "model": None, "shape": BENCH_SHAPE, "seed": 0, "micro_batch": 2,
+            "seq_len": 8, "steps": 2, "warmup": 1, "lr": 1e-3, "threads": 1, "offload_dtype": "fp32",
+            "gradient_checkpointing": False, "layers_per_block": 2, "state_policy": "reset", "switch_every": 1,
+            "method": method}
+    r = measure(spec)
+    shape = inspect_model(build_model(spec), BlocksConfig(layers_per_block=2, **LAYERS_ONLY))
+    # The shape's int8 terms against the layer's tensors by hand: q, k, v, o, gate, up, down, two norms.
+    h, f, kv_dim = 32, 64, 2 * (32 // 4)
+    layer = [h * h, kv_dim * h, kv_dim * h, h * h, h * f, h * f, h * f, h, h]
+    assert shape.largest_tensor_params == h * f and shape.largest_block_scale_blocks == 2 * _quant_blocks(layer)
+    assert shape.largest_block_params == r["largest_block_params"] == 2 * sum(layer)
+    req = PlanRequest(gpu_memory=GIB, dtype=dtype, state_policy="reset", fused_backward=method != "deca",
+                      moment_dtype="int8" if method == "deca_fused_int8" else "fp32")
+    d = planner._evaluate(shape, req)[0]
+    assert d["weights"] == r["weight_bytes"] and d["grads"] == r["grad_bytes"]
+    assert d["master"] + d["moments"] == r["optimizer_state_bytes"]
+    assert d["model_states"] == r["model_state_bytes"]
+    assert d["moment_scratch"] == r.get("moment_scratch_bytes", 0)
+
+
+LLAMA2 = os.path.join(MODELS, "llama-2-7b")
+
+
+def _llama2_layer_totals(seq_len=512):
+    """GPU totals of Llama-2-7B trained as 32 one-layer blocks (embeddings and head frozen), bf16, by hand:
+    Ψ, L, T (gate/up/down 4096 x 11008) and S (quantization blocks of a layer), ring of 8, 1 GiB overhead."""
+    psi, h, f = 6_738_415_616, 4096, 11008
+    layer = [h * h] * 4 + [h * f] * 3 + [h, h]  # q, k, v, o (32 kv heads), gate, up, down, two norms
+    big, tensor, s = sum(layer), h * f, _quant_blocks(layer)
+    meta = planner.build_meta_model(LLAMA2)
+    act = activation_bytes(inspect_model(meta, BlocksConfig(**LAYERS_ONLY)), seq_len, 1, 2)
+    rest = 2 * min(4 * big, 64 * MIB) + act + GIB
+    return {"none": 2 * psi + 2 * big + 4 * big + 8 * big + rest,
+            "fused": 2 * psi + 2 * tensor + 4 * big + 8 * big + rest,
+            "int8": 2 * psi + 2 * big + 4 * big + 2 * big + 8 * s + 8 * tensor + rest,
+            "both": 2 * psi + 2 * tensor + 4 * big + 2 * big + 8 * s + 8 * tensor + rest}
+
+
+def test_only_fused_and_int8_make_it_fit_and_the_written_configs_run(tmp_path, capsys):
+    from deca_ds.ds_config import check_ds_config
+
+    totals = _llama2_layer_totals()
+    assert totals["both"] < min(totals["fused"], totals["int8"]) < totals["none"]
+    gpu = (totals["both"] + min(totals["fused"], totals["int8"])) // 2  # only both together fit
+    args = ["plan", "--model", LLAMA2, "--gpu-memory", str(gpu), "--seq-len", "512", "--no-include-embeddings",
+            "--no-include-lm-head"]
+    assert cli_main(args + ["--json", "--write", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    rec = out["recommended"]
+    assert out["fits"] is False and out["deca_total_bytes"] == totals["none"]
+    # Tried before checkpointing: the cheapest settings that fit are the two memory settings.
+    assert rec["fused_backward"] is True and rec["moment_dtype"] == "int8" and not rec["activation_checkpointing"]
+    assert rec["total_gpu_bytes"] == totals["both"] and rec["layers_per_block"] == 1
+    assert rec["fused_backward_saves_bytes"] == totals["int8"] - totals["both"]
+    assert rec["moment_dtype_int8_saves_bytes"] == totals["fused"] - totals["both"]
+    cfg = load_config(str(tmp_path / "recipe.yaml"))
+    ds = json.load(open(tmp_path / "ds_config.json"))
+    assert cfg.optim.fused_backward and cfg.optim.moment_dtype == "int8" and cfg.nan_policy != "skip"
+    assert ds["gradient_clipping"] == 0 and ds["gradient_accumulation_steps"] == 1 and rec["gradient_clipping"] == 0
+    check_ds_config(ds, cfg, world_size=8)  # what the launcher checks before anything starts
+    # The plan says so in its text.
+    assert cli_main(args) == 0
+    text = capsys.readouterr().out
+    assert "optim.fused_backward=true, optim.moment_dtype=int8" in text
+    assert "fused step:" in text and "gradient_clipping 0" in text and "int8 moments:" in text
+    # One of them alone fits a little more memory; the search then stops there (fused first: it costs no time).
+    assert cli_main(args[:4] + [str(totals["fused"])] + args[5:] + ["--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)["recommended"]
+    assert rec["fused_backward"] is True and rec["moment_dtype"] == "fp32"
+    assert rec["total_gpu_bytes"] == totals["fused"] and rec["gradient_clipping"] == 0
+
+
+@pytest.mark.parametrize("extra,closed", [
+    (["--ranks-per-client", "2"], ("fused_backward", "moment_dtype")),  # written with ZeRO-2: both refused there
+    (["--no-fused-backward"], ("fused_backward",)),  # closed by the user
+    (["--moment-dtype", "fp32"], ("moment_dtype",)),
+])
+def test_refused_or_closed_settings_are_never_recommended(tmp_path, capsys, extra, closed):
+    """The memory where only both settings together fit without checkpointing: with either unavailable, the plan
+    turns on checkpointing instead (then it needs neither), and what it writes runs."""
+    from deca_ds.ds_config import check_ds_config
+
+    totals = _llama2_layer_totals()
+    gpu = (totals["both"] + min(totals["fused"], totals["int8"])) // 2
+    assert cli_main(["plan", "--model", LLAMA2, "--gpu-memory", str(gpu), "--seq-len", "512", "--json",
+                     "--no-include-embeddings", "--no-include-lm-head", "--write", str(tmp_path)] + extra) == 0
+    rec = json.loads(capsys.readouterr().out)["recommended"]
+    assert rec["activation_checkpointing"]  # what fits instead
+    cfg = load_config(str(tmp_path / "recipe.yaml"))
+    ds = json.load(open(tmp_path / "ds_config.json"))
+    if "fused_backward" in closed:
+        assert rec["fused_backward"] is False and cfg.optim.fused_backward is False and ds["gradient_clipping"] == 1
+    if "moment_dtype" in closed:
+        assert rec["moment_dtype"] == cfg.optim.moment_dtype == "fp32"
+    check_ds_config(ds, cfg, world_size=8 * cfg.clients.ranks_per_client)
+
+
+def test_asking_for_a_refused_setting_fails_with_the_fix(tmp_path, capsys):
+    base = ["plan", "--model", LLAMA2, "--ranks-per-client", "2", "--write", str(tmp_path)]
+    assert cli_main(base + ["--fused-backward"]) == 2
+    err = capsys.readouterr().err
+    assert "--fused-backward" in err and "ranks_per_client=1" in err and "drop --fused-backward" in err
+    assert cli_main(base + ["--moment-dtype", "int8"]) == 2
+    assert "--moment-dtype fp32" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
+def test_memory_settings_that_save_nothing_are_not_recommended(capsys):
+    """Llama-3.1-8B: with the 525M-parameter embedding (one tensor) and head as blocks, the fused step saves
+    nothing there (8 KiB: the head block's final norm) and 8-bit moments cost more than they save (8 bytes of fp32
+    scratch per value of that one tensor against 6 saved): neither makes every parameter fit 24 GiB; freezing does."""
+    model = os.path.join(MODELS, "llama-3.1-8b")
+    assert cli_main(["plan", "--model", model, "--gpu-memory", "24GiB", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)["recommended"]
+    assert not rec["include_embeddings"] and not rec["include_lm_head"]
+    assert rec["fused_backward"] is False and rec["moment_dtype"] == "fp32"  # frozen, it fits without them
+    meta = planner.build_meta_model(model)
+    shape = inspect_model(meta, BlocksConfig())
+    req = PlanRequest(gpu_memory=24 * GIB, activation_checkpointing=True)
+    fp32_total = planner._evaluate(shape, req)[2]
+    int8 = planner._evaluate(shape, dataclasses.replace(req, moment_dtype="int8"))
+    v, h = meta.config.vocab_size, meta.config.hidden_size
+    assert int8[0]["block"] in ("embeddings", "lm_head") and int8[0]["moment_scratch"] == 8 * v * h
+    assert int8[2] > fp32_total
+
+
+def test_search_tries_the_memory_settings_before_checkpointing():
+    req = PlanRequest(gpu_memory=80 * GIB, seq_len=2048, layers_per_block=2, include_embeddings=False, overhead=0)
+    shape = synthetic_shape(req.blocks())
+    t = {k: planner._evaluate(shape, dataclasses.replace(req, **kw))[2] for k, kw in
+         [("none", {}), ("fused", {"fused_backward": True}), ("both", {"fused_backward": True, "moment_dtype": "int8"}),
+          ("ckpt", {"activation_checkpointing": True})]}
+    assert t["both"] < t["fused"] < t["none"] and t["ckpt"] < t["both"]  # checkpointing saves most, costs most
+    plan = planner.make_plan(synthetic_shape, dataclasses.replace(req, gpu_memory=t["both"]))
+    rec = plan.recommended
+    assert rec["fused_backward"] and rec["moment_dtype"] == "int8" and not rec["activation_checkpointing"]
+    plan = planner.make_plan(synthetic_shape, dataclasses.replace(req, gpu_memory=t["both"] - 1))
+    assert plan.recommended["activation_checkpointing"]
+    # With checkpointing on, the memory settings are turned on only where it alone does not fit.
+    assert not plan.recommended["fused_backward"] and plan.recommended["moment_dtype"] == "fp32"
+
+
+def test_refused_settings_are_not_recommended_even_when_nothing_else_fits():
+    req = PlanRequest(gpu_memory=GIB, seq_len=2048, layers_per_block=1, include_embeddings=False, overhead=0,
+                      activation_checkpointing=True)
+    shape = synthetic_shape(req.blocks())
+    gpu = planner._evaluate(shape, dataclasses.replace(req, fused_backward=True, moment_dtype="int8"))[2]
+    rec = planner.make_plan(synthetic_shape, dataclasses.replace(req, gpu_memory=gpu)).recommended
+    assert rec["fused_backward"] and rec["moment_dtype"] == "int8" and rec["total_gpu_bytes"] == gpu
+    # A client of two ranks is written with ZeRO-2, which refuses both: nothing fits rather than a refused recipe.
+    two_ranks = planner.make_plan(synthetic_shape, dataclasses.replace(req, gpu_memory=gpu, ranks_per_client=2))
+    assert two_ranks.recommended == {} and two_ranks.recommended_request is None
+    with pytest.raises(ValueError, match="nothing fits"):
+        planner.write_plan(two_ranks, "/m", "/x")

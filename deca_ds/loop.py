@@ -8,6 +8,12 @@ what happens around it, in this order per step:
     set_lr (optim.schedule) -> driver.step -> nan policy -> metrics.jsonl record + monitors (log steps) -> progress -> stop on SIGTERM/SIGINT
         -> periodic evaluation -> periodic checkpoint;  after the last step (or a stop): final checkpoint
 
+Every client's figures are brought together only at *gather steps* (:func:`gather_step`: log steps, the last step,
+and steps followed by an evaluation or a checkpoint), which every process computes alike from the step index and
+the settings. The launcher's driver returns a record with ``gathered=False`` on the other steps (no world-wide
+collective there); it still checks its own client's loss and gradients every step and raises
+:class:`NonFiniteError` itself under ``nan_policy=stop``. A stop request is agreed at the next gather step.
+
 ``summary.json`` is written by :func:`write_summary` for both.
 """
 
@@ -23,11 +29,48 @@ from typing import Any, Protocol
 from deca_ds.config import RunConfig
 from deca_ds.metrics import JsonlWriter, make_progress, summary_table, write_json_atomic
 
-__all__ = ["NonFiniteError", "StopFlag", "StepRecord", "Driver", "LoopOutcome", "run_loop", "write_summary"]
+__all__ = ["NonFiniteError", "nonfinite_error", "StopFlag", "StepRecord", "Driver", "LoopOutcome", "gather_step",
+           "run_loop", "write_summary"]
 
 
 class NonFiniteError(RuntimeError):
     """A client produced a non-finite loss or gradient and ``nan_policy=stop``."""
+
+
+def nonfinite_error(client: int, step: int, checkpoints: bool) -> NonFiniteError:
+    """The error that stops a run under ``nan_policy=stop`` (one wording wherever it is detected).
+
+    Args:
+        client: the client whose loss or gradient was not finite.
+        step: the 0-based optimizer step.
+        checkpoints: the run writes checkpoints (the message then says the last complete one is kept).
+
+    Returns:
+        The :class:`NonFiniteError` to raise.
+    """
+    kept = "; the last complete checkpoint is kept" if checkpoints else ""
+    return NonFiniteError(f"client {client} produced a non-finite loss or gradient at step {step} "
+                          f"(nan_policy=stop){kept}")
+
+
+def gather_step(cfg: RunConfig, step: int) -> bool:
+    """Whether step ``step`` (0-based) brings every client's figures together.
+
+    True at log steps (``(step + 1) % log_every == 0``), at the last step (``step + 1 == max_steps``) and at steps
+    followed by an evaluation (``eval_every``) or a checkpoint (``checkpoint_every``). A pure function of the step
+    and the settings, so every process of a launch decides alike without communicating.
+
+    Args:
+        cfg: the run's settings.
+        step: the 0-based optimizer step.
+
+    Returns:
+        Whether the step's :class:`StepRecord` must be gathered.
+    """
+    done = step + 1
+    if done % cfg.log_every == 0 or done == cfg.max_steps:
+        return True
+    return any(every and done % every == 0 for every in (cfg.eval_every, cfg.checkpoint_every))
 
 
 class StopFlag:
@@ -57,28 +100,39 @@ class StopFlag:
 class StepRecord:
     """Every client's figures for one optimizer step, as the process that logs sees them.
 
+    A driver whose clients all live in this process (the simulators) returns a gathered record every step. The
+    launcher's returns ``gathered=False`` on steps that are not gather steps (:func:`gather_step`): then only
+    ``block``, ``round`` and ``lr`` (the same on every client) are set and the per-client lists are None.
+
     Attributes:
         block: index of the block trained this step (the same on every client).
         round: the schedule's round of this step.
         lr: learning rate after the step.
         losses: training loss per client.
-        nonfinite: per client, whether a loss or gradient was not finite.
+        nonfinite: per client, whether a loss or gradient was not finite at this step or at any step since the
+            previous gathered record (``nan_policy=skip``; under ``stop`` such a step raised already).
         bytes_sent: per client, gossip bytes sent this step.
         consensus_distance: per client, RMS distance of the trained block from the clients' average (0 when not
             measured this step).
-        tokens: non-padding tokens processed by all clients this step.
-        stop_requested: some process received SIGTERM/SIGINT.
+        tokens: non-padding tokens processed by all clients this step and the ungathered steps since the previous
+            gathered record.
+        stop_requested: some process received SIGTERM/SIGINT (or lost its launcher) at or before this step.
+        gathered: the per-client figures are present (False: not brought together this step).
+        nonfinite_steps: per client, how many steps since the previous gathered record (this one included) had a
+            non-finite loss or gradient (None: only this step is covered, as ``nonfinite`` says).
     """
 
     block: int
     round: int
     lr: float
-    losses: list[float]
-    nonfinite: list[bool]
-    bytes_sent: list[int]
-    consensus_distance: list[float]
+    losses: list[float] | None
+    nonfinite: list[bool] | None
+    bytes_sent: list[int] | None
+    consensus_distance: list[float] | None
     tokens: int = 0
     stop_requested: bool = False
+    gathered: bool = True
+    nonfinite_steps: list[int] | None = None
 
 
 class Driver(Protocol):
@@ -89,7 +143,11 @@ class Driver(Protocol):
     """Whether :meth:`save_checkpoint` writes checkpoints (the simulator writes none)."""
 
     def step(self, step: int, measure_distance: bool, stop_requested: bool) -> StepRecord:
-        """Optimizer step ``step`` (0-based) on every client; consensus distances only when ``measure_distance``."""
+        """Optimizer step ``step`` (0-based) on every client; consensus distances only when ``measure_distance``.
+
+        May return ``gathered=False`` only where :func:`gather_step` is False for ``step``; it must then have raised
+        :class:`NonFiniteError` itself for a non-finite client under ``nan_policy=stop``.
+        """
 
     def evaluate(self, step: int) -> list[dict[str, Any]] | None:
         """Each client's evaluation on the test split after ``step`` steps (None on processes that do not log)."""
@@ -172,12 +230,20 @@ def run_loop(driver: Driver, cfg: RunConfig, start_step: int = 0, writer: JsonlW
                 if scheduled:  # a pure function of the step: the same rate on every path, nothing to checkpoint
                     driver.set_lr(lr_at(cfg, step))
                 rec = driver.step(step, measure_distance=log_now, stop_requested=stop_flag.requested)
+                if not rec.gathered:
+                    # Hazard: the evaluation, checkpoint and stop below need figures every process agrees on; a
+                    # driver that skipped the gather at a gather step would let processes part ways.
+                    if gather_step(cfg, step):
+                        raise RuntimeError(f"the driver did not gather step {step}, a gather step (log, last, "
+                                           "evaluation or checkpoint step)")
+                    step += 1
+                    if progress is not None:
+                        progress.update(task, completed=step, round=rec.round, block=rec.block)
+                    continue
                 tokens_total += rec.tokens
                 bad = [c for c, x in enumerate(rec.nonfinite) if x]
                 if bad and cfg.nan_policy == "stop":
-                    kept = "; the last complete checkpoint is kept" if driver.checkpoints else ""
-                    raise NonFiniteError(f"client {bad[0]} produced a non-finite loss or gradient at step {step} "
-                                         f"(nan_policy=stop){kept}")
+                    raise nonfinite_error(bad[0], step, driver.checkpoints)
                 last_loss.update(enumerate(rec.losses))
                 if writer is not None:
                     _write_step(writer, driver, rec, step, log_now, t0)

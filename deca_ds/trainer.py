@@ -6,8 +6,9 @@ Order of a run (every rank, same order — collectives must match):
   2. process group and all communication groups (before DeepSpeed, same order everywhere);
   3. model and tokenizer, this client's data, the DeepSpeed engine (:func:`deca_ds.engine.build_engine`); resume
      from ``checkpoints/latest``;
-  4. the loop (:func:`deca_ds.loop.run_loop`) over :class:`LauncherDriver`: one step on every client -> one small
-     all-gather of monitoring figures -> log, checkpoint, stop?;
+  4. the loop (:func:`deca_ds.loop.run_loop`) over :class:`LauncherDriver`: one step on every client -> at gather
+     steps (log, last, before an evaluation or a checkpoint) one small all-gather of monitoring figures -> log,
+     checkpoint, stop?;
   5. final checkpoint, evaluation of every client, the consensus model (average of all clients) saved and evaluated
      (:mod:`deca_ds.summary`).
 """
@@ -27,7 +28,7 @@ from deca_ds.build import build_topology, check_blocks, check_lora_support, prep
 from deca_ds.config import ConfigError, RunConfig
 from deca_ds.consensus import method_spec
 from deca_ds.gossip import ClientLayout, client_distance
-from deca_ds.loop import NonFiniteError, StepRecord, run_loop
+from deca_ds.loop import NonFiniteError, StepRecord, gather_step, nonfinite_error, run_loop
 from deca_ds.step import Engine
 from deca_ds.supervise import LauncherWatch, elastic_restart_count
 
@@ -199,9 +200,13 @@ def _resolve_epochs(cfg: RunConfig, engine: Engine, data, layout: ClientLayout, 
 class LauncherDriver:
     """This rank's client as :func:`deca_ds.loop.run_loop` drives it (one process per rank; every rank runs it).
 
-    Each step: this client's engine step, the consensus distance at log steps, then one all-gather of a small
-    monitoring row per rank (loss, non-finite flag, stop request, bytes sent, tokens, distance; float64 for exact
-    byte counts), from which every rank knows every client's figures.
+    Each step: this client's engine step and its own non-finite check (``nan_policy=stop`` raises here, on the ranks
+    of the client that produced it). Only at gather steps (:func:`deca_ds.loop.gather_step`, which every rank
+    computes alike from the step and the settings): the consensus distance at log steps, then one all-gather of a
+    small monitoring row per rank (loss, non-finite steps since the last gather, stop request, bytes sent this
+    step, tokens since the last gather, distance; float64 for exact byte counts), from which every rank knows every
+    client's figures. Between gather steps nothing goes to ranks outside the client but the gossip itself: no
+    world-wide barrier per step.
     """
 
     checkpoints = True
@@ -223,6 +228,9 @@ class LauncherDriver:
         self.watch = LauncherWatch()
         self.launcher_gone: int | None = None
         self.num_clients = layout.num_clients
+        # Figures of the steps since the last gather, reported at the next one (every checkpoint and the end of
+        # the loop follow a gather step, so nothing pending is ever lost with a checkpoint).
+        self._pending_nonfinite, self._pending_tokens, self._pending_stop = 0, 0, False
 
     def _micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         from deca_ds.data import batch_for_step
@@ -243,24 +251,52 @@ class LauncherDriver:
         return torch.stack(out).cpu()
 
     def step(self, step: int, measure_distance: bool, stop_requested: bool) -> StepRecord:
-        """This client's step, then every rank's figures (collective). A launcher above this rank that is gone
-        counts as a stop request (no worker outlives its launcher)."""
+        """This client's step; at gather steps every rank's figures too (collective there, local elsewhere).
+
+        A launcher above this rank that is gone counts as a stop request (no worker outlives its launcher); like a
+        signal, it is agreed at the next gather step.
+
+        Args:
+            step: the 0-based optimizer step (the loop's).
+            measure_distance: compute the consensus distance (a collective over all ranks, so only honoured at
+                gather steps; the loop asks at log steps, all of which are gather steps).
+            stop_requested: this process received SIGTERM/SIGINT.
+
+        Returns:
+            The :class:`StepRecord`: gathered at gather steps, ``gathered=False`` elsewhere.
+
+        Raises:
+            NonFiniteError: ``nan_policy=stop`` and this client's loss or gradient was not finite at a step that is
+                not a gather step (at a gather step the loop raises it on every rank, naming the first such client).
+        """
         res = self.engine.train_step(self._micro_batches(step))
         if self.launcher_gone is None:
             self.launcher_gone = self.watch.gone()
-        stop_requested = stop_requested or self.launcher_gone is not None
+        self._pending_stop = self._pending_stop or stop_requested or self.launcher_gone is not None
+        self._pending_nonfinite += int(res.nonfinite)
+        self._pending_tokens += res.tokens
+        schedule = self.engine.schedule
+        round_ = schedule.position(step).round if schedule is not None else 0
+        if not gather_step(self.cfg, step):
+            if res.nonfinite and self.cfg.nan_policy == "stop":
+                # The ranks of this client agree (gradients are reduced within the client, and ZeRO agrees on the
+                # loss), so they raise alike; the launcher ends the other clients' ranks.
+                raise nonfinite_error(self.layout.client_id, step, self.checkpoints)
+            return StepRecord(block=res.block, round=round_, lr=self.engine.lr(), losses=None, nonfinite=None,
+                              bytes_sent=None, consensus_distance=None, gathered=False)
         cdist = client_distance(self.engine.block_tensors(res.block)) if (
             measure_distance and self.layout.num_clients > 1) else 0.0
-        rows = self._gather_rows([res.loss, float(res.nonfinite), float(stop_requested), float(res.bytes_sent),
-                                  float(res.tokens), cdist])
+        rows = self._gather_rows([res.loss, float(self._pending_nonfinite), float(self._pending_stop),
+                                  float(res.bytes_sent), float(self._pending_tokens), cdist])
+        self._pending_nonfinite, self._pending_tokens, self._pending_stop = 0, 0, False
         clients = [self.layout.client_ranks(c) for c in range(self.num_clients)]
-        schedule = self.engine.schedule
-        return StepRecord(block=res.block, round=schedule.position(step).round if schedule is not None else 0,
-                          lr=self.engine.lr(), losses=[float(rows[r, 0].mean()) for r in clients],
+        return StepRecord(block=res.block, round=round_, lr=self.engine.lr(),
+                          losses=[float(rows[r, 0].mean()) for r in clients],
                           nonfinite=[bool(rows[r, 1].any()) for r in clients],
                           bytes_sent=[int(rows[r, 3].sum()) for r in clients],
                           consensus_distance=[float(rows[r[0], 5]) for r in clients],
-                          tokens=int(rows[:, 4].sum()), stop_requested=bool(rows[:, 2].any()))
+                          tokens=int(rows[:, 4].sum()), stop_requested=bool(rows[:, 2].any()),
+                          nonfinite_steps=[int(rows[r, 1].max()) for r in clients])
 
     def evaluate(self, step: int) -> list[dict] | None:
         """Every client's evaluation (collective; the list on rank 0)."""

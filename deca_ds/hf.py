@@ -556,6 +556,7 @@ class DecaTrainerMixin:
                                timeout=cfg.comm_timeout, dp_group=self.groups.client_group)
         self.consensus = None
         self._micro_losses: list[torch.Tensor] = []
+        self._nonfinite_since_log = False  # a non-finite step between log steps, reported at the next one
         self._step_figures = {"bytes_sent": 0, "nonfinite": False, "block": 0}
         self._grads_reduced = False
         self._writer = None
@@ -812,23 +813,30 @@ class DecaTrainerMixin:
     # --- monitoring ----------------------------------------------------------------------------------------------
 
     def _record_step(self, step: int, lr: float) -> None:
-        """One all-gather of every rank's figures; world rank 0 appends the launcher's metrics.jsonl records."""
+        """At log steps, one all-gather of every rank's figures; world rank 0 appends the launcher's metrics.jsonl
+        records. Between log steps nothing is communicated (every rank decides from the step alone, so they agree);
+        a non-finite step is remembered and reported at the next log step, as the launcher's ``nonfinite`` field."""
         from deca_ds.metrics import JsonlWriter, truncate_jsonl_after
 
         fig = self._step_figures
         losses = self._micro_losses or [torch.tensor(float("nan"))]
         loss = float(torch.stack(losses).mean())
         self._micro_losses = []
-        cdist = 0.0
+        nonfinite = bool(fig["nonfinite"]) or self._nonfinite_since_log
         log_now = (step + 1) % self.deca_config.log_every == 0
-        if log_now and self.layout.num_clients > 1:
+        if not log_now:
+            self._nonfinite_since_log = nonfinite
+            return
+        self._nonfinite_since_log = False
+        cdist = 0.0
+        if self.layout.num_clients > 1:
             names = self.block_optimizer.blocks[fig["block"]].param_names
             params = dict(self.accelerator.unwrap_model(self.model).named_parameters())
             cdist = client_distance([params[n].data for n in names])
-        t = torch.tensor([loss, float(fig["nonfinite"]), float(fig["bytes_sent"]), cdist], dtype=torch.float64)
+        t = torch.tensor([loss, float(nonfinite), float(fig["bytes_sent"]), cdist], dtype=torch.float64)
         rows = [torch.empty_like(t) for _ in range(dist.get_world_size())]
         dist.all_gather(rows, t)
-        if dist.get_rank() != 0 or not log_now:
+        if dist.get_rank() != 0:
             return
         if self._writer is None:
             self.run_dir.mkdir(parents=True, exist_ok=True)

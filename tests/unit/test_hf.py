@@ -186,3 +186,34 @@ def test_an_agreeing_deca_schedule_is_accepted():
     cfg = DecaSettings(overrides=["optim.schedule=cosine", "optim.warmup_steps=3", "epochs=2"]).resolve(
         training_args(lr_scheduler_type="cosine", warmup_steps=3, num_train_epochs=2))
     assert (cfg.optim.schedule, cfg.optim.warmup_steps, cfg.epochs) == ("cosine", 3, 2.0)
+
+
+def test_trainer_path_gathers_figures_only_at_log_steps_and_keeps_a_nonfinite_step(tmp_path, monkeypatch):
+    """With log_every=4, 8 steps: two all-gathers (steps 3 and 7), and a non-finite step 5 is reported at step 7."""
+    import json
+    import types
+
+    import deca_ds.hf as hf
+    from deca_ds.config import load_config
+
+    gathers = []
+
+    def all_gather(rows, t):
+        gathers.append(t.clone())
+        rows[0].copy_(t)
+
+    monkeypatch.setattr(hf.dist, "all_gather", all_gather)
+    monkeypatch.setattr(hf.dist, "get_world_size", lambda: 1)
+    monkeypatch.setattr(hf.dist, "get_rank", lambda: 0)
+    fake = types.SimpleNamespace(deca_config=load_config(None, ["log_every=4"]), layout=ClientLayout(1, 0, 1),
+                                 run_dir=tmp_path, _writer=None, _t0=0.0, _micro_losses=[],
+                                 _nonfinite_since_log=False)
+    for step in range(8):
+        fake._micro_losses = [torch.tensor(float(step))]
+        fake._step_figures = {"block": 0, "nonfinite": step == 5, "bytes_sent": 10 * step}
+        hf.DecaTrainerMixin._record_step(fake, step, lr=1e-3)
+    fake._writer.close()
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(gathers) == 2 and [r["step"] for r in recs] == [3, 7]
+    assert [r["nonfinite"] for r in recs] == [False, True]
+    assert [r["loss"] for r in recs] == [3.0, 7.0] and [r["bytes_sent"] for r in recs] == [30, 70]

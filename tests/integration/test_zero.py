@@ -205,5 +205,6 @@ def _check(results, stage, atol):
     (3, "fp32", "offload", {}, 2e-5),
 ])
 def test_zero_matches_stage0_moves_only_the_active_block_and_resumes(stage, dtype, policy, extra, atol):
-    results = run_distributed(_body, 4, stage, dtype, policy, extra, init=False, timeout=240)
+    # The timeout only catches a hang: under a parallel test run on 2 shared cores one stage has taken 240 s.
+    results = run_distributed(_body, 4, stage, dtype, policy, extra, init=False, timeout=900)
     _check(results, stage, atol)

@@ -102,6 +102,17 @@ def _body(rank, world, stage, dtype_name, policy, zero_extra):
     peer = layout.peer_rank(1 - layout.client_id, layout.local_rank)
     report["presharded"] = (mine.tolist(), (torch.arange(5.0) + 50 * (rank + peer)).tolist())
 
+    # Count DeepSpeed's whole-model broadcasts: a ZeRO engine broadcasts at its first build only, not at switches.
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    broadcasts = [0]
+    real_broadcast = DeepSpeedEngine._broadcast_model
+
+    def counting_broadcast(engine):
+        broadcasts[0] += 1
+        return real_broadcast(engine)
+
+    DeepSpeedEngine._broadcast_model = counting_broadcast
     base = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
             "steps_per_print": 10**9}
     runs = {}
@@ -119,12 +130,14 @@ def _body(rank, world, stage, dtype_name, policy, zero_extra):
             eng.close()
             continue
         # resume: run 3 steps, checkpoint, run the rest; then a fresh engine loads the checkpoint and runs the rest.
+        before = broadcasts[0]
         first = _run(eng, layout, 3)
         state = eng.state_dict()
         rest = _run(eng, layout, STEPS, start=3)
         runs[st] = [(None, None, w0)] + first + rest
         live = _live_tensor_bytes()
         report["switch_seconds"] = list(eng.switch_seconds)
+        report["broadcasts_at_switches"] = broadcasts[0] - before
         eng.close()
         eng2 = E.build_engine(cfg, _tiny_model(dtype), ds, groups, mixer=Mixer(layout, topo,
                                                                              dp_group=groups.client_group))
@@ -155,6 +168,9 @@ def _check(results, stage, atol):
         got, want = rep["presharded"]
         assert got == pytest.approx(want), f"rank {rank} presharded mix"
         assert rep["resume_equal"], f"rank {rank}: resumed run differs from the uninterrupted one"
+        # Switches re-initialize DeepSpeed without re-broadcasting the whole model (issue 15 item 5); the weights
+        # checks below show the ranks of a client stay identical without it.
+        assert len(rep["switch_seconds"]) >= 3 and rep["broadcasts_at_switches"] == 0, rep["broadcasts_at_switches"]
         live, live_a, live_b = rep["live_bytes"]
         assert live_b <= live_a * 1.01 + 4096, f"rank {rank}: tensor bytes grew over 12 switches {rep['live_bytes']}"
         for st in (0, stage):
@@ -189,5 +205,6 @@ def _check(results, stage, atol):
     (3, "fp32", "offload", {}, 2e-5),
 ])
 def test_zero_matches_stage0_moves_only_the_active_block_and_resumes(stage, dtype, policy, extra, atol):
-    results = run_distributed(_body, 4, stage, dtype, policy, extra, init=False, timeout=240)
+    # The timeout only catches a hang: under a parallel test run on 2 shared cores one stage has taken 240 s.
+    results = run_distributed(_body, 4, stage, dtype, policy, extra, init=False, timeout=900)
     _check(results, stage, atol)

@@ -45,6 +45,28 @@ def test_synthetic_clients_agree_on_split_and_counts(tok):
     assert max(len(x) for x in a.train["input_ids"]) <= cfg.data.max_length
 
 
+def test_synthetic_plan_is_made_once_per_setting_and_equals_a_fresh_one(tok):
+    from deca_ds.data import loading
+
+    cfg = _cfg(num_examples=300, alpha=0.5, min_partition_size=5)
+    loading._SYNTHETIC_PLANS.clear()
+    first = build_client_data(cfg, tok, 1, 3)
+    assert len(loading._SYNTHETIC_PLANS) == 1
+    check_data_config(cfg, 3)
+    build_client_data(cfg, tok, 2, 3)
+    assert len(loading._SYNTHETIC_PLANS) == 1  # the preflight check and the other clients reuse it
+    fresh = loading._make_plan(cfg, 3, None)
+    kept = loading._plan(cfg, 3, None)
+    np.testing.assert_array_equal(fresh.counts, kept.counts)
+    np.testing.assert_array_equal(fresh.test_idx, kept.test_idx)
+    assert all(np.array_equal(x, y) for x, y in zip(fresh.train_idx, kept.train_idx))
+    # Another setting (the seed, the number of clients) is another plan, not the cached one.
+    other = build_client_data(_cfg(num_examples=300, alpha=0.5, min_partition_size=5, seed=1), tok, 1, 3)
+    assert other.train["input_ids"] != first.train["input_ids"]
+    build_client_data(cfg, tok, 1, 2)
+    assert len(loading._SYNTHETIC_PLANS) == 3
+
+
 def test_generation_task_has_groups_but_no_label_names(tok):
     cfg = _cfg(task="generation", num_examples=200, partition="iid")
     d = build_client_data(cfg, tok, 0, 2)

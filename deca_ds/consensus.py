@@ -160,8 +160,8 @@ class ConsensusOptimizer(Protocol):
     def switch_if_due(self) -> bool:
         """Switch to the block the schedule assigns to the next step; return whether it switched."""
 
-    # The gradient-unit signals also read the client's Adam denominators (:func:`adam_denominators`): from an
-    # ``adam_denominators()`` method (the stacked simulator's optimizer) or from BlockAdam's own state.
+    # The gradient-unit signals also read the client's Adam denominators (:func:`adam_denominators`) through an
+    # optional ``adam_denominators()`` method (BlockAdam, the stacked simulator's optimizer; not ZeRO's view).
 
 
 class MixFn(Protocol):
@@ -271,7 +271,7 @@ def _sum_sq(tensors: Sequence[torch.Tensor], stacked: bool) -> torch.Tensor:
 
 
 def _has_denominators(opt) -> bool:
-    return hasattr(opt, "adam_denominators") or (hasattr(opt, "active_params") and hasattr(opt, "state"))
+    return hasattr(opt, "adam_denominators")
 
 
 @torch.no_grad()
@@ -279,26 +279,13 @@ def adam_denominators(opt) -> list[torch.Tensor]:
     """``sqrt(v_hat) + eps`` of every active parameter of a client optimizer, with its current second moment.
 
     ``v_hat = v / (1 - alpha2**t)`` with the block's step counter ``t`` (taken as at least 1: a client whose first
-    step on this block was skipped has ``v = 0`` and gets ``eps``), written as
-    :func:`deca_ds.optim.block_adam.adamw_step_` writes its denominator. Reads :class:`deca_ds.optim.BlockAdam`'s state (``exp_avg_sq``, ``step``) or calls the
-    optimizer's own ``adam_denominators()`` (the stacked simulator).
+    step on this block was skipped has ``v = 0`` and gets ``eps``), as the optimizer's step divides by it. Every
+    optimizer that has Adam moments of its own says so through an ``adam_denominators()`` method
+    (:meth:`deca_ds.optim.BlockAdam.adam_denominators`, fp32 or 8-bit moments; the stacked simulator's optimizer).
 
     Raises:
-        ValueError: the optimizer exposes neither.
+        ValueError: the optimizer exposes none (ZeRO's view: DeepSpeed's AdamW holds the moments).
     """
-    if hasattr(opt, "adam_denominators"):
-        return opt.adam_denominators()
     if not _has_denominators(opt):
         raise ValueError(f"{type(opt).__name__} exposes no Adam second moments")
-    group = opt.param_groups[0]
-    beta2, eps = group["betas"][1], group["eps"]
-    out = []
-    for p in opt.active_params():
-        st = opt.state.get(p) or {}
-        if "exp_avg_sq" not in st:
-            out.append(torch.full(p.shape, float(eps), dtype=torch.float32, device=p.device))
-            continue
-        t = max(int(st["step"].item()), 1)
-        bias_correction2_sqrt = (1 - beta2**t) ** 0.5
-        out.append((st["exp_avg_sq"].sqrt() / bias_correction2_sqrt).add_(eps))
-    return out
+    return opt.adam_denominators()

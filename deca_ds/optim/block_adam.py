@@ -416,9 +416,9 @@ class BlockAdam(torch.optim.Optimizer):
     def adam_denominators(self) -> list[torch.Tensor]:
         """``sqrt(v_hat) + eps`` of every active parameter, from its current second moment (dequantized when 8-bit).
 
-        Exactly :func:`deca_ds.consensus.adam_denominators`' reading of fp32 state (``v_hat = v / (1 - alpha2**t)``
-        with the block's step counter ``t`` taken as at least 1; ``eps`` where the parameter has no state yet), so
-        the gradient-unit consensus signals see the denominator this optimizer's step divides by.
+        ``v_hat = v / (1 - alpha2**t)`` with the block's step counter ``t`` taken as at least 1; ``eps`` where the
+        parameter has no state yet; read by :func:`deca_ds.consensus.adam_denominators`, so that the gradient-unit
+        consensus signals see the denominator this optimizer's step divides by.
 
         Returns:
             One new fp32 tensor per active parameter, in :meth:`active_params` order.

@@ -5,26 +5,16 @@ import io
 
 import pytest
 import torch
-import transformers as T
 from torch import nn
 
 from deca_ds.blocks import partition_blocks
 from deca_ds.optim import BlockAdam, memory_report, quantization_bound
 from deca_ds.optim.state_store import QUANT_BLOCKSIZE
+from tiny import batches, tiny_llama
 
 HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 
 
-def tiny_llama(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=128, pad_token_id=0, bos_token_id=0, eos_token_id=0)
-    return T.AutoModelForCausalLM.from_config(cfg).to(dtype)
-
-
-def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 128, (2, 8), generator=g) for _ in range(n)]
 
 
 def loss_of(model, ids):

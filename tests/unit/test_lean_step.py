@@ -6,22 +6,16 @@ import copy
 
 import pytest
 import torch
-import transformers as T
 
 from deca_ds import consensus
 from deca_ds.blocks import partition_blocks
 from deca_ds.optim import BlockAdam, adamw_foreach_step_, adamw_step_, memory_report
 from deca_ds.step import all_finite, grads_finite
 from lean_reference import PerTensorBlockAdam  # tests/ is on sys.path
+from tiny import tiny_llama
 
 HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 
-
-def tiny_llama(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=128, pad_token_id=0, bos_token_id=0, eos_token_id=0)
-    return T.AutoModelForCausalLM.from_config(cfg).to(dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

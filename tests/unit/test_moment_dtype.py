@@ -11,7 +11,6 @@ import io
 
 import pytest
 import torch
-import transformers as T
 from torch import nn
 
 from deca_ds import consensus
@@ -19,6 +18,7 @@ from deca_ds.blocks import partition_blocks
 from deca_ds.config import ConfigError, load_config
 from deca_ds.optim import BlockAdam, memory_report, quantization_bound
 from deca_ds.optim.block_adam import INT8_MOMENT_KEYS, moments_of
+from tiny import batches, tiny_llama
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -28,16 +28,6 @@ SIGNED = bnbf.create_dynamic_map(signed=True)
 UNSIGNED = bnbf.create_dynamic_map(signed=False)
 
 
-def tiny_llama(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    cfg = T.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                        num_key_value_heads=2, vocab_size=128, pad_token_id=0, bos_token_id=0, eos_token_id=0)
-    return T.AutoModelForCausalLM.from_config(cfg).to(dtype)
-
-
-def batches(n, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(0, 128, (2, 8), generator=g) for _ in range(n)]
 
 
 def train(model, opt, data):

@@ -387,9 +387,6 @@ class RunConfig:
         _choice("optim.state_policy", o.state_policy, STATE_POLICIES)
         _choice("optim.offload_dtype", o.offload_dtype, OFFLOAD_DTYPES)
         _choice("optim.moment_dtype", o.moment_dtype, MOMENT_DTYPES)
-        if o.moment_dtype == "int8" and self.backend == "simulate" and self.simulate.stacked:
-            raise ConfigError("optim.moment_dtype=int8 is not supported by the stacked simulator (simulate.stacked="
-                              "true keeps fp32 moments): set simulate.stacked=false, or optim.moment_dtype=fp32")
         if o.moment_dtype == "int8" and self.method == "centralized" and self.centralized_optimizer == "adamw":
             raise ConfigError("optim.moment_dtype=int8 applies to BlockAdam, and centralized_optimizer=adamw is torch "
                               "AdamW with fp32 moments: set centralized_optimizer=block_adam, or "
@@ -400,6 +397,8 @@ class RunConfig:
             raise ConfigError(f"optim.warmup_ratio={o.warmup_ratio!r} is out of range: use a fraction in [0, 1)")
         if o.fused_backward:
             _check_fused_backward(self)
+        if self.backend == "simulate" and self.simulate.stacked:
+            check_stacked_support(self)
         _choice("deca.signal", self.deca.signal, SIGNALS)
         _betas("deca.betas", self.deca.betas, allow_one=True)
         t = self.topology
@@ -499,9 +498,23 @@ def _check_fused_backward(cfg: "RunConfig") -> None:
     if cfg.clients.ranks_per_client > 1:
         raise ConfigError(f"optim.fused_backward=true steps each parameter before the client's ranks could average "
                           f"its gradient: use clients.ranks_per_client=1 (got {cfg.clients.ranks_per_client}), {fix}")
-    if cfg.backend == "simulate" and cfg.simulate.stacked:
+
+
+def check_stacked_support(cfg: "RunConfig") -> None:
+    """Refuse the BlockAdam-only settings the stacked simulator cannot run (it computes gradients with torch.func and
+    keeps its own fp32 moments). Called by the settings' validation with ``backend=simulate`` and by
+    :class:`deca_ds.stacked.StackedSimulation` itself, which may be built whatever ``backend`` says.
+
+    Raises:
+        ConfigError: ``optim.fused_backward`` or ``optim.moment_dtype`` other than fp32, naming the fix.
+    """
+    o = cfg.optim
+    if o.fused_backward:
         raise ConfigError("optim.fused_backward=true has nothing to fuse in the stacked simulator (it computes "
-                          f"gradients with torch.func): set simulate.stacked=false, {fix}")
+                          "gradients with torch.func): set simulate.stacked=false, or optim.fused_backward=false")
+    if o.moment_dtype != "fp32":
+        raise ConfigError(f"optim.moment_dtype={o.moment_dtype} needs BlockAdam, which the stacked simulator does not "
+                          "use (it keeps fp32 moments): set simulate.stacked=false, or optim.moment_dtype=fp32")
 
 
 def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:

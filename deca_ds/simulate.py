@@ -155,11 +155,9 @@ def common_setup(sim, cfg: RunConfig) -> None:
     sim.clip = float(ds.get("gradient_clipping", 0.0) or 0.0)
     check_model_config(cfg.model)
     check_lora_support(cfg)
-    from deca_ds.optim.state_store import check_offload_support
+    from deca_ds.optim.state_store import check_int8_support
 
-    if cfg.optim.state_policy == "offload":
-        check_offload_support(cfg.optim.offload_dtype)
-    check_offload_support(cfg.optim.moment_dtype, setting="optim.moment_dtype")
+    check_int8_support(cfg.optim)
     check_data_config(cfg, n)
     sim.wire_dtype = _WIRE_DTYPES[cfg.gossip.dtype]
     sim.topology = None

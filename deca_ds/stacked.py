@@ -40,7 +40,7 @@ from torch import nn
 
 from deca_ds.blocks import BlockSchedule
 from deca_ds.build import block_names_for, prepare_model, uses_torch_adamw
-from deca_ds.config import ConfigError, RunConfig
+from deca_ds.config import ConfigError, RunConfig, check_stacked_support
 from deca_ds.consensus import ConsensusStep
 from deca_ds.data.formatting import IGNORE_INDEX
 from deca_ds.loop import StepRecord
@@ -321,12 +321,7 @@ class StackedSimulation:
         """
         from deca_ds.simulate import Diagnostics, apply_epochs, common_setup
 
-        if cfg.optim.fused_backward:
-            raise ConfigError("optim.fused_backward=true has nothing to fuse in the stacked simulator (it computes "
-                              "gradients with torch.func): set simulate.stacked=false, or optim.fused_backward=false")
-        if cfg.optim.moment_dtype != "fp32":
-            raise ConfigError(f"optim.moment_dtype={cfg.optim.moment_dtype} needs BlockAdam, which the stacked simulator "
-                              "does not use: set simulate.stacked=false, or optim.moment_dtype=fp32")
+        check_stacked_support(cfg)
         common_setup(self, cfg)
         n = self.num_clients
         if cfg.simulate.park_replicas:

@@ -84,7 +84,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     from deca_ds.ds_config import check_ds_config, load_ds_config
     from deca_ds.lr_schedule import uses_schedule, warmup_steps
     from deca_ds.models import check_model_config
-    from deca_ds.optim.state_store import check_offload_support
+    from deca_ds.optim.state_store import check_int8_support
 
     if world_size % cfg.clients.ranks_per_client:
         raise ConfigError(f"clients.ranks_per_client={cfg.clients.ranks_per_client} does not divide the "
@@ -97,9 +97,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     check_model_config(cfg.model)
     check_blocks(cfg)
     check_lora_support(cfg)
-    if cfg.optim.state_policy == "offload":
-        check_offload_support(cfg.optim.offload_dtype)
-    check_offload_support(cfg.optim.moment_dtype, setting="optim.moment_dtype")
+    check_int8_support(cfg.optim)
     if uses_schedule(cfg) and "scheduler" in ds:
         raise ConfigError(f"optim.schedule={cfg.optim.schedule} (with warm-up {warmup_steps(cfg)}) and the ds_config "
                           "'scheduler' section both set the learning rate: remove one of them")

@@ -147,8 +147,7 @@ class DecaEngine:
                                f"gradient_accumulation_steps={self.batch_shape.accumulation_steps} per step")
         if self.fused:
             # No gradient is left: BlockAdam flagged non-finite ones on the device as it stepped them.
-            nonfinite = self.block_optimizer.nonfinite_in_backward()
-            nonfinite = not all_finite(mbs.losses) or nonfinite
+            nonfinite = self.block_optimizer.nonfinite_in_backward() or not all_finite(mbs.losses)
         else:
             # One fused finite check of the losses and every gradient (one host sync, not one per tensor).
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]

@@ -82,6 +82,21 @@ def check_offload_support(offload_dtype: str, setting: str = "optim.offload_dtyp
                           f"({type(e).__name__}: {first}): re{fix}") from None
 
 
+def check_int8_support(optim) -> None:
+    """Preflight of a run's 8-bit settings: :func:`check_offload_support` for ``optim.offload_dtype`` (when
+    ``optim.state_policy=offload`` parks state) and for ``optim.moment_dtype``.
+
+    Args:
+        optim: the run's :class:`deca_ds.config.OptimConfig`.
+
+    Raises:
+        ConfigError: an ``int8`` setting without an importable bitsandbytes, naming the setting and the fix.
+    """
+    if optim.state_policy == "offload":
+        check_offload_support(optim.offload_dtype)
+    check_offload_support(optim.moment_dtype, setting="optim.moment_dtype")
+
+
 @functools.lru_cache(maxsize=None)
 def _code_map(signed: bool, device: torch.device) -> torch.Tensor:
     # Cached: building the map takes tens of ms of Python, and the active block's 8-bit moments (BlockAdam

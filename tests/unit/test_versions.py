@@ -16,7 +16,7 @@ from packaging.version import Version
 from deca_ds._versions import (BITSANDBYTES_MIN, DEEPSPEED_RANGE, TRANSFORMERS_MIN, VersionError,
                                check_deepspeed_version)
 from deca_ds.config import ConfigError
-from deca_ds.optim.state_store import BlockStateStore, check_offload_support
+from deca_ds.optim.state_store import BlockStateStore, check_int8_support, check_offload_support
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,6 +90,14 @@ def test_int8_offload_without_bitsandbytes_says_how_to_get_it(monkeypatch):
     store = BlockStateStore("fp32")
     store.put(0, {"w": {"step": torch.tensor(1.0), "exp_avg": torch.ones(3), "exp_avg_sq": torch.ones(3)}})
     assert torch.equal(store.take(0, torch.device("cpu"))["w"]["exp_avg"], torch.ones(3))
+    # The run's preflight names whichever 8-bit setting needs it; offload_dtype counts only when state is offloaded.
+    from deca_ds.config import load_config
+
+    with pytest.raises(ConfigError, match="optim.moment_dtype=int8 needs bitsandbytes"):
+        check_int8_support(load_config(None, ["optim.moment_dtype=int8"]).optim)
+    with pytest.raises(ConfigError, match="optim.offload_dtype=int8 needs bitsandbytes"):
+        check_int8_support(load_config(None, ["optim.state_policy=offload", "optim.offload_dtype=int8"]).optim)
+    check_int8_support(load_config(None, ["optim.offload_dtype=int8"]).optim)  # reset policy: nothing offloaded
 
 
 class _BrokenFinder(importlib.abc.MetaPathFinder):

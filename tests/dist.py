@@ -33,7 +33,7 @@ import traceback
 
 import torch.multiprocessing as mp
 
-__all__ = ["run_distributed", "free_port"]
+__all__ = ["run_distributed", "free_port", "ring_of_clients", "tiny_llama", "token_batch"]
 
 
 def free_port() -> int:
@@ -151,6 +151,22 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", init: boo
 def _failures(outcome: dict) -> str:
     lines = [f"  rank {r}: {str(v).strip().splitlines()[-1]}" for r, (ok, v) in sorted(outcome.items()) if not ok]
     return ("\nfailures:\n" + "\n".join(lines)) if lines else ""
+
+
+def ring_of_clients(world, rank):
+    """Inside a :func:`run_distributed` child: the process group and one-rank clients on a ring.
+
+    Returns:
+        This rank's ``(layout, topology, groups)``: :class:`deca_ds.gossip.ClientLayout`, the ring, and
+        :class:`deca_ds.gossip.ClientGroups` (created in the same order on every rank).
+    """
+    import deca_ds.engine as E
+    from deca_ds.gossip import ClientGroups, ClientLayout
+    from deca_ds.topology import make_topology
+
+    E.setup_distributed(120)
+    layout = ClientLayout(world, rank, 1)
+    return layout, make_topology("ring", layout.num_clients), ClientGroups.create(layout)
 
 
 def tiny_llama():

@@ -1,9 +1,11 @@
 """The tiny 4-layer Llama and token batches the optimizer unit tests share (BlockAdam, the lean step, int8 moments)."""
 
+import io
+
 import torch
 import transformers as T
 
-__all__ = ["tiny_llama", "batches"]
+__all__ = ["tiny_llama", "batches", "reload_through_checkpoint"]
 
 
 def tiny_llama(dtype=torch.float32, seed=0):
@@ -18,3 +20,16 @@ def batches(n, seed=1):
     """``n`` token batches of shape (2, 8), the same for a given ``seed``."""
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 128, (2, 8), generator=g) for _ in range(n)]
+
+
+def reload_through_checkpoint(model, opt, build):
+    """Save ``model`` and ``opt`` as one ``torch.save`` archive in memory, then load it into a fresh pair from
+    ``build()`` (what a resume does). Returns ``(model, opt, checkpoint)``."""
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=False)
+    model2, opt2 = build()
+    model2.load_state_dict(ckpt["model"])
+    opt2.load_state_dict(ckpt["opt"])
+    return model2, opt2, ckpt

@@ -8,7 +8,7 @@ and batches; every step's loss and the final weights must be equal.
 
 import pytest
 
-from dist import run_distributed, tiny_llama, token_batch
+from dist import ring_of_clients, run_distributed, tiny_llama, token_batch
 
 pytestmark = pytest.mark.integration
 
@@ -19,13 +19,9 @@ def _body(rank, world):
     import deca_ds.engine as E
     from deca_ds.config import load_config
     from deca_ds.ds_config import check_ds_config
-    from deca_ds.gossip import ClientGroups, ClientLayout, Mixer
-    from deca_ds.topology import make_topology
+    from deca_ds.gossip import Mixer
 
-    E.setup_distributed(120)
-    layout = ClientLayout(world, rank, 1)
-    topo = make_topology("ring", layout.num_clients)
-    groups = ClientGroups.create(layout)
+    layout, topo, groups = ring_of_clients(world, rank)
     report = {}
     for fused in (False, True):
         cfg = load_config(None, ["method=deca", "deca.signal=qgm", "blocks.switch_every=2", "optim.lr=1e-2",

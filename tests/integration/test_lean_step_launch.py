@@ -9,7 +9,7 @@ all-reduce / copy-back of every gradient). Every step's loss and the final weigh
 
 import pytest
 
-from dist import run_distributed, tiny_llama, token_batch
+from dist import ring_of_clients, run_distributed, tiny_llama, token_batch
 
 pytestmark = pytest.mark.integration
 
@@ -20,14 +20,10 @@ def _body(rank, world):
     import deca_ds.engine as E
     import deca_ds.engine.stage0 as stage0
     from deca_ds.config import load_config
-    from deca_ds.gossip import ClientGroups, ClientLayout, Mixer
-    from deca_ds.topology import make_topology
+    from deca_ds.gossip import Mixer
     from lean_reference import PerTensorBlockAdam, per_tensor_all_finite
 
-    E.setup_distributed(120)
-    layout = ClientLayout(world, rank, 1)
-    topo = make_topology("ring", layout.num_clients)
-    groups = ClientGroups.create(layout)
+    layout, topo, groups = ring_of_clients(world, rank)
     cfg = load_config(None, ["method=deca", "deca.signal=qgm", "blocks.switch_every=2", "optim.lr=1e-2",
                              "optim.weight_decay=0.01"])
     ds = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 0.5,

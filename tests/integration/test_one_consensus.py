@@ -15,7 +15,7 @@ One launch of 2 clients x 1 rank (gloo, CPU). For the stage-0 engine (BlockAdam)
 import pytest
 import torch
 
-from dist import run_distributed, tiny_llama, token_batch
+from dist import ring_of_clients, run_distributed, tiny_llama, token_batch
 
 pytestmark = pytest.mark.integration
 
@@ -26,13 +26,9 @@ def _body(rank, world):
     import deca_ds.consensus as consensus
     import deca_ds.engine as E
     from deca_ds.config import load_config
-    from deca_ds.gossip import ClientGroups, ClientLayout, Mixer
-    from deca_ds.topology import make_topology
+    from deca_ds.gossip import Mixer
 
-    E.setup_distributed(120)
-    layout = ClientLayout(world, rank, 1)
-    topo = make_topology("ring", layout.num_clients)
-    groups = ClientGroups.create(layout)
+    layout, topo, groups = ring_of_clients(world, rank)
     cfg = load_config(None, ["method=deca", "deca.signal=qgm", "blocks.switch_every=2", "optim.lr=1e-2",
                              "blocks.include_embeddings=false", "blocks.include_lm_head=false"])
     real_signal, real_fold = consensus.consensus_signal, consensus.fold_moments_

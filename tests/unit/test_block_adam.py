@@ -1,7 +1,6 @@
 """BlockAdam against independent references: torch.optim.AdamW, per-visit fresh AdamW, closed-form moment updates."""
 
 import copy
-import io
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ from torch import nn
 from deca_ds.blocks import partition_blocks
 from deca_ds.optim import BlockAdam, memory_report, quantization_bound
 from deca_ds.optim.state_store import QUANT_BLOCKSIZE
-from tiny import batches, tiny_llama
+from tiny import batches, reload_through_checkpoint, tiny_llama
 
 HP = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1)
 
@@ -279,13 +278,7 @@ def test_state_dict_round_trip_mid_block_bit_identical(policy, dtype):
         loss_of(model, ids).backward()
         opt.step()
     assert opt.inner_step == 1  # mid-block
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=False)
-    model2, opt2 = build()
-    model2.load_state_dict(ckpt["model"])
-    opt2.load_state_dict(ckpt["opt"])
+    model2, opt2, _ = reload_through_checkpoint(model, opt, build)
     assert opt2.global_step == 7 and opt2.active_block_idx == opt.active_block_idx
     assert [n for n, p in model2.named_parameters() if p.requires_grad] == list(opt2.active_block.param_names)
     for ids in data[7:]:

@@ -7,7 +7,6 @@ maps, 256 values per block; m signed, ``sqrt(v)`` unsigned), for the arithmetic 
 """
 
 import copy
-import io
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from deca_ds.blocks import partition_blocks
 from deca_ds.config import ConfigError, load_config
 from deca_ds.optim import BlockAdam, memory_report, quantization_bound
 from deca_ds.optim.block_adam import INT8_MOMENT_KEYS, moments_of
-from tiny import batches, tiny_llama
+from tiny import batches, reload_through_checkpoint, tiny_llama
 
 bnbf = pytest.importorskip("bitsandbytes.functional")
 
@@ -193,13 +192,7 @@ def test_int8_state_dict_round_trip_is_bit_identical(policy, offload_dtype):
     model, opt = build()
     train(model, opt, data[:7])
     assert opt.inner_step == 1  # mid-block
-    buf = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=False)
-    model2, opt2 = build()
-    model2.load_state_dict(ckpt["model"])
-    opt2.load_state_dict(ckpt["opt"])
+    model2, opt2, ckpt = reload_through_checkpoint(model, opt, build)
     train(model2, opt2, data[7:])
     for n, p in model2.named_parameters():
         assert torch.equal(p, expected[n]), n

@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers-per-block", type=int, default=1)
     p.add_argument("--switch-every", type=int, default=1)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--log-every", type=int, default=1,
+                   help="the launcher's log_every: monitoring figures are all-gathered at log steps only")
     p.add_argument("--warmup-rounds", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch threads per client process")
     p.add_argument("--device", default="cpu")
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": "fp32" if a.device == "cpu" else "bf16", "device": a.device, "micro_batch": a.micro_batch,
             "seq_len": a.seq_len, "seed": 0, "lr": 1e-5, "threads": a.threads, "clients": a.clients,
             "topology": a.topology, "layers_per_block": a.layers_per_block, "switch_every": a.switch_every,
-            "reps": a.reps, "warmup_rounds": a.warmup_rounds, "log_every": 1, "gradient_clipping": 1.0,
+            "reps": a.reps, "warmup_rounds": a.warmup_rounds, "log_every": a.log_every, "gradient_clipping": 1.0,
             "gossip_chunk_mb": 64.0}
     rec = measure_real_step(spec)
     print(json.dumps({k: v for k, v in rec.items()}, indent=1))

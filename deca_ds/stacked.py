@@ -14,7 +14,9 @@ stacked along a leading client dimension ``(N, ...)`` and the N clients advance 
   (``reset``/``offload``, fp32 or int8) those of BlockAdam, offloaded state kept per client in
   :class:`deca_ds.optim.state_store.BlockStateStore` (int8 quantization blocks therefore never straddle clients);
 - between steps: :class:`deca_ds.consensus.ConsensusStep` unchanged (one instance for all clients) over
-  :class:`StackedBlockAdam`, whose ``mix`` is one matrix product per tensor (:func:`deca_ds.simulate.mix_rows`).
+  :class:`StackedBlockAdam`, whose ``mix`` is one matrix product per tensor (:func:`deca_ds.simulate.mix_rows`);
+  with ``gossip.compression``, every client's error feedback driven by :func:`deca_ds.compression.mix_clients_`,
+  the per-client simulator's own calls on the same rows (bit-equal given equal inputs).
 
 Equivalence with the per-client path (the reference, itself bit-equal to a launch): the same batches, schedule,
 state policies and formulas; only the float rounding differs (batched vs single matmuls, eager vs SDPA attention,
@@ -283,7 +285,15 @@ class StackedBlockAdam:
 
 
 class _StackedMix:
-    """The ``mix`` of the stacked ConsensusStep: ``X <- W X`` per tensor, one matrix product, in place."""
+    """The ``mix`` of the stacked ConsensusStep, in place on the stacked fp32 tensors of the active block.
+
+    Uncompressed: ``X <- W X`` per tensor, one matrix product. With ``gossip.compression``: every client's
+    :class:`deca_ds.compression.ErrorFeedback` (``sim.feedback``) driven through
+    :func:`deca_ds.compression.mix_clients_` per tensor, the calls the per-client simulator makes
+    (:meth:`deca_ds.simulate.Simulation._precompute_mixture`) on the same rows, hence the same bits; n encodes and
+    n mixes per tensor in Python, no matrix product. Sets ``sim._payload``: bytes of one client's message to one
+    neighbour (header excluded).
+    """
 
     def __init__(self, sim: "StackedSimulation"):
         self.sim = sim
@@ -291,9 +301,29 @@ class _StackedMix:
     def __call__(self, tensors: Sequence[torch.Tensor], step: int, block_idx: int):
         from deca_ds.simulate import mix_rows
 
-        w = self.sim.topology.weights_at(step)
+        sim = self.sim
+        w = sim.topology.weights_at(step)
+        fb = sim.feedback
+        if fb is None:
+            for t in tensors:
+                t.copy_(mix_rows(t, w, sim.wire_dtype).to(t.dtype))
+            sim._payload = sum(t[0].numel() for t in tensors) * torch.tensor([], dtype=sim.wire_dtype).element_size()
+            return None
+        from deca_ds.compression import mix_clients_
+
+        n = sim.num_clients
+        neighbors = [sim.topology.neighbors(c, step) for c in range(n)]
+        numel = sum(t[0].numel() for t in tensors)
+        codecs = [fb[c].begin(block_idx, numel, sim.device) for c in range(n)]
+        payload, offset = 0, 0
         for t in tensors:
-            t.copy_(mix_rows(t, w, self.sim.wire_dtype).to(t.dtype))
+            # Hazard: view, not reshape -- the mix writes into the rows, so they must be the stacked tensor itself
+            # (fp32 masters and stacked parameters are contiguous; a copy would silently drop the mix).
+            payload += mix_clients_(t.view(n, -1), fb, codecs, offset, w, neighbors)
+            offset += t[0].numel()
+        for c in range(n):
+            fb[c].end()
+        sim._payload = payload
         return None
 
 
@@ -311,6 +341,7 @@ class StackedSimulation:
         optimizer: the :class:`StackedBlockAdam` of every client (None for nothing to train).
         hook: the one :class:`~deca_ds.consensus.ConsensusStep` of every client (None for the AdamW baseline).
         diagnostics: the rms(h)/rms(g)/clipping accumulator (:class:`deca_ds.simulate.Diagnostics`).
+        feedback: one :class:`deca_ds.compression.ErrorFeedback` per client with ``gossip.compression`` (else None).
     """
 
     def __init__(self, cfg: RunConfig):
@@ -330,9 +361,12 @@ class StackedSimulation:
         if cfg.model.gradient_checkpointing:
             raise ConfigError("model.gradient_checkpointing=true is not supported by the stacked simulator: set "
                               "simulate.stacked=false or model.gradient_checkpointing=false")
-        if cfg.gossip.compression != "none":
-            raise ConfigError(f"gossip.compression={cfg.gossip.compression} is not supported by the stacked simulator "
-                              "yet: set simulate.stacked=false (the per-client simulator runs it bit-equal to a launch)")
+        # gossip.compression: one error-feedback state per client, driven as the per-client simulator drives them.
+        self.feedback = None
+        if self.topology is not None and cfg.gossip.compression != "none":
+            from deca_ds.compression import ErrorFeedback
+
+            self.feedback = [ErrorFeedback(cfg.gossip.compression) for _ in range(n)]
         from deca_ds.models import load_model_and_tokenizer
 
         model, self.tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
@@ -371,6 +405,7 @@ class StackedSimulation:
                                       mix=_StackedMix(self) if self.topology is not None else None,
                                       signal=cfg.deca.signal, betas=cfg.deca.betas)
         self.bytes_sent = [0] * n
+        self._payload: int | None = None  # set by _StackedMix: bytes of one message of the step's exchange
         self.global_step = 0
         self.peak_optimizer_state_bytes = 0
         self.diagnostics = Diagnostics(n)
@@ -464,15 +499,18 @@ class StackedSimulation:
         if self.hook is not None:
             self.hook.before_step()
         opt.step(grads, skip)
-        step_bytes = [0] * n
-        if self.topology is not None:
-            step_bytes = self._bytes(step, sum(self.params[k].numel() // n for k in active))
+        self._payload = None
         if self.hook is not None:
             self.hook.after_step(step)
             if self.hook.last_signal_sq is not None:
                 numel = sum(self.params[k][0].numel() for k in active)
                 for v in self.hook.last_signal_sq.tolist():
                     self.diagnostics.add_signal(v, numel)
+        step_bytes = [0] * n
+        if self.topology is not None:
+            if self._payload is None:  # every gossiping method has a hook, whose after_step mixed
+                raise RuntimeError(f"stacked simulator: step {step} gossips but its block was not mixed")
+            step_bytes = self._bytes(step, self._payload)
         for c in range(n):
             self.bytes_sent[c] += step_bytes[c]
         self.global_step += 1
@@ -484,13 +522,13 @@ class StackedSimulation:
                           consensus_distance=self.consensus_distances(block) if measure_distance else [0.0] * n,
                           tokens=tokens)
 
-    def _bytes(self, step: int, numel: int) -> list[int]:
+    def _bytes(self, step: int, payload: int) -> list[int]:
+        """Each client's bytes of one step: ``payload`` (one message's bytes) plus the header, per neighbour."""
         from deca_ds.simulate import HEADER_BYTES
 
         w = self.topology.weights_at(step)
-        itemsize = torch.tensor([], dtype=self.wire_dtype).element_size()
-        return [(numel * itemsize + HEADER_BYTES) * int(sum(1 for j in range(self.num_clients)
-                                                            if j != c and w[c, j] != 0.0))
+        return [(payload + HEADER_BYTES) * int(sum(1 for j in range(self.num_clients)
+                                                   if j != c and w[c, j] != 0.0))
                 for c in range(self.num_clients)]
 
     # ------------------------------------------------------------------------------------------- read-outs

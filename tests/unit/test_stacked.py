@@ -29,6 +29,15 @@ Tolerances, derived (settings: lr γ = 1e-3, Adam ε = 1e-3, 50 steps, clipping 
   loss is insensitive to carry these differences (the loss bound above still holds). 1e-3 covers it with a factor
   4 and is more than an order of magnitude below a wrong run (a different graph, asserted below: the bound can
   fail).
+* **Compressed gossip (``gossip.compression``), 10 steps: the bf16-wire loss bound and the weight bound above.**
+  The mix is the per-client simulator's own calls (bit-equal given equal inputs, asserted below), so the paths
+  differ only where their fp32 inputs do, by δ ≈ u32·|x|, and a rounding then flips. The first exchange of a block
+  visit travels in bf16: the bf16-wire argument applies as is. Later exchanges round the change since the last one,
+  |change| ≲ γ = 1e-3 per entry, to a quantum q = absmax/127 ≈ 8e-6 (int8) or absmax/7 ≈ 1.4e-4 (int4), against
+  ulp16 = 2**-8·|x| ≈ 8e-5 for weights ≈ 0.02; a flip moves its entry by q (its residual is sent next time, but what
+  was mixed stays mixed), so the loss difference scales as √(q/δ) like the bf16 wire's √(ulp16/δ): int8 is below
+  that bound, int4 above it by √(q/ulp16) ≈ √2. The bound is for 50 steps with differences adding up linearly;
+  these runs take 10, a factor 5 ≥ √2 below it. Bytes are integers counted by the same calls: equal exactly.
 """
 
 from __future__ import annotations
@@ -117,6 +126,69 @@ def test_stacked_equals_per_client(case):
     assert dg["rms_g"] == pytest.approx(dr["rms_g"], rel=1e-2)
     if dr["rms_h"] is not None:
         assert dg["rms_h"] == pytest.approx(dr["rms_h"], rel=1e-2)
+
+
+COMPRESSED_STEPS = 10  # two visits of block 0 and 1 (switch_every=5): the error-feedback reset on a switch
+
+
+@pytest.mark.parametrize("compression", ["int8", "int4"])
+def test_stacked_compressed_gossip_equals_per_client(compression):
+    """gossip.compression on the stacked path (the reproduction's DECA qgm_grad): bytes of every client at every
+    step equal exactly, losses within the bf16-wire bound and weights within the weight bound (module docstring)."""
+    extra = METHODS["deca_qgm_grad"] + [f"gossip.compression={compression}"]
+    ref, ref_recs = _run(extra, stacked=False, steps=COMPRESSED_STEPS)
+    got, got_recs = _run(extra, stacked=True, steps=COMPRESSED_STEPS)
+    assert [r.block for r in ref_recs] == [0] * 5 + [1] * 5
+    ref_losses = np.array([r.losses for r in ref_recs])
+    assert np.isfinite(ref_losses).all()
+    np.testing.assert_allclose(np.array([r.losses for r in got_recs]), ref_losses, rtol=LOSS_RTOL_BF16_WIRE, atol=0)
+    assert [r.bytes_sent for r in got_recs] == [r.bytes_sent for r in ref_recs]
+    assert got.bytes_sent == ref.bytes_sent
+    # Per neighbour: the header plus each tensor's packet, bf16 at a visit's first exchange, else the codec's.
+    from deca_ds.compression import FIRST_EXCHANGE_CODEC, make_codec
+    from deca_ds.simulate import HEADER_BYTES
+
+    w = got.topology.weights_at(0)
+    degree = [sum(1 for j in range(3) if j != c and w[c, j] != 0.0) for c in range(3)]
+    for s, r in enumerate(got_recs):
+        codec = FIRST_EXCHANGE_CODEC if s % 5 == 0 else make_codec(compression)
+        payload = sum(codec.packet_bytes(got.params[k][0].numel()) for k in got.blocks[r.block])
+        assert r.bytes_sent == [(payload + HEADER_BYTES) * d for d in degree]
+    assert _rel(stacked_weights(ref), stacked_weights(got)) <= WEIGHT_RTOL
+
+
+@pytest.mark.parametrize("compression", ["bf16", "int8", "int4"])
+def test_stacked_compressed_mix_is_bit_equal_to_the_per_client_mix(compression):
+    """Given the same values, the stacked mix (``_StackedMix`` over the stacked masters) and the per-client
+    simulator's (``_precompute_mixture`` over each client's masters) give the same bits, error-feedback state and
+    bytes, exchange after exchange of one block visit (a bf16 first exchange, then the codec's)."""
+    from deca_ds.stacked import _StackedMix
+
+    extra = ["method=badam_gossip", f"gossip.compression={compression}"]
+    ref = Simulation(load_config(None, BASE + extra + ["simulate.stacked=false"]))
+    got = StackedSimulation(load_config(None, BASE + extra))
+    n = got.num_clients
+    gen = torch.Generator().manual_seed(0)
+    stacked = [t.clone() for t in got.optimizer.master_params()]
+    for step in range(3):
+        for t in stacked:  # a change of about an Adam step per entry, different per client
+            t.add_(torch.randn(t.shape, generator=gen), alpha=1e-3)
+        for c in range(n):
+            for mine, t in zip(ref.active_tensors(c), stacked, strict=True):
+                mine.copy_(t[c])
+        masters = got.optimizer.master_params()
+        for mine, t in zip(masters, stacked, strict=True):
+            mine.copy_(t)
+        ref._precompute_mixture(step, 0)
+        _StackedMix(got)(masters, step, 0)
+        for mixed, mine, before in zip(ref._mixed[1], masters, stacked, strict=True):
+            assert torch.equal(mixed, mine)
+            assert not torch.equal(mine, before)  # the mix changed the values
+        assert got._bytes(step, got._payload) == ref._step_bytes
+        for a, b in zip(ref.feedback, got.feedback, strict=True):
+            assert (a.exchanges, a.block) == (b.exchanges, b.block) == (step + 1, 0)
+            assert torch.equal(a.public, b.public) and torch.equal(a.neighbour_sum, b.neighbour_sum)
+        stacked = [t.clone() for t in masters]
 
 
 def test_a_wrong_mixing_matrix_fails_the_parity_bound():

@@ -531,7 +531,7 @@ def cmd_protocol(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     names = args.grids or list(PROTOCOL_GRIDS)
     t0 = time.perf_counter()
-    for phase in ("tune", "eval"):
+    for phase in args.phases:
         tasks = []
         for name in names:
             todo_tune, todo_eval = protocol_todo(name, out, args.methods)
@@ -660,6 +660,8 @@ def main(argv=None) -> int:
     p.add_argument("--grids", nargs="*", choices=PROTOCOL_GRIDS, help=f"a subset of {', '.join(PROTOCOL_GRIDS)}")
     p.add_argument("--limit", type=int, default=0, help="run at most this many missing runs per phase")
     p.add_argument("--methods", nargs="*", help="only these method labels (default: every method of the grids)")
+    p.add_argument("--phases", nargs="+", choices=("tune", "eval"), default=["tune", "eval"],
+                   help="run only these phases (e.g. --phases tune: the tuning runs, no evaluation run yet)")
     sp = sub.add_parser("summarize-protocol", help="the markdown tables of a protocol grid's results")
     sp.add_argument("grid", choices=PROTOCOL_GRIDS)
     sp.add_argument("--out", default="docs/results")

@@ -155,3 +155,26 @@ def test_every_published_cell_has_at_least_five_evaluation_seeds():
                 parts = [method]
             for p in parts:
                 assert set(seeds) <= records.get(p, set()), f"{where}: {p} seeds {seeds} not all in the results"
+
+
+def test_protocol_phases_tune_runs_only_the_tuning_runs(tmp_path, monkeypatch):
+    """``protocol --phases tune`` hands only the tuning runs to the pool; the default runs both phases in order."""
+    (tmp_path / "grids").mkdir()
+    (tmp_path / "grids" / "tiny.yaml").write_text(yaml.safe_dump(_spec(tune={"seeds": [100], "lr": [0.001]})))
+    monkeypatch.setattr(sweep, "GRIDS_DIR", tmp_path / "grids")
+    monkeypatch.setattr(sweep, "PROTOCOL_GRIDS", ("tiny",))
+    monkeypatch.setattr(sweep, "summarize_protocol", lambda name, out: "")
+    pooled = []
+
+    def fake_pool(tasks, jobs):  # record each batch and finish its runs with a score
+        pooled.append([t[0]["phase"] for t in tasks])
+        for run, _, results in tasks:
+            with open(results, "a") as f:
+                f.write(json.dumps(_rec(run, 1.0)) + "\n")
+
+    monkeypatch.setattr(sweep, "_run_pool", fake_pool)
+    out = str(tmp_path / "out")
+    assert sweep.main(["protocol", "--grids", "tiny", "--out", out, "--phases", "tune"]) == 0
+    assert pooled == [["tune", "tune"]]  # deca and badam_gossip at one lr, one tuning seed; no evaluation run
+    assert sweep.main(["protocol", "--grids", "tiny", "--out", out]) == 0
+    assert pooled[1] == [] and pooled[2] == ["eval"] * 10  # tuning done: the 2 methods x 5 evaluation seeds

@@ -7,7 +7,8 @@
    alternated rounds, medians with spread, FLOP ceiling) on a >= 1B model built from its config (no download);
 3. planner vs measured peak memory for that >= 1B model (default ``recipes/models/qwen2-1.5b``, 1.54B parameters):
    BlockAdam trains the blocks with the largest activations (the lowest block) and the largest block (embeddings /
-   LM head), and ``torch.cuda.max_memory_allocated`` is compared with ``deca-ds plan``'s model states + activations.
+   LM head), and ``torch.cuda.max_memory_allocated`` is compared with ``deca-ds plan``'s model states + activations,
+   for the plain step and for the leanest one (``optim.fused_backward`` + ``optim.moment_dtype=int8``).
 
 Each part runs in its own process under its own time limit (the limits add up to less than ``--budget-s``), so one
 part that hangs costs only its share. Without CUDA it prints why nothing ran and exits 0. Exit status: 1 if any part
@@ -28,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = "recipes/models/qwen2-1.5b"
 # Seconds per part; their sum stays under the 8-minute budget with start-up to spare.
-LIMITS = {"gpu_tests": 120, "benchmark": 240, "peak_memory": 100}
+LIMITS = {"gpu_tests": 110, "benchmark": 230, "peak_memory": 120}
 
 
 def parts(args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -65,9 +66,22 @@ def compare_peak(planned: dict[str, int], measured_peak: int) -> dict[str, Any]:
             "measured_over_planned": measured_peak / total, "ok": measured_peak <= total}
 
 
+PEAK_CASES = (("plain", False, "fp32"), ("fused_int8", True, "int8"))
+"""The peak-memory cases: ``(name, optim.fused_backward, optim.moment_dtype)`` -- the unfused fp32-moment step and
+the leanest one (step fused into backward, 8-bit active-block moments), each checked against its own plan."""
+
+
 def peak_memory_check(model_dir: str, seq_len: int, micro_batch: int) -> dict[str, Any]:
     """Train the lowest block, the largest block and the next one of ``model_dir`` (random init, bf16, one GPU)
-    with BlockAdam and compare the peak with :func:`deca_ds.bench.planner.plan_from_model_dir`."""
+    with BlockAdam, once per :data:`PEAK_CASES` case on the same model, and compare each case's peak with
+    :func:`deca_ds.bench.planner.plan_from_model_dir` for the same settings.
+
+    Returns:
+        The ``plain`` case's figures at the top level (:func:`compare_peak`'s keys plus the model's), every case's
+        under ``cases`` by name, and ``ok`` only when every case's measured peak is within its plan.
+    """
+    import gc
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -76,10 +90,6 @@ def peak_memory_check(model_dir: str, seq_len: int, micro_batch: int) -> dict[st
     from deca_ds.config import BlocksConfig
     from deca_ds.optim import BlockAdam
 
-    plan = plan_from_model_dir(model_dir, PlanRequest(gpu_memory=1024 * GIB, seq_len=seq_len,
-                                                      micro_batch=micro_batch, clients=1, state_policy="reset",
-                                                      dtype="bf16", layers_per_block=1, include_embeddings=True,
-                                                      include_lm_head=True))
     config = AutoConfig.from_pretrained(model_dir)
     config.use_cache = False
     torch.manual_seed(0)
@@ -90,21 +100,38 @@ def peak_memory_check(model_dir: str, seq_len: int, micro_batch: int) -> dict[st
     sizes = part.block_sizes(model)
     largest = max(range(len(sizes)), key=sizes.__getitem__)
     order = [0, largest, 1 if largest != 1 else 2]
-    opt = BlockAdam(model, part, lr=1e-5, switch_every=1, order="fixed", fixed_order=order)
-    g = torch.Generator().manual_seed(1)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    for _ in order:
-        ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len), generator=g).cuda()
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-    torch.cuda.synchronize()
-    out = compare_peak({"model_states": plan.deca["model_states"], "activations": plan.activation_bytes},
-                       torch.cuda.max_memory_allocated())
-    out.update(model=model_dir, params=sum(p.numel() for p in model.parameters()), blocks_visited=order,
-               largest_block_params=sizes[largest], planned_model_states=plan.deca["model_states"],
-               planned_activations=plan.activation_bytes, seconds=time.perf_counter() - t0)
+    cases = {}
+    for name, fused, moments in PEAK_CASES:
+        plan = plan_from_model_dir(model_dir, PlanRequest(gpu_memory=1024 * GIB, seq_len=seq_len,
+                                                          micro_batch=micro_batch, clients=1, state_policy="reset",
+                                                          dtype="bf16", layers_per_block=1, include_embeddings=True,
+                                                          include_lm_head=True, fused_backward=fused,
+                                                          moment_dtype=moments))
+        opt = BlockAdam(model, part, lr=1e-5, switch_every=1, order="fixed", fixed_order=order,
+                        fused_backward=fused, moment_dtype=moments)
+        g = torch.Generator().manual_seed(1)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        t0 = time.perf_counter()
+        for _ in order:
+            ids = torch.randint(0, config.vocab_size, (micro_batch, seq_len), generator=g).cuda()
+            model(input_ids=ids, labels=ids).loss.backward()
+            opt.step()
+        torch.cuda.synchronize()
+        case = compare_peak({"model_states": plan.deca["model_states"], "activations": plan.activation_bytes},
+                            torch.cuda.max_memory_allocated())
+        cases[name] = dict(case, fused_backward=fused, moment_dtype=moments,
+                           planned_model_states=plan.deca["model_states"], planned_activations=plan.activation_bytes,
+                           seconds=time.perf_counter() - t0)
+        # The next case starts from the same weights with nothing of this optimizer alive (state, grads). The fused
+        # case comes last: its backward hooks stay on the parameters it leaves behind.
+        model.zero_grad(set_to_none=True)
+        del opt
+        gc.collect()
+        torch.cuda.empty_cache()
+    out = dict(cases["plain"], model=model_dir, params=sum(p.numel() for p in model.parameters()),
+               blocks_visited=order, largest_block_params=sizes[largest], cases=cases)
+    out["ok"] = all(c["ok"] for c in cases.values())
     return out
 
 
@@ -128,12 +155,12 @@ def summarize(results: list[dict[str, Any]], extra: dict[str, Any] | None = None
         lines.append(f"{r['name']:12s} {r['status'].upper():8s} {r['seconds']:7.1f} s")
     if extra:
         pm = extra.get("peak_memory")
-        if pm:
-            lines.append(f"peak memory ({pm['model']}, {pm['params'] / 1e9:.2f}B params): measured "
-                         f"{pm['measured_bytes'] / 2**30:.2f} GiB vs planned {pm['planned_bytes'] / 2**30:.2f} GiB "
-                         f"(model states {pm['planned_model_states'] / 2**30:.2f} + activations "
-                         f"{pm['planned_activations'] / 2**30:.2f}); measured/planned "
-                         f"{pm['measured_over_planned']:.3f} -> {'OK' if pm['ok'] else 'PLAN TOO LOW'}")
+        for name, c in (pm.get("cases") or {"plain": pm}).items() if pm else ():
+            lines.append(f"peak memory {name} ({pm['model']}, {pm['params'] / 1e9:.2f}B params): measured "
+                         f"{c['measured_bytes'] / 2**30:.2f} GiB vs planned {c['planned_bytes'] / 2**30:.2f} GiB "
+                         f"(model states {c['planned_model_states'] / 2**30:.2f} + activations "
+                         f"{c['planned_activations'] / 2**30:.2f}); measured/planned "
+                         f"{c['measured_over_planned']:.3f} -> {'OK' if c['ok'] else 'PLAN TOO LOW'}")
     for r in results:
         lines.append(f"-- {r['name']} (last lines) --")
         lines.extend(r["tail"])

@@ -57,3 +57,9 @@ def test_compare_peak_and_summary():
     text = gpu_check.summarize(results, {"peak_memory": pm})
     assert "gpu_tests    PASS" in text and "peak_memory  FAIL" in text and "PLAN TOO LOW" in text
     assert "FAILURES" in text and "2 passed" in text and "boom" in text
+    # Both peak-memory cases get their own verdict line.
+    fused = dict(ok, planned_model_states=5 * 2**30, planned_activations=2 * 2**30)
+    text = gpu_check.summarize(results, {"peak_memory": dict(pm, cases={"plain": pm, "fused_int8": fused})})
+    assert "peak memory plain" in text and "PLAN TOO LOW" in text
+    assert "peak memory fused_int8" in text and "-> OK" in text
+    assert [name for name, _, _ in gpu_check.PEAK_CASES] == ["plain", "fused_int8"]

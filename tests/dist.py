@@ -189,3 +189,34 @@ def token_batch(client, step):
     g = torch.Generator().manual_seed(1000 * client + step)
     ids = torch.randint(0, 64, (2, 12), generator=g)
     return [{"input_ids": ids, "labels": ids}]
+
+
+def once_per_session(request, tmp_path_factory, name: str, fn):
+    """``fn()``'s result, computed once for the whole test session, also under pytest-xdist.
+
+    Without xdist a session fixture already runs once. Under xdist each worker has its own session, and the tests that
+    share a launch may be drawn by different workers: the first worker to get here runs ``fn`` under a file lock in
+    the directory every worker's temporary directory lives in, and stores the result; the others wait for the lock
+    and read it (pytest-xdist's documented recipe). A failed ``fn`` stores nothing: the next worker runs it again and
+    fails on its own.
+
+    Args:
+        request: the requesting fixture's ``request`` (its config tells whether this is an xdist worker).
+        tmp_path_factory: pytest's session ``tmp_path_factory``.
+        name: the file name the result is kept under (one per launch).
+        fn: what to run; its result must pickle.
+    """
+    if getattr(request.config, "workerinput", None) is None:  # not an xdist worker
+        return fn()
+    import pickle
+
+    from filelock import FileLock  # a dependency of transformers and huggingface_hub
+
+    root = tmp_path_factory.getbasetemp().parent
+    path = root / f"{name}.pickle"
+    with FileLock(str(path) + ".lock"):
+        if path.is_file():
+            return pickle.loads(path.read_bytes())
+        result = fn()
+        path.write_bytes(pickle.dumps(result))
+        return result

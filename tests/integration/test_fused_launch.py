@@ -4,11 +4,14 @@
 backward that now updates the weights), blocks switching every 2 steps, 3 steps (one switch). Each client runs the
 stage-0 engine (DeepSpeed around BlockAdam, gossip through the Mixer) once unfused and once fused, on the same model
 and batches; every step's loss and the final weights must be equal.
+
+The launch is shared with the other engine checks (tests/engine_launch.py, fixture ``engine_launch``): its two
+processes run each file's ``_body`` in turn; the assertions stay here.
 """
 
 import pytest
 
-from dist import ring_of_clients, run_distributed, tiny_llama, token_batch
+from dist import ring_of_clients, tiny_llama, token_batch
 
 pytestmark = pytest.mark.integration
 
@@ -38,8 +41,8 @@ def _body(rank, world):
     return report
 
 
-def test_fused_backward_launch_equals_unfused_bit_for_bit():
-    results = run_distributed(_body, 2, timeout=300)
+def test_fused_backward_launch_equals_unfused_bit_for_bit(engine_launch):
+    results = [r["fused"] for r in engine_launch]  # _body in the shared launch (tests/engine_launch.py)
     for report in results:
         ref_losses, ref_blocks, ref_bad, ref_w, ref_fused, _ = report[False]
         losses, blocks, bad, w, fused, reduced = report[True]

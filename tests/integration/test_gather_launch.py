@@ -5,11 +5,14 @@ under :func:`deca_ds.loop.run_loop` (only the batches are ``tiny_llama`` token b
 8 steps run twice from the same weights: ``log_every=4`` must all-gather exactly twice (after steps 3 and 7) and
 nothing else of the all-gather family, ``log_every=1`` every step as before; the metrics records at steps 3 and 7
 must be equal between the two (every logged figure but the wall time).
+
+The launch is shared with the other engine checks (tests/engine_launch.py, fixture ``engine_launch``): its two
+processes run each file's ``_body`` in turn; the assertions stay here.
 """
 
 import pytest
 
-from dist import run_distributed, tiny_llama, token_batch
+from dist import tiny_llama, token_batch
 
 pytestmark = pytest.mark.integration
 
@@ -73,8 +76,8 @@ def _body(rank, world, tmp):
     return report
 
 
-def test_log_every_4_gathers_twice_in_8_steps_and_logs_what_log_every_1_logs(tmp_path):
-    results = run_distributed(_body, 2, str(tmp_path), timeout=240)
+def test_log_every_4_gathers_twice_in_8_steps_and_logs_what_log_every_1_logs(engine_launch):
+    results = [r["gather"] for r in engine_launch]  # _body in the shared launch (tests/engine_launch.py)
     for report in results:
         assert report[4]["calls"] == ["all_gather"] * 2
         assert report[1]["calls"] == ["all_gather"] * STEPS

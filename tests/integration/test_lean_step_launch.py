@@ -5,11 +5,14 @@ the stage-0 engine twice on the same model and batches: as built now (one fused 
 reduction for a one-rank client, foreach BlockAdam step and consensus fold), and as it was (the reference in
 tests/lean_reference.py: per-tensor AdamW and fold, a host sync per tensor's finite check, DeepSpeed's flatten /
 all-reduce / copy-back of every gradient). Every step's loss and the final weights must be equal.
+
+The launch is shared with the other engine checks (tests/engine_launch.py, fixture ``engine_launch``): its two
+processes run each file's ``_body`` in turn; the assertions stay here.
 """
 
 import pytest
 
-from dist import ring_of_clients, run_distributed, tiny_llama, token_batch
+from dist import ring_of_clients, tiny_llama, token_batch
 
 pytestmark = pytest.mark.integration
 
@@ -53,8 +56,8 @@ def _body(rank, world):
     return report
 
 
-def test_lean_step_equals_previous_step_bit_for_bit():
-    results = run_distributed(_body, 2, timeout=300)
+def test_lean_step_equals_previous_step_bit_for_bit(engine_launch):
+    results = [r["lean"] for r in engine_launch]  # _body in the shared launch (tests/engine_launch.py)
     for report in results:
         lean_losses, lean_w, lean_reduced = report["lean"]
         prev_losses, prev_w, _ = report["previous"]

@@ -10,12 +10,15 @@ One launch of 2 clients x 1 rank (gloo, CPU). For the stage-0 engine (BlockAdam)
   engines, and by the same amount: after 3 steps each engine's weights move away from its own unpatched run, and the
   two patched runs stay equal to each other as the unpatched runs do (ZeRO-1 with one rank per client reduces
   gradients in the stage-0 order, so equality is exact).
+
+The launch is shared with the other engine checks (tests/engine_launch.py, fixture ``engine_launch``): its two
+processes run each file's ``_body`` in turn; the assertions stay here.
 """
 
 import pytest
 import torch
 
-from dist import ring_of_clients, run_distributed, tiny_llama, token_batch
+from dist import ring_of_clients, tiny_llama, token_batch
 
 pytestmark = pytest.mark.integration
 
@@ -71,8 +74,8 @@ def _body(rank, world):
     return report
 
 
-def test_stage0_and_zero_run_the_same_consensus_code():
-    results = run_distributed(_body, 2, timeout=300)
+def test_stage0_and_zero_run_the_same_consensus_code(engine_launch):
+    results = [r["consensus"] for r in engine_launch]  # _body in the shared launch (tests/engine_launch.py)
     for report in results:
         for stage in (0, 1):
             counts, expected, _ = report[(stage, "counted")]

@@ -1,6 +1,7 @@
 """ZeRO stages 1-3 (:mod:`deca_ds.engine.zero`) against the stage-0 path, on 2 clients x 2 ranks (4 gloo processes).
 
-One launch per stage runs the stage-0 reference (:class:`deca_ds.engine.DecaEngine`, BlockAdam) and the ZeRO engine
+One launch (the three stages in turn, stage 3 last; fixture ``zero_launch``) runs, for each stage, the stage-0
+reference (:class:`deca_ds.engine.DecaEngine`, BlockAdam) and the ZeRO engine
 on the same tiny Llama and the same per-client data, recording every weight after every step, and checks:
 - only the scheduled block moves at every step, switching steps included (BAdam's ZeRO-3 path loses those);
 - the ZeRO weights equal the stage-0 weights within float tolerance at every step (gradients are reduced in another
@@ -78,7 +79,6 @@ def _run(engine, layout, steps, start=0):
 def _body(rank, world, stage, dtype_name, policy, zero_extra):
     import deca_ds.engine as E
     from deca_ds.config import load_config
-    from deca_ds.ds_config import check_ds_config
     from deca_ds.gossip import ClientGroups, ClientLayout, Mixer
     from deca_ds.topology import make_topology
 
@@ -113,6 +113,18 @@ def _body(rank, world, stage, dtype_name, policy, zero_extra):
         return real_broadcast(engine)
 
     DeepSpeedEngine._broadcast_model = counting_broadcast
+    try:
+        return _compare(report, cfg, layout, topo, groups, stage, dtype, dtype_name, zero_extra, broadcasts)
+    finally:  # the next stage runs in the same processes (_stages)
+        DeepSpeedEngine._broadcast_model = real_broadcast
+
+
+def _compare(report, cfg, layout, topo, groups, stage, dtype, dtype_name, zero_extra, broadcasts):
+    """The stage-0 and the ZeRO runs of :func:`_body` (after its presharded check), into ``report``."""
+    import deca_ds.engine as E
+    from deca_ds.ds_config import check_ds_config
+    from deca_ds.gossip import Mixer
+
     base = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
             "steps_per_print": 10**9}
     runs = {}
@@ -158,6 +170,18 @@ def _body(rank, world, stage, dtype_name, policy, zero_extra):
     return report
 
 
+def _stages(rank, world, cases):
+    """Inside one launch: :func:`_body` for each ``(stage, dtype, policy, extra)`` of ``cases`` in turn.
+
+    Each report also holds ``live_left``: the live tensor bytes an earlier stage left in the process (0 for the
+    first), which the memory check takes out of its 1% slack so that it is as tight as in a launch of its own."""
+    reports, first = [], _live_tensor_bytes()
+    for case in cases:
+        left = _live_tensor_bytes() - first
+        reports.append(dict(_body(rank, world, *case), live_left=left))
+    return reports
+
+
 def _check(results, stage, atol):
     for rep in results:
         rep["runs"] = {st: [(b, sw, {k: torch.from_numpy(v) for k, v in w.items()}) for b, sw, w in run]
@@ -172,7 +196,9 @@ def _check(results, stage, atol):
         # checks below show the ranks of a client stay identical without it.
         assert len(rep["switch_seconds"]) >= 3 and rep["broadcasts_at_switches"] == 0, rep["broadcasts_at_switches"]
         live, live_a, live_b = rep["live_bytes"]
-        assert live_b <= live_a * 1.01 + 4096, f"rank {rank}: tensor bytes grew over 12 switches {rep['live_bytes']}"
+        left = max(rep.get("live_left", 0), 0)  # bytes an earlier stage of the shared launch left (see _stages)
+        assert live_b <= (live_a - left) * 1.01 + left + 4096, \
+            f"rank {rank}: tensor bytes grew over 12 switches {rep['live_bytes']} (earlier stages left {left})"
         for st in (0, stage):
             run = rep["runs"][st]
             for s in range(1, len(run)):
@@ -199,12 +225,27 @@ def _check(results, stage, atol):
                         assert torch.allclose(w[k], wr[k], atol=1e-6), f"stage {st}: clients differ at {k}"
 
 
-@pytest.mark.parametrize("stage,dtype,policy,extra,atol", [
+CASES = [  # (stage, dtype, policy, extra, atol), run in this order in one launch
     (1, "fp32", "offload", {}, 2e-5),
     (2, "fp32", "reset", {"offload_optimizer": {"device": "cpu"}}, 2e-5),
     (3, "fp32", "offload", {}, 2e-5),
-])
-def test_zero_matches_stage0_moves_only_the_active_block_and_resumes(stage, dtype, policy, extra, atol):
-    # The timeout only catches a hang: under a parallel test run on 2 shared cores one stage has taken 240 s.
-    results = run_distributed(_body, 4, stage, dtype, policy, extra, init=False, timeout=900)
-    _check(results, stage, atol)
+]
+
+
+@pytest.fixture(scope="module")
+def zero_launch(request, tmp_path_factory):
+    """One 4-process launch running every case of ``CASES`` (:func:`_stages`): ``{stage: [report of each rank]}``,
+    once per session also under xdist (:func:`dist.once_per_session`)."""
+    from dist import once_per_session
+
+    def launch():
+        # The timeout only catches a hang: under a parallel test run on 2 shared cores one stage has taken 240 s.
+        per_rank = run_distributed(_stages, 4, [c[:4] for c in CASES], init=False, timeout=1800)
+        return {case[0]: [reports[i] for reports in per_rank] for i, case in enumerate(CASES)}
+
+    return once_per_session(request, tmp_path_factory, "zero_launch", launch)
+
+
+@pytest.mark.parametrize("stage,dtype,policy,extra,atol", CASES)
+def test_zero_matches_stage0_moves_only_the_active_block_and_resumes(stage, dtype, policy, extra, atol, zero_launch):
+    _check(zero_launch[stage], stage, atol)

@@ -57,7 +57,7 @@ from deca_ds.loop import StepRecord, run_loop, write_summary
 from deca_ds.step import clip_grad_norm_as_deepspeed_, grads_finite, run_micro_batches
 
 __all__ = ["Simulation", "SimulatorDriver", "run_simulation", "make_simulation", "mix_rows", "resolve_device",
-           "HEADER_BYTES", "Diagnostics", "common_setup"]
+           "HEADER_BYTES", "Diagnostics", "common_setup", "exchange_bytes"]
 
 HEADER_BYTES = 4 * 8
 """Bytes of the int64 header (block, step, client, numel) the launcher's Mixer sends before every payload."""
@@ -122,6 +122,19 @@ def mix_rows(stacked: torch.Tensor, weights: np.ndarray, wire_dtype: torch.dtype
     diag = torch.diagonal(w).clone()
     off = w - torch.diag(diag)
     return (off @ wire + diag[:, None] * own).view(stacked.shape)
+
+
+def exchange_bytes(weights, payload: int) -> list[int]:
+    """Each client's bytes of one exchange: one message of ``payload`` bytes plus the header to every neighbour
+    (every ``j != c`` with ``W[c, j] != 0``), as the launcher's Mixer counts them. Both simulators count with it.
+
+    Args:
+        weights: the step's mixing matrix ``W`` (``num_clients x num_clients``, indexable as ``weights[c, j]``).
+        payload: bytes of one client's message to one neighbour (the same for every client), header excluded.
+    """
+    n = len(weights)
+    return [(payload + HEADER_BYTES) * int(sum(1 for j in range(n) if j != c and weights[c, j] != 0.0))
+            for c in range(n)]
 
 
 def common_setup(sim, cfg: RunConfig) -> None:
@@ -519,9 +532,7 @@ class Simulation:
         if fb is not None:
             for c in range(n):
                 fb[c].end()
-        for c in range(self.num_clients):
-            degree = int(sum(1 for j in range(self.num_clients) if j != c and w[c, j] != 0.0))
-            self._step_bytes[c] = (payload + HEADER_BYTES) * degree
+        self._step_bytes = exchange_bytes(w, payload)
         self._mixed = ((step, block), mixed)
 
     def evaluate_clients(self) -> list[dict[str, Any]]:

@@ -510,7 +510,9 @@ class StackedSimulation:
         if self.topology is not None:
             if self._payload is None:  # every gossiping method has a hook, whose after_step mixed
                 raise RuntimeError(f"stacked simulator: step {step} gossips but its block was not mixed")
-            step_bytes = self._bytes(step, self._payload)
+            from deca_ds.simulate import exchange_bytes
+
+            step_bytes = exchange_bytes(self.topology.weights_at(step), self._payload)
         for c in range(n):
             self.bytes_sent[c] += step_bytes[c]
         self.global_step += 1
@@ -521,15 +523,6 @@ class StackedSimulation:
                           nonfinite=[not bool(x) for x in finite], bytes_sent=step_bytes,
                           consensus_distance=self.consensus_distances(block) if measure_distance else [0.0] * n,
                           tokens=tokens)
-
-    def _bytes(self, step: int, payload: int) -> list[int]:
-        """Each client's bytes of one step: ``payload`` (one message's bytes) plus the header, per neighbour."""
-        from deca_ds.simulate import HEADER_BYTES
-
-        w = self.topology.weights_at(step)
-        return [(payload + HEADER_BYTES) * int(sum(1 for j in range(self.num_clients)
-                                                   if j != c and w[c, j] != 0.0))
-                for c in range(self.num_clients)]
 
     # ------------------------------------------------------------------------------------------- read-outs
 

@@ -359,8 +359,7 @@ def _record_what_leaves(rank, world_size, steps, chunk_bytes):
     # Collectives also leave the client: any call here would show up as an unexpected record.
     collectives = ("all_reduce", "all_gather", "broadcast", "reduce_scatter", "all_gather_into_tensor")
     real_collectives = {name: getattr(dist, name) for name in collectives}
-    for name in collectives:
-        real = getattr(dist, name)
+    for name, real in real_collectives.items():
         setattr(dist, name, (lambda n, r: lambda t, *a, **k: (rec(n, t if torch.is_tensor(t) else a[0]),
                                                                r(t, *a, **k))[1])(name, real))
 

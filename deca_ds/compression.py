@@ -50,7 +50,7 @@ import torch
 from deca_ds.config import COMPRESSIONS
 
 __all__ = ["COMPRESSIONS", "GROUP_SIZE", "Codec", "make_codec", "ErrorFeedback", "FIRST_EXCHANGE_CODEC",
-           "mix_clients_"]
+           "ClientsExchange"]
 
 GROUP_SIZE = 256
 """Values per quantization scale (int8/int4). Each group costs a 2-byte bf16 scale: 1/128 byte per value."""
@@ -342,30 +342,56 @@ class ErrorFeedback:
         self.neighbour_sum = state["neighbour_sum"].to(torch.float32).clone()
 
 
-def mix_clients_(rows: torch.Tensor, states: Sequence[ErrorFeedback], codecs: Sequence[Codec], offset: int,
-                 weights, neighbors: Sequence[Sequence[int]]) -> int:
-    """Compressed gossip of one tensor of the active block for every client held in one process, in place.
+class ClientsExchange:
+    """Compressed gossip of one block for every client held in one process (the simulators), tensor by tensor.
 
-    Row ``c`` of ``rows`` is client ``c``'s copy. Every client encodes its row before any client mixes (a packet is
-    the sender's change, never its mixed value), then each absorbs its neighbours' packets in ``neighbors[c]``
-    order: the calls each client's :class:`deca_ds.gossip.Mixer` makes for the pieces of this tensor, hence the
-    same bits. Call ``states[c].begin(...)`` before the block's first tensor and ``states[c].end()`` after its last.
+    Construction opens the exchange (every client's :meth:`ErrorFeedback.begin`), :meth:`mix_` mixes the block's
+    tensors in block order, :meth:`end` closes it. Per tensor every client encodes its row before any client mixes (a
+    packet is the sender's change, never its mixed value), then each absorbs its neighbours' packets in
+    ``neighbors[c]`` order: the calls each client's :class:`deca_ds.gossip.Mixer` makes for the pieces of this
+    tensor, hence the same bits.
 
     Args:
-        rows: ``(num_clients, numel)`` fp32, each row contiguous (e.g. ``stacked.view(n, -1)``); overwritten with the
-            mixed values.
         states: each client's error-feedback state.
-        codecs: each client's codec for this exchange (what ``begin`` returned).
-        offset: the tensor's first element inside the exchanged range (the block's tensors laid end to end).
+        block_idx: the exchanged block.
+        numel: values in the block (its tensors laid end to end).
+        device: where the exchange computes.
         weights: the mixing matrix ``W`` (indexable as ``weights[c, j]``).
         neighbors: each client's neighbours, in ``Topology.neighbors`` order.
-
-    Returns:
-        Bytes of one client's packet of this tensor (the same for every client).
     """
-    n = rows.shape[0]
-    packets = [states[c].encode(codecs[c], rows[c], offset) for c in range(n)]
-    for c in range(n):
-        states[c].mix_(codecs[c], rows[c], offset, weights[c, c], [packets[j] for j in neighbors[c]],
-                       [weights[c, j] for j in neighbors[c]])
-    return packets[0].numel()
+
+    def __init__(self, states: Sequence[ErrorFeedback], block_idx: int, numel: int,
+                 device: torch.device | str | None, weights, neighbors: Sequence[Sequence[int]]):
+        self.states, self.weights, self.neighbors = states, weights, neighbors
+        self.codecs = [s.begin(block_idx, numel, device) for s in states]
+        self.offset = 0  # the next tensor's first element inside the exchanged range
+        self.payload = 0  # bytes of one client's message to one neighbour so far (equal for every client)
+
+    def mix_(self, rows: torch.Tensor) -> torch.Tensor:
+        """Mix the block's next tensor for every client, in place.
+
+        Args:
+            rows: ``(num_clients, numel)`` fp32, row ``c`` client ``c``'s copy, each row contiguous (e.g.
+                ``stacked.view(n, -1)``); overwritten with the mixed values.
+
+        Returns:
+            ``rows``.
+        """
+        n, states, codecs, w = rows.shape[0], self.states, self.codecs, self.weights
+        packets = [states[c].encode(codecs[c], rows[c], self.offset) for c in range(n)]
+        for c in range(n):
+            states[c].mix_(codecs[c], rows[c], self.offset, w[c, c], [packets[j] for j in self.neighbors[c]],
+                           [w[c, j] for j in self.neighbors[c]])
+        self.offset += rows.shape[1]
+        self.payload += packets[0].numel()
+        return rows
+
+    def end(self) -> int:
+        """Close the exchange for every client.
+
+        Returns:
+            Bytes of one client's message to one neighbour (packets and scales, header excluded).
+        """
+        for s in self.states:
+            s.end()
+        return self.payload

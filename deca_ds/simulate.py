@@ -508,30 +508,28 @@ class Simulation:
         neighbors = [self.topology.neighbors(c, step) for c in range(n)]
         per_client = [self.active_tensors(c) for c in range(n)]
         numel = sum(t.numel() for t in per_client[0])
-        fb = self.feedback
-        codecs = [fb[c].begin(block, numel, self.device) for c in range(n)] if fb is not None else None
-        payload, offset = 0, 0  # bytes of one client's message to one neighbour (equal for every client)
+        if self.feedback is not None:
+            from deca_ds.compression import ClientsExchange
+
+            exchange = ClientsExchange(self.feedback, block, numel, self.device, w, neighbors)
+        payload = 0  # bytes of one client's message to one neighbour (equal for every client)
         mixed = []
         # One tensor of the block at a time on the device; parked runs keep the mixed rows in CPU memory.
         keep = _HOST if self.park else self.device
         for tensors in zip(*per_client):
             own = [t.detach().to(self.device, torch.float32) for t in tensors]
             rows = torch.stack(own)  # a copy: the clients' own values stay untouched until their hooks run
-            if fb is None:
+            if self.feedback is None:
                 wire = own if self.wire_dtype == torch.float32 else [x.to(self.wire_dtype) for x in own]
                 for c in range(n):
                     accumulate_mix_(rows[c], w[c, c], [wire[j] for j in neighbors[c]],
                                     [w[c, j] for j in neighbors[c]])
                 payload += own[0].numel() * torch.tensor([], dtype=self.wire_dtype).element_size()
             else:
-                from deca_ds.compression import mix_clients_
-
-                payload += mix_clients_(rows.view(n, -1), fb, codecs, offset, w, neighbors)
-                offset += own[0].numel()
+                exchange.mix_(rows.view(n, -1))
             mixed.append(rows.to(keep))
-        if fb is not None:
-            for c in range(n):
-                fb[c].end()
+        if self.feedback is not None:
+            payload = exchange.end()
         self._step_bytes = exchange_bytes(w, payload)
         self._mixed = ((step, block), mixed)
 

@@ -15,7 +15,7 @@ stacked along a leading client dimension ``(N, ...)`` and the N clients advance 
   :class:`deca_ds.optim.state_store.BlockStateStore` (int8 quantization blocks therefore never straddle clients);
 - between steps: :class:`deca_ds.consensus.ConsensusStep` unchanged (one instance for all clients) over
   :class:`StackedBlockAdam`, whose ``mix`` is one matrix product per tensor (:func:`deca_ds.simulate.mix_rows`);
-  with ``gossip.compression``, every client's error feedback driven by :func:`deca_ds.compression.mix_clients_`,
+  with ``gossip.compression``, every client's error feedback driven by :class:`deca_ds.compression.ClientsExchange`,
   the per-client simulator's own calls on the same rows (bit-equal given equal inputs).
 
 Equivalence with the per-client path (the reference, itself bit-equal to a launch): the same batches, schedule,
@@ -289,7 +289,7 @@ class _StackedMix:
 
     Uncompressed: ``X <- W X`` per tensor, one matrix product. With ``gossip.compression``: every client's
     :class:`deca_ds.compression.ErrorFeedback` (``sim.feedback``) driven through
-    :func:`deca_ds.compression.mix_clients_` per tensor, the calls the per-client simulator makes
+    :class:`deca_ds.compression.ClientsExchange` per tensor, the calls the per-client simulator makes
     (:meth:`deca_ds.simulate.Simulation._precompute_mixture`) on the same rows, hence the same bits; n encodes and
     n mixes per tensor in Python, no matrix product. Sets ``sim._payload``: bytes of one client's message to one
     neighbour (header excluded).
@@ -309,21 +309,16 @@ class _StackedMix:
                 t.copy_(mix_rows(t, w, sim.wire_dtype).to(t.dtype))
             sim._payload = sum(t[0].numel() for t in tensors) * torch.tensor([], dtype=sim.wire_dtype).element_size()
             return None
-        from deca_ds.compression import mix_clients_
+        from deca_ds.compression import ClientsExchange
 
         n = sim.num_clients
-        neighbors = [sim.topology.neighbors(c, step) for c in range(n)]
-        numel = sum(t[0].numel() for t in tensors)
-        codecs = [fb[c].begin(block_idx, numel, sim.device) for c in range(n)]
-        payload, offset = 0, 0
+        exchange = ClientsExchange(fb, block_idx, sum(t[0].numel() for t in tensors), sim.device, w,
+                                   [sim.topology.neighbors(c, step) for c in range(n)])
         for t in tensors:
             # Hazard: view, not reshape -- the mix writes into the rows, so they must be the stacked tensor itself
             # (fp32 masters and stacked parameters are contiguous; a copy would silently drop the mix).
-            payload += mix_clients_(t.view(n, -1), fb, codecs, offset, w, neighbors)
-            offset += t[0].numel()
-        for c in range(n):
-            fb[c].end()
-        sim._payload = payload
+            exchange.mix_(t.view(n, -1))
+        sim._payload = exchange.end()
         return None
 
 

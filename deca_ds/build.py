@@ -61,6 +61,17 @@ def prepare_model(cfg: RunConfig, model: nn.Module) -> nn.Module:
 
     lo = cfg.lora
     targets = lo.target_modules if lo.target_modules is not None else "all-linear"
+    if cfg.model.path is None and "lm_head" not in (lo.target_modules or []):
+        # Measured (docs/results.md, Dec-LoRA): the embedded model is randomly initialised, and its frozen random head
+        # after a frozen RMSNorm bounds every logit to a few nats, so adapters below it cannot fit the task (the
+        # loss stays near ln(vocab)). A pretrained head does not have this problem, hence a warning, not a change
+        # of peft's default.
+        import warnings
+
+        warnings.warn("method=dec_lora on the embedded randomly initialised model with its LM head frozen cannot "
+                      "fit the task (a frozen random head bounds the logits): add lm_head to lora.target_modules, "
+                      "e.g. lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]",
+                      UserWarning, stacklevel=2)
     peft_cfg = PeftLoraConfig(r=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=targets,
                               bias="none", task_type="CAUSAL_LM")
     device = next(model.parameters()).device

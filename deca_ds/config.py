@@ -262,7 +262,9 @@ class LoraConfig:
     dropout: float = 0.0
     """Dropout on the adapters' input (0 keeps runs deterministic)."""
     target_modules: list[str] | None = None
-    """Module names to adapt; ``None``: every linear layer but the LM head (peft's ``all-linear``)."""
+    """Module names to adapt; ``None``: every linear layer but the LM head (peft's ``all-linear``). On the embedded
+    model, which is randomly initialised, add ``lm_head``: its frozen random head bounds the logits and adapters
+    below it cannot fit the task (a warning says so at start; docs/results.md)."""
 
 
 @dataclass

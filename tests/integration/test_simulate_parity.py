@@ -61,8 +61,9 @@ def test_simulator_matches_two_process_launch(tmp_path):
         assert rb["consensus_distance"] == ra["consensus_distance"], key
         blocks.add(ra["block"])
     assert len(blocks) == 3  # three blocks visited: the switches happened at the same steps in both
-    # the two clients really trained differently (non-IID), so equal losses per client are not a coincidence
-    assert a[(5, 0)]["loss"] != pytest.approx(a[(5, 1)]["loss"], rel=1e-3)
+    # the two clients really trained differently (non-IID), so equal losses per client are not a coincidence: their
+    # losses differ at every step (different batches; how much depends on the settings, so no size is asserted)
+    assert all(a[(s, 0)]["loss"] != a[(s, 1)]["loss"] for s in range(6))
 
     wa, wb = _weights(launched / "consensus"), _weights(simulated / "consensus")
     assert wa.keys() == wb.keys()

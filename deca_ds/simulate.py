@@ -508,6 +508,7 @@ class Simulation:
         neighbors = [self.topology.neighbors(c, step) for c in range(n)]
         per_client = [self.active_tensors(c) for c in range(n)]
         numel = sum(t.numel() for t in per_client[0])
+        exchange = None
         if self.feedback is not None:
             from deca_ds.compression import ClientsExchange
 
@@ -519,7 +520,7 @@ class Simulation:
         for tensors in zip(*per_client):
             own = [t.detach().to(self.device, torch.float32) for t in tensors]
             rows = torch.stack(own)  # a copy: the clients' own values stay untouched until their hooks run
-            if self.feedback is None:
+            if exchange is None:
                 wire = own if self.wire_dtype == torch.float32 else [x.to(self.wire_dtype) for x in own]
                 for c in range(n):
                     accumulate_mix_(rows[c], w[c, c], [wire[j] for j in neighbors[c]],
@@ -528,7 +529,7 @@ class Simulation:
             else:
                 exchange.mix_(rows.view(n, -1))
             mixed.append(rows.to(keep))
-        if self.feedback is not None:
+        if exchange is not None:
             payload = exchange.end()
         self._step_bytes = exchange_bytes(w, payload)
         self._mixed = ((step, block), mixed)

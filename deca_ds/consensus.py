@@ -161,7 +161,8 @@ class ConsensusOptimizer(Protocol):
         """Switch to the block the schedule assigns to the next step; return whether it switched."""
 
     # The gradient-unit signals also read the client's Adam denominators (:func:`adam_denominators`) through an
-    # optional ``adam_denominators()`` method (BlockAdam, the stacked simulator's optimizer; not ZeRO's view).
+    # optional ``adam_denominators()`` method (BlockAdam, the stacked simulator's optimizer and ZeRO's view all have
+    # one; an optimizer without it runs the other readings only).
 
 
 class MixFn(Protocol):
@@ -198,8 +199,8 @@ class ConsensusStep:
             raise ValueError(f"deca.signal={signal!r} is not known: use one of {', '.join(SIGNALS)}")
         if self.spec.consensus and signal in GRADIENT_UNIT_SIGNALS and not _has_denominators(optimizer):
             raise ValueError(f"deca.signal={signal!r} needs the client's Adam denominators, which "
-                             f"{type(optimizer).__name__} does not expose (ZeRO stages 1-3): use deca.signal=qgm, "
-                             "discrepancy or raw, or ZeRO stage 0")
+                             f"{type(optimizer).__name__} does not expose (no adam_denominators() method): use "
+                             "deca.signal=qgm, discrepancy or raw")
         self.mix = mix
         self.signal = signal
         self.betas = tuple(float(b) for b in betas)
@@ -281,10 +282,11 @@ def adam_denominators(opt) -> list[torch.Tensor]:
     ``v_hat = v / (1 - alpha2**t)`` with the block's step counter ``t`` (taken as at least 1: a client whose first
     step on this block was skipped has ``v = 0`` and gets ``eps``), as the optimizer's step divides by it. Every
     optimizer that has Adam moments of its own says so through an ``adam_denominators()`` method
-    (:meth:`deca_ds.optim.BlockAdam.adam_denominators`, fp32 or 8-bit moments; the stacked simulator's optimizer).
+    (:meth:`deca_ds.optim.BlockAdam.adam_denominators`, fp32 or 8-bit moments; the stacked simulator's optimizer;
+    :meth:`deca_ds.engine.zero.ZeroBlockView.adam_denominators`, from DeepSpeed's partitioned ``exp_avg_sq``).
 
     Raises:
-        ValueError: the optimizer exposes none (ZeRO's view: DeepSpeed's AdamW holds the moments).
+        ValueError: the optimizer exposes none.
     """
     if not _has_denominators(opt):
         raise ValueError(f"{type(opt).__name__} exposes no Adam second moments")

@@ -137,6 +137,13 @@ def exchange_bytes(weights, payload: int) -> list[int]:
             for c in range(n)]
 
 
+def uncompressed_payload(numel: int, wire_dtype: torch.dtype) -> int:
+    """Bytes of one client's uncompressed message to one neighbour: ``numel`` block elements in ``wire_dtype``
+    (header excluded; with ``gossip.compression`` the :class:`deca_ds.compression.ClientsExchange` counts instead).
+    Both simulators count with it."""
+    return numel * torch.empty((), dtype=wire_dtype).element_size()
+
+
 def common_setup(sim, cfg: RunConfig) -> None:
     """Checks and settings shared by the per-client and the stacked simulator, set as attributes of ``sim``:
     ``cfg``, ``num_clients``, ``spec``, ``device``, ``ds_config``, ``micro_batch``, ``gas``, ``clip``, ``wire_dtype``,
@@ -513,7 +520,6 @@ class Simulation:
             from deca_ds.compression import ClientsExchange
 
             exchange = ClientsExchange(self.feedback, block, numel, self.device, w, neighbors)
-        payload = 0  # bytes of one client's message to one neighbour (equal for every client)
         mixed = []
         # One tensor of the block at a time on the device; parked runs keep the mixed rows in CPU memory.
         keep = _HOST if self.park else self.device
@@ -525,12 +531,11 @@ class Simulation:
                 for c in range(n):
                     accumulate_mix_(rows[c], w[c, c], [wire[j] for j in neighbors[c]],
                                     [w[c, j] for j in neighbors[c]])
-                payload += own[0].numel() * torch.tensor([], dtype=self.wire_dtype).element_size()
             else:
                 exchange.mix_(rows.view(n, -1))
             mixed.append(rows.to(keep))
-        if exchange is not None:
-            payload = exchange.end()
+        # bytes of one client's message to one neighbour (equal for every client)
+        payload = uncompressed_payload(numel, self.wire_dtype) if exchange is None else exchange.end()
         self._step_bytes = exchange_bytes(w, payload)
         self._mixed = ((step, block), mixed)
 

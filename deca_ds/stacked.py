@@ -299,7 +299,7 @@ class _StackedMix:
         self.sim = sim
 
     def __call__(self, tensors: Sequence[torch.Tensor], step: int, block_idx: int):
-        from deca_ds.simulate import mix_rows
+        from deca_ds.simulate import mix_rows, uncompressed_payload
 
         sim = self.sim
         w = sim.topology.weights_at(step)
@@ -307,7 +307,7 @@ class _StackedMix:
         if fb is None:
             for t in tensors:
                 t.copy_(mix_rows(t, w, sim.wire_dtype).to(t.dtype))
-            sim._payload = sum(t[0].numel() for t in tensors) * torch.tensor([], dtype=sim.wire_dtype).element_size()
+            sim._payload = uncompressed_payload(sum(t[0].numel() for t in tensors), sim.wire_dtype)
             return None
         from deca_ds.compression import ClientsExchange
 

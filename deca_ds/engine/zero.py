@@ -130,6 +130,25 @@ class ZeroBlockView:
             e._write(p, m, "exp_avg")
             e._write(p, v, "exp_avg_sq")
 
+    @torch.no_grad()
+    def adam_denominators(self) -> list[torch.Tensor]:
+        """``sqrt(v_hat) + eps`` of every active parameter, from DeepSpeed's current ``exp_avg_sq``.
+
+        The denominator torch's AdamW (``foreach=False``, the optimizer :meth:`ZeroBlockEngine._build` gives DeepSpeed)
+        divides by: ``v_hat = v / (1 - beta2**t)`` with the block's step counter ``t`` taken as at least 1, as
+        :meth:`deca_ds.optim.BlockAdam.adam_denominators` does; read by :func:`deca_ds.consensus.adam_denominators`
+        for the gradient-unit consensus signals. In :meth:`master_params`' layout: full tensors at stages 1/2
+        (collective inside the client, every rank calls it in the same order), this rank's shard at stage 3.
+
+        Returns:
+            One new fp32 tensor per active parameter, in block order.
+        """
+        e = self._engine
+        group = self.param_groups[0]
+        beta2, eps = group["betas"][1], group["eps"]
+        bias_correction2_sqrt = (1 - beta2 ** max(int(e._flat_step()), 1)) ** 0.5
+        return [(e._read(p, "exp_avg_sq").sqrt() / bias_correction2_sqrt).add_(eps) for p in e.active_params()]
+
     def switch_if_due(self) -> bool:
         """Switch (re-initialize the engine) when the schedule assigns another block to the engine's next step."""
         target = self.schedule.position(self._engine.global_step).block_idx

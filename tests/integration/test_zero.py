@@ -76,7 +76,7 @@ def _run(engine, layout, steps, start=0):
     return out
 
 
-def _body(rank, world, stage, dtype_name, policy, zero_extra):
+def _body(rank, world, stage, dtype_name, policy, zero_extra, signal):
     import deca_ds.engine as E
     from deca_ds.config import load_config
     from deca_ds.gossip import ClientGroups, ClientLayout, Mixer
@@ -92,7 +92,7 @@ def _body(rank, world, stage, dtype_name, policy, zero_extra):
     cfg = load_config(None, ["method=deca", "clients.ranks_per_client=2", f"blocks.switch_every={SWITCH_EVERY}",
                              "blocks.include_embeddings=false",
                              f"optim.state_policy={policy}", "optim.lr=1e-2", "optim.eps=1e-3",
-                             f"model.dtype={dtype_name}", "blocks.order=ascending"])
+                             f"model.dtype={dtype_name}", "blocks.order=ascending", f"deca.signal={signal}"])
     report = {}
 
     # presharded gossip: each rank's own tensor, averaged with the same local rank of the other client, no gather.
@@ -225,10 +225,12 @@ def _check(results, stage, atol):
                         assert torch.allclose(w[k], wr[k], atol=1e-6), f"stage {st}: clients differ at {k}"
 
 
-CASES = [  # (stage, dtype, policy, extra, atol), run in this order in one launch
-    (1, "fp32", "offload", {}, 2e-5),
-    (2, "fp32", "reset", {"offload_optimizer": {"device": "cpu"}}, 2e-5),
-    (3, "fp32", "offload", {}, 2e-5),
+CASES = [  # (stage, dtype, policy, extra, signal, atol), run in this order in one launch
+    # Every consensus reading family once: weight units (raw), normalised-step units (qgm), and gradient units
+    # (qgm_grad, which reads the Adam denominators: at stage 3 from this rank's shard of exp_avg_sq).
+    (1, "fp32", "offload", {}, "raw", 2e-5),
+    (2, "fp32", "reset", {"offload_optimizer": {"device": "cpu"}}, "qgm", 2e-5),
+    (3, "fp32", "offload", {}, "qgm_grad", 2e-5),
 ]
 
 
@@ -240,12 +242,13 @@ def zero_launch(request, tmp_path_factory):
 
     def launch():
         # The timeout only catches a hang: under a parallel test run on 2 shared cores one stage has taken 240 s.
-        per_rank = run_distributed(_stages, 4, [c[:4] for c in CASES], init=False, timeout=1800)
+        per_rank = run_distributed(_stages, 4, [c[:5] for c in CASES], init=False, timeout=1800)
         return {case[0]: [reports[i] for reports in per_rank] for i, case in enumerate(CASES)}
 
     return once_per_session(request, tmp_path_factory, "zero_launch", launch)
 
 
-@pytest.mark.parametrize("stage,dtype,policy,extra,atol", CASES)
-def test_zero_matches_stage0_moves_only_the_active_block_and_resumes(stage, dtype, policy, extra, atol, zero_launch):
+@pytest.mark.parametrize("stage,dtype,policy,extra,signal,atol", CASES)
+def test_zero_matches_stage0_moves_only_the_active_block_and_resumes(stage, dtype, policy, extra, signal, atol,
+                                                                     zero_launch):
     _check(zero_launch[stage], stage, atol)

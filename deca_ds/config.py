@@ -138,9 +138,9 @@ class BlocksConfig:
 class OptimConfig:
     """BlockAdam's local step and what happens to a block's state when it goes inactive."""
 
-    lr: float = 3e-3
-    """Learning rate (γ); the default suits the embedded tiny model (the default DECA reading's tuned lr in the
-    paper's regime, docs/results.md), pretrained LLMs want ~1e-5 to 5e-5."""
+    lr: float = 1e-2
+    """Learning rate (γ); the default suits the embedded tiny model (DECA's tuned lr in the paper's regime,
+    docs/results.md), pretrained LLMs want ~1e-5 to 5e-5."""
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     """Decay of the fresh local statistics (α1, α2)."""
     eps: float = 1e-8
@@ -179,19 +179,18 @@ class OptimConfig:
 class DecaConfig:
     """DECA's consensus correction of the moments."""
 
-    signal: str = "raw"
+    signal: str = "qgm_grad"
     """Consensus signal h: ``raw`` x_new - x, ``qgm`` (x - x_new)/lr, ``discrepancy`` (x_half - x_new)/lr, or
     ``qgm_grad`` / ``discrepancy_grad``: those two times the client's Adam denominator sqrt(v_hat) + eps, i.e. in
     gradient units (docs/design.md §1).
-    Tuning-seed scores in the paper's regime (docs/results.md, lr x betas tuned per reading): ``qgm_grad`` 0.0197
-    test loss, ``raw`` 0.0230, ``discrepancy_grad`` 0.0257, ``qgm`` 0.241 (it stalls: its h is in normalised-step
-    units, far above g). The default is ``raw``, the best reading that every backend runs: the ``*_grad`` readings
-    need the Adam denominators, which ZeRO stages 1-3 do not expose. On the evaluation seeds ``raw``, ``qgm_grad``
-    and block-wise Adam + gossip are within noise of each other; choose ``qgm_grad`` at ZeRO stage 0 or in the
-    simulator if you like (its tuned setting: betas (0.9, 0.999), lr 1e-2)."""
-    betas: list[float] = field(default_factory=lambda: [0.99, 0.999])
-    """Decay applied when folding h into the moments (β1, β2); 1.0 disables the correction. (0.99, 0.999) with lr 3e-3
-    was ``raw``'s best of (0.99, 0.999), (0.9, 0.999), (0.99, 0.9999) x lr {3e-3, 1e-2} (docs/results.md)."""
+    The default is the reading with the best tuning-seed score in the paper's regime (docs/results.md, lr x betas
+    tuned per reading): ``qgm_grad`` 0.0197 test loss, ``raw`` 0.0230, ``discrepancy_grad`` 0.0257, ``qgm``
+    0.241 (it stalls: its h is in normalised-step units, far above g); every backend runs it (BlockAdam, the
+    simulators, and ZeRO stages 1-3, which read DeepSpeed's ``exp_avg_sq``). On the evaluation seeds ``qgm_grad``,
+    ``raw`` and block-wise Adam + gossip are within noise of each other."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """Decay applied when folding h into the moments (β1, β2); 1.0 disables the correction. (0.9, 0.999) with lr 1e-2
+    was ``qgm_grad``'s best of (0.99, 0.999), (0.9, 0.999), (0.99, 0.9999) x lr {3e-3, 1e-2} (docs/results.md)."""
 
 
 @dataclass

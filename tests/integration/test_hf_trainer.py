@@ -1,6 +1,6 @@
 """A Hugging Face Trainer script (recipes/hf_trainer.py, deca_ds.hf.DecaTrainer) equals recipes/finetune.py.
 
-Same seed, data and settings (the recipe's defaults: 20 steps, micro-batch 8, lr 3e-3 constant, clipping 1.0, ring):
+Same seed, data and settings (the recipe's defaults: 20 steps, micro-batch 8, lr 1e-2 constant, clipping 1.0, ring):
 per-client losses, blocks, bytes sent and consensus distances are compared with ``==``, no tolerance. Why bit
 equality is the right bar, derived rather than observed: both paths run the same float operations in the same order
 on one thread per process — the same model built from the same seed, the same rows in the same micro-batches
@@ -105,7 +105,7 @@ from deca_ds.models import load_model_and_tokenizer
 out, steps = sys.argv[1], int(sys.argv[2])
 deca = DecaSettings(overrides=["data.num_examples=600"])
 init_distributed()
-args = SFTConfig(output_dir=out, max_steps=steps, seed=0, learning_rate=3e-3, per_device_train_batch_size=8,
+args = SFTConfig(output_dir=out, max_steps=steps, seed=0, learning_rate=1e-2, per_device_train_batch_size=8,
                  lr_scheduler_type="constant", max_grad_norm=1.0, save_strategy="no", report_to="none", bf16=False,
                  logging_steps=10, dataset_kwargs={"skip_prepare_dataset": True})
 model, tok = load_model_and_tokenizer(deca.config.model, seed=0)

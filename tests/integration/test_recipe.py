@@ -182,6 +182,6 @@ def test_resume_legs_apply_a_changed_lr_and_refuse_a_changed_run(tmp_path):
     torchrun(2, f"output_dir={out}", "max_steps=6", "resume=true", "optim.lr=1e-3", *FAST)
     legs = json.loads((out / "run.json").read_text())["legs"]
     assert [leg["leg"] for leg in legs] == [0, 1] and legs[1]["resumed_from"] == "step_00000004"
-    assert any(c.startswith("optim.lr: 0.003 -> 0.001") for c in legs[1]["changed"]), legs[1]["changed"]
+    assert any(c.startswith("optim.lr: 0.01 -> 0.001") for c in legs[1]["changed"]), legs[1]["changed"]
     lrs = {r["step"]: r["lr"] for r in records(out) if "lr" in r}
-    assert [lrs[s] for s in range(6)] == [3e-3] * 4 + [1e-3] * 2
+    assert [lrs[s] for s in range(6)] == [1e-2] * 4 + [1e-3] * 2

@@ -338,14 +338,14 @@ def test_resume_compatibility_rules():
         "eval_every=20", "output_dir=elsewhere", "resume=true", "optim.lr=1e-4", "data.eval_examples=8",
         "model.gradient_checkpointing=true", "gossip.chunk_mb=1"))
     assert refused == []
-    assert "max_steps: 192 -> 400" in changed and "optim.lr: 0.003 -> 0.0001" in changed and len(changed) == 12
+    assert "max_steps: 192 -> 400" in changed and "optim.lr: 0.01 -> 0.0001" in changed and len(changed) == 12
     # Settings that define the run are refused, each named with both values.
     refused, _ = ckpt.compare_run_settings(stored, _record(
         "clients.ranks_per_client=2", "blocks.switch_every=8", "method=dadam", "deca.signal=qgm",
         "topology.name=complete", "data.alpha=1.0", "data.seed=1", "data.test_size=0.2", "model.dtype=bf16",
         "seed=3", "optim.betas=[0.8,0.99]", "gossip.dtype=bf16"))
     for line in ["num_clients: 4 -> 2", "clients.ranks_per_client: 1 -> 2", "blocks.switch_every: 4 -> 8",
-                 "method: 'deca' -> 'dadam'", "deca.signal: 'raw' -> 'qgm'", "topology.name: 'ring' -> 'complete'",
+                 "method: 'deca' -> 'dadam'", "deca.signal: 'qgm_grad' -> 'qgm'", "topology.name: 'ring' -> 'complete'",
                  "data.alpha: 0.25 -> 1.0", "data.seed: 42 -> 1", "data.test_size: 0.1 -> 0.2",
                  "model.dtype: 'fp32' -> 'bf16'", "seed: 0 -> 3", "optim.betas: [0.9, 0.999] -> [0.8, 0.99]",
                  "gossip.dtype: 'fp32' -> 'bf16'"]:
@@ -368,7 +368,7 @@ def test_resume_compatibility_of_ds_config_and_learning_rate():
     # With a DeepSpeed scheduler the learning rate is the scheduler's: changing optim.lr would be ignored.
     sched = {**base, "scheduler": {"type": "WarmupLR", "params": {"warmup_max_lr": 1e-3}}}
     refused, _ = ckpt.compare_run_settings(_record(ds=sched), _record("optim.lr=1e-4", ds=sched))
-    assert refused == ["optim.lr: 0.003 -> 0.0001 (the ds_config scheduler sets the learning rate)"]
+    assert refused == ["optim.lr: 0.01 -> 0.0001 (the ds_config scheduler sets the learning rate)"]
 
 
 def test_check_run_settings_names_every_difference_in_one_line():

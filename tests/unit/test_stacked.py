@@ -10,8 +10,8 @@ units of the last place, u = 2**-24 ≈ 6e-8, accumulated over reductions of len
 gradient differs by at most ~K·u ≈ 1.5e-5 relative and in practice by ~√K·u ≈ 1e-6 (measured: 2–4e-7 at step 0).
 
 Tolerances, derived (settings: lr γ = 1e-3, Adam ε = 1e-3, 50 steps, clipping at 1.0, DECA β (0.99, 0.9999) unless a
-case sets its own; β1 = 0.9 only lowers the gain 1/(1−β1) used below, so ``deca_qgm_grad_b09`` (``qgm_grad``'s tuned
-β) is covered; ``qgm`` at β (0.9, 0.999) is not: its h (O(1) in normalised-step units, far above g) then dominates v,
+case sets its own; β1 = 0.9 only lowers the gain 1/(1−β1) used below, so ``deca_qgm_grad_b09``, the product's default
+β, is covered; ``qgm`` at β (0.9, 0.999) is not: its h (O(1) in normalised-step units, far above g) then dominates v,
 the step is no longer the gradient's Lipschitz function the argument bounds, and the paths separated by 6e-4
 relative in loss (measured; the reading that stalls training in docs/results.md)):
 
@@ -76,7 +76,7 @@ METHODS = {
     "deca_qgm": ["method=deca", "deca.signal=qgm"],
     "deca_discrepancy": ["method=deca", "deca.signal=discrepancy"],
     "deca_qgm_grad": ["method=deca", "deca.signal=qgm_grad", "deca.betas=[0.99,0.999]"],
-    "deca_qgm_grad_b09": ["method=deca", "deca.signal=qgm_grad", "deca.betas=[0.9,0.999]"],  # qgm_grad's tuned β
+    "deca_qgm_grad_b09": ["method=deca", "deca.signal=qgm_grad", "deca.betas=[0.9,0.999]"],  # the default β
     "deca_discrepancy_grad": ["method=deca", "deca.signal=discrepancy_grad"],
     "deca_offload": ["method=deca", "deca.signal=qgm_grad", "optim.state_policy=offload", "blocks.order=random"],
     "badam_gossip": ["method=badam_gossip"],

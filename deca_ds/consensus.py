@@ -19,6 +19,8 @@ from typing import Any, Protocol, Sequence
 
 import torch
 
+from deca_ds.config import DecaConfig
+
 SIGNALS = ("qgm", "discrepancy", "raw", "qgm_grad", "discrepancy_grad")
 GRADIENT_UNIT_SIGNALS = ("qgm_grad", "discrepancy_grad")
 """Signals converted to gradient units through the client's Adam preconditioner (docs/design.md §1)."""
@@ -182,15 +184,19 @@ class ConsensusStep:
     Memory: at most one extra fp32 copy of the active block (the snapshot), never of the whole model.
     """
 
-    def __init__(self, optimizer: ConsensusOptimizer, method: str, mix: MixFn | None = None, signal: str = "raw",
-                 betas: Sequence[float] = (0.99, 0.9999)):
+    def __init__(self, optimizer: ConsensusOptimizer, method: str, mix: MixFn | None = None,
+                 signal: str | None = None, betas: Sequence[float] | None = None):
         """Args:
             optimizer: a :class:`ConsensusOptimizer` (a BlockAdam must have ``auto_switch=False``).
             method: training method (see :func:`method_spec`).
             mix: neighbour exchange; required when the method gossips.
-            signal: consensus signal kind (see :func:`consensus_signal`).
-            betas: (β1, β2) of the moment correction.
+            signal: consensus signal kind (see :func:`consensus_signal`); None: ``deca.signal``'s default
+                (:class:`deca_ds.config.DecaConfig`, the one home of the defaults).
+            betas: (β1, β2) of the moment correction; None: ``deca.betas``' default.
         """
+        defaults = DecaConfig()
+        signal = defaults.signal if signal is None else signal
+        betas = defaults.betas if betas is None else betas
         self.optimizer = optimizer
         self.spec = method_spec(method)
         if self.spec.gossip and mix is None:
@@ -280,7 +286,9 @@ def adam_denominators(opt) -> list[torch.Tensor]:
     """``sqrt(v_hat) + eps`` of every active parameter of a client optimizer, with its current second moment.
 
     ``v_hat = v / (1 - alpha2**t)`` with the block's step counter ``t`` (taken as at least 1: a client whose first
-    step on this block was skipped has ``v = 0`` and gets ``eps``), as the optimizer's step divides by it. Every
+    step on this block was skipped has ``v = 0`` and gets ``eps``), as the optimizer's step divides by it (except under
+    trivial BMA, ``local_moments=False``: that step divided by an updated v it did not store, and this reads the stored
+    v, on every backend alike). Every
     optimizer that has Adam moments of its own says so through an ``adam_denominators()`` method
     (:meth:`deca_ds.optim.BlockAdam.adam_denominators`, fp32 or 8-bit moments; the stacked simulator's optimizer;
     :meth:`deca_ds.engine.zero.ZeroBlockView.adam_denominators`, from DeepSpeed's partitioned ``exp_avg_sq``).

@@ -92,7 +92,10 @@ def _body(rank, world, stage, dtype_name, policy, zero_extra, signal):
     cfg = load_config(None, ["method=deca", "clients.ranks_per_client=2", f"blocks.switch_every={SWITCH_EVERY}",
                              "blocks.include_embeddings=false",
                              f"optim.state_policy={policy}", "optim.lr=1e-2", "optim.eps=1e-3",
-                             f"model.dtype={dtype_name}", "blocks.order=ascending", f"deca.signal={signal}"])
+                             f"model.dtype={dtype_name}", "blocks.order=ascending", f"deca.signal={signal}",
+                             # pinned, not the default: at β1 = 0.9 qgm's h dominates v and float orders drift
+                             # apart beyond the tolerance (tests/unit/test_stacked.py's derivation)
+                             "deca.betas=[0.99,0.999]"])
     report = {}
 
     # presharded gossip: each rank's own tensor, averaged with the same local rank of the other client, no gather.
@@ -171,7 +174,7 @@ def _compare(report, cfg, layout, topo, groups, stage, dtype, dtype_name, zero_e
 
 
 def _stages(rank, world, cases):
-    """Inside one launch: :func:`_body` for each ``(stage, dtype, policy, extra)`` of ``cases`` in turn.
+    """Inside one launch: :func:`_body` for each ``(stage, dtype, policy, extra, signal)`` of ``cases`` in turn.
 
     Each report also holds ``live_left``: the live tensor bytes an earlier stage left in the process (0 for the
     first), which the memory check takes out of its 1% slack so that it is as tight as in a launch of its own."""
@@ -226,11 +229,12 @@ def _check(results, stage, atol):
 
 
 CASES = [  # (stage, dtype, policy, extra, signal, atol), run in this order in one launch
-    # Every consensus reading family once: weight units (raw), normalised-step units (qgm), and gradient units
-    # (qgm_grad, which reads the Adam denominators: at stage 3 from this rank's shard of exp_avg_sq).
-    (1, "fp32", "offload", {}, "raw", 2e-5),
+    # The gradient-unit readings read the Adam denominators: at stage 1 as full tensors (a collective inside the
+    # client), at stage 3 from this rank's shard of exp_avg_sq; normalised-step units (qgm) at stage 2. raw differs
+    # from qgm only in consensus_signal, which no backend touches.
+    (1, "fp32", "offload", {}, "qgm_grad", 2e-5),
     (2, "fp32", "reset", {"offload_optimizer": {"device": "cpu"}}, "qgm", 2e-5),
-    (3, "fp32", "offload", {}, "qgm_grad", 2e-5),
+    (3, "fp32", "offload", {}, "discrepancy_grad", 2e-5),
 ]
 
 

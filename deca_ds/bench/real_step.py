@@ -57,9 +57,10 @@ def summarize_rounds(per_rank: list[dict[str, list[float]]]) -> dict[str, Any]:
 def _cfg(spec: dict[str, Any], method: str):
     from deca_ds.config import load_config
 
+    # deca.signal and betas stay the product's defaults (the gradient-unit reading reads Adam's denominators too).
     return load_config(None, [f"method={method}", f"blocks.layers_per_block={spec['layers_per_block']}",
                               f"blocks.switch_every={spec['switch_every']}", f"optim.lr={spec['lr']}",
-                              "deca.signal=qgm", f"log_every={spec['log_every']}"])
+                              f"log_every={spec['log_every']}"])
 
 
 def _rank_main(rank: int, world: int, port: int, spec: dict[str, Any], results) -> None:

@@ -95,6 +95,9 @@ class ZeroBlockView:
         self.store = BlockStateStore(offload_dtype) if state_policy == "offload" else None
         self.active_block_idx = schedule.position(0).block_idx
         self._masters: list[torch.Tensor] = []
+        # exp_avg_sq as adam_denominators read it, keyed by (engine step, block): apply_consensus_ of the same step
+        # folds into it instead of reading it a second time (at stages 1/2 a read is a collective of the full tensor).
+        self._v_read: tuple[tuple[int, int], list[torch.Tensor]] | None = None
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -124,8 +127,10 @@ class ZeroBlockView:
         params = e.active_params()
         if len(signals) != len(params):
             raise ValueError(f"apply_consensus_ got {len(signals)} signals for {len(params)} active parameters")
-        for p, h in zip(params, signals):
-            m, v = e._read(p, "exp_avg"), e._read(p, "exp_avg_sq")
+        cached = self._take_v_read()
+        for i, (p, h) in enumerate(zip(params, signals)):
+            m = e._read(p, "exp_avg")
+            v = cached[i] if cached is not None else e._read(p, "exp_avg_sq")
             consensus.fold_moments_(m, v, h, betas)
             e._write(p, m, "exp_avg")
             e._write(p, v, "exp_avg_sq")
@@ -147,7 +152,21 @@ class ZeroBlockView:
         group = self.param_groups[0]
         beta2, eps = group["betas"][1], group["eps"]
         bias_correction2_sqrt = (1 - beta2 ** max(int(e._flat_step()), 1)) ** 0.5
-        return [(e._read(p, "exp_avg_sq").sqrt() / bias_correction2_sqrt).add_(eps) for p in e.active_params()]
+        vs = [e._read(p, "exp_avg_sq") for p in e.active_params()]
+        # Nothing between this read and the fold of the same step changes v (gossip mixes the masters only).
+        self._v_read = (self._v_key(), vs)
+        return [(v.sqrt() / bias_correction2_sqrt).add_(eps) for v in vs]
+
+    def _v_key(self) -> tuple[int, int]:
+        return int(self._engine.global_step), self.active_block_idx
+
+    def _take_v_read(self) -> list[torch.Tensor] | None:
+        """The ``exp_avg_sq`` tensors :meth:`adam_denominators` read at this step and block (then forgotten), else
+        ``None``: a fold must never use a v read before an optimizer step, a switch or an earlier fold."""
+        cached, self._v_read = self._v_read, None
+        if cached is None or cached[0] != self._v_key():
+            return None
+        return cached[1]
 
     def switch_if_due(self) -> bool:
         """Switch (re-initialize the engine) when the schedule assigns another block to the engine's next step."""

@@ -178,3 +178,15 @@ def test_protocol_phases_tune_runs_only_the_tuning_runs(tmp_path, monkeypatch):
     assert pooled == [["tune", "tune"]]  # deca and badam_gossip at one lr, one tuning seed; no evaluation run
     assert sweep.main(["protocol", "--grids", "tiny", "--out", out]) == 0
     assert pooled[1] == [] and pooled[2] == ["eval"] * 10  # tuning done: the 2 methods x 5 evaluation seeds
+
+
+def test_confirmation_grid_runs_the_paper_setting_on_seeds_no_choice_saw():
+    """paper_confirm tests a difference suggested by paper.yaml's evaluation seeds: it must run the same setting
+    with paper.yaml's choices, on seeds that neither paper.yaml's tuning nor its evaluation used."""
+    load = lambda n: yaml.safe_load((sweep.GRIDS_DIR / f"{n}.yaml").read_text())  # noqa: E731
+    confirm, paper = load("paper_confirm"), load("paper")
+    assert confirm["tune_from"] == "paper" and confirm.get("tune") is None
+    assert confirm["base"] == paper["base"]
+    assert not set(confirm["eval_seeds"]) & (set(paper["eval_seeds"]) | set(paper["tune"]["seeds"]))
+    for label, settings in confirm["grid"]["method"].items():
+        assert paper["grid"]["method"][label] == settings, label

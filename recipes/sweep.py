@@ -355,7 +355,7 @@ def _smooth(xs: list[float], k: int = 5) -> list[float]:
 
 MIN_EVAL_SEEDS = 5
 """A protocol table reports a cell only when it has at least this many evaluation seeds (a unit test checks)."""
-PROTOCOL_GRIDS = ("paper", "paper_r16", "skew", "paper_core", "paper_confirm")
+PROTOCOL_GRIDS = ("paper", "paper_r16", "skew", "paper_core", "paper_confirm", "paper_clients")
 """The protocol grids behind docs/results.md, in priority order (``recipes/configs/sweeps/<name>.yaml``)."""
 
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -612,6 +612,10 @@ def summarize_protocol(name: str, out_dir: str) -> Path:
         if incomplete:
             lines += ["", f"Not reported (fewer than {MIN_EVAL_SEEDS} evaluation seeds): {', '.join(incomplete)}."]
         pairs = spec.get("paired") or []
+        # The paired columns: consensus accuracy, macro-F1 and test loss, unless the grid states its own
+        # (``paired_metrics``: record keys, e.g. a grid written to test the clients' own models).
+        metrics = spec.get("paired_metrics") or ["consensus_accuracy", "consensus_macro_f1", "consensus_test_loss"]
+        names = {k: name for k, name, _, _ in PROTOCOL_METRICS}
         diff_lines = []
         for a, b in pairs:
             if a not in methods or b not in methods:
@@ -622,15 +626,14 @@ def summarize_protocol(name: str, out_dir: str) -> Path:
             if len(common) < MIN_EVAL_SEEDS:
                 continue
             cells_txt = []
-            for k, label in (("consensus_accuracy", "acc"), ("consensus_macro_f1", "F1"),
-                             ("consensus_test_loss", "loss")):
+            for k in metrics:
                 m, lo, hi = paired_interval([ra[s][k] for s in common], [rb[s][k] for s in common])
                 cells_txt.append(f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]")
             diff_lines.append(f"| {a} − {b} | {','.join(common)} | " + " | ".join(cells_txt) + " |")
         if diff_lines:
             lines += ["", "Paired per-seed differences, mean [95 % t-interval]:", "",
-                      "| difference | eval seeds | cons. acc | cons. macro-F1 | cons. test loss |",
-                      "|---|---|---|---|---|"]
+                      "| difference | eval seeds | " + " | ".join(names.get(k, k) for k in metrics) + " |",
+                      "|---" * (len(metrics) + 2) + "|"]
             lines += diff_lines
         lines.append("")
     md = Path(out_dir) / f"{name}.md"

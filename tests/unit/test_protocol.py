@@ -180,13 +180,35 @@ def test_protocol_phases_tune_runs_only_the_tuning_runs(tmp_path, monkeypatch):
     assert pooled[1] == [] and pooled[2] == ["eval"] * 10  # tuning done: the 2 methods x 5 evaluation seeds
 
 
-def test_confirmation_grid_runs_the_paper_setting_on_seeds_no_choice_saw():
-    """paper_confirm tests a difference suggested by paper.yaml's evaluation seeds: it must run the same setting
-    with paper.yaml's choices, on seeds that neither paper.yaml's tuning nor its evaluation used."""
+@pytest.mark.parametrize("name,earlier", [("paper_confirm", ["paper"]), ("paper_clients", ["paper", "paper_confirm"])])
+def test_confirmation_grids_run_the_paper_setting_on_seeds_no_choice_saw(name, earlier):
+    """paper_confirm and paper_clients test differences suggested by earlier evaluation seeds: each must run
+    paper.yaml's setting with paper.yaml's choices, on seeds that no tuning and no earlier evaluation used."""
     load = lambda n: yaml.safe_load((sweep.GRIDS_DIR / f"{n}.yaml").read_text())  # noqa: E731
-    confirm, paper = load("paper_confirm"), load("paper")
+    confirm, paper = load(name), load("paper")
     assert confirm["tune_from"] == "paper" and confirm.get("tune") is None
     assert confirm["base"] == paper["base"]
-    assert not set(confirm["eval_seeds"]) & (set(paper["eval_seeds"]) | set(paper["tune"]["seeds"]))
+    seen = set(paper["tune"]["seeds"]).union(*(load(n)["eval_seeds"] for n in earlier))
+    assert not set(confirm["eval_seeds"]) & seen
     for label, settings in confirm["grid"]["method"].items():
         assert paper["grid"]["method"][label] == settings, label
+
+
+def test_paired_metrics_of_a_grid_set_the_difference_columns(tmp_path, monkeypatch):
+    """A grid's ``paired_metrics`` names the record keys its paired differences report (default: consensus
+    accuracy, macro-F1, test loss); the interval is the paired t-interval of that key."""
+    spec = {**_spec(tune=None), "paired": [["deca", "badam_gossip"]],
+            "paired_metrics": ["client_accuracy_worst", "consensus_accuracy"]}
+    (tmp_path / "grids").mkdir()
+    (tmp_path / "grids" / "tiny.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.setattr(sweep, "GRIDS_DIR", tmp_path / "grids")
+    recs = []
+    for r in sweep.eval_runs(spec, {}):
+        s = int(r["labels"]["seed"])
+        worst = 0.5 + 0.01 * s + (0.1 if r["labels"]["method"] == "deca" else 0.0)
+        recs.append({**_rec(r, 1.0), "consensus_accuracy": 0.9, "client_accuracy_worst": worst})
+    (tmp_path / "tiny.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    md = sweep.summarize_protocol("tiny", str(tmp_path)).read_text()
+    assert "| difference | eval seeds | worst client acc | cons. acc |" in md
+    # Every seed differs by exactly 0.1: zero spread, so the interval collapses onto the mean.
+    assert "| deca − badam_gossip | 0,1,2,3,4 | +0.100 [+0.100, +0.100] | +0.000 [+0.000, +0.000] |" in md

@@ -180,7 +180,8 @@ def test_protocol_phases_tune_runs_only_the_tuning_runs(tmp_path, monkeypatch):
     assert pooled[1] == [] and pooled[2] == ["eval"] * 10  # tuning done: the 2 methods x 5 evaluation seeds
 
 
-@pytest.mark.parametrize("name,earlier", [("paper_confirm", ["paper"]), ("paper_clients", ["paper", "paper_confirm"])])
+@pytest.mark.parametrize("name,earlier", [("paper_confirm", ["paper"]), ("paper_clients", ["paper", "paper_confirm"]),
+                                        ("paper_clients2", ["paper", "paper_confirm", "paper_clients"])])
 def test_confirmation_grids_run_the_paper_setting_on_seeds_no_choice_saw(name, earlier):
     """paper_confirm and paper_clients test differences suggested by earlier evaluation seeds: each must run
     paper.yaml's setting with paper.yaml's choices, on seeds that no tuning and no earlier evaluation used."""

@@ -16,6 +16,7 @@ stopped. ``exclude`` lists label combinations to leave out (``- {method: local, 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import itertools
 import json
 import math
@@ -356,7 +357,7 @@ def _smooth(xs: list[float], k: int = 5) -> list[float]:
 MIN_EVAL_SEEDS = 5
 """A protocol table reports a cell only when it has at least this many evaluation seeds (a unit test checks)."""
 PROTOCOL_GRIDS = ("paper", "paper_r16", "skew", "paper_core", "paper_confirm", "paper_clients",
-                  "paper_clients2")
+                  "paper_clients2", "paper_pretrained")
 """The protocol grids behind docs/results.md, in priority order (``recipes/configs/sweeps/<name>.yaml``)."""
 
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -526,6 +527,55 @@ def protocol_todo(name: str, out: Path, methods: list[str] | None = None
     return todo_tune, todo_eval
 
 
+def pretrain_dir(name: str, spec: dict[str, Any], runs_dir: str) -> Path | None:
+    """Where grid ``name``'s pretrained base lives (None: the grid fine-tunes the embedded randomly initialised
+    model). The directory is named by a hash of the ``pretrain`` settings, so changed settings make a new base."""
+    settings = _flatten(spec.get("pretrain") or {})
+    if not settings:
+        return None
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    return Path(runs_dir) / name / f"pretrain_{key}"
+
+
+def ensure_pretrained(name: str, spec: dict[str, Any], runs_dir: str, quiet: bool = True) -> Path | None:
+    """The pretrained base of grid ``name``: ``<pretrain_dir>/consensus``, a Hugging Face model directory (with its
+    tokenizer) that every run of the grid fine-tunes (``model.path``).
+
+    A grid's ``pretrain`` block holds the recipe settings of one simulated run (any method; ``centralized`` for a
+    plain pretraining) whose consensus model becomes the base. It runs once, the first time a run of the grid
+    needs it; ``pretrain.json`` (its settings, evaluation and wall time) is written last, so a killed pretraining
+    is started again instead of half-used. It is seeded like every run, so a regeneration from scratch makes the
+    same base.
+    """
+    d = pretrain_dir(name, spec, runs_dir)
+    if d is None:
+        return None
+    if (d / "pretrain.json").exists():
+        return d / "consensus"
+    from deca_ds.config import load_config
+    from deca_ds.simulate import run_simulation
+
+    if d.exists():
+        import shutil
+
+        shutil.rmtree(d)
+    settings = _flatten(spec["pretrain"])
+    cfg = load_config(None, _overrides({**settings, "output_dir": str(d), "backend": "simulate"}))
+    print(f"{name}: pretraining the base model ({settings}) in {d}", file=sys.stderr)
+    t0 = time.perf_counter()
+    summary = run_simulation(cfg, save_models=True, quiet=quiet)
+    record = {"settings": settings, "consensus": summary.get("consensus"), "seconds": time.perf_counter() - t0}
+    tmp = d / "pretrain.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1, default=str))
+    os.replace(tmp, d / "pretrain.json")
+    return d / "consensus"
+
+
+def _on_base(run: dict[str, Any], base: Path | None) -> dict[str, Any]:
+    """``run`` fine-tuning the pretrained ``base`` (unchanged when there is none)."""
+    return run if base is None else {**run, "settings": {**run["settings"], "model.path": str(base)}}
+
+
 def cmd_protocol(args) -> int:
     """Tuning runs of every protocol grid, then the evaluation runs they unlock, then the summaries."""
     out = Path(args.out)
@@ -538,7 +588,10 @@ def cmd_protocol(args) -> int:
             todo_tune, todo_eval = protocol_todo(name, out, args.methods)
             todo = todo_tune if phase == "tune" else todo_eval
             print(f"{name}: {len(todo)} {phase} runs to run", file=sys.stderr)
-            tasks += [(r, str(Path(args.runs_dir) / name), out / f"{name}.jsonl") for r in todo]
+            runs_dir = str(Path(args.runs_dir) / name)
+            spec = yaml.safe_load((GRIDS_DIR / f"{name}.yaml").read_text())
+            base = ensure_pretrained(name, spec, args.runs_dir) if todo else None
+            tasks += [(_on_base(r, base), runs_dir, out / f"{name}.jsonl") for r in todo]
         # Seed-major order: every method of a seed finishes before the next seed starts, so a sweep stopped early
         # leaves complete per-seed pairs (stable sort: the grid's order within a seed).
         tasks.sort(key=lambda t: int(t[0]["labels"].get("seed", 0)))

@@ -81,6 +81,8 @@ def test_protocol_grids_separate_tuning_and_evaluation_seeds():
 
         for run in sweep.tuning_runs(spec)[:3] + sweep.eval_runs(spec, {})[:3]:
             load_config(None, sweep._overrides({**run["settings"], "output_dir": "/tmp/x"}))
+        if spec.get("pretrain"):  # the pretraining run of a grid on a pretrained base is a valid recipe too
+            load_config(None, sweep._overrides({**sweep._flatten(spec["pretrain"]), "output_dir": "/tmp/x"}))
 
 
 _ROW = re.compile(r"^\| (?P<method>[^|]+?) \| (?P<seeds>\d+(?:,\d+)*) \|")
@@ -213,3 +215,51 @@ def test_paired_metrics_of_a_grid_set_the_difference_columns(tmp_path, monkeypat
     assert "| difference | eval seeds | worst client acc | cons. acc |" in md
     # Every seed differs by exactly 0.1: zero spread, so the interval collapses onto the mean.
     assert "| deca − badam_gossip | 0,1,2,3,4 | +0.100 [+0.100, +0.100] | +0.000 [+0.000, +0.000] |" in md
+
+
+def test_a_grid_with_pretrain_fine_tunes_one_base_made_once(tmp_path, monkeypatch):
+    """A grid's ``pretrain`` block is run once (before the first run that needs it, not again once ``pretrain.json``
+    is written, again after a pretraining killed before it), and every run of the grid gets ``model.path`` = its
+    consensus model; changed pretrain settings make a new base directory."""
+    (tmp_path / "grids").mkdir()
+    pre = {"method": "centralized", "max_steps": 2, "data": {"task": "generation"}}
+    (tmp_path / "grids" / "tiny.yaml").write_text(yaml.safe_dump(_spec(tune={"seeds": [100], "lr": [0.001]},
+                                                                       pretrain=pre)))
+    monkeypatch.setattr(sweep, "GRIDS_DIR", tmp_path / "grids")
+    monkeypatch.setattr(sweep, "PROTOCOL_GRIDS", ("tiny",))
+    monkeypatch.setattr(sweep, "summarize_protocol", lambda name, out: "")
+    pretrained = []
+
+    def fake_simulation(cfg, save_models, quiet):
+        assert save_models and cfg.method == "centralized" and cfg.data.task == "generation"
+        pretrained.append(cfg.output_dir)
+        (Path(cfg.output_dir) / "consensus").mkdir(parents=True)
+        return {"consensus": {"exact_match": 0.5}}
+
+    import deca_ds.simulate
+
+    monkeypatch.setattr(deca_ds.simulate, "run_simulation", fake_simulation)
+    pooled = []
+
+    def fake_pool(tasks, jobs):
+        pooled.append([t[0]["settings"].get("model.path") for t in tasks])
+        for run, _, results in tasks:
+            with open(results, "a") as f:
+                f.write(json.dumps(_rec(run, 1.0)) + "\n")
+
+    monkeypatch.setattr(sweep, "_run_pool", fake_pool)
+    out, runs = str(tmp_path / "out"), str(tmp_path / "runs")
+    args = ["protocol", "--grids", "tiny", "--out", out, "--runs-dir", runs]
+    assert sweep.main(args + ["--phases", "tune"]) == 0
+    base = sweep.pretrain_dir("tiny", yaml.safe_load((tmp_path / "grids" / "tiny.yaml").read_text()), runs)
+    assert pretrained == [str(base)] and pooled == [[str(base / "consensus")] * 2]
+    assert json.loads((base / "pretrain.json").read_text())["consensus"] == {"exact_match": 0.5}
+    assert sweep.main(args) == 0  # the evaluation runs: the same base, not pretrained again
+    assert pretrained == [str(base)] and pooled[-1] == [str(base / "consensus")] * 10
+    (base / "pretrain.json").unlink()  # a pretraining killed before its record: done again, from an empty folder
+    (base / "stale").write_text("x")
+    assert sweep.ensure_pretrained("tiny", yaml.safe_load((tmp_path / "grids" / "tiny.yaml").read_text()), runs)
+    assert pretrained == [str(base)] * 2 and not (base / "stale").exists()
+    other = sweep.pretrain_dir("tiny", _spec(pretrain={**pre, "max_steps": 3}), runs)
+    assert other != base and other.parent == base.parent
+    assert sweep.pretrain_dir("tiny", _spec(), runs) is None  # no pretrain block: the embedded random model

@@ -173,6 +173,12 @@ def spec_key(spec: dict[str, Any]) -> tuple:
     return (spec.get("method"), spec.get("layers_per_block"), spec.get("state_policy"))
 
 
+def _is_real(r: dict[str, Any]) -> bool:
+    """A ``deca_real`` record: the spec's name, or the record :func:`measure_real_step` returns (its ``method`` is
+    :data:`deca_ds.bench.real_step.RECORD_METHOD`, matched here by value so that this module does not import torch)."""
+    return r.get("method") in ("deca_real", "deca (real step)")
+
+
 def merge_reps(reps: list[dict[str, Any]]) -> dict[str, Any]:
     """One record from the same spec's records of every round: timings are the median over the rounds, with the
     spread kept (``tokens_per_s_min``/``_max``/``_reps``, ``step_time_s_reps``); memory figures are the median too
@@ -183,7 +189,9 @@ def merge_reps(reps: list[dict[str, Any]]) -> dict[str, Any]:
     bad = [r for r in reps if r.get("failed") or r.get("skipped") or r.get("not_applicable")]
     if bad:
         return bad[0]
-    if reps[0].get("method") == "deca_real":
+    # A real-step record comes from one launch that alternates its variants inside (--real-reps rounds) and
+    # already carries its medians and spread; it has no tokens/s of its own to merge.
+    if _is_real(reps[0]):
         return reps[0]
     import statistics
 
@@ -262,7 +270,7 @@ def annotate(records: list[dict[str, Any]], clients: int, topology: str = "ring"
     local = {r.get("layers_per_block"): r for r in records
              if r.get("method") == "deca" and r.get("state_policy") == "reset" and r.get("tokens_per_s")}
     for r in records:
-        if r.get("method") == "deca_real" and not r.get("failed") and "ratio_real_vs_local" in r:
+        if _is_real(r) and not r.get("failed") and "ratio_real_vs_local" in r:
             # Derived, and labelled so: the single-process deca record's throughput slowed by the real step's
             # measured overhead (real / local, both measured in the same launch).
             d = local.get(r.get("layers_per_block"))
@@ -273,7 +281,7 @@ def annotate(records: list[dict[str, Any]], clients: int, topology: str = "ring"
                                                        / r["ratio_real_vs_local"])
     badam = {r.get("layers_per_block"): r for r in records if r.get("method") == "badam" and r.get("tokens_per_s")}
     for r in records:
-        if r.get("not_applicable") or r.get("failed") or r.get("skipped") or r.get("method") == "deca_real":
+        if r.get("not_applicable") or r.get("failed") or r.get("skipped") or _is_real(r):
             continue
         wire = 4  # fp32 on the wire (gossip.dtype default)
         if r["method"] in DECA_METHODS:
@@ -320,7 +328,7 @@ def annotate(records: list[dict[str, Any]], clients: int, topology: str = "ring"
 
 
 def _label(r: dict[str, Any]) -> str:
-    if r.get("method") == "deca_real":
+    if _is_real(r):
         return f"deca (real step) {r.get('clients')} clients"
     if r.get("method") in DECA_METHODS + ("badam",) and r.get("layers_per_block"):
         extra = f" {r['state_policy']}" if r["method"] != "badam" else ""
@@ -347,7 +355,7 @@ def format_table(records: list[dict[str, Any]]) -> str:
     rows = [head]
     real = []
     for r in records:
-        if r.get("method") == "deca_real":
+        if _is_real(r):
             real.append(r)
             continue
         if r.get("not_applicable") or r.get("failed") or r.get("skipped"):

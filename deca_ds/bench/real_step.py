@@ -24,12 +24,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["VARIANTS", "measure_real_step", "summarize_rounds", "main"]
+__all__ = ["VARIANTS", "RECORD_METHOD", "measure_real_step", "summarize_rounds", "main"]
 
 VARIANTS = ("real", "deca_train_step", "local")
 """``real``: the launcher driver's whole step (engine step with gossip + consensus, watch, all-gather, distance at
 log steps); ``deca_train_step``: the deca engine's ``train_step`` alone; ``local``: ``method=local``'s
 ``train_step`` (the local step without gossip)."""
+RECORD_METHOD = "deca (real step)"
+"""The ``method`` of a real-step record (the spec that asks for one is ``deca_real``)."""
 
 
 def summarize_rounds(per_rank: list[dict[str, list[float]]]) -> dict[str, Any]:
@@ -186,7 +188,7 @@ def measure_real_step(spec: dict[str, Any], timeout: float = 1800.0) -> dict[str
         p.start()
     per_rank: dict[int, Any] = {}
     deadline = time.time() + timeout
-    record: dict[str, Any] = {"method": "deca (real step)", "clients": world, "topology": spec["topology"],
+    record: dict[str, Any] = {"method": RECORD_METHOD, "clients": world, "topology": spec["topology"],
                               "neighbours": degree, "layers_per_block": spec["layers_per_block"],
                               "switch_every": spec["switch_every"], "reps": spec["reps"],
                               "model_dtype": spec["dtype"], "device": spec["device"]}

@@ -181,3 +181,45 @@ def test_summarize_rounds_medians_over_rounds_of_the_rank_mean():
     s = summarize_rounds(per_rank)
     assert s["real"]["rounds"] == [2.0, 2.0, 2.0] and s["local"]["rounds"] == [1.0, 1.5, 1.0]
     assert s["local"]["median_s"] == 1.0 and s["local"]["max_s"] == 1.5 and s["ratio_real_vs_local"] == 2.0
+
+
+def test_a_run_with_the_real_step_alternated_writes_every_output(tmp_path, monkeypatch):
+    """``--methods adamw,deca,deca_real --reps 2``: the real-step record (one launch, alternated inside, its
+    ``method`` the record's label, not the spec's name) is merged, annotated, tabled and plotted beside the
+    alternated single-process records (this combination once failed in merge_reps after a 22-minute run)."""
+    import argparse
+
+    from deca_ds.bench import benchmark
+    from deca_ds.bench.real_step import RECORD_METHOD
+
+    calls = []
+
+    def fake_run_spec(spec, timeout):
+        calls.append(spec["method"])
+        if spec["method"] == "deca_real":
+            rounds = summarize_rounds([{"real": [1.2, 1.1], "deca_train_step": [1.1, 1.05], "local": [1.0, 1.0]}])
+            return {"method": RECORD_METHOD, "clients": 4, "topology": "ring", "neighbours": 2,
+                    "layers_per_block": spec["layers_per_block"], "switch_every": 1, "reps": 2,
+                    "model_dtype": "fp32", "device": "cpu", **rounds}
+        tps = 100.0 if spec["method"] == "adamw" else 180.0
+        block = PSI if spec["method"] == "adamw" else 2 * LAYER
+        return {"method": spec["method"], "layers_per_block": spec.get("layers_per_block"),
+                "state_policy": spec.get("state_policy"), "blocks": 2 if spec.get("layers_per_block") else None,
+                "params": PSI, "largest_block_params": block, "model_state_bytes": 4 * PSI + 12 * block,
+                "peak_rss_bytes": 10 * PSI, "tokens_per_s": tps, "step_time_s": 16 / tps, "micro_batch": 2,
+                "seq_len": 8, "model_dtype": "fp32", "device": "cpu"}
+
+    monkeypatch.setattr(benchmark, "run_spec", fake_run_spec)
+    p = argparse.ArgumentParser()
+    benchmark.add_arguments(p)
+    out = tmp_path / "bench"
+    args = p.parse_args(["--out", str(out), "--methods", "adamw,deca,deca_real", "--layers-per-block", "2",
+                         "--state-policies", "reset", "--reps", "2", "--shape", json.dumps(SHAPE), "--device",
+                         "cpu", "--compare"])
+    assert benchmark.main_from_args(args) == 0
+    assert sorted(calls) == ["adamw", "adamw", "deca", "deca", "deca_real"]  # the launch runs once
+    records = json.loads((out / "benchmark.json").read_text())["records"]
+    real = next(r for r in records if r["method"] == RECORD_METHOD)
+    assert real["ratio_real_vs_local"] == 1.15 and real["derived_speedup_vs_adamw"] == 1.8 / 1.15
+    md = (out / "benchmark.md").read_text()
+    assert "deca (real step) 4 clients" in md and "real / local = 1.150" in md and "| deca B=2 reset |" in md

@@ -173,10 +173,13 @@ def spec_key(spec: dict[str, Any]) -> tuple:
     return (spec.get("method"), spec.get("layers_per_block"), spec.get("state_policy"))
 
 
+REAL_STEP_METHOD = "deca (real step)"
+"""The ``method`` of the record a ``deca_real`` spec yields (:func:`deca_ds.bench.real_step.measure_real_step`,
+failed or not); the spec's own name ``deca_real`` never appears on a record."""
+
+
 def _is_real(r: dict[str, Any]) -> bool:
-    """A ``deca_real`` record: the spec's name, or the record :func:`measure_real_step` returns (its ``method`` is
-    :data:`deca_ds.bench.real_step.RECORD_METHOD`, matched here by value so that this module does not import torch)."""
-    return r.get("method") in ("deca_real", "deca (real step)")
+    return r.get("method") == REAL_STEP_METHOD
 
 
 def merge_reps(reps: list[dict[str, Any]]) -> dict[str, Any]:
@@ -329,7 +332,7 @@ def annotate(records: list[dict[str, Any]], clients: int, topology: str = "ring"
 
 def _label(r: dict[str, Any]) -> str:
     if _is_real(r):
-        return f"deca (real step) {r.get('clients')} clients"
+        return f"{REAL_STEP_METHOD} {r.get('clients')} clients"
     if r.get("method") in DECA_METHODS + ("badam",) and r.get("layers_per_block"):
         extra = f" {r['state_policy']}" if r["method"] != "badam" else ""
         return f"{r['method']} B={r.get('blocks') or '?'}{extra}"

@@ -24,14 +24,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["VARIANTS", "RECORD_METHOD", "measure_real_step", "summarize_rounds", "main"]
+from deca_ds.bench.benchmark import REAL_STEP_METHOD
+
+__all__ = ["VARIANTS", "measure_real_step", "summarize_rounds", "main"]
 
 VARIANTS = ("real", "deca_train_step", "local")
 """``real``: the launcher driver's whole step (engine step with gossip + consensus, watch, all-gather, distance at
 log steps); ``deca_train_step``: the deca engine's ``train_step`` alone; ``local``: ``method=local``'s
 ``train_step`` (the local step without gossip)."""
-RECORD_METHOD = "deca (real step)"
-"""The ``method`` of a real-step record (the spec that asks for one is ``deca_real``)."""
 
 
 def summarize_rounds(per_rank: list[dict[str, list[float]]]) -> dict[str, Any]:
@@ -163,7 +163,7 @@ def measure_real_step(spec: dict[str, Any], timeout: float = 1800.0) -> dict[str
         timeout: seconds before the measurement is abandoned.
 
     Returns:
-        A record: ``method="deca (real step)"``, the settings, :func:`summarize_rounds`'s figures, or
+        A record: ``method`` :data:`~deca_ds.bench.benchmark.REAL_STEP_METHOD`, the settings, :func:`summarize_rounds`'s figures, or
         ``failed``/``reason``.
     """
     import queue as queue_module
@@ -188,7 +188,7 @@ def measure_real_step(spec: dict[str, Any], timeout: float = 1800.0) -> dict[str
         p.start()
     per_rank: dict[int, Any] = {}
     deadline = time.time() + timeout
-    record: dict[str, Any] = {"method": RECORD_METHOD, "clients": world, "topology": spec["topology"],
+    record: dict[str, Any] = {"method": REAL_STEP_METHOD, "clients": world, "topology": spec["topology"],
                               "neighbours": degree, "layers_per_block": spec["layers_per_block"],
                               "switch_every": spec["switch_every"], "reps": spec["reps"],
                               "model_dtype": spec["dtype"], "device": spec["device"]}

@@ -26,7 +26,7 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
 
 def test_fine_tuning_starts_from_the_pretrained_base(tmp_path):
     from deca_ds.config import load_config
-    from deca_ds.simulate import run_simulation
+    from deca_ds.simulate import Simulation, run_simulation
 
     pre = {**TINY, "method": "centralized", "centralized_optimizer": "adamw", "seed": 7,
            "data": {**TINY["data"], "task": "generation"}}
@@ -37,8 +37,6 @@ def test_fine_tuning_starts_from_the_pretrained_base(tmp_path):
     cfg = load_config(None, sweep._overrides({**settings, "optim.lr": 1e-2, "model.path": str(base),
                                               "output_dir": str(tmp_path / "ft"), "backend": "simulate"}))
     start = _weights(base)
-    from deca_ds.simulate import Simulation
-
     # Every client's replica starts as the base, bit for bit (not the embedded model's random initialisation).
     sim = Simulation(cfg)
     for c in range(cfg.num_clients):

@@ -190,7 +190,7 @@ def test_a_run_with_the_real_step_alternated_writes_every_output(tmp_path, monke
     import argparse
 
     from deca_ds.bench import benchmark
-    from deca_ds.bench.real_step import RECORD_METHOD
+    from deca_ds.bench.benchmark import REAL_STEP_METHOD
 
     calls = []
 
@@ -198,7 +198,7 @@ def test_a_run_with_the_real_step_alternated_writes_every_output(tmp_path, monke
         calls.append(spec["method"])
         if spec["method"] == "deca_real":
             rounds = summarize_rounds([{"real": [1.2, 1.1], "deca_train_step": [1.1, 1.05], "local": [1.0, 1.0]}])
-            return {"method": RECORD_METHOD, "clients": 4, "topology": "ring", "neighbours": 2,
+            return {"method": REAL_STEP_METHOD, "clients": 4, "topology": "ring", "neighbours": 2,
                     "layers_per_block": spec["layers_per_block"], "switch_every": 1, "reps": 2,
                     "model_dtype": "fp32", "device": "cpu", **rounds}
         tps = 100.0 if spec["method"] == "adamw" else 180.0
@@ -219,7 +219,7 @@ def test_a_run_with_the_real_step_alternated_writes_every_output(tmp_path, monke
     assert benchmark.main_from_args(args) == 0
     assert sorted(calls) == ["adamw", "adamw", "deca", "deca", "deca_real"]  # the launch runs once
     records = json.loads((out / "benchmark.json").read_text())["records"]
-    real = next(r for r in records if r["method"] == RECORD_METHOD)
+    real = next(r for r in records if r["method"] == REAL_STEP_METHOD)
     assert real["ratio_real_vs_local"] == 1.15 and real["derived_speedup_vs_adamw"] == 1.8 / 1.15
     md = (out / "benchmark.md").read_text()
     assert "deca (real step) 4 clients" in md and "real / local = 1.150" in md and "| deca B=2 reset |" in md

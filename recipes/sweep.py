@@ -357,12 +357,13 @@ def _smooth(xs: list[float], k: int = 5) -> list[float]:
 MIN_EVAL_SEEDS = 5
 """A protocol table reports a cell only when it has at least this many evaluation seeds (a unit test checks)."""
 PROTOCOL_GRIDS = ("paper", "paper_r16", "skew", "paper_core", "paper_confirm", "paper_clients",
-                  "paper_clients2", "paper_pretrained")
+                  "paper_clients2", "paper_clients3", "paper_pretrained")
 """The protocol grids behind docs/results.md, in priority order (``recipes/configs/sweeps/<name>.yaml``)."""
 
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
-        20: 2.086, 25: 2.060, 30: 2.042}
+        20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+        29: 2.045, 30: 2.042}
 """Two-sided 95 % quantiles of Student's t by degrees of freedom (larger df: the next smaller tabulated one)."""
 
 

@@ -393,6 +393,10 @@ def format_real_step(r: dict[str, Any]) -> str:
             f"{r['reps']} alternated rounds, s/step median (min–max): real launcher step {fig('real')}; deca "
             f"train_step alone {fig('deca_train_step')}; local step without gossip {fig('local')}; "
             f"real / local = {r['ratio_real_vs_local']:.3f} (goal <= 1.05)")
+    if "cpu" in r and "cores_busy" in r:  # the work / waiting split (records before it have no CPU figures)
+        text += (f"; CPU s/step per client real {r['cpu']['real']['median_s']:.3f}, local "
+                 f"{r['cpu']['local']['median_s']:.3f}: CPU real / local = {r['cpu']['ratio_real_vs_local']:.3f}; "
+                 f"cores busy real {r['cores_busy']['real']:.2f}, local {r['cores_busy']['local']:.2f}")
     if "derived_speedup_vs_adamw" in r:
         text += (f"; derived × adamw {r['derived_speedup_vs_adamw']:.2f}"
                  + (f", × adamw fused {r['derived_speedup_vs_adamw_fused']:.2f}"

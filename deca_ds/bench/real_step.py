@@ -10,6 +10,13 @@ BlockAdam step, no gossip, no consensus) -- and times them alternately, one whol
 block position, so both variants see the same mix of forward/backward depths), ``reps`` times. Reported per variant:
 the median seconds per step over the rounds (mean over ranks) and its spread (min, max); ``ratio`` = real / local.
 
+Beside the wall time, each rank's CPU time (``time.process_time``: every thread of the process, gloo's included) is
+taken over the same rounds (``cpu``), and ``cores_busy`` = clients x CPU seconds per step / wall seconds per step.
+They split an overhead into work and waiting: a rank blocked on a neighbour's message burns no CPU, so extra CPU
+seconds are work the step adds (exchange, mixing, consensus), while a wall-time ratio above the CPU-time ratio with
+fewer cores busy is time the cores stood idle at the synchronisation gossip implies (one neighbour behind the others).
+On a machine with fewer cores than clients that idle time is the test bed's, not the step's.
+
     python -m deca_ds.bench.real_step --clients 4 --reps 5        # prints one JSON record
 """
 
@@ -26,7 +33,7 @@ import torch
 
 from deca_ds.bench.benchmark import REAL_STEP_METHOD
 
-__all__ = ["VARIANTS", "measure_real_step", "summarize_rounds", "main"]
+__all__ = ["VARIANTS", "measure_real_step", "summarize_rounds", "summarize_real_step", "main"]
 
 VARIANTS = ("real", "deca_train_step", "local")
 """``real``: the launcher driver's whole step (engine step with gossip + consensus, watch, all-gather, distance at
@@ -53,6 +60,23 @@ def summarize_rounds(per_rank: list[dict[str, list[float]]]) -> dict[str, Any]:
         for v in ("real", "deca_train_step"):
             if v in out:
                 out[f"ratio_{v}_vs_local"] = out[v]["median_s"] / out["local"]["median_s"]
+    return out
+
+
+def summarize_real_step(per_rank: list[dict[str, dict[str, list[float]]]]) -> dict[str, Any]:
+    """The record's figures from every rank's rounds: wall time, CPU time and the cores they kept busy.
+
+    Args:
+        per_rank: for each rank, ``{"wall": {variant: [s/step of each round]}, "cpu": {variant: [CPU s/step]}}``.
+
+    Returns:
+        :func:`summarize_rounds` of the wall times (at top level, as before), ``cpu``: the same of the CPU times,
+        and ``cores_busy``: per variant, ranks x CPU median / wall median (how many cores the clients kept busy).
+    """
+    out = summarize_rounds([r["wall"] for r in per_rank])
+    out["cpu"] = summarize_rounds([r["cpu"] for r in per_rank])
+    out["cores_busy"] = {v: len(per_rank) * out["cpu"][v]["median_s"] / out[v]["median_s"]
+                         for v in per_rank[0]["wall"]}
     return out
 
 
@@ -128,21 +152,23 @@ def _measure_rank(rank: int, world: int, spec: dict[str, Any]):
         for _ in range(steps_per_round * spec["warmup_rounds"]):
             one(v)
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+    cpu: dict[str, list[float]] = {v: [] for v in VARIANTS}
     for rep in range(spec["reps"]):
         order = VARIANTS[rep % 3:] + VARIANTS[:rep % 3]  # rotate which variant goes first
         for v in order:
             dist.barrier()  # every client starts the round together: no rank waits on another's other variant
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(steps_per_round):
                 one(v)
             times[v].append((time.perf_counter() - t0) / steps_per_round)
+            cpu[v].append((time.process_time() - c0) / steps_per_round)
 
     def close() -> None:
         deca.close()
         local.close()
         dist.destroy_process_group()
 
-    return times, close
+    return {"wall": times, "cpu": cpu}, close
 
 
 def build_model_vocab(spec: dict[str, Any]) -> int:
@@ -163,8 +189,9 @@ def measure_real_step(spec: dict[str, Any], timeout: float = 1800.0) -> dict[str
         timeout: seconds before the measurement is abandoned.
 
     Returns:
-        A record: ``method`` :data:`~deca_ds.bench.benchmark.REAL_STEP_METHOD`, the settings, :func:`summarize_rounds`'s figures, or
-        ``failed``/``reason``.
+        A record: ``method`` :data:`~deca_ds.bench.benchmark.REAL_STEP_METHOD`, the settings, :func:`summarize_rounds`'s
+        figures of wall seconds per step, ``cpu`` (the same of CPU seconds per step and rank, ratios included) and
+        ``cores_busy`` (per variant: clients x CPU median / wall median); or ``failed``/``reason``.
     """
     import queue as queue_module
 
@@ -212,7 +239,7 @@ def measure_real_step(spec: dict[str, Any], timeout: float = 1800.0) -> dict[str
             p.join(timeout=30)
             if p.is_alive():
                 p.terminate()
-    record.update(summarize_rounds([per_rank[r] for r in range(world)]))
+    record.update(summarize_real_step([per_rank[r] for r in range(world)]))
     return record
 
 

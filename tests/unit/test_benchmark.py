@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from deca_ds.bench.benchmark import annotate, flop_ceiling, format_compare, format_table, merge_reps, step_flops
-from deca_ds.bench.real_step import summarize_rounds
+from deca_ds.bench.real_step import summarize_real_step, summarize_rounds
 from deca_ds.bench.worker import measure, tensor_bytes
 
 SHAPE = {"hidden": 32, "intermediate": 64, "layers": 4, "heads": 4, "kv_heads": 2, "vocab": 128}
@@ -183,6 +183,17 @@ def test_summarize_rounds_medians_over_rounds_of_the_rank_mean():
     assert s["local"]["median_s"] == 1.0 and s["local"]["max_s"] == 1.5 and s["ratio_real_vs_local"] == 2.0
 
 
+def test_summarize_real_step_splits_wall_time_into_cpu_work_and_idle_cores():
+    """Two ranks; real costs 1.5x local in wall time but only 1.25x in CPU time, and keeps fewer cores busy: the
+    figures are the rank means' medians and 2 x CPU / wall (hand-computed, exact in binary)."""
+    wall = {"real": [1.5, 1.5, 1.5], "deca_train_step": [1.25, 1.25, 1.25], "local": [1.0, 1.0, 1.0]}
+    cpu = {"real": [0.5, 0.75, 0.625], "deca_train_step": [0.5, 0.5, 0.5], "local": [0.5, 0.5, 0.5]}
+    s = summarize_real_step([{"wall": wall, "cpu": cpu}, {"wall": wall, "cpu": dict(cpu, real=[0.75, 0.5, 0.625])}])
+    assert s["ratio_real_vs_local"] == 1.5 and s["real"]["median_s"] == 1.5
+    assert s["cpu"]["real"]["rounds"] == [0.625, 0.625, 0.625] and s["cpu"]["ratio_real_vs_local"] == 1.25
+    assert s["cores_busy"] == {"real": 2 * 0.625 / 1.5, "deca_train_step": 2 * 0.5 / 1.25, "local": 1.0}
+
+
 def test_a_run_with_the_real_step_alternated_writes_every_output(tmp_path, monkeypatch):
     """``--methods adamw,deca,deca_real --reps 2``: the real-step record (one launch, alternated inside, its
     ``method`` the record's label, not the spec's name) is merged, annotated, tabled and plotted beside the
@@ -197,7 +208,10 @@ def test_a_run_with_the_real_step_alternated_writes_every_output(tmp_path, monke
     def fake_run_spec(spec, timeout):
         calls.append(spec["method"])
         if spec["method"] == "deca_real":
-            rounds = summarize_rounds([{"real": [1.2, 1.1], "deca_train_step": [1.1, 1.05], "local": [1.0, 1.0]}])
+            rounds = summarize_real_step([{"wall": {"real": [1.2, 1.1], "deca_train_step": [1.1, 1.05],
+                                                     "local": [1.0, 1.0]},
+                                            "cpu": {"real": [0.5, 0.625], "deca_train_step": [0.5, 0.5],
+                                                    "local": [0.5, 0.5]}}])
             return {"method": REAL_STEP_METHOD, "clients": 4, "topology": "ring", "neighbours": 2,
                     "layers_per_block": spec["layers_per_block"], "switch_every": 1, "reps": 2,
                     "model_dtype": "fp32", "device": "cpu", **rounds}
@@ -223,3 +237,4 @@ def test_a_run_with_the_real_step_alternated_writes_every_output(tmp_path, monke
     assert real["ratio_real_vs_local"] == 1.15 and real["derived_speedup_vs_adamw"] == 1.8 / 1.15
     md = (out / "benchmark.md").read_text()
     assert "deca (real step) 4 clients" in md and "real / local = 1.150" in md and "| deca B=2 reset |" in md
+    assert "CPU real / local = 1.125" in md and "cores busy real 0.49, local 0.50" in md

@@ -128,7 +128,13 @@ def check_blocks(cfg: RunConfig) -> BlockPartition:
         part = partition_for(model, cfg.blocks)
     except ValueError as e:
         key = "blocks.prefixes" if b.prefixes else "blocks"
-        raise ConfigError(f"{key}: {' '.join(str(e).split())}") from None
+        fix = ""
+        if b.prefixes and "more than one prefix" in str(e):
+            fix = ": make the prefixes disjoint, so that each parameter belongs to one block"
+        elif b.prefixes:  # the partition's own message names the problem, not the names a prefix could select
+            first = next((n for n, _ in model.named_parameters()), "")
+            fix = f": give one prefix or regex of the model's parameter names per block (e.g. {first!r})"
+        raise ConfigError(f"{key}: {' '.join(str(e).split())}{fix}") from None
     if b.fixed_order is not None:
         bad = [i for i in b.fixed_order if not 0 <= i < len(part)]
         if bad:

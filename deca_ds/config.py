@@ -312,7 +312,7 @@ class RunConfig:
     backend: str = "launcher"
     """``launcher`` (one process per rank) or ``simulate`` (all clients in one process)."""
     num_clients: int | None = None
-    """Clients for ``backend: simulate`` (the launcher derives it from the world size)."""
+    """Clients for ``backend: simulate`` (the launcher derives it from the world size; set, it must agree)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     blocks: BlocksConfig = field(default_factory=BlocksConfig)

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from deca_ds import checkpoint as ckpt
-from deca_ds.build import (build_consensus_step, build_optimizer, build_topology, check_lora_support,
+from deca_ds.build import (build_consensus_step, build_optimizer, build_topology, check_blocks, check_lora_support,
                            prepare_model, uses_torch_adamw)
 from deca_ds.config import ConfigError, RunConfig
 from deca_ds.consensus import method_spec
@@ -150,7 +150,8 @@ def common_setup(sim, cfg: RunConfig) -> None:
     ``topology``.
 
     Raises:
-        ConfigError: missing ``num_clients``, unsupported DeepSpeed settings or a bad topology/data/model setting.
+        ConfigError: missing ``num_clients``, unsupported DeepSpeed settings or a bad topology/data/model/blocks
+            setting.
     """
     from deca_ds.data import check_data_config
     from deca_ds.ds_config import check_ds_config, load_ds_config
@@ -174,6 +175,9 @@ def common_setup(sim, cfg: RunConfig) -> None:
     sim.gas = int(ds.get("gradient_accumulation_steps", 1))
     sim.clip = float(ds.get("gradient_clipping", 0.0) or 0.0)
     check_model_config(cfg.model)
+    # Block settings against the (meta) model, as the launcher's preflight does: without it a prefix that matches
+    # nothing or a fixed_order index past the last block surfaces as a traceback from the optimizer's constructor.
+    check_blocks(cfg)
     check_lora_support(cfg)
     from deca_ds.optim.state_store import check_int8_support
 

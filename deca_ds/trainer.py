@@ -89,6 +89,13 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     if world_size % cfg.clients.ranks_per_client:
         raise ConfigError(f"clients.ranks_per_client={cfg.clients.ranks_per_client} does not divide the "
                           f"{world_size} launched ranks: launch a multiple of it or change it")
+    launched = world_size // cfg.clients.ranks_per_client
+    if cfg.num_clients is not None and cfg.num_clients != launched:
+        # The launcher's clients are its ranks: an explicit num_clients that disagrees was silently ignored.
+        rpc = cfg.clients.ranks_per_client
+        raise ConfigError(f"num_clients={cfg.num_clients} but this launch has {launched} client(s) ({world_size} "
+                          f"ranks, {rpc} per client): launch {cfg.num_clients * rpc} ranks, set backend=simulate to "
+                          f"run {cfg.num_clients} clients in one process, or remove num_clients")
     check_deepspeed_version(version("deepspeed"))
     rank = int(os.environ.get("RANK", "0")) if rank is None else rank
     layout = ClientLayout(world_size, rank, cfg.clients.ranks_per_client)

@@ -14,7 +14,12 @@ def _cfg(tmp_path, *overrides):
 
 @pytest.mark.parametrize("overrides, world, words", [
     (["clients.ranks_per_client=3"], 4, "clients.ranks_per_client=3"),
-    (["blocks.prefixes=[model.layers.0, nothing.here]"], 2, "blocks.prefixes"),
+    # Once silently ignored: a 1-rank launch trained 1 client, not 8.
+    (["num_clients=8"], 1, "num_clients=8 but this launch has 1 client(s) (1 ranks, 1 per client): launch 8 ranks"),
+    (["num_clients=2", "clients.ranks_per_client=2"], 2, "num_clients=2 but this launch has 1 client(s)"),
+    (["blocks.prefixes=[model.layers.0, nothing.here]"], 2,
+     "blocks.prefixes: prefixes match no parameter: ['nothing.here']: give one prefix or regex of the model's"),
+    (["blocks.prefixes=[model.layers, model.layers.0]"], 2, "make the prefixes disjoint"),
     (["blocks.order=fixed", "blocks.fixed_order=[0, 9]"], 2, "blocks.fixed_order"),
     (["model.path=/no/such/model"], 2, "model.path"),
     (["ds_config=/no/such.json"], 2, "ds_config"),
@@ -48,6 +53,7 @@ def test_ds_config_refusals_come_before_anything(tmp_path):
 def test_good_input_passes(tmp_path):
     ds = preflight(_cfg(tmp_path), 2, None).ds_config
     assert ds["train_micro_batch_size_per_gpu"] > 0
+    assert preflight(_cfg(tmp_path, "num_clients=2"), 2, None).layout.num_clients == 2  # agrees with the launch
 
 
 def _fake_run(tmp_path, num_clients: int, *overrides) -> None:

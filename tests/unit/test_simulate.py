@@ -159,6 +159,21 @@ def test_simulate_needs_num_clients():
         Simulation(load_config(None, ["max_steps=1"]))
 
 
+@pytest.mark.parametrize("stacked", ["true", "false"])
+@pytest.mark.parametrize("extra, words", [
+    (["blocks.order=fixed", "blocks.fixed_order=[0, 9]"], "blocks.fixed_order=[0, 9] names block(s) [9]"),
+    (["blocks.prefixes=[nothing.here]"], "blocks.prefixes"),
+    (["data.max_length=100000"], "data.max_length=100000 exceeds"),
+])
+def test_block_and_length_settings_are_refused_before_anything_is_written(tmp_path, stacked, extra, words):
+    """The simulator checks blocks against the model as the launcher's preflight does (once a traceback)."""
+    cfg = _cfg(f"simulate.stacked={stacked}", *extra, tmp_path=tmp_path)
+    with pytest.raises(ConfigError) as e:
+        run_simulation(cfg, save_models=False, quiet=True)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "run").exists()
+
+
 def _sweep_module():
     import importlib.util
     from pathlib import Path

@@ -491,6 +491,20 @@ def _make_plan(cfg, num_clients: int, client_id: int | None) -> _Plan:
     return _Plan(pool, fmt, test_idx, train_idx, eval_idx, counts, count_names, codes, label_names)
 
 
+def _client_path(pattern: str, client: int) -> str:
+    """Client ``client``'s file of the per-client ``data.path`` pattern.
+
+    Raises:
+        ConfigError: the pattern has other replacement fields or unbalanced braces (``str.format`` would raise a
+            bare KeyError/IndexError/ValueError from inside the data loader).
+    """
+    try:
+        return pattern.format(client=client)
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as e:
+        raise ConfigError(f"data.path={pattern!r} is not a valid per-client pattern ({type(e).__name__}: {e}): "
+                          "use {client} as the only field in braces, e.g. data/client_{client}.jsonl") from None
+
+
 def _plan_per_client(cfg, num_clients: int, client_id: int | None) -> _Plan:
     import datasets
 
@@ -498,12 +512,12 @@ def _plan_per_client(cfg, num_clients: int, client_id: int | None) -> _Plan:
     clients = range(num_clients) if client_id is None else [client_id]
     loaded = {}
     for i in clients:
-        path = d.path.format(client=i)
+        path = _client_path(d.path, i)
         ds, fmt = load_rows(path, d.format, need=None, setting=d.path)
         loaded[i] = (ds, fmt)
     try:
         test_path = d.path.format(client="test")
-    except ValueError:  # a numeric format spec such as {client:02d} cannot name the test file
+    except (ValueError, AttributeError, TypeError):  # e.g. a numeric spec such as {client:02d} cannot name it
         test_path = None
     test_source = None
     if test_path is not None and os.path.isfile(test_path):

@@ -155,6 +155,17 @@ def test_per_client_files_open_only_their_own(tok, tmp_path):
         check_data_config(cfg, 2)
 
 
+@pytest.mark.parametrize("name, cause", [
+    ("client_{client}_{split}.jsonl", "KeyError"), ("client_{client}_{}.jsonl", "IndexError"),
+    ("client_{client}}.jsonl", "Single '}'"), ("client_{client}{.jsonl", "expected '}'"),
+])
+def test_a_malformed_per_client_pattern_is_one_line_naming_data_path(tmp_path, name, cause):
+    """Other braces in a ``{client}`` pattern once escaped str.format as a bare KeyError/IndexError/ValueError."""
+    cfg = _cfg(path=str(tmp_path / name))
+    msg = _one_line_error(cfg)
+    assert msg.startswith("data.path=") and cause in msg and "{client} as the only field" in msg
+
+
 def _one_line_error(cfg, num_clients=2):
     with pytest.raises(ConfigError) as err:
         check_data_config(cfg, num_clients)

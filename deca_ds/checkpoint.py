@@ -114,7 +114,12 @@ def prepare_output_dir(output_dir: str | os.PathLike, resume: bool | str,
     has_run = out.is_dir() and any((out / name).exists()
                                    for name in (RUN_MARKER, "checkpoints", "summary.json", "metrics.jsonl"))
     select = _resume_select(resume)
+    # A simulator run never writes a checkpoint: "pass resume=true" would only lead to a second, misleading refusal.
+    simulated = has_run and _simulated_run(out)
     if select is None:
+        if simulated:
+            raise ConfigError(f"output_dir={str(out)!r} already holds a run (backend=simulate, which writes no "
+                              "checkpoint to resume): choose another output_dir (nothing there was changed)")
         if has_run:
             raise ConfigError(f"output_dir={str(out)!r} already holds a run: pass resume=true to continue it, or "
                               "choose another output_dir (nothing there was changed)")
@@ -128,9 +133,23 @@ def prepare_output_dir(output_dir: str | os.PathLike, resume: bool | str,
     client_ids = range(num_clients) if num_clients is not None else None
     found = find_resume_checkpoint(out, "latest" if select == "auto" else select, client_ids=client_ids, warn=warn)
     if found is None and select != "auto":
+        if simulated:
+            raise ConfigError(f"resume={shown} but output_dir={str(out)!r} holds a backend=simulate run, which writes "
+                              "no checkpoints: start a new run in another output_dir")
         raise ConfigError(f"resume={shown} but output_dir={str(out)!r} has no complete checkpoint (the run stopped "
                           "before its first one): start a new run in another output_dir")
     return found
+
+
+def _simulated_run(out: Path) -> bool:
+    """Whether ``out`` holds a ``backend=simulate`` run (its last ``run.json`` leg says so, no checkpoints)."""
+    if (out / "checkpoints").exists():
+        return False
+    try:
+        legs = read_run_legs(out)
+    except CheckpointError:  # a damaged run.json: the generic refusal (and later the resume check) names it
+        return False
+    return bool(legs) and legs[-1].get("backend") == "simulate"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,8 +288,10 @@ def find_resume_checkpoint(output_dir: str | os.PathLike, select: str = "latest"
         path = ckpt / name
         if not path.is_dir():
             have = ", ".join(p.name for p in _step_dirs(ckpt)) if ckpt.is_dir() else ""
-            raise CheckpointError(f"resume={select}: {path} does not exist: use one of {have or 'none (no checkpoint)'}"
-                                  " or resume=true")
+            if not have:  # "or resume=true" would only be refused in turn: there is nothing to resume
+                raise CheckpointError(f"resume={select}: {path} does not exist and output_dir holds no checkpoint: "
+                                      "start a new run in another output_dir")
+            raise CheckpointError(f"resume={select}: {path} does not exist: use one of {have} or resume=true")
         problem = checkpoint_problem(path, ids if ids is not None else _clients_in(path))
         if problem:
             raise CheckpointError(f"resume={select}: checkpoint {name} is incomplete ({problem}): choose another "

@@ -304,6 +304,22 @@ def test_output_dir_guard_never_overwrites(tmp_path):
         ckpt.prepare_output_dir(run, resume="step_1", num_clients=3)
 
 
+def test_a_simulator_run_is_never_offered_for_resume(tmp_path):
+    """A finished ``backend=simulate`` run has no checkpoint: the refusal must not send the user to resume=true (which
+    then failed, claiming the run had stopped before its first checkpoint); nothing there changes."""
+    run = tmp_path / "run"
+    ckpt.append_run_leg(run, ckpt.run_record(load_config(), None, None, 4, backend="simulate"))
+    (run / "summary.json").write_text("{}")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    for resume, words in [(False, r"already holds a run \(backend=simulate, which writes no checkpoint to resume\)"),
+                          (True, "resume=true but .* holds a backend=simulate run, which writes no checkpoints"),
+                          ("step_4", "resume=step_4: .* does not exist and output_dir holds no checkpoint")]:
+        with pytest.raises(ConfigError, match=words) as e:
+            ckpt.prepare_output_dir(run, resume=resume)
+        assert "resume=true" not in str(e.value).replace("resume=true but", "") and "\n" not in str(e.value)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+
 def test_output_dir_must_be_a_writable_directory(tmp_path, monkeypatch):
     afile = tmp_path / "afile"
     afile.write_text("x")

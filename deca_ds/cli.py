@@ -63,16 +63,54 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--write", metavar="DIR", help="write the recommended ds_config.json and recipe.yaml into DIR")
 
 
-def _run_plan(args: argparse.Namespace) -> int:
-    from deca_ds.bench.planner import PlanRequest, format_plan, parse_bytes, plan_from_model_dir, write_plan
+def _plan_sizes(args: argparse.Namespace) -> tuple[int, int]:
+    """Check ``plan``'s numeric arguments and topology name; returns ``(gpu_memory, overhead)`` in bytes.
 
+    The planner computes with whatever it is given: ``--clients 0`` wrote a recipe "for 0 GPUs", ``--seq-len 0`` or
+    ``--micro-batch 0`` ended in "please report this planner bug", a misspelt ``--topology`` was reported as a graph
+    without a fixed degree, and a NaN chunk size as a float conversion error.
+
+    Raises:
+        ValueError: the first bad argument, as one line naming the flag and the fix.
+    """
+    import math
+
+    from deca_ds.bench.planner import parse_bytes
+    from deca_ds.config import TOPOLOGIES
+
+    for flag, value in (("--seq-len", args.seq_len), ("--micro-batch", args.micro_batch),
+                        ("--clients", args.clients), ("--ranks-per-client", args.ranks_per_client)):
+        if value < 1:
+            raise ValueError(f"{flag} {value} is out of range: use an integer >= 1")
+    if args.max_degree is not None and not 0 <= args.max_degree <= args.clients - 1:
+        raise ValueError(f"--max-degree {args.max_degree} is out of range for {args.clients} clients: use 0 to "
+                         f"{args.clients - 1}")
+    if args.topology not in TOPOLOGIES:
+        raise ValueError(f"--topology {args.topology!r} is not known: use one of {', '.join(TOPOLOGIES)}")
+    if not (math.isfinite(args.gossip_chunk_mb) and args.gossip_chunk_mb > 0):
+        raise ValueError(f"--gossip-chunk-mb {args.gossip_chunk_mb} is out of range: use MiB > 0, e.g. 64")
+    sizes = []
+    for flag, text in (("--gpu-memory", args.gpu_memory), ("--overhead", args.overhead)):
+        try:
+            sizes.append(parse_bytes(text))
+        except ValueError as e:
+            raise ValueError(f"{flag} {e}") from None
+    if sizes[0] <= 0:
+        raise ValueError(f"--gpu-memory {args.gpu_memory!r} is out of range: give the GPU's memory, e.g. 24GiB")
+    return sizes[0], sizes[1]
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from deca_ds.bench.planner import PlanRequest, format_plan, plan_from_model_dir, write_plan
+
+    gpu_memory, overhead = _plan_sizes(args)
     req = PlanRequest(
-        gpu_memory=parse_bytes(args.gpu_memory), seq_len=args.seq_len, micro_batch=args.micro_batch,
+        gpu_memory=gpu_memory, seq_len=args.seq_len, micro_batch=args.micro_batch,
         clients=args.clients, ranks_per_client=args.ranks_per_client, layers_per_block=args.layers_per_block,
         include_embeddings=args.include_embeddings, include_lm_head=args.include_lm_head,
         state_policy=args.state_policy, offload_dtype=args.offload_dtype,
         activation_checkpointing=args.activation_checkpointing, dtype=args.dtype, topology=args.topology,
-        max_degree=args.max_degree, gossip_chunk_mb=args.gossip_chunk_mb, overhead=parse_bytes(args.overhead),
+        max_degree=args.max_degree, gossip_chunk_mb=args.gossip_chunk_mb, overhead=overhead,
         fused_backward=args.fused_backward, moment_dtype=args.moment_dtype,
     )
     plan = plan_from_model_dir(args.model, req)

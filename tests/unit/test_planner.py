@@ -177,6 +177,28 @@ def test_cli_plan_recommends_checkpointing_or_refuses(tmp_path, capsys):
     assert not (tmp_path / "recipe.yaml").exists()
 
 
+@pytest.mark.parametrize("extra, words", [
+    (["--clients", "0"], "--clients 0 is out of range"),
+    (["--seq-len", "0"], "--seq-len 0 is out of range"),
+    (["--micro-batch", "0"], "--micro-batch 0 is out of range"),
+    (["--ranks-per-client", "0"], "--ranks-per-client 0 is out of range"),
+    (["--max-degree", "8"], "--max-degree 8 is out of range for 8 clients: use 0 to 7"),
+    (["--topology", "rnig", "--max-degree", "2"], "--topology 'rnig' is not known"),
+    (["--gossip-chunk-mb", "nan"], "--gossip-chunk-mb nan is out of range"),
+    (["--gossip-chunk-mb", "0"], "--gossip-chunk-mb 0.0 is out of range"),
+    (["--gpu-memory", "0GiB"], "--gpu-memory '0GiB' is out of range"),
+    (["--gpu-memory", "lots"], "--gpu-memory 'lots' is not a memory size"),
+    (["--overhead", "1XB"], "--overhead '1XB' is not a memory size"),
+])
+def test_cli_plan_refuses_bad_arguments_in_one_line_and_writes_nothing(tmp_path, capsys, extra, words):
+    """Once: --clients 0 wrote a recipe for 0 GPUs, --seq-len 0 blamed a planner bug, a NaN chunk size crashed."""
+    model = os.path.join(MODELS, "llama-3.1-8b")
+    assert cli_main(["plan", "--model", model, "--gpu-memory", "80GiB", "--write", str(tmp_path)] + extra) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err
+    assert not os.listdir(tmp_path)
+
+
 def synthetic_shape(blocks):
     lpb = blocks.layers_per_block
     emb = 2 * 10**8 if blocks.include_embeddings else 0  # a block bigger than 6 layers

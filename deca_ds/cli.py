@@ -61,6 +61,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overhead", default="1GiB", help="reserved for CUDA context/fragmentation (default 1GiB)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     p.add_argument("--write", metavar="DIR", help="write the recommended ds_config.json and recipe.yaml into DIR")
+    p.add_argument("--force", action="store_true",
+                   help="with --write: replace a ds_config.json / recipe.yaml already in DIR (kept by default)")
 
 
 def _plan_sizes(args: argparse.Namespace) -> tuple[int, int]:
@@ -116,7 +118,7 @@ def _run_plan(args: argparse.Namespace) -> int:
     plan = plan_from_model_dir(args.model, req)
     written = None
     if args.write:
-        written = write_plan(plan, args.model, args.write)
+        written = write_plan(plan, args.model, args.write, overwrite=args.force)
     if args.json:
         out = plan.to_dict()
         if written:

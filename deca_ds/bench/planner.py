@@ -888,19 +888,26 @@ def recommended_recipe(plan: Plan, model_dir: str, ds_config_path: str) -> dict[
     }
 
 
-def write_plan(plan: Plan, model_dir: str, out_dir: str) -> tuple[str, str]:
+def write_plan(plan: Plan, model_dir: str, out_dir: str, overwrite: bool = False) -> tuple[str, str]:
     """Write ``OUT/ds_config.json`` and ``OUT/recipe.yaml`` for the recommended settings.
 
     Both are checked before anything is written, as a run checks them: the recipe with
     :func:`deca_ds.config.load_config`, the ds_config with :func:`deca_ds.ds_config.check_ds_config` for the recipe's
     world size (so a recommended ``optim.fused_backward`` comes with a ds_config it accepts).
 
+    Args:
+        plan: the planner's result.
+        model_dir: the model's directory, written into the recipe as ``model.path``.
+        out_dir: where the two files go (created if missing).
+        overwrite: replace files of these names already in ``out_dir``; by default they are kept (they may hold a
+            user's edits) and nothing is written.
+
     Returns:
         The two paths written.
 
     Raises:
-        ValueError: nothing fits, so there is nothing to recommend; or (a planner bug) the settings it would write
-            are refused.
+        ValueError: nothing fits, so there is nothing to recommend; either file exists and ``overwrite`` is False;
+            or (a planner bug) the settings it would write are refused.
     """
     import yaml
 
@@ -909,6 +916,10 @@ def write_plan(plan: Plan, model_dir: str, out_dir: str) -> tuple[str, str]:
                          "(--seq-len) or more ranks per client")
     ds_path = os.path.join(out_dir, "ds_config.json")
     recipe_path = os.path.join(out_dir, "recipe.yaml")
+    there = [p for p in (ds_path, recipe_path) if os.path.exists(p)]
+    if there and not overwrite:
+        raise ValueError(f"--write {out_dir}: {' and '.join(there)} already exist(s) and may hold your edits, so "
+                         "nothing was written: choose another --write directory or pass --force to replace them")
     ds = recommended_ds_config(plan)
     recipe = recommended_recipe(plan, os.path.abspath(model_dir), os.path.abspath(ds_path))
     req = plan.recommended_request or plan.request

@@ -199,6 +199,23 @@ def test_cli_plan_refuses_bad_arguments_in_one_line_and_writes_nothing(tmp_path,
     assert not os.listdir(tmp_path)
 
 
+def test_cli_plan_write_keeps_existing_files_unless_forced(tmp_path, capsys):
+    """A second ``plan --write DIR`` once overwrote a recipe the user had edited; now it refuses in one line and
+    leaves both files as they were, and ``--force`` replaces them."""
+    model = os.path.join(MODELS, "llama-3.1-8b")
+    args = ["plan", "--model", model, "--gpu-memory", "80GiB", "--write", str(tmp_path)]
+    assert cli_main(args) == 0
+    (tmp_path / "recipe.yaml").write_text("# my edits\n")
+    kept = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    capsys.readouterr()
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "already exist(s)" in err and "--force" in err and "\n" not in err
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == kept
+    assert cli_main(args + ["--force"]) == 0
+    assert (tmp_path / "recipe.yaml").read_text() != "# my edits\n"
+
+
 def synthetic_shape(blocks):
     lpb = blocks.layers_per_block
     emb = 2 * 10**8 if blocks.include_embeddings else 0  # a block bigger than 6 layers

@@ -73,6 +73,71 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compare", action="store_true", help="print ratios to adamw")
 
 
+METHODS = ("adamw", "adamw_fused", "zero_offload") + DECA_METHODS + ("badam", "deca_real")
+"""Every ``--methods`` name."""
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Refuse bad benchmark arguments before any worker starts (each worker would otherwise fail on its own, or a
+    zero count would be quietly raised to one).
+
+    Raises:
+        ValueError: the first bad argument, as one line naming the flag and the fix.
+    """
+    import math
+
+    from deca_ds.config import STATE_POLICIES
+
+    for flag, value, low in (("--reps", args.reps, 1), ("--steps", args.steps, 1), ("--warmup", args.warmup, 0),
+                             ("--micro-batch", args.micro_batch, 1), ("--seq-len", args.seq_len, 1),
+                             ("--clients", args.clients, 1), ("--real-clients", args.real_clients, 2),
+                             ("--real-reps", args.real_reps, 1)):
+        if value < low:
+            raise ValueError(f"{flag} {value} is out of range: use an integer >= {low}")
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads} is out of range: use an integer >= 1, or leave it out (all cores)")
+    for flag, value in (("--gossip-chunk-mb", args.gossip_chunk_mb), ("--timeout", args.timeout),
+                        ("--lr", args.lr)):
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{flag} {value} is out of range: use a number > 0")
+    methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if not methods or bad:
+        raise ValueError(f"--methods {args.methods!r}: {'unknown ' + ', '.join(bad) if bad else 'empty'}: use a comma "
+                         f"list of {', '.join(METHODS)}")
+    try:
+        lpbs = [int(x) for x in str(args.layers_per_block).split(",") if x.strip()]
+    except ValueError:
+        lpbs = []
+    if not lpbs or min(lpbs) < 1:
+        raise ValueError(f"--layers-per-block {args.layers_per_block!r} is not a comma list of integers >= 1: "
+                         "e.g. 1,2,4")
+    policies = [x for x in str(args.state_policies).split(",") if x]
+    if not policies or set(policies) - set(STATE_POLICIES):
+        raise ValueError(f"--state-policies {args.state_policies!r}: use a comma list of {', '.join(STATE_POLICIES)}")
+    if args.device not in (None, "cpu", "cuda"):
+        raise ValueError(f"--device {args.device!r} is not supported: use cpu or cuda")
+    if args.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda but no CUDA device is visible: use --device cpu or run on a GPU machine")
+    if args.shape is not None:
+        try:
+            shape = json.loads(args.shape)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--shape is not JSON ({e}): e.g. '{{\"hidden\": 64, \"layers\": 2}}'") from None
+        unknown = set(shape) - set(DEFAULT_SHAPE) if isinstance(shape, dict) else set()
+        if not isinstance(shape, dict) or unknown or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in shape.values()):
+            raise ValueError(f"--shape {args.shape}: give a JSON object of positive integers with keys from "
+                             f"{', '.join(DEFAULT_SHAPE)}" + (f" (unknown: {', '.join(sorted(unknown))})"
+                                                              if unknown else ""))
+    if args.model is not None and not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise ValueError(f"--model {args.model}: no config.json there: give a Hugging Face model directory (its "
+                         "config is enough; weights are initialised at random)")
+
+
 def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
     """One worker spec per method and setting, all sharing model, batch and sequence length.
 
@@ -472,10 +537,15 @@ def model_shape(args: argparse.Namespace) -> dict[str, int]:
 
 def main_from_args(args: argparse.Namespace) -> int:
     """Run every spec ``--reps`` times, alternated (one fresh process each), merge the rounds, write the outputs;
-    prints the table (and ratios)."""
+    prints the table (and ratios).
+
+    Raises:
+        ValueError: a bad argument (:func:`check_arguments`), before any worker starts or anything is written.
+    """
+    check_arguments(args)
     specs = build_specs(args)
     rounds: dict[tuple, list[dict[str, Any]]] = {spec_key(s): [] for s in specs}
-    reps = max(1, int(args.reps))
+    reps = int(args.reps)
     for rep in range(reps):
         k = rep % len(specs)
         for spec in specs[k:] + specs[:k]:  # rotate the order each round
@@ -506,4 +576,10 @@ def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (``recipes/benchmark.py``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(p)
-    return main_from_args(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        check_arguments(args)
+    except ValueError as e:  # one line, as deca-ds bench prints it
+        print(f"benchmark: {e}", file=sys.stderr)
+        return 2
+    return main_from_args(args)

@@ -175,6 +175,34 @@ def test_flop_ceiling_against_hand_counts():
     assert flop_ceiling(shape, 2, 3, 1) > flop_ceiling(shape, 2, 3, 2) > 1  # smaller blocks, less backward
 
 
+@pytest.mark.parametrize("extra, words", [
+    (["--reps", "0"], "--reps 0 is out of range"), (["--steps", "0"], "--steps 0 is out of range"),
+    (["--real-clients", "1"], "--real-clients 1 is out of range: use an integer >= 2"),
+    (["--threads", "0"], "--threads 0 is out of range"), (["--timeout", "nan"], "--timeout nan is out of range"),
+    (["--methods", "adamw,adamm"], "--methods 'adamw,adamm': unknown adamm"),
+    (["--layers-per-block", "1,x"], "--layers-per-block '1,x' is not a comma list"),
+    (["--state-policies", "reset,park"], "--state-policies 'reset,park'"),
+    (["--device", "tpu"], "--device 'tpu' is not supported"),
+    (["--shape", "notjson"], "--shape is not JSON"), (["--shape", '{"hiden": 64}'], "(unknown: hiden)"),
+    (["--shape", '{"hidden": 0}'], "JSON object of positive integers"),
+    (["--model", "/no/such/model"], "--model /no/such/model: no config.json there"),
+])
+def test_bad_benchmark_arguments_are_refused_before_any_worker(tmp_path, monkeypatch, capsys, extra, words):
+    """Once: --reps 0 / --steps 0 still ran, a bad --shape or --model surfaced as a bare JSON or Errno message and
+    --device tpu started every worker to fail each. Now one line naming the flag, exit 2, no worker, nothing written."""
+    from deca_ds.bench import benchmark
+    from deca_ds.cli import main as cli_main
+
+    monkeypatch.setattr(benchmark, "run_spec", lambda spec, timeout: pytest.fail("a worker was started"))
+    out = tmp_path / "bench"
+    argv = ["--out", str(out), "--methods", "adamw,deca", "--device", "cpu"] + extra
+    assert benchmark.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err, err
+    assert cli_main(["bench"] + argv) == 2 and words in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_summarize_rounds_medians_over_rounds_of_the_rank_mean():
     per_rank = [{"real": [1.0, 3.0, 2.0], "local": [1.0, 1.0, 1.0]},
                 {"real": [3.0, 1.0, 2.0], "local": [1.0, 2.0, 1.0]}]

@@ -563,6 +563,8 @@ def compare_run_settings(stored: dict[str, Any], new: dict[str, Any]) -> tuple[l
     old_cfg, new_cfg = _flatten(stored.get("config") or {}), _flatten(new.get("config") or {})
     scheduled = any("scheduler" in (r.get("ds_config") or {}) for r in (stored, new))
     for key in sorted(set(old_cfg) | set(new_cfg)):
+        if key == "num_clients":  # compared above as the run's count; the setting may be unset in one leg
+            continue
         old, now = old_cfg.get(key, defaults.get(key)), new_cfg.get(key, defaults.get(key))
         if old == now:
             continue

@@ -368,6 +368,11 @@ def test_resume_compatibility_rules():
         assert line in refused, (line, refused)
     refused, _ = ckpt.compare_run_settings(stored, _record(world_size=8))
     assert refused == ["num_clients: 4 -> 8", "world_size: 4 -> 8"]
+    # The count is the run's, not the setting's: num_clients=4 given in one leg and left out in the next is the same
+    # run (it was refused as "num_clients: 4 -> None"), and a real change is named once, not twice.
+    assert ckpt.compare_run_settings(_record("num_clients=4"), stored) == ([], [])
+    refused, _ = ckpt.compare_run_settings(_record("num_clients=4"), _record(world_size=8))
+    assert refused == ["num_clients: 4 -> 8", "world_size: 4 -> 8"]
     refused, _ = ckpt.compare_run_settings(stored, _record("model.path=/models/other"))
     assert refused == ["model.path: None -> '/models/other'"]
 

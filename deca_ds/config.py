@@ -67,7 +67,7 @@ class DataConfig:
 
     path: str | None = None
     """Local JSON/JSONL/CSV/Parquet file, a hub name, or a per-client pattern containing ``{client}``
-    (``data/client_{client}.jsonl``). ``None``: the embedded synthetic task."""
+    (``data/client_{client}.jsonl``, or with a format spec: ``{client:02d}``). ``None``: the embedded synthetic task."""
     format: str = "auto"
     """``alpaca`` (instruction/input/output), ``chat`` (messages), ``sharegpt`` (conversations of from/value) or
     ``auto`` (detected from the fields)."""

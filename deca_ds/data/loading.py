@@ -440,7 +440,7 @@ def _make_plan(cfg, num_clients: int, client_id: int | None) -> _Plan:
         except ValueError as e:
             raise ConfigError(f"data.num_labels={d.num_labels}: {e}") from None
         pool, fmt, column = datasets.Dataset.from_dict(cols), "alpaca", "label"
-    elif "{client}" in d.path:
+    elif _is_per_client(d.path):
         return _plan_per_client(cfg, num_clients, client_id)
     else:
         need = column if d.partition != "iid" else None
@@ -489,6 +489,19 @@ def _make_plan(cfg, num_clients: int, client_id: int | None) -> _Plan:
         eval_idx.append(rest[part[held]])
         counts[i] = np.bincount(codes[rows], minlength=len(count_names)) if codes is not None else len(rows)
     return _Plan(pool, fmt, test_idx, train_idx, eval_idx, counts, count_names, codes, label_names)
+
+
+def _is_per_client(path: str) -> bool:
+    """Whether ``data.path`` is a per-client pattern: a ``{client}`` field, with or without a format spec
+    (``client_{client:02d}.jsonl`` too); a malformed pattern naming ``{client`` counts, so that it is refused by
+    :func:`_client_path` with its fix instead of being looked up as a file name with braces in it."""
+    import string
+
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(path) if f is not None]
+    except ValueError:
+        return "{client" in path
+    return any(f.split(".")[0].split("[")[0].split("!")[0] == "client" for f in fields)
 
 
 def _client_path(pattern: str, client: int) -> str:

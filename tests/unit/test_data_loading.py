@@ -155,6 +155,17 @@ def test_per_client_files_open_only_their_own(tok, tmp_path):
         check_data_config(cfg, 2)
 
 
+def test_a_per_client_pattern_may_format_the_client_number(tok, tmp_path):
+    """``client_{client:02d}.jsonl`` was not recognised as a pattern (only the literal ``{client}`` was) and was
+    refused as a missing file although client_00/client_01 were there."""
+    _write(tmp_path / "client_00.jsonl", _rows(10, ("pos",)), "jsonl")
+    _write(tmp_path / "client_01.jsonl", _rows(10, ("neg",)), "jsonl")
+    cfg = _cfg(path=str(tmp_path / "client_{client:02d}.jsonl"), test_size=0.2)
+    check_data_config(cfg, 2)
+    d = build_client_data(cfg, tok, 1, 2)
+    assert d.counts_local_only and d.counts[0].sum() == 0 and d.counts[1].sum() == len(d.train) == 8
+
+
 @pytest.mark.parametrize("name, cause", [
     ("client_{client}_{split}.jsonl", "KeyError"), ("client_{client}_{}.jsonl", "IndexError"),
     ("client_{client}}.jsonl", "Single '}'"), ("client_{client}{.jsonl", "expected '}'"),

@@ -41,9 +41,12 @@ What the trainer changes, and why (each piece is the launcher's, ``deca_ds.train
 
 Limits (refused with a one-line error naming the fix): DeepSpeed ZeRO stages 1-3 (use ``recipes/finetune.py``,
 whose engine re-initializes DeepSpeed at every block switch), DeepSpeed ``bf16``/``fp16`` sections (load the model in
-bf16 instead; BlockAdam keeps the fp32 master), a DeepSpeed ``optimizer`` section. A non-finite loss or gradient
-skips that client's update (the block schedule still advances), as ``nan_policy=skip``. ``trainer.evaluate()``
-reports the Trainer's usual average over all ranks, i.e. over all clients' models.
+bf16 instead; BlockAdam keeps the fp32 master), a DeepSpeed ``optimizer`` section, ``fp16=True`` (use ``bf16``),
+an ``optim`` other than AdamW, ``optim_args``, ``optimizers=``/``optimizer_cls_and_kwargs=`` (BlockAdam is the
+optimizer), and at ``train()`` a new run in an ``output_dir`` that holds one (pass ``resume_from_checkpoint``).
+A non-finite loss or gradient skips that client's update (the block schedule still advances), as
+``nan_policy=skip``. ``trainer.evaluate()`` reports the Trainer's usual average over all ranks, i.e. over all
+clients' models.
 
 Why this module touches DeepSpeed (the only one outside ``deca_ds.engine``): Accelerate calls
 ``deepspeed.initialize`` itself and has no way to pass an ``mpu``; :func:`_client_mpu_initialize` wraps that one call.
@@ -52,6 +55,7 @@ Why this module touches DeepSpeed (the only one outside ``deca_ds.engine``): Acc
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import os
 import time
@@ -467,6 +471,56 @@ def _check_trainer_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int
 # -------------------------------------------------------------------------------------------------------------------
 # The trainer
 
+# ``--optim`` values that name plain AdamW: BlockAdam performs that update (one block at a time), with the
+# TrainingArguments' learning rate, betas, eps and weight decay. Any other value would be silently replaced.
+_ADAMW_OPTIMS = ("adamw_torch", "adamw_torch_fused", "adamw_torch_xla", "adamw_torch_npu_fused")
+
+
+def _check_trainer_arguments(training_args, trainer_kwargs: dict[str, Any]) -> None:
+    """Refuse Trainer inputs that DecaTrainer would otherwise ignore or mis-handle, before any process group exists.
+
+    Args:
+        training_args: the ``TrainingArguments`` (or a subclass such as TRL's ``SFTConfig``).
+        trainer_kwargs: the base Trainer's constructor arguments by name (positional ones bound to their names).
+
+    Raises:
+        ConfigError: one line naming the setting and the fix.
+    """
+    # DecaTrainer always builds BlockAdam (create_optimizer) and registers DECA's step hooks on it. A user optimizer
+    # would run without gossip and crash at the first clipping; an optimizer class would be dropped silently.
+    optimizers = trainer_kwargs.get("optimizers") or (None, None)
+    if any(o is not None for o in optimizers) or trainer_kwargs.get("optimizer_cls_and_kwargs") is not None:
+        raise ConfigError("optimizers=/optimizer_cls_and_kwargs= cannot be used with DecaTrainer (it builds BlockAdam, "
+                          "the DECA optimizer, and the Trainer's scheduler on it): drop them and set learning_rate, "
+                          "adam_beta1/2, adam_epsilon, weight_decay and lr_scheduler_type in TrainingArguments")
+    optim = str(getattr(training_args.optim, "value", training_args.optim))
+    if optim not in _ADAMW_OPTIMS:
+        raise ConfigError(f"TrainingArguments optim={optim}: DecaTrainer always runs BlockAdam (block-wise AdamW); "
+                          f"drop --optim or use --optim adamw_torch (other optimizers: recipes/finetune.py "
+                          "method=centralized or a plain Trainer)")
+    if getattr(training_args, "optim_args", None):
+        raise ConfigError(f"TrainingArguments optim_args={training_args.optim_args!r} would be ignored (DecaTrainer "
+                          "runs BlockAdam): drop --optim_args; BlockAdam takes adam_beta1/2, adam_epsilon and "
+                          "weight_decay from TrainingArguments and the rest from deca_ds settings (optim.*)")
+    # Hazard: fp16 mixed precision without DeepSpeed means Accelerate's GradScaler. DecaTrainer clips the scaled
+    # gradients itself (the base class would unscale first), so BlockAdam would receive gradients 1/scale too small,
+    # and on an overflow the scaler skips optimizer.step() - and with it this client's gossip exchange - on this
+    # client only, desynchronising it from its neighbours. Under DeepSpeed the fp16 section is refused as well.
+    if getattr(training_args, "fp16", False):
+        raise ConfigError("TrainingArguments fp16=True is not supported by DecaTrainer (its loss scaler skips "
+                          "optimizer steps and with them the clients' gossip exchanges): drop --fp16 and use --bf16, "
+                          "or load the model in bf16 (dtype=torch.bfloat16)")
+
+
+def _existing_run(run_dir: Path) -> str | None:
+    """What in ``run_dir`` a new DecaTrainer run would overwrite or mix with (None: nothing).
+
+    A DecaTrainer run writes ``metrics.jsonl``, ``client_<c>/checkpoint-<N>`` and ``consensus/`` there.
+    """
+    found = [p.name for p in (run_dir / "metrics.jsonl", run_dir / "consensus") if p.exists()]
+    found += sorted(str(p.relative_to(run_dir)) for p in run_dir.glob("client_*/checkpoint-*"))[:2]
+    return ", ".join(found) or None
+
 
 def _client_args(args, writer: bool, output_dir: str):
     """``args`` with ``output_dir`` set to the client's directory and ``should_save`` true on the client's first rank.
@@ -526,6 +580,11 @@ class DecaTrainerMixin:
         if training_args is None:
             raise ConfigError("DecaTrainer needs args=TrainingArguments(output_dir=...): the run's directory, "
                               "learning rate and steps come from it")
+        try:
+            named = inspect.signature(super().__init__).bind_partial(*args, **kwargs).arguments
+        except TypeError:  # a base class signature the arguments do not bind to: its own error follows
+            named = kwargs
+        _check_trainer_arguments(training_args, named)
         deca = deca if deca is not None else DecaSettings()
         cfg = deca.resolve(training_args)
         init_distributed(cfg.comm_timeout)
@@ -583,10 +642,36 @@ class DecaTrainerMixin:
         wait for a gossip exchange. Every client instead takes the recipe's step count for ``epochs``
         (:func:`deca_ds.lr_schedule.steps_for_epochs` of the mean client's rows), so the Trainer's schedule,
         the block schedule and the stop are the same everywhere and equal to ``recipes/finetune.py epochs=N``.
+
+        A new run (no ``resume_from_checkpoint``) in an ``output_dir`` that already holds a DecaTrainer run is
+        refused, as ``recipes/finetune.py`` refuses it: it would rewrite ``metrics.jsonl`` and same-numbered
+        checkpoints, and leave the old run's later checkpoints for a resume to pick up.
+
+        Raises:
+            ConfigError: ``output_dir`` holds a run and ``resume_from_checkpoint`` is not given (nothing changed).
         """
+        resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
+        if not resume:
+            self._refuse_existing_run()
         if not (self.args.max_steps and self.args.max_steps > 0):
             self._steps_from_epochs()
         return super().train(*args, **kwargs)
+
+    def _refuse_existing_run(self) -> None:
+        """Raise on every rank when any rank sees a previous run in ``output_dir`` (collective).
+
+        Hazard: without a shared filesystem only world rank 0 sees ``metrics.jsonl``; a refusal on some ranks only
+        would leave the others waiting in the first gossip exchange, so the finding is all-reduced.
+        """
+        from deca_ds.engine import device
+
+        found = _existing_run(self.run_dir)
+        flag = torch.tensor([1.0 if found else 0.0], device=device())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if float(flag) > 0:
+            raise ConfigError(f"output_dir={str(self.run_dir)!r} already holds a DecaTrainer run "
+                              f"({found or 'seen by another rank'}): pass resume_from_checkpoint=True to continue it, "
+                              "or choose another output_dir (nothing there was changed)")
 
     def _steps_from_epochs(self) -> None:
         from deca_ds.engine import device

@@ -217,3 +217,71 @@ def test_trainer_path_gathers_figures_only_at_log_steps_and_keeps_a_nonfinite_st
     assert len(gathers) == 2 and [r["step"] for r in recs] == [3, 7]
     assert [r["nonfinite"] for r in recs] == [False, True]
     assert [r["loss"] for r in recs] == [3.0, 7.0] and [r["bytes_sent"] for r in recs] == [30, 70]
+
+
+# --- Trainer inputs DecaTrainer would ignore or mis-handle: refused at construction, before any process group -------
+
+
+@pytest.mark.parametrize("kw,match", [
+    ({"args_kw": {"optim": "sgd"}}, "optim=sgd.*use --optim adamw_torch"),
+    ({"args_kw": {"optim": "adafactor"}}, "optim=adafactor"),
+    ({"args_kw": {"optim_args": "momentum=0.9"}}, "optim_args='momentum=0.9' would be ignored.*drop --optim_args"),
+    ({"args_kw": {"fp16": True}}, "fp16=True is not supported.*use --bf16"),
+    ({"optimizer": True}, "optimizers=/optimizer_cls_and_kwargs= cannot be used.*learning_rate"),
+    ({"optimizer_positional": True}, "optimizers=/optimizer_cls_and_kwargs= cannot be used"),
+    ({"trainer_kw": {"optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 0.1})}}, "optimizer_cls_and_kwargs"),
+])
+def test_optimizer_and_precision_inputs_the_trainer_would_ignore_are_refused(kw, match, monkeypatch):
+    """Before this check: optim/optim_args/optimizer_cls_and_kwargs were silently replaced by BlockAdam, a user
+    optimizer crashed at the first clipping (AttributeError: no block_optimizer), and fp16 clipped the loss-scaled
+    gradients (BlockAdam got them 1/scale too small) and let the scaler skip one client's gossip."""
+    import deca_ds.hf as hf
+
+    def no_process_group(*a, **k):
+        raise AssertionError("the refusal must come before the process group is started")
+
+    monkeypatch.setattr(hf, "init_distributed", no_process_group)
+    model = torch.nn.Linear(2, 2)
+    args = training_args(max_steps=4, **kw.get("args_kw", {}))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ConfigError, match=match):
+        if kw.get("optimizer_positional"):  # Trainer(model, args, collator, train, eval, processing_class, model_init,
+            hf.DecaTrainer(model, args, None, None, None, None, None, None, None, None, (opt, None))  # ... optimizers)
+        else:
+            hf.DecaTrainer(model=model, args=args, optimizers=(opt, None) if kw.get("optimizer") else (None, None),
+                           **kw.get("trainer_kw", {}))
+
+
+def test_adamw_optim_names_and_bf16_are_accepted():
+    from deca_ds.hf import _check_trainer_arguments
+
+    for optim in ("adamw_torch", "adamw_torch_fused"):
+        _check_trainer_arguments(training_args(optim=optim, max_steps=4), {"optimizers": (None, None)})
+    _check_trainer_arguments(training_args(bf16=True, max_steps=4), {})
+
+
+def test_a_new_run_in_an_output_dir_holding_a_run_is_refused_and_nothing_is_changed(tmp_path, monkeypatch):
+    """Before this check a second run without resume_from_checkpoint rewrote metrics.jsonl and same-numbered
+    checkpoints and left the first run's later checkpoints, which resume_from_checkpoint=True then picked up."""
+    import deca_ds.hf as hf
+
+    reduced = []
+    monkeypatch.setattr(hf.dist, "all_reduce", lambda t, op=None: reduced.append(op))
+
+    class Base:
+        def train(self, *args, **kwargs):
+            return "trained"
+
+    trainer = object.__new__(type("FakeDecaTrainer", (hf.DecaTrainerMixin, Base), {}))
+    trainer.run_dir, trainer.args = tmp_path, training_args(max_steps=4)
+    assert trainer.train() == "trained" and reduced == [hf.dist.ReduceOp.MAX]  # an empty output_dir: a new run
+    ck = tmp_path / "client_1" / "checkpoint-20"
+    ck.mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"already holds a DecaTrainer run \(client_1/checkpoint-20\): pass "
+                                          "resume_from_checkpoint=True"):
+        trainer.train()
+    (tmp_path / "metrics.jsonl").write_text('{"step": 0, "client": 0, "loss": 1.0}\n')
+    with pytest.raises(ConfigError, match=r"\(metrics.jsonl, client_1/checkpoint-20\)"):
+        trainer.train(resume_from_checkpoint=None)
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0, "client": 0, "loss": 1.0}\n' and ck.is_dir()
+    assert trainer.train(resume_from_checkpoint=True) == "trained" and trainer.train(str(ck)) == "trained"

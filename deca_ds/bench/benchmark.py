@@ -176,8 +176,7 @@ def build_specs(args: argparse.Namespace) -> list[dict[str, Any]]:
                               warmup_rounds=1, log_every=1, gradient_clipping=1.0,
                               gossip_chunk_mb=args.gossip_chunk_mb, threads=1))
         else:
-            raise ValueError(f"unknown method {method!r}: use adamw, adamw_fused, zero_offload, deca, deca_fused, "
-                             "deca_fused_int8, badam or deca_real")
+            raise ValueError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
     return specs
 
 

@@ -501,7 +501,8 @@ def _is_per_client(path: str) -> bool:
         fields = [f for _, f, _, _ in string.Formatter().parse(path) if f is not None]
     except ValueError:
         return "{client" in path
-    return any(f.split(".")[0].split("[")[0].split("!")[0] == "client" for f in fields)
+    # parse() leaves the conversion (!r) and the spec (:02d) out of the name; an attribute or index may follow it
+    return any(f.split(".")[0].split("[")[0] == "client" for f in fields)
 
 
 def _client_path(pattern: str, client: int) -> str:

@@ -66,6 +66,8 @@ from typing import Any, Iterator, Sequence
 import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from deca_ds.config import ConfigError, RunConfig, load_config
 from deca_ds.gossip import client_distance
@@ -522,6 +524,16 @@ def _existing_run(run_dir: Path) -> str | None:
     return ", ".join(found) or None
 
 
+def _complete_checkpoint_steps(client_dir: Path) -> list[int]:
+    """Steps N of the complete ``checkpoint-<N>`` directories in ``client_dir`` (see ``_common_checkpoint``)."""
+    steps = []
+    for p in client_dir.glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        n = p.name[len(PREFIX_CHECKPOINT_DIR) + 1:]
+        if n.isdigit() and (p / TRAINER_STATE_NAME).is_file() and (p / DECA_STATE_NAME).is_file():
+            steps.append(int(n))
+    return steps
+
+
 def _client_args(args, writer: bool, output_dir: str):
     """``args`` with ``output_dir`` set to the client's directory and ``should_save`` true on the client's first rank.
 
@@ -647,12 +659,22 @@ class DecaTrainerMixin:
         refused, as ``recipes/finetune.py`` refuses it: it would rewrite ``metrics.jsonl`` and same-numbered
         checkpoints, and leave the old run's later checkpoints for a resume to pick up.
 
+        ``resume_from_checkpoint=True`` resumes every client from the latest step that every client has a
+        complete checkpoint of (the Trainer alone would take each rank's own latest directory: after a kill during
+        a save the clients would resume at different steps, and a client with none raised while its neighbours
+        waited in the first gossip exchange until the timeout).
+
         Raises:
-            ConfigError: ``output_dir`` holds a run and ``resume_from_checkpoint`` is not given (nothing changed).
+            ConfigError: ``output_dir`` holds a run and ``resume_from_checkpoint`` is not given, or
+                ``resume_from_checkpoint=True`` finds no step every client has a complete checkpoint of (nothing
+                changed; raised on every rank).
         """
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
         if not resume:
             self._refuse_existing_run()
+        elif resume is True:
+            kwargs["resume_from_checkpoint"] = self._common_checkpoint()
+            args = args[1:]
         if not (self.args.max_steps and self.args.max_steps > 0):
             self._steps_from_epochs()
         return super().train(*args, **kwargs)
@@ -672,6 +694,28 @@ class DecaTrainerMixin:
             raise ConfigError(f"output_dir={str(self.run_dir)!r} already holds a DecaTrainer run "
                               f"({found or 'seen by another rank'}): pass resume_from_checkpoint=True to continue it, "
                               "or choose another output_dir (nothing there was changed)")
+
+    def _common_checkpoint(self) -> str:
+        """This client's ``checkpoint-<N>`` for the latest N every rank has a complete checkpoint of (collective).
+
+        Complete: ``trainer_state.json`` (the Trainer writes it last) and ``deca_state.pt`` are both there, so a
+        directory left by a kill during a save is passed over, on every client alike.
+        """
+        out = Path(self.args.output_dir)
+        steps = sorted(_complete_checkpoint_steps(out))
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, steps)
+        common = set.intersection(*(set(g) for g in gathered))
+        if not common:
+            rpc = self.layout.ranks_per_client
+            none = sorted({r // rpc for r, g in enumerate(gathered) if not g})
+            latest = {r // rpc: g[-1] for r, g in enumerate(gathered) if g}
+            why = (f"client(s) {none} have no complete checkpoint" if none
+                   else f"the clients share no checkpoint step (latest per client: {latest})")
+            raise ConfigError(f"resume_from_checkpoint=True: {why} under {str(self.run_dir)!r}/client_<c>/: resume "
+                              "needs one step every client saved; start a new run in another output_dir "
+                              "(nothing was changed)")
+        return str(out / f"{PREFIX_CHECKPOINT_DIR}-{max(common)}")
 
     def _steps_from_epochs(self) -> None:
         from deca_ds.engine import device

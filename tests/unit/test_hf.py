@@ -284,4 +284,52 @@ def test_a_new_run_in_an_output_dir_holding_a_run_is_refused_and_nothing_is_chan
     with pytest.raises(ConfigError, match=r"\(metrics.jsonl, client_1/checkpoint-20\)"):
         trainer.train(resume_from_checkpoint=None)
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0, "client": 0, "loss": 1.0}\n' and ck.is_dir()
+    trainer._common_checkpoint = lambda: str(ck)  # the collective choice of a step (tested below)
     assert trainer.train(resume_from_checkpoint=True) == "trained" and trainer.train(str(ck)) == "trained"
+
+
+def test_resume_true_takes_the_latest_step_every_client_has_complete(tmp_path, monkeypatch):
+    """Before, each rank took its own latest checkpoint directory (the Trainer's get_last_checkpoint): after a kill
+    during a save the clients resumed at different steps, and a client without any raised alone while the others
+    waited in the first gossip exchange until the timeout."""
+    import deca_ds.hf as hf
+    from deca_ds.gossip import ClientLayout
+
+    others: list[list[int]] = []  # the steps the other ranks report (world ranks 1..)
+
+    def gather(out, obj):
+        out[:] = [obj] + others
+
+    monkeypatch.setattr(hf.dist, "all_gather_object", gather)
+    monkeypatch.setattr(hf.dist, "get_world_size", lambda: 1 + len(others))
+
+    class Base:
+        def train(self, *args, **kwargs):
+            return args, kwargs
+
+    trainer = object.__new__(type("FakeDecaTrainer", (hf.DecaTrainerMixin, Base), {}))
+    client = tmp_path / "client_0"
+    trainer.run_dir, trainer.args = tmp_path, training_args(max_steps=40, output_dir=str(client))
+    for n in (10, 20, 30):
+        (client / f"checkpoint-{n}").mkdir(parents=True)
+        (client / f"checkpoint-{n}" / "trainer_state.json").write_text("{}")
+        (client / f"checkpoint-{n}" / hf.DECA_STATE_NAME).write_bytes(b"x")
+    (client / "checkpoint-30" / "trainer_state.json").unlink()  # a save killed before the Trainer's last file
+    (client / "checkpoint-x").mkdir()
+    others[:] = [[10, 20], [10, 20, 30], [10]]
+    trainer.layout = ClientLayout(4, 0, ranks_per_client=2)  # ranks 0,1 = client 0; ranks 2,3 = client 1
+    assert trainer.train(resume_from_checkpoint=True) == ((), {"resume_from_checkpoint": str(client / "checkpoint-10")})
+    others[:] = [[10, 20], [10, 20, 30], [20, 30]]
+    assert trainer.train(True) == ((), {"resume_from_checkpoint": str(client / "checkpoint-20")})
+    others[:] = [[10, 20], [], [20]]
+    with pytest.raises(ConfigError, match=r"resume_from_checkpoint=True: client\(s\) \[1\] have no complete "
+                                          r"checkpoint .*start a new run in another output_dir"):
+        trainer.train(resume_from_checkpoint=True)
+    others[:] = [[10, 20], [30], [30]]
+    with pytest.raises(ConfigError, match=r"share no checkpoint step \(latest per client: \{0: 20, 1: 30\}\)"):
+        trainer.train(resume_from_checkpoint=True)
+    # A path is the user's choice and passes through unchanged; no collective is needed for it.
+    monkeypatch.setattr(hf.dist, "all_gather_object", None)
+    assert trainer.train(str(client / "checkpoint-30")) == ((str(client / "checkpoint-30"),), {})
+    assert sorted(p.name for p in client.iterdir()) == ["checkpoint-10", "checkpoint-20", "checkpoint-30",
+                                                        "checkpoint-x"]

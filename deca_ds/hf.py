@@ -557,6 +557,11 @@ def _client_args(args, writer: bool, output_dir: str):
     args.__class__ = cls
     args._deca_writer = writer
     args.output_dir = output_dir
+    # A compute_loss_func normalises by num_items_in_batch; the Trainer would count it over every rank of the world
+    # (a world-wide collective each step, and each client's loss divided by all clients' tokens). A client's loss
+    # is its own: DecaTrainerMixin._get_num_items_in_batch counts over the client's ranks.
+    if hasattr(args, "average_tokens_across_devices"):
+        args.average_tokens_across_devices = False
     return args
 
 
@@ -791,6 +796,22 @@ class DecaTrainerMixin:
             loss = out[0] if return_outputs else out
             self._micro_losses.append(loss.detach().float())
         return out
+
+    def _get_num_items_in_batch(self, batch_samples: list, device):
+        """The item count a ``compute_loss_func`` divides by: over this client's ranks, not the world.
+
+        With ``average_tokens_across_devices`` off (set by ``_client_args``) the Trainer counts this rank's items
+        and leaves the loss unscaled. Summed over the client's ranks and divided by their number, the count makes
+        the client's gradient average (over its ranks) the client's own token mean over its whole step, as one
+        process would compute it; nothing crosses to other clients (no per-step world collective).
+        """
+        n = super()._get_num_items_in_batch(batch_samples, device)
+        rpc = self.layout.ranks_per_client
+        if n is None or rpc == 1 or not torch.is_tensor(n):
+            return n
+        n = n.to(device=device, dtype=torch.float32)  # exact: counts are far below 2**24
+        dist.all_reduce(n, group=self.groups.client_group)
+        return n / rpc
 
     def _active_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.block_optimizer.active_params() if p.grad is not None]

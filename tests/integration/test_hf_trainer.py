@@ -135,6 +135,55 @@ def test_trl_sft_trainer_two_clients_equal_finetune(tmp_path):
     assert len({v[1] for v in a.values()}) >= 4 and all(v[2] > 0 for v in b.values())
 
 
+LOSS_FUNC_SCRIPT = '''
+import sys
+import torch.nn.functional as F
+from transformers import HfArgumentParser, TrainingArguments
+sys.path.insert(0, "recipes")
+from hf_trainer import recipe_defaults
+from deca_ds.hf import DataCollator, DecaSettings, DecaTrainer, init_distributed
+from deca_ds.models import load_model_and_tokenizer
+
+
+def token_mean(outputs, labels, num_items_in_batch):
+    # The model's own causal-LM loss (transformers' ForCausalLMLoss: pad, shift, fp32 logits), summed and divided
+    # by the Trainer's item count instead of averaged.
+    labels = F.pad(labels, (0, 1), value=-100)[..., 1:].reshape(-1)
+    logits = outputs.logits.float().reshape(labels.numel(), -1)
+    return F.cross_entropy(logits, labels, ignore_index=-100, reduction="sum") / num_items_in_batch
+
+
+deca, rest = DecaSettings.from_argv(sys.argv[1:])
+init_distributed()
+(args,) = HfArgumentParser(TrainingArguments).parse_args_into_dataclasses(recipe_defaults(deca.config) + rest)
+model, tok = load_model_and_tokenizer(deca.config.model, seed=args.seed)
+trainer = DecaTrainer(model=model, args=args, train_dataset=deca.client_data(tok).train, processing_class=tok,
+                      data_collator=DataCollator(tok.pad_token_id), deca=deca, compute_loss_func=token_mean)
+trainer.train()
+'''
+LOSS_FUNC_STEPS = 6
+
+
+def test_compute_loss_func_normalises_by_the_clients_own_items(tmp_path):
+    """A compute_loss_func that divides the summed token losses by num_items_in_batch gives each client its own
+    token mean, as the model's own loss does in recipes/finetune.py: the first step's losses (same weights, same
+    batch, the same terms summed by the same kernel and divided by the same count) are equal. Before, the Trainer
+    counted the items over the whole world (average_tokens_across_devices), so a client's loss was its token sum
+    over the mean client's count: off by n_client / n_mean, which non-IID clients do not share. Later steps are
+    compared on what rounding cannot change, as for TRL above (reduction="sum" / count and the model's mean may
+    round differently)."""
+    ft, hf = tmp_path / "finetune", tmp_path / "hf"
+    script = tmp_path / "loss_func.py"
+    script.write_text(LOSS_FUNC_SCRIPT)
+    torchrun(2, FT_RECIPE, f"output_dir={ft}", f"max_steps={LOSS_FUNC_STEPS}", *DATA)
+    torchrun(2, str(script), "--output_dir", str(hf), "--max_steps", str(LOSS_FUNC_STEPS), *DATA)
+    a, b = figures(ft), figures(hf)
+    assert sorted(a) == sorted(b) == [(s, c) for s in range(LOSS_FUNC_STEPS) for c in range(2)]
+    for key in a:
+        assert (a[key][1], a[key][2], a[key][4]) == (b[key][1], b[key][2], b[key][4]), (key, a[key], b[key])
+    assert [a[(0, c)][0] for c in range(2)] == [b[(0, c)][0] for c in range(2)]
+
+
 # 2 clients of the 600-row task hold 166 and 320 training rows: alone, the Trainer would give them ceil(0.6 * 21) = 13
 # and ceil(0.6 * 40) = 24 steps; the recipe's rule (mean client) gives ceil(0.6 * 243 / 8) = 19 to both.
 SCHEDULE = ["optim.schedule=cosine", "optim.warmup_steps=3", "epochs=0.6"]

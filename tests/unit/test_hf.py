@@ -333,3 +333,41 @@ def test_resume_true_takes_the_latest_step_every_client_has_complete(tmp_path, m
     assert trainer.train(str(client / "checkpoint-30")) == ((str(client / "checkpoint-30"),), {})
     assert sorted(p.name for p in client.iterdir()) == ["checkpoint-10", "checkpoint-20", "checkpoint-30",
                                                         "checkpoint-x"]
+
+
+def test_compute_loss_func_items_are_counted_over_the_clients_ranks_only(monkeypatch):
+    """Before, the Trainer gathered the item count over the whole world (average_tokens_across_devices): each
+    client's compute_loss_func loss was divided by every client's tokens, through a world collective each step."""
+    import types
+
+    import deca_ds.hf as hf
+
+    args = _client_args_of(training_args(max_steps=4))
+    assert args.average_tokens_across_devices is False
+
+    reduced = []
+
+    def all_reduce(t, group=None):
+        reduced.append(group)
+        t.add_(torch.tensor(30.0))  # the client's other rank counted 30 items
+
+    monkeypatch.setattr(hf.dist, "all_reduce", all_reduce)
+
+    class Base:
+        def _get_num_items_in_batch(self, batch_samples, device):
+            return sum(b["labels"][..., 1:].ne(-100).sum() for b in batch_samples) if batch_samples else None
+
+    trainer = object.__new__(type("FakeDecaTrainer", (hf.DecaTrainerMixin, Base), {}))
+    labels = torch.tensor([[5, 6, 7, -100], [5, 6, -100, -100]])  # 2 + 1 items after the shift
+    trainer.layout, trainer.groups = ClientLayout(2, 0, 1), types.SimpleNamespace(client_group="client")
+    assert int(trainer._get_num_items_in_batch([{"labels": labels}], "cpu")) == 3 and reduced == []
+    trainer.layout = ClientLayout(4, 1, 2)  # 2 ranks per client: the mean count over the client's ranks
+    n = trainer._get_num_items_in_batch([{"labels": labels}], "cpu")
+    assert reduced == ["client"] and n.dtype == torch.float32 and float(n) == (3 + 30) / 2
+    assert trainer._get_num_items_in_batch([], "cpu") is None
+
+
+def _client_args_of(args):
+    from deca_ds.hf import _client_args
+
+    return _client_args(args, True, "unused")

@@ -94,6 +94,23 @@ def _overrides(settings: dict[str, Any]) -> list[str]:
             for k, v in settings.items()]
 
 
+VERSIONED_PACKAGES = ("torch", "transformers", "deepspeed", "peft", "numpy")
+"""Packages whose versions every results record carries: a run is reproduced bit for bit only with the same ones."""
+
+
+def package_versions() -> dict[str, str | None]:
+    """Installed versions of :data:`VERSIONED_PACKAGES` (None: not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out: dict[str, str | None] = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
 def run_one(run: dict[str, Any], runs_dir: str) -> dict[str, Any]:
     """Simulate one run of the grid and reduce it to one results record (curves included)."""
     from deca_ds.config import load_config
@@ -141,7 +158,7 @@ def run_one(run: dict[str, Any], runs_dir: str) -> dict[str, Any]:
         "bytes_sent_per_client": sum(c["bytes_sent"] for c in summary["clients"]) / len(accs),
         "optimizer_state_bytes": summary["clients"][0]["optimizer_state_bytes"],
         "loss_curve": loss_curve, "consensus_distance_curve": dist_curve,
-        "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0, "versions": package_versions(),
     }
 
 
@@ -357,7 +374,7 @@ def _smooth(xs: list[float], k: int = 5) -> list[float]:
 MIN_EVAL_SEEDS = 5
 """A protocol table reports a cell only when it has at least this many evaluation seeds (a unit test checks)."""
 PROTOCOL_GRIDS = ("paper", "paper_r16", "skew", "paper_core", "paper_confirm", "paper_clients",
-                  "paper_clients2", "paper_clients3", "paper_pretrained")
+                  "paper_clients2", "paper_clients3", "paper_pretrained", "pretrained_clients")
 """The protocol grids behind docs/results.md, in priority order (``recipes/configs/sweeps/<name>.yaml``)."""
 
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -515,6 +532,10 @@ def protocol_todo(name: str, out: Path, methods: list[str] | None = None
     tune_src = spec.get("tune_from")
     if tune_src:
         src_spec = yaml.safe_load((GRIDS_DIR / f"{tune_src}.yaml").read_text())
+        if _flatten(src_spec.get("pretrain") or {}) != _flatten(spec.get("pretrain") or {}):
+            # Hyperparameters tuned on one base say nothing about another (or about the random initialisation).
+            raise SystemExit(f"grid {name}: tune_from: {tune_src} needs the same pretrain block as {tune_src}.yaml "
+                             f"(copy it, or tune this grid itself with a tune block)")
         chosen = choose_hparams(src_spec, _records(out / f"{tune_src}.jsonl"))
         spec = {**spec, "tune": None}
         todo_tune = []
@@ -530,12 +551,14 @@ def protocol_todo(name: str, out: Path, methods: list[str] | None = None
 
 def pretrain_dir(name: str, spec: dict[str, Any], runs_dir: str) -> Path | None:
     """Where grid ``name``'s pretrained base lives (None: the grid fine-tunes the embedded randomly initialised
-    model). The directory is named by a hash of the ``pretrain`` settings, so changed settings make a new base."""
+    model). The directory is named by a hash of the ``pretrain`` settings alone, so changed settings make a new
+    base and grids with the same ``pretrain`` block share one (a grid that takes its hyperparameters from a grid on
+    a pretrained base, ``tune_from``, must fine-tune that same base; :func:`protocol_todo` checks)."""
     settings = _flatten(spec.get("pretrain") or {})
     if not settings:
         return None
     key = hashlib.sha1(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:10]
-    return Path(runs_dir) / name / f"pretrain_{key}"
+    return Path(runs_dir) / "pretrained" / f"pretrain_{key}"
 
 
 def ensure_pretrained(name: str, spec: dict[str, Any], runs_dir: str, quiet: bool = True) -> Path | None:
@@ -565,7 +588,8 @@ def ensure_pretrained(name: str, spec: dict[str, Any], runs_dir: str, quiet: boo
     print(f"{name}: pretraining the base model ({settings}) in {d}", file=sys.stderr)
     t0 = time.perf_counter()
     summary = run_simulation(cfg, save_models=True, quiet=quiet)
-    record = {"settings": settings, "consensus": summary.get("consensus"), "seconds": time.perf_counter() - t0}
+    record = {"settings": settings, "consensus": summary.get("consensus"), "seconds": time.perf_counter() - t0,
+              "versions": package_versions()}
     tmp = d / "pretrain.json.tmp"
     tmp.write_text(json.dumps(record, indent=1, default=str))
     os.replace(tmp, d / "pretrain.json")

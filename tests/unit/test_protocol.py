@@ -271,7 +271,14 @@ def test_a_grid_with_pretrain_fine_tunes_one_base_made_once(tmp_path, monkeypatc
     assert sweep.main(args + ["--phases", "tune"]) == 0
     base = sweep.pretrain_dir("tiny", yaml.safe_load((tmp_path / "grids" / "tiny.yaml").read_text()), runs)
     assert pretrained == [str(base)] and pooled == [[str(base / "consensus")] * 2]
-    assert json.loads((base / "pretrain.json").read_text())["consensus"] == {"exact_match": 0.5}
+    record = json.loads((base / "pretrain.json").read_text())
+    assert record["consensus"] == {"exact_match": 0.5}
+    from importlib.metadata import version
+
+    import torch
+
+    assert record["versions"]["torch"] == version("torch") == torch.__version__  # what made the base
+    assert set(record["versions"]) == set(sweep.VERSIONED_PACKAGES)
     assert sweep.main(args) == 0  # the evaluation runs: the same base, not pretrained again
     assert pretrained == [str(base)] and pooled[-1] == [str(base / "consensus")] * 10
     (base / "pretrain.json").unlink()  # a pretraining killed before its record: done again, from an empty folder
@@ -281,3 +288,24 @@ def test_a_grid_with_pretrain_fine_tunes_one_base_made_once(tmp_path, monkeypatc
     other = sweep.pretrain_dir("tiny", _spec(pretrain={**pre, "max_steps": 3}), runs)
     assert other != base and other.parent == base.parent
     assert sweep.pretrain_dir("tiny", _spec(), runs) is None  # no pretrain block: the embedded random model
+
+
+def test_grids_with_one_pretrain_block_share_the_base_and_tune_from_needs_the_same_base(tmp_path, monkeypatch):
+    """A grid that takes its hyperparameters from a grid on a pretrained base (tune_from) fine-tunes the same base:
+    one pretraining serves both, and a grid on another base (or on the random initialisation) is refused."""
+    pre = {"method": "centralized", "max_steps": 2, "data": {"task": "generation"}}
+    runs = str(tmp_path / "runs")
+    assert sweep.pretrain_dir("a", _spec(pretrain=pre), runs) == sweep.pretrain_dir("b", _spec(pretrain=pre), runs)
+    (tmp_path / "grids").mkdir()
+    monkeypatch.setattr(sweep, "GRIDS_DIR", tmp_path / "grids")
+    (tmp_path / "grids" / "src.yaml").write_text(yaml.safe_dump(_spec(pretrain=pre)))
+    for name, other in [("same", pre), ("other", {**pre, "max_steps": 3}), ("none", None)]:
+        spec = {k: v for k, v in _spec(tune_from="src", pretrain=other).items() if k != "tune"}
+        if other is None:
+            del spec["pretrain"]
+        (tmp_path / "grids" / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    todo_tune, todo_eval = sweep.protocol_todo("same", tmp_path)
+    assert todo_tune == [] and len(todo_eval) == 10
+    for name in ("other", "none"):
+        with pytest.raises(SystemExit, match=f"grid {name}: tune_from: src needs the same pretrain block as src.yaml"):
+            sweep.protocol_todo(name, tmp_path)

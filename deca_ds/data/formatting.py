@@ -104,9 +104,30 @@ def detect_format(columns: Sequence[str], fmt: str = "auto") -> str:
     raise ValueError(f"unknown format {fmt!r}: use auto, alpaca, chat or sharegpt")
 
 
+def _text(value: Any, what: str) -> str:
+    """``value`` as training text: a string, or a number written as one.
+
+    Raises:
+        ValueError: null, true/false, a list or an object, which ``str()`` would silently turn into Python's
+            spelling (``None``, ``True``, ``['a']``) and train on.
+    """
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    kinds = {type(None): "null", bool: "true/false", list: "a list", dict: "an object"}
+    raise ValueError(f"{what} is {kinds.get(type(value), type(value).__name__)}, not text: give it as a string")
+
+
+def _alpaca_texts(row: dict[str, Any]) -> tuple[str, str]:
+    """An alpaca row's ``(instruction, input)`` texts; a missing or null ``input`` is ``""``."""
+    extra = row.get("input")
+    return _text(row["instruction"], "instruction"), "" if extra is None else _text(extra, "input")
+
+
 def _alpaca_user_text(row: dict[str, Any]) -> str:
-    extra = row.get("input") or ""
-    return f"{row['instruction']}\n{extra}" if extra else str(row["instruction"])
+    instruction, extra = _alpaca_texts(row)
+    return f"{instruction}\n{extra}" if extra else instruction
 
 
 def conversation_turns(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
@@ -119,21 +140,27 @@ def conversation_turns(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
             conversation starts with one).
 
     Returns:
-        The turns, contents as strings; the last turn's role is ``assistant``.
+        The turns, contents as strings (a number written as text); the last turn's role is ``assistant``.
 
     Raises:
-        ValueError: malformed turns, an unknown ShareGPT role, or a last turn that is not the assistant's.
+        ValueError: malformed turns, an unknown ShareGPT role, a text field or content that is not a string or a
+            number (null, true/false, a list such as multimodal content parts), or a last turn that is not the
+            assistant's.
     """
     if fmt == "alpaca":
         return [{"role": "user", "content": _alpaca_user_text(row)},
-                {"role": "assistant", "content": str(row["output"])}]
+                {"role": "assistant", "content": _text(row["output"], "output")}]
     if fmt == "chat":
         messages = row["messages"]
         if not isinstance(messages, list) or not messages or not all(
             isinstance(m, dict) and "role" in m and "content" in m for m in messages
         ):
             raise ValueError("messages must be a non-empty list of {role, content}")
-        turns = [{"role": m["role"], "content": str(m["content"])} for m in messages]
+        turns = []
+        for k, m in enumerate(messages, start=1):
+            if not isinstance(m["role"], str):  # a chat template fails on it deep inside Jinja
+                raise ValueError(f"the role of message {k} is {m['role']!r}: give each message a role string")
+            turns.append({"role": m["role"], "content": _text(m["content"], f"the content of message {k}")})
     elif fmt == "sharegpt":
         conv = row["conversations"]
         if not isinstance(conv, list) or not conv or not all(
@@ -141,13 +168,13 @@ def conversation_turns(row: dict[str, Any], fmt: str) -> list[dict[str, str]]:
         ):
             raise ValueError("conversations must be a non-empty list of {from, value}")
         turns = []
-        for t in conv:
+        for k, t in enumerate(conv, start=1):
             role = SHAREGPT_ROLES.get(str(t["from"]).lower())
             if role is None:
                 raise ValueError(
                     f"conversations has a turn from {t['from']!r}: use one of {', '.join(SHAREGPT_ROLES)}"
                 )
-            turns.append({"role": role, "content": str(t["value"])})
+            turns.append({"role": role, "content": _text(t["value"], f"the value of turn {k}")})
         system = row.get("system")
         if isinstance(system, str) and system.strip() and turns[0]["role"] != "system":
             turns.insert(0, {"role": "system", "content": system})
@@ -183,8 +210,8 @@ def render_example(row: dict[str, Any], fmt: str, tokenizer) -> tuple[str, str]:
     turns = conversation_turns(row, fmt)
     response = turns[-1]["content"]
     if fmt == "alpaca" and not getattr(tokenizer, "chat_template", None):
-        extra = row.get("input") or ""
-        prompt = f"### Instruction:\n{row['instruction']}\n\n"
+        instruction, extra = _alpaca_texts(row)
+        prompt = f"### Instruction:\n{instruction}\n\n"
         if extra:
             prompt += f"### Input:\n{extra}\n\n"
         prompt += "### Response:\n"

@@ -115,6 +115,9 @@ def _parse_rows(setting: str, path: str) -> list[tuple[str, dict[str, Any]]]:
     """Parse a local file in Python, returning ``(location, row)`` pairs; raises ConfigError on malformed input."""
     name = os.path.basename(path)
     ext = os.path.splitext(path)[1].lower()
+    if os.path.isdir(path):
+        raise _bad(setting, f"{path} is a directory: name a .json, .jsonl, .csv or .parquet file in it "
+                            "(per-client files: a pattern with {client}, e.g. data/client_{client}.jsonl)")
     if ext not in FILE_TYPES:
         raise _bad(setting, f"unknown file type {ext or '(none)'!r} of {name}: use .json, .jsonl, .csv or .parquet")
     if not os.path.isfile(path):
@@ -128,8 +131,15 @@ def _parse_rows(setting: str, path: str) -> list[tuple[str, dict[str, Any]]]:
             raise _bad(setting, f"{name} is not a valid Parquet file ({type(e).__name__}): rewrite it") from None
         rows = [(f"row {i + 1} of {name}", r) for i, r in enumerate(table.to_pylist())]
     else:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") would otherwise glue onto the first field name
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise _bad(setting, f"line {line} of {name} is not UTF-8 (byte 0x{raw[e.start]:02x}): save the file "
+                                "as UTF-8") from None
         if not text.strip():
             raise _bad(setting, f"file {name} is empty: add examples or remove the file")
         if ext == ".csv":
@@ -220,19 +230,42 @@ def _check_rows(setting: str, rows: list[tuple[str, dict[str, Any]]], fmt: str, 
                 raise _bad(setting, f"{where}: messages must be a non-empty list of {{role, content}} objects")
             if m[-1]["role"] != "assistant":
                 raise _bad(setting, f"{where}: the last message must be the assistant's (it is the response)")
-        else:
-            if not isinstance(r.get("conversations"), list):
-                raise _bad(setting, f"{where}: conversations must be a non-empty list of {{from, value}} objects")
-            try:
-                conversation_turns(r, fmt)
-            except ValueError as e:
-                raise _bad(setting, f"{where}: {e}") from None
+        elif not isinstance(r.get("conversations"), list):
+            raise _bad(setting, f"{where}: conversations must be a non-empty list of {{from, value}} objects")
+        try:  # the texts themselves: a null or a list would be trained on as "None" or "['...']"
+            conversation_turns(r, fmt)
+        except ValueError as e:
+            raise _bad(setting, f"{where}: {e}") from None
         if need is not None and r.get(need) is None:
             raise _bad(
                 setting,
                 f"{where} has no field {need!r}, which data.partition_by names: add it or set data.partition_by",
             )
+        if need is not None and isinstance(r[need], (list, dict)):
+            raise _bad(
+                setting,
+                f"{where}: field {need!r}, which data.partition_by names, holds a {type(r[need]).__name__}: give "
+                "each row one value (a string or number) or set data.partition_by to another field",
+            )
     return fmt
+
+
+_CANONICAL_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+
+
+def _csv_partition_numbers(rows: list[dict[str, Any]], need: str | None) -> list[dict[str, Any]]:
+    """CSV rows with the ``partition_by`` column as integers when every value is one written plainly.
+
+    CSV cells are text, and text sorts "10" before "2": the natural and shard splits order a column of site numbers
+    1..12 as numbers (as they do in JSON, and as the pandas reader gave them). Only that column, and only when every
+    value is a canonical integer ("7", not "007" or "7.0"), so no text is changed.
+    """
+    if need is None:
+        return rows
+    values = [r.get(need) for r in rows]
+    if not values or not all(isinstance(v, str) and _CANONICAL_INT.fullmatch(v) for v in values):
+        return rows
+    return [{**r, need: int(r[need])} for r in rows]
 
 
 def load_rows(path: str, fmt: str = "auto", need: str | None = None, setting: str | None = None):
@@ -258,6 +291,10 @@ def load_rows(path: str, fmt: str = "auto", need: str | None = None, setting: st
     if os.path.exists(path) or ext in FILE_TYPES:
         rows = _parse_rows(setting, path)
         fmt = _check_rows(setting, rows, fmt, need)
+        if ext == ".csv":
+            # The checked rows themselves: the datasets CSV reader (pandas) keeps all-empty lines (",,") that the
+            # check skips, as rows of nulls, and turns cells such as "NA", "None", "007", "1.50" into null, 7, 1.5.
+            return datasets.Dataset.from_list(_csv_partition_numbers([r for _, r in rows], need)), fmt
         ds = datasets.load_dataset(FILE_TYPES[ext], data_files=path, split="train")
         return ds, fmt
     try:
@@ -386,6 +423,10 @@ def _group_info(ds, fmt: str, column: str | None, synthetic_names: list[str] | N
     ``detect_labels=False`` (derived instruction categories) never treats the rows as classification.
     """
     values = _group_values(ds, column)
+    if values is not None and any(isinstance(v, (list, dict)) for v in values):
+        # Lists or objects (e.g. a list of tags) name no one group; only an iid split or per-client files get here
+        # (:func:`_check_rows` refuses them for the splits that need the field), and neither needs the groups.
+        values = None
     if values is None:
         return None, ["rows"], None
     if synthetic_names is not None:
@@ -566,9 +607,10 @@ def _common(a, b) -> list[str]:
 def check_data_config(cfg, num_clients: int, client_id: int | None = None) -> None:
     """Find bad data input before training starts.
 
-    Checks: unknown format; missing, empty or malformed files (naming file and line); rows missing the fields of
-    their format or the ``partition_by`` field; a partition that leaves a client with zero examples; synthetic
-    settings out of range. With a per-client pattern and ``client_id`` given, only that client's file is opened.
+    Checks: unknown format; missing, empty, non-UTF-8 or malformed files (naming file and line); a directory; rows
+    missing the fields of their format or the ``partition_by`` field, or whose texts are not text (null, a list);
+    a partition that leaves a client with zero examples; synthetic settings out of range. With a per-client pattern
+    and ``client_id`` given, only that client's file is opened.
 
     Args:
         cfg: a :class:`deca_ds.config.RunConfig`.
@@ -581,10 +623,30 @@ def check_data_config(cfg, num_clients: int, client_id: int | None = None) -> No
     _plan(cfg, num_clients, client_id)
 
 
-def _tokenize_rows(ds, fmt: str, tokenizer, max_length: int,
-                   loss_on: str = "all_assistant") -> tuple[dict[str, list], list[tuple[str, str]]]:
-    """Token columns of ``ds`` (loss per ``loss_on``) and each row's ``(prompt, final answer)`` texts."""
-    pairs = [render_example(r, fmt, tokenizer) for r in ds]
+def _tokenize_rows(ds, fmt: str, tokenizer, max_length: int, loss_on: str = "all_assistant",
+                   path: str | None = None) -> tuple[dict[str, list], list[tuple[str, str]]]:
+    """Token columns of ``ds`` (loss per ``loss_on``) and each row's ``(prompt, final answer)`` texts.
+
+    Raises:
+        ConfigError: the model's chat template refuses a row (``raise_exception`` in the template, e.g. a system
+            turn or roles that do not alternate), naming ``data.path`` (``path``) and the row's roles; or as
+            :func:`deca_ds.data.formatting.tokenize_row`, naming ``data.loss_on``.
+    """
+    from jinja2 import TemplateError  # what transformers renders chat templates with (torch requires it)
+
+    pairs = []
+    for r in ds:
+        try:
+            pairs.append(render_example(r, fmt, tokenizer))
+        except ValueError as e:  # a hub or saved dataset's rows are checked only on a sample before this
+            raise ConfigError(f"data.path={path!r}: in a row: {e}") from None
+        except TemplateError as e:  # a bare Jinja traceback from inside transformers otherwise
+            roles = ", ".join(t["role"] for t in conversation_turns(r, fmt))
+            why = f"{type(e).__name__}: {e}".replace("\n", " ")
+            raise ConfigError(
+                f"data.path={path!r}: the tokenizer's chat template refuses a row with the roles {roles} ({why}): "
+                "change such rows or use a model whose template accepts them"
+            ) from None
     cols: dict[str, list] = {"input_ids": [], "labels": [], "attention_mask": []}
     for r in ds:
         try:
@@ -623,11 +685,11 @@ def build_client_data(cfg, tokenizer, client_id: int, num_clients: int) -> Clien
     test_src = plan.test_source if plan.test_source is not None else plan.pool
     test_rows = test_src.select(plan.test_idx.tolist())
 
-    train, _ = _tokenize_rows(train_rows, plan.fmt, tokenizer, d.max_length, d.loss_on)
+    train, _ = _tokenize_rows(train_rows, plan.fmt, tokenizer, d.max_length, d.loss_on, d.path)
     if d.packing:
         train = pack_examples(train, d.max_length)
-    evals, _ = _tokenize_rows(eval_rows, plan.fmt, tokenizer, d.max_length, d.loss_on)
-    test, pairs = _tokenize_rows(test_rows, plan.fmt, tokenizer, d.max_length, d.loss_on)
+    evals, _ = _tokenize_rows(eval_rows, plan.fmt, tokenizer, d.max_length, d.loss_on, d.path)
+    test, pairs = _tokenize_rows(test_rows, plan.fmt, tokenizer, d.max_length, d.loss_on, d.path)
 
     if plan.test_source is None and plan.group_codes is not None:
         test_groups = plan.group_codes[plan.test_idx].tolist()

@@ -21,3 +21,11 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The embedded byte tokenizer (no files, no network), shared by the data tests."""
+    from deca_ds.data import make_byte_tokenizer
+
+    return make_byte_tokenizer()

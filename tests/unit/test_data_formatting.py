@@ -5,13 +5,8 @@ import copy
 import pytest
 from transformers import AutoTokenizer
 
-from deca_ds.data import BYTE_VOCAB_SIZE, IGNORE_INDEX, detect_format, make_byte_tokenizer, pack_examples
+from deca_ds.data import BYTE_VOCAB_SIZE, IGNORE_INDEX, detect_format, pack_examples
 from deca_ds.data.formatting import fit_lengths, render_example, tokenize_example
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_byte_tokenizer()
 
 
 def test_byte_tokenizer_round_trips_through_save_pretrained(tok, tmp_path):

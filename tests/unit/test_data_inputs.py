@@ -5,21 +5,10 @@ import json
 
 import pytest
 
-from deca_ds.config import ConfigError, RunConfig
+from deca_ds.config import ConfigError
 from deca_ds.data import build_client_data, check_data_config, make_byte_tokenizer
 from deca_ds.data.loading import _plan
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_byte_tokenizer()
-
-
-def _cfg(**data):
-    cfg = RunConfig()
-    for k, v in data.items():
-        setattr(cfg.data, k, v)
-    return cfg
+from test_data_loading import _cfg  # the same RunConfig-with-data-settings helper
 
 
 def _rows(n):

@@ -8,13 +8,8 @@ import pytest
 import torch
 
 from deca_ds.config import ConfigError, RunConfig
-from deca_ds.data import IGNORE_INDEX, batch_for_step, build_client_data, check_data_config, make_byte_tokenizer
+from deca_ds.data import IGNORE_INDEX, batch_for_step, build_client_data, check_data_config
 from deca_ds.data.loading import batch_indices
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_byte_tokenizer()
 
 
 def _cfg(**data):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from deca_ds.config import ConfigError, RunConfig, load_config
-from deca_ds.data import IGNORE_INDEX, build_client_data, check_data_config, detect_format, make_byte_tokenizer
+from deca_ds.data import IGNORE_INDEX, build_client_data, check_data_config, detect_format
 from deca_ds.data import loading
 from deca_ds.data.formatting import conversation_turns, render_example, tokenize_example, tokenize_row
 from deca_ds.data.loading import CATEGORY_FIELD, instruction_categories
@@ -26,11 +26,6 @@ BOS, EOS = 257, 258
 # Stock Alpaca instructions start with a verb; 17 distinct first words, the last two rare (they become "(other)").
 VERBS = ["Generate", "Write", "Explain", "Describe", "Give", "Create", "Name", "Identify", "Find", "Rewrite",
          "Classify", "Suggest", "Summarize", "Translate", "List", "Compose", "Brainstorm"]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return make_byte_tokenizer()
 
 
 @pytest.fixture(autouse=True)

@@ -20,9 +20,10 @@ stacked along a leading client dimension ``(N, ...)`` and the N clients advance 
 
 Equivalence with the per-client path (the reference, itself bit-equal to a launch): the same batches, schedule,
 state policies and formulas; only the float rounding differs (batched vs single matmuls, eager vs SDPA attention,
-no attention mask: rows are right-padded, so with causal attention padding never reaches a real token; the mix as
-a matmul instead of the Mixer's accumulation order). tests/unit/test_stacked.py bounds the difference for every
-method. ``centralized`` keeps one replica whose gradient is the average over every client's batch (vmap over the
+an all-ones attention mask: rows are right-padded, so with causal attention padding never reaches a real token; the
+mix as a matmul instead of the Mixer's accumulation order), and a model with dropout draws other dropout masks
+(per client, as separate processes do). tests/unit/test_stacked.py bounds the difference for every method.
+``centralized`` keeps one replica whose gradient is the average over every client's batch (vmap over the
 data only), like DeepSpeed's data-parallel all-reduce. ``dec_lora`` stacks only the adapters: the frozen base is
 one shared tensor.
 
@@ -376,7 +377,10 @@ class StackedSimulation:
         self.blocks = block_names_for(cfg, model)
         trained = [name for b in self.blocks for name in b]
         # The template runs under vmap: eager attention batches into plain matmuls (SDPA has no batching rule on
-        # CPU and would fall back to a loop over clients).
+        # CPU and would fall back to a loop over clients). Models built from it for evaluation and saving get the
+        # implementation the model was loaded with back: forcing SDPA there fails on models whose attention SDPA
+        # cannot compute (Gemma-2's logit soft-capping: "`sdpa` attention does not support `softcap`").
+        self._attn_implementation = model.config._attn_implementation
         model.config._attn_implementation = "eager"
         for p in model.parameters():
             p.requires_grad_(False)
@@ -385,6 +389,7 @@ class StackedSimulation:
         named = dict(model.named_parameters())
         self.params = {name: named[name].detach().unsqueeze(0).repeat(self.replicas, *([1] * named[name].dim()))
                        for name in trained}
+        self._check_vmap_forward()
         o, b = cfg.optim, cfg.blocks
         single = len(self.blocks) == 1
         self.optimizer = StackedBlockAdam(
@@ -435,14 +440,42 @@ class StackedSimulation:
         from torch.func import functional_call, vmap
 
         template = self.template
+        # An all-ones mask, the same for every client (not vmapped): with right padding and causal attention it
+        # computes what no mask computes, and without one some models (GPT-2, via transformers'
+        # ``warn_if_padding_and_no_attention_mask``) look for padding with ``.item()``, which vmap cannot batch.
+        mask = torch.ones(input_ids.shape[1:], dtype=torch.long, device=input_ids.device)
 
         def one(p, ids):
-            return functional_call(template, p, (ids,), {"use_cache": False}).logits
+            return functional_call(template, p, (ids,), {"attention_mask": mask, "use_cache": False}).logits
 
+        # randomness="different": dropout (GPT-2, OPT and others default to 0.1) draws its own mask per client, as
+        # in separate processes; vmap's default refuses any random operation.
         if self.replicas == 1:
             shared = {k: v[0] for k, v in params.items()}
-            return vmap(lambda ids: one(shared, ids))(input_ids)
-        return vmap(one)(params, input_ids)
+            return vmap(lambda ids: one(shared, ids), randomness="different")(input_ids)
+        return vmap(one, randomness="different")(params, input_ids)
+
+    def _check_vmap_forward(self) -> None:
+        """Run one two-token forward of every replica under vmap, so a model torch.func cannot batch is refused
+        before anything trains, with one line, instead of a traceback at the first step.
+
+        Hazard: some models run code vmap refuses (Bloom's GeLU is an ``autograd.Function`` without
+        ``setup_context``); nothing short of running the forward finds them. The probe runs in the RNG state of a
+        forked generator, so it does not shift a run's dropout draws.
+
+        Raises:
+            ConfigError: the model's forward fails under ``torch.func.vmap``; the message names the model, the
+                error and the fix (``simulate.stacked=false``).
+        """
+        ids = torch.full((self.replicas, 1, 2), int(self.pad_id or 0), dtype=torch.long, device=self.device)
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                self._forward(self.params, ids)
+        except (RuntimeError, NotImplementedError, ValueError, TypeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConfigError(f"simulate.stacked=true cannot run {type(self.template).__name__}: its forward fails "
+                              f"under torch.func.vmap ({first}): set simulate.stacked=false") from None
 
     def step(self, measure_distance: bool = True) -> StepRecord:
         """One optimizer step on every client, then gossip, consensus correction and block switch."""
@@ -559,14 +592,14 @@ class StackedSimulation:
     def _scratch(self) -> nn.Module:
         if self._eval_model is None:
             self._eval_model = copy.deepcopy(self.template)
-            self._eval_model.config._attn_implementation = "sdpa"
+            self._eval_model.config._attn_implementation = self._attn_implementation
         return self._eval_model
 
     def model_of(self, client: int) -> nn.Module:
         """A new model holding client ``client``'s weights (the shared model for ``centralized``)."""
         row = 0 if self.replicas == 1 else client
         m = copy.deepcopy(self.template)
-        m.config._attn_implementation = "sdpa"
+        m.config._attn_implementation = self._attn_implementation
         return self._load_row(m, {k: v[row] for k, v in self.params.items()})
 
     def evaluate_clients(self) -> list[dict[str, Any]]:
@@ -590,7 +623,7 @@ class StackedSimulation:
     def consensus_model(self) -> nn.Module:
         """A new model holding the average over clients of every trained parameter."""
         m = copy.deepcopy(self.template)
-        m.config._attn_implementation = "sdpa"
+        m.config._attn_implementation = self._attn_implementation
         return self._load_row(m, {k: v.detach().float().mean(0).to(v.dtype) for k, v in self.params.items()})
 
 

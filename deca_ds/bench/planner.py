@@ -168,6 +168,16 @@ def build_meta_model(model_dir: str):
     return _build(model_dir)
 
 
+def _intermediate_size(cfg) -> int:
+    """The MLP width under the names configs give it (Llama-style ``intermediate_size``, GPT-2 ``n_inner``, OPT
+    ``ffn_dim``, Falcon ``ffn_hidden_size``); 4 x hidden when unset, those architectures' default."""
+    for name in ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size"):
+        value = getattr(cfg, name, None)
+        if value:
+            return int(value)
+    return 4 * cfg.hidden_size
+
+
 def inspect_model(model, blocks: BlocksConfig | None = None) -> ModelShape:
     """Count a model's parameters and partition it into blocks as a recipe with these ``blocks`` settings trains it.
 
@@ -201,9 +211,9 @@ def inspect_model(model, blocks: BlocksConfig | None = None) -> ModelShape:
         largest_module_params=largest_module,
         num_layers=cfg.num_hidden_layers,
         hidden_size=cfg.hidden_size,
-        intermediate_size=cfg.intermediate_size,
+        intermediate_size=_intermediate_size(cfg),
         num_attention_heads=heads,
-        num_key_value_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        num_key_value_heads=getattr(cfg, "num_key_value_heads", None) or getattr(cfg, "num_kv_heads", None) or heads,
         vocab_size=cfg.vocab_size,
         layers_per_block=blocks.layers_per_block,
         include_embeddings=blocks.include_embeddings,

@@ -557,9 +557,10 @@ def _client_args(args, writer: bool, output_dir: str):
     args.__class__ = cls
     args._deca_writer = writer
     args.output_dir = output_dir
-    # A compute_loss_func normalises by num_items_in_batch; the Trainer would count it over every rank of the world
-    # (a world-wide collective each step, and each client's loss divided by all clients' tokens). A client's loss
-    # is its own: DecaTrainerMixin._get_num_items_in_batch counts over the client's ranks.
+    # A compute_loss_func normalises by num_items_in_batch. With average_tokens_across_devices the Trainer gathers
+    # the count over every process it sees (today it sees one per client: measured world_size 1 under torchrun and
+    # DeepSpeed), which would divide a client's loss by other clients' tokens. A client's loss is its own:
+    # DecaTrainerMixin._get_num_items_in_batch counts over the client's ranks.
     if hasattr(args, "average_tokens_across_devices"):
         args.average_tokens_across_devices = False
     return args

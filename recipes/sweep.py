@@ -549,11 +549,11 @@ def protocol_todo(name: str, out: Path, methods: list[str] | None = None
     return todo_tune, todo_eval
 
 
-def pretrain_dir(name: str, spec: dict[str, Any], runs_dir: str) -> Path | None:
-    """Where grid ``name``'s pretrained base lives (None: the grid fine-tunes the embedded randomly initialised
-    model). The directory is named by a hash of the ``pretrain`` settings alone, so changed settings make a new
-    base and grids with the same ``pretrain`` block share one (a grid that takes its hyperparameters from a grid on
-    a pretrained base, ``tune_from``, must fine-tune that same base; :func:`protocol_todo` checks)."""
+def pretrain_dir(spec: dict[str, Any], runs_dir: str) -> Path | None:
+    """Where the pretrained base of a grid ``spec`` lives (None: the grid fine-tunes the embedded randomly
+    initialised model). The directory is named by a hash of the ``pretrain`` settings alone, so changed settings make
+    a new base and grids with the same ``pretrain`` block share one (a grid that takes its hyperparameters from a
+    grid on a pretrained base, ``tune_from``, must fine-tune that same base; :func:`protocol_todo` checks)."""
     settings = _flatten(spec.get("pretrain") or {})
     if not settings:
         return None
@@ -571,7 +571,7 @@ def ensure_pretrained(name: str, spec: dict[str, Any], runs_dir: str, quiet: boo
     is started again instead of half-used. It is seeded like every run, so a regeneration from scratch makes the
     same base.
     """
-    d = pretrain_dir(name, spec, runs_dir)
+    d = pretrain_dir(spec, runs_dir)
     if d is None:
         return None
     if (d / "pretrain.json").exists():

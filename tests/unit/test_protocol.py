@@ -269,7 +269,7 @@ def test_a_grid_with_pretrain_fine_tunes_one_base_made_once(tmp_path, monkeypatc
     out, runs = str(tmp_path / "out"), str(tmp_path / "runs")
     args = ["protocol", "--grids", "tiny", "--out", out, "--runs-dir", runs]
     assert sweep.main(args + ["--phases", "tune"]) == 0
-    base = sweep.pretrain_dir("tiny", yaml.safe_load((tmp_path / "grids" / "tiny.yaml").read_text()), runs)
+    base = sweep.pretrain_dir(yaml.safe_load((tmp_path / "grids" / "tiny.yaml").read_text()), runs)
     assert pretrained == [str(base)] and pooled == [[str(base / "consensus")] * 2]
     record = json.loads((base / "pretrain.json").read_text())
     assert record["consensus"] == {"exact_match": 0.5}
@@ -285,9 +285,9 @@ def test_a_grid_with_pretrain_fine_tunes_one_base_made_once(tmp_path, monkeypatc
     (base / "stale").write_text("x")
     assert sweep.ensure_pretrained("tiny", yaml.safe_load((tmp_path / "grids" / "tiny.yaml").read_text()), runs)
     assert pretrained == [str(base)] * 2 and not (base / "stale").exists()
-    other = sweep.pretrain_dir("tiny", _spec(pretrain={**pre, "max_steps": 3}), runs)
+    other = sweep.pretrain_dir(_spec(pretrain={**pre, "max_steps": 3}), runs)
     assert other != base and other.parent == base.parent
-    assert sweep.pretrain_dir("tiny", _spec(), runs) is None  # no pretrain block: the embedded random model
+    assert sweep.pretrain_dir(_spec(), runs) is None  # no pretrain block: the embedded random model
 
 
 def test_grids_with_one_pretrain_block_share_the_base_and_tune_from_needs_the_same_base(tmp_path, monkeypatch):
@@ -295,7 +295,9 @@ def test_grids_with_one_pretrain_block_share_the_base_and_tune_from_needs_the_sa
     one pretraining serves both, and a grid on another base (or on the random initialisation) is refused."""
     pre = {"method": "centralized", "max_steps": 2, "data": {"task": "generation"}}
     runs = str(tmp_path / "runs")
-    assert sweep.pretrain_dir("a", _spec(pretrain=pre), runs) == sweep.pretrain_dir("b", _spec(pretrain=pre), runs)
+    # grids that differ in everything but the pretrain block share its base
+    other_grid = _spec(pretrain=pre, eval_seeds=[55, 56, 57, 58, 59], base={"num_clients": 8, "max_steps": 768})
+    assert sweep.pretrain_dir(_spec(pretrain=pre), runs) == sweep.pretrain_dir(other_grid, runs)
     (tmp_path / "grids").mkdir()
     monkeypatch.setattr(sweep, "GRIDS_DIR", tmp_path / "grids")
     (tmp_path / "grids" / "src.yaml").write_text(yaml.safe_dump(_spec(pretrain=pre)))

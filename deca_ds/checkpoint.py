@@ -392,19 +392,40 @@ def write_client_state(output_dir: str | os.PathLike, step: int, client_id: int,
     return final
 
 
-def publish_checkpoint(output_dir: str | os.PathLike, step: int, client_id: int, keep: int) -> None:
+_READ_POINTER = object()
+
+
+def publish_checkpoint(output_dir: str | os.PathLike, step: int, client_id: int, keep: int,
+                       previous: Any = _READ_POINTER) -> None:
     """Point ``latest`` at ``step`` and prune this client's older checkpoints, keeping ``keep`` complete ones.
 
     Call only after every client has written ``step`` (a barrier). Safe to call from several writers: the pointer
     is replaced atomically with identical content, and each client deletes only its own directories.
+
+    Step directories that were never published are not checkpoints: those past ``step`` and those between the
+    step ``latest`` named before this save and ``step`` (leftovers of a run killed mid-save before a resume). They
+    are deleted and never count towards ``keep``, so a leftover never displaces a complete checkpoint.
+
+    Args:
+        output_dir: run directory.
+        step: the step every client has just written.
+        client_id: the publishing client (only its own directories are deleted).
+        keep: complete checkpoints to keep (this one included).
+        previous: the step directory name ``latest`` held before this save began (None: no pointer), as
+            :func:`save_checkpoint` reads it before its barrier. Default: read now, which is right only for the
+            first of several publishers.
     """
     ckpt = Path(output_dir) / "checkpoints"
+    if previous is _READ_POINTER:
+        previous = _pointer(ckpt)
     _atomic_write_text(ckpt / "latest", step_dir_name(step) + "\n")
     current = step_dir_name(step)
-    steps = sorted(p for p in ckpt.glob("step_*") if p.is_dir() and p.name <= current)
-    # Directories past this step are leftovers of a run killed mid-save before a resume: never complete.
-    newer = [p for p in ckpt.glob("step_*") if p.is_dir() and p.name > current]
-    for old in steps[:-keep] + newer:
+    dirs = [p for p in ckpt.glob("step_*") if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
+    # Directories past this step, or past the previous pointer, are leftovers of a run killed mid-save before a
+    # resume: never published, so never counted as checkpoints (an unknown pointer deletes nothing below step).
+    leftovers = [p for p in dirs if p.name > current or (previous is not None and previous < p.name < current)]
+    steps = sorted(p for p in dirs if p.name <= current and p not in leftovers)
+    for old in steps[:-keep] + leftovers:
         for child in (old / f"client_{client_id}", old / f"client_{client_id}.tmp"):
             if child.exists():
                 shutil.rmtree(child, ignore_errors=True)
@@ -414,6 +435,34 @@ def publish_checkpoint(output_dir: str | os.PathLike, step: int, client_id: int,
             pass
     for stale in ckpt.glob(f"step_*/client_{client_id}.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
+
+
+def rewind_latest(output_dir: str | os.PathLike, checkpoint: str | os.PathLike) -> bool:
+    """Point ``latest`` back at ``checkpoint`` when it names a newer step (or is missing or unreadable): the run
+    continues from ``checkpoint``.
+
+    A leg that resumes from a checkpoint older than the one ``latest`` names (``resume=step_N``, or a damaged newest
+    checkpoint skipped) abandons the newer ones. Left as they were, ``latest`` would still name them until the leg's
+    first checkpoint, so a crash before it (then ``resume=true``, or an elastic restart's ``resume=auto``) would
+    continue the abandoned steps, and the leg's re-save of such a step would, once its first client renamed its
+    directory into place, offer a checkpoint mixing the two legs. The newer directories stay on disk (still
+    loadable with ``resume=step_N``) until the leg's first checkpoint deletes them (:func:`publish_checkpoint`).
+    Safe to call from every client's writer rank (the same content is written atomically).
+
+    Args:
+        output_dir: run directory.
+        checkpoint: the step directory the leg resumed from.
+
+    Returns:
+        Whether ``latest`` was moved.
+    """
+    ckpt = Path(output_dir) / "checkpoints"
+    name = Path(checkpoint).name
+    pointer = _pointer(ckpt)
+    if not _STEP_DIR.fullmatch(name) or (pointer is not None and pointer <= name):
+        return False  # a missing or unreadable pointer would make every step directory a candidate: set it
+    _atomic_write_text(ckpt / "latest", name + "\n")
+    return True
 
 
 def read_client_state(checkpoint: Path, client_id: int) -> dict[str, Any]:
@@ -457,11 +506,13 @@ def all_finite(tensors) -> bool:
 def save_checkpoint(output_dir, step: int, client_id: int, is_writer: bool, state_fn: Callable[[], dict],
                     keep: int, barrier: Callable[[], None]) -> None:
     """Collective: every rank calls it; the client's writer rank writes, then ``latest`` moves after a barrier."""
+    # Read before the barrier: after it, another client may already have moved ``latest`` to this step.
+    previous = _pointer(Path(output_dir) / "checkpoints") if is_writer else None
     if is_writer:
         write_client_state(output_dir, step, client_id, state_fn())
     barrier()
     if is_writer:
-        publish_checkpoint(output_dir, step, client_id, keep)
+        publish_checkpoint(output_dir, step, client_id, keep, previous=previous)
     barrier()
 
 

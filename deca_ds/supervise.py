@@ -9,6 +9,9 @@ stops the way SIGTERM stops it: the step finishes on every client, a checkpoint 
 Under ``torchrun --max-restarts=N`` the elastic agent restarts every worker when one dies; a restarted worker
 continues the run from its newest complete checkpoint (:func:`elastic_restart_count`, used by the trainer to turn
 ``resume=false`` into ``resume=auto`` on restarts only, so that a fresh run never silently continues an old one).
+Each leg of a run records the launch that started it (:func:`launch_identity`), so that the restart of a launch that
+was refused because ``output_dir`` holds another run is refused again rather than continuing that run
+(:func:`started_elsewhere`).
 
 Linux only (``/proc``); elsewhere nothing is watched.
 """
@@ -16,9 +19,12 @@ Linux only (``/proc``); elsewhere nothing is watched.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
+from typing import Any
 
-__all__ = ["LauncherWatch", "launcher_ancestors", "elastic_restart_count"]
+__all__ = ["LauncherWatch", "launcher_ancestors", "elastic_restart_count", "launch_identity",
+           "started_elsewhere"]
 
 # Processes that launch deca_ds workers, recognised by their command line.
 _LAUNCHER_MODULES = ("torch.distributed.run", "torch.distributed.launch", "deepspeed.launcher.launch",
@@ -96,3 +102,35 @@ def elastic_restart_count() -> int:
         return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     except ValueError:
         return 0
+
+
+def launch_identity() -> dict[str, Any] | None:
+    """This worker's launch: the host and the nearest launcher above it as ``(pid, start time)``, the same for
+    every restart of one ``torchrun`` (its agent restarts the workers) and different for another launch. None
+    outside a launcher (or without /proc)."""
+    ancestors = launcher_ancestors()
+    if not ancestors:
+        return None
+    return {"host": socket.gethostname(), "launcher": list(ancestors[0])}
+
+
+def started_elsewhere(leg: dict[str, Any] | None, identity: dict[str, Any] | None = None) -> bool:
+    """Whether ``leg`` (a ``run.json`` record) was provably started by another launch on this host.
+
+    True for a leg started under another launcher on this host, or without any launcher (``launch`` is null). False
+    when it cannot tell: no leg, a leg that does not record its launch (older versions), one recorded on another
+    host (the other machines of a multi-machine launch), or no launcher above this worker.
+
+    Args:
+        leg: the run's last leg, or None.
+        identity: this worker's launch (default: :func:`launch_identity`).
+    """
+    identity = launch_identity() if identity is None else identity
+    if identity is None or not leg or "launch" not in leg:
+        return False
+    launch = leg["launch"]
+    if launch is None:
+        return True
+    if not isinstance(launch, dict) or launch.get("host") != identity["host"]:
+        return False
+    return launch.get("launcher") != identity["launcher"]

@@ -30,7 +30,7 @@ from deca_ds.consensus import method_spec
 from deca_ds.gossip import ClientLayout, client_distance
 from deca_ds.loop import NonFiniteError, StepRecord, gather_step, nonfinite_error, run_loop
 from deca_ds.step import Engine
-from deca_ds.supervise import LauncherWatch, elastic_restart_count
+from deca_ds.supervise import LauncherWatch, elastic_restart_count, launch_identity, started_elsewhere
 
 __all__ = ["preflight", "Preflight", "LauncherDriver", "run", "NonFiniteError"]
 
@@ -337,6 +337,17 @@ class LauncherDriver:
         self.engine.set_lr(lr)
 
 
+def _started_elsewhere(output_dir: str) -> bool:
+    """Whether the run in ``output_dir`` was started by another launch on this host (:func:`started_elsewhere`):
+    then an elastic restart of this launch, whose first start was refused because ``output_dir`` holds that run,
+    must be refused again, not continue it. A damaged ``run.json`` counts as not (preflight names it)."""
+    try:
+        legs = ckpt.read_run_legs(output_dir)
+    except ConfigError:
+        return False
+    return started_elsewhere(legs[-1] if legs else None)
+
+
 def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | None:
     """Run one decentralized fine-tune on this rank. Returns the summary on rank 0, None elsewhere.
 
@@ -346,8 +357,8 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     restarts = elastic_restart_count()
-    if restarts and cfg.resume is False:  # torchrun --max-restarts restarted us: continue, never start over
-        cfg.resume = "auto"
+    if restarts and cfg.resume is False and not _started_elsewhere(cfg.output_dir):
+        cfg.resume = "auto"  # torchrun --max-restarts restarted us: continue, never start over
     ds, layout, topo, found, changed = preflight(cfg, world_size, ds_config_path)
 
     from rich.console import Console
@@ -392,11 +403,13 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
             engine.set_lr(cfg.optim.lr)
         start_step = engine.global_step
     # Outputs only once the engine stands: a start that fails leaves nothing behind.
+    if found is not None and layout.local_rank == 0:  # every client's writer (one disk per machine: each its own)
+        ckpt.rewind_latest(out, found)  # resumed from an older checkpoint: the newer ones are abandoned
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         ckpt.append_run_leg(out, ckpt.run_record(cfg, ds, layout.world_size, layout.num_clients,
                                                  resumed_from=found.name if found is not None else None,
-                                                 changed=list(changed)))
+                                                 changed=list(changed), launch=launch_identity()))
         write_partition_summary(counts, data.count_names, out, console=console)
         if layout.num_clients > 1 and topo is not None:
             topo.render(console=console)

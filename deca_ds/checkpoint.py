@@ -20,7 +20,8 @@ with reset, and with int8 offload, random order and a DeepSpeed LR scheduler; ce
 int8 offload), all empty. A file holding anything else is refused, naming it.
 
 Resuming continues the same run: :func:`compare_run_settings` says which settings may change between legs and which
-define the run, and ``run.json`` keeps one record per leg (:func:`append_run_leg`), never overwritten.
+define the run, and ``run.json`` keeps one record per leg (:func:`append_run_leg`), never overwritten. Within one
+launch the machines must share those settings too (:func:`compare_machine_settings`, checked at start-up).
 """
 
 from __future__ import annotations
@@ -646,6 +647,120 @@ def check_run_settings(stored: dict[str, Any], new: dict[str, Any]) -> list[str]
                           f"({'; '.join(refused)}): resume with the stored values (see run.json), or start a new run "
                           "in another output_dir")
     return changed
+
+
+MACHINE_SETTINGS = frozenset({
+    "output_dir", "data.path", "model.path", "ds_config", "topology.path", "comm_timeout", "resume",
+})
+"""Dotted settings each machine of one launch may set for itself (paths on its own disk, its patience, whether it
+resumes: the ranks agree on the checkpoint separately); every other setting, the model's architecture, the client
+graph and every ds_config key outside :data:`CHANGEABLE_DS_KEYS` must be equal on every machine
+(:func:`compare_machine_settings`)."""
+_UNSET = "(unset)"
+
+
+def machine_settings(cfg: RunConfig, ds_config: dict[str, Any] | None, world_size: int | None,
+                     num_clients: int | None, architecture: dict[str, Any] | None = None,
+                     graph: str | None = None) -> dict[str, Any]:
+    """The settings of one rank that every rank of a launch must share, flat (``"optim.lr": 0.01``).
+
+    The run's record (:func:`run_record`) without :data:`MACHINE_SETTINGS` and without the ds_config keys that only
+    log (:data:`CHANGEABLE_DS_KEYS`), plus the model's architecture and the client graph.
+
+    Args:
+        cfg: this machine's settings.
+        ds_config: the DeepSpeed config dict in use (after filling), or None.
+        world_size: ranks launched.
+        num_clients: clients of the run.
+        architecture: the model's ``config.json`` content (or the embedded default's), compared key by key as
+            ``model.architecture.<key>``.
+        graph: a digest of the client graph's mixing matrices (None: the method does not gossip).
+
+    Returns:
+        Dotted setting -> value (plain JSON-serializable values).
+    """
+    record = run_record(cfg, ds_config, world_size, num_clients)
+    flat = {k: v for k, v in _flatten(record["config"]).items() if k not in MACHINE_SETTINGS}
+    flat.update(world_size=world_size, num_clients=num_clients)
+    ds = {k: v for k, v in (record["ds_config"] or {}).items() if k not in CHANGEABLE_DS_KEYS}
+    flat.update(_flatten(ds, "ds_config."))
+    if architecture is not None:
+        flat.update(_flatten(architecture, "model.architecture."))
+    flat["topology.graph"] = graph
+    return flat
+
+
+def settings_digest(settings: dict[str, Any]) -> int:
+    """A 56-bit digest of :func:`machine_settings` (equal settings give equal digests on every machine)."""
+    import hashlib
+
+    text = json.dumps(settings, sort_keys=True, default=repr)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:7], "big")
+
+
+def _rank_list(ranks: list[int]) -> str:
+    """``rank 3``, ``ranks 1-3, 5``."""
+    spans: list[list[int]] = []
+    for r in ranks:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+    return f"rank{'s' if len(ranks) > 1 else ''} {text}"
+
+
+def _shown(value: Any) -> str:
+    text = value if value is _UNSET else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def compare_machine_settings(settings: list[dict[str, Any]]) -> list[str]:
+    """The settings on which some rank differs from rank 0.
+
+    Args:
+        settings: every rank's :func:`machine_settings`, indexed by rank.
+
+    Returns:
+        One ``"setting: rank 0 has A, ranks 2-3 have B"`` per differing setting (sorted; ranks with the same value
+        grouped); [] when every rank agrees.
+    """
+    first = settings[0]
+    lines = []
+    for key in sorted(set().union(*settings)):
+        value = first.get(key, _UNSET)
+        others: dict[str, list[int]] = {}
+        for rank, own in enumerate(settings[1:], start=1):
+            mine = own.get(key, _UNSET)
+            if mine != value:
+                others.setdefault(_shown(mine), []).append(rank)
+        if others:
+            parts = [f"rank 0 has {_shown(value)}"] + [
+                f"{_rank_list(ranks)} {'have' if len(ranks) > 1 else 'has'} {shown}" for shown, ranks in others.items()]
+            lines.append(f"{key}: {', '.join(parts)}")
+    return lines
+
+
+def check_machine_settings(settings: list[dict[str, Any]], shown: int = 8) -> None:
+    """:func:`compare_machine_settings`, raising when any rank differs from rank 0.
+
+    Args:
+        settings: every rank's :func:`machine_settings`, indexed by rank.
+        shown: differing settings named in the message at most (the rest are counted).
+
+    Raises:
+        ConfigError: one line naming every differing setting (up to ``shown``) with rank 0's and the other ranks'
+            values, and the fix.
+    """
+    lines = compare_machine_settings(settings)
+    if not lines:
+        return
+    more = f"; and {len(lines) - shown} more" if len(lines) > shown else ""
+    own = ", ".join(sorted(MACHINE_SETTINGS))
+    raise ConfigError(f"the machines of this launch were started with different settings ({'; '.join(lines[:shown])}"
+                      f"{more}): start every machine with the same settings (the same config file, overrides and "
+                      f"ds_config contents; only {own} may differ, the paths as strings: a ds_config's, a custom "
+                      "graph's and the model's config.json contents must agree)")
 
 
 def read_run_legs(output_dir: str | os.PathLike) -> list[dict[str, Any]]:

@@ -3,7 +3,8 @@
 Order of a run (every rank, same order — collectives must match):
   1. every check that needs no process (config, ds_config, model/data paths, blocks, graph, output_dir) -> one-line
      errors (:func:`preflight`);
-  2. process group and all communication groups (before DeepSpeed, same order everywhere);
+  2. process group; every machine's run-defining settings agree (one collective, :func:`_agree_on_settings`); all
+     communication groups (before DeepSpeed, same order everywhere);
   3. model and tokenizer, this client's data, the DeepSpeed engine (:func:`deca_ds.engine.build_engine`); resume
      from ``checkpoints/latest``;
   4. the loop (:func:`deca_ds.loop.run_loop`) over :class:`LauncherDriver`: one step on every client -> at gather
@@ -123,6 +124,68 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
         found = ckpt.find_resume_checkpoint(cfg.output_dir, found.name if cfg.resume not in (True, "auto")
                                             else "latest", client_ids=_node_clients(layout))
     return Preflight(ds, layout, topology, found, tuple(changed))
+
+
+def _model_architecture(cfg: RunConfig) -> dict[str, Any]:
+    """The model's architecture as every machine must share it: its ``config.json`` (the embedded default's for
+    ``model.path`` unset) without the fields that name a file or a library version, not where it is stored."""
+    from deca_ds.models import embedded_model_config
+
+    path = cfg.model.path
+    local = None if path is None else Path(os.path.expanduser(path)) / "config.json"
+    try:
+        if path is None:
+            data = embedded_model_config().to_dict()
+        elif local.is_file():
+            data = json.loads(local.read_text())
+        else:  # a hub name (preflight has read its config already)
+            from transformers import AutoConfig
+
+            data = AutoConfig.from_pretrained(path).to_dict()
+    except (OSError, ValueError) as e:  # compared like any value: never one rank raising alone before a collective
+        return {"unreadable": str(e).splitlines()[0][:120] if str(e).strip() else type(e).__name__}
+    return {k: v for k, v in data.items() if not k.startswith("_") and k != "transformers_version"}
+
+
+def _graph_digest(topology) -> str | None:
+    """A short digest of the client graph's mixing matrices (None without a graph)."""
+    if topology is None:
+        return None
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for i in range(topology.period):
+        h.update(np.ascontiguousarray(topology.weights_at(i), dtype=np.float64).tobytes())
+    return f"{topology.num_clients} clients, {topology.period} matrix(es), sha256 {h.hexdigest()[:12]}"
+
+
+def _agree_on_settings(cfg: RunConfig, ds: dict[str, Any], layout: ClientLayout, topology) -> None:
+    """Every machine of the launch was started with the same run-defining settings (collective, at start-up).
+
+    Each machine passes its own command line and YAML: a different method, learning rate, graph or block layout on
+    one of them would train silently wrong or hang at the first gossip. One all-reduce of a digest of
+    :func:`deca_ds.checkpoint.machine_settings` (model architecture and client graph included); only when the
+    digests differ, one all-gather of the settings themselves, so every rank names the same differences.
+
+    Raises:
+        ConfigError: on every rank alike, naming each differing setting, rank 0's value and the other ranks'.
+    """
+    from deca_ds.engine import device
+
+    if layout.world_size == 1:
+        return
+    own = ckpt.machine_settings(cfg, ds, layout.world_size, layout.num_clients,
+                                architecture=_model_architecture(cfg), graph=_graph_digest(topology))
+    digest = ckpt.settings_digest(own)
+    t = torch.tensor([digest, -digest], dtype=torch.int64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    if int(t[0]) == -int(t[1]):
+        return
+    every: list[Any] = [None] * layout.world_size
+    dist.all_gather_object(every, own)
+    ckpt.check_machine_settings(every)
 
 
 def _agree_on_checkpoint(found: Path | None, out: Path, layout: ClientLayout) -> Path | None:
@@ -376,6 +439,7 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     if (dist.get_world_size(), rank) != (layout.world_size, layout.rank):
         raise RuntimeError(f"{layout!r} does not match torch.distributed (world size {dist.get_world_size()}, "
                            f"rank {rank})")
+    _agree_on_settings(cfg, ds, layout, topo)  # before any output: machines started with other settings stop here
     groups = ClientGroups.create(layout)
     out = Path(cfg.output_dir)
     found = _agree_on_checkpoint(found, out, layout)

@@ -21,14 +21,14 @@ from typing import Any, Callable
 FIRST_RUN_CLIENTS = 4
 """Clients of the first run on a machine without GPUs (one process, embedded model): see :func:`first_run_mode`."""
 
-FIRST_RUN_SETTINGS = {"blocks.layers_per_block": 2, "blocks.switch_every": 24, "max_steps": 288}
-"""The first run's schedule when no ``--config`` is given (a setting given on the command line wins): 2 layers per
-block, R = 24, 288 steps (4 clients: 3 rounds over 4 blocks). With the embedded default's own schedule (1 layer, R = 4,
-192 steps) the consensus model did not learn the topic -> label mapping in a first run's budget (test accuracy near
-0.3, issue 16); with this one it does: consensus 0.783 on 512 test rows with the defaults set from the paper-regime
-tuning (0.689 and 0.693 with the two earlier ones), the average of clients trained without gossip (method=local)
-0.264, in 2-2.5 minutes on 2 cores (measured, README "What the first command does"). Drop it
-once the embedded default itself learns in that budget."""
+EMBEDDED_SCHEDULE = {"blocks.layers_per_block": 2, "blocks.switch_every": 24, "max_steps": 288}
+"""The embedded default's schedule when no ``--config`` is given (a setting given on the command line wins; source
+``embedded`` in ``--print-config``): 2 layers per block, R = 24, 288 steps (4 blocks: 3 rounds), whether its clients
+are launched ranks or run in one process. With the library defaults (1 layer, R = 4, 192 steps; Adam then never
+leaves its bias-correction warm-up) the embedded model's consensus did not learn the task in that budget: a 4-rank
+launch reached test accuracy 0.529, with this schedule 0.764 (docs/reference.md). Until 3 Dec only the one-process
+first run used it. A ``--config`` YAML (``recipes/configs/default.yaml`` writes this schedule out) or a model of one's
+own keeps the library defaults of :class:`deca_ds.config.BlocksConfig` and ``max_steps``."""
 
 
 def _add_plan_args(p: argparse.ArgumentParser) -> None:
@@ -223,7 +223,8 @@ def first_run_mode(cfg, sources: dict[str, str], world_size: int, device_type: s
 def print_config(cfg, sources: dict[str, str], world_size: int, file=None) -> None:
     """Every setting with its value and source, then the DeepSpeed config as the run will use it.
 
-    Sources: ``default``, ``yaml``, ``override``, ``first-run`` (see :func:`first_run_mode`), ``epochs``
+    Sources: ``default``, ``yaml``, ``override``, ``first-run`` (see :func:`first_run_mode`), ``embedded``
+    (:data:`EMBEDDED_SCHEDULE`), ``epochs``
     (``max_steps`` when ``epochs`` is set: derived from the clients' data at start); DeepSpeed keys:
     ``file`` (as written), ``auto`` (an HF ``"auto"`` value resolved by :func:`deca_ds.ds_config.resolve_auto`),
     ``filled`` (a batch key DeepSpeed derives, :func:`deca_ds.ds_config.check_batch_sizes`).
@@ -300,12 +301,15 @@ def _run(args: argparse.Namespace) -> int:
         from deca_ds.devices import accelerator_type
 
         first = first_run_mode(cfg, sources, world_size, accelerator_type())
+        overlay: dict[str, str] = {}  # setting -> its source
         if first:
-            overlay = {"backend": "simulate", "num_clients": FIRST_RUN_CLIENTS}
-            if config_path is None:
-                overlay.update({k: v for k, v in FIRST_RUN_SETTINGS.items() if k not in sources})
-            cfg = load_config(config_path, [f"{k}={v}" for k, v in overlay.items()] + list(args.overrides))
-            sources.update({k: "first-run" for k in overlay})
+            overlay.update({"backend=simulate": "first-run", f"num_clients={FIRST_RUN_CLIENTS}": "first-run"})
+        if config_path is None and cfg.model.path is None:
+            overlay.update({f"{k}={v}": "embedded" for k, v in EMBEDDED_SCHEDULE.items()
+                            if k not in sources and not (k == "max_steps" and cfg.epochs is not None)})
+        if overlay:
+            cfg = load_config(config_path, list(overlay) + list(args.overrides))
+            sources.update({setting.split("=")[0]: source for setting, source in overlay.items()})
         if args.deepspeed_config:  # the same as ds_config=PATH
             cfg.ds_config = args.deepspeed_config
             sources["ds_config"] = "--deepspeed"

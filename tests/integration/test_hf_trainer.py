@@ -33,7 +33,9 @@ pytestmark = pytest.mark.integration
 HF_RECIPE = str(ROOT / "recipes" / "hf_trainer.py")
 FT_RECIPE = str(ROOT / "recipes" / "finetune.py")
 HF_AUTO = str(ROOT / "ds_configs" / "hf_auto.json")
-DATA = ["data.num_examples=600"]
+# The library's schedule pinned: recipes/finetune.py without --config gives the embedded model its own
+# (deca_ds.cli.EMBEDDED_SCHEDULE), DecaSettings does not.
+DATA = ["data.num_examples=600", "blocks.layers_per_block=1", "blocks.switch_every=4"]
 STEPS = 20
 
 
@@ -103,7 +105,7 @@ from deca_ds.hf import DataCollator, DecaSettings, deca_trainer_class, init_dist
 from deca_ds.models import load_model_and_tokenizer
 
 out, steps = sys.argv[1], int(sys.argv[2])
-deca = DecaSettings(overrides=["data.num_examples=600"])
+deca = DecaSettings(overrides=["data.num_examples=600", "blocks.layers_per_block=1", "blocks.switch_every=4"])
 init_distributed()
 args = SFTConfig(output_dir=out, max_steps=steps, seed=0, learning_rate=1e-2, per_device_train_batch_size=8,
                  lr_scheduler_type="constant", max_grad_norm=1.0, save_strategy="no", report_to="none", bf16=False,

@@ -27,7 +27,8 @@ from deca_ds.simulate import run_simulation
 
 pytestmark = pytest.mark.integration
 
-SETTINGS = ["method=deca", "max_steps=4", "blocks.switch_every=2", "optim.lr=1e-2", "topology.name=ring",
+SETTINGS = ["method=deca", "max_steps=4", "blocks.switch_every=2", "blocks.layers_per_block=1", "optim.lr=1e-2",
+            "topology.name=ring",
             "data.num_examples=400", "data.eval_examples=4", "data.min_partition_size=4", "log_every=1",
             "model.save_client_models=true"]
 

@@ -25,7 +25,7 @@ from deca_ds.simulate import run_simulation
 SETTINGS = ["method=deca", "deca.signal=qgm", "max_steps=6", "blocks.switch_every=2", "optim.lr=1e-2",
             "topology.name=ring", "data.num_examples=400", "data.eval_examples=4", "data.min_partition_size=4",
             "log_every=1", "blocks.include_embeddings=false", "blocks.include_lm_head=false", "optim.schedule=cosine",
-            "optim.warmup_steps=2"]
+            "optim.warmup_steps=2", "blocks.layers_per_block=1"]
 
 
 def _records(path: Path) -> dict[tuple[int, int], dict]:
@@ -87,7 +87,8 @@ def test_three_clients_bf16_wire_every_client_model_bit_equal(tmp_path):
     """
     settings = ["method=deca", "deca.signal=discrepancy", "gossip.dtype=bf16", "max_steps=6",
                 "blocks.switch_every=2", "optim.lr=1e-2", "topology.name=ring", "data.num_examples=400",
-                "data.eval_examples=4", "data.min_partition_size=4", "log_every=1", "model.save_client_models=true"]
+                "data.eval_examples=4", "data.min_partition_size=4", "log_every=1", "model.save_client_models=true",
+                "blocks.layers_per_block=1"]
     launched, simulated = tmp_path / "launched", tmp_path / "simulated"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(free_port()),
            RECIPE, f"output_dir={launched}", *settings]
@@ -120,7 +121,8 @@ def test_three_clients_int8_compressed_gossip_every_client_model_bit_equal(tmp_p
     bytes and client models bit for bit, over two block visits (each: a bf16 first exchange, then int8)."""
     settings = ["method=deca", "deca.signal=qgm", "gossip.compression=int8", "gossip.chunk_mb=0.01", "max_steps=6",
                 "blocks.switch_every=3", "optim.lr=1e-2", "topology.name=ring", "data.num_examples=400",
-                "data.eval_examples=4", "data.min_partition_size=4", "log_every=1", "model.save_client_models=true"]
+                "data.eval_examples=4", "data.min_partition_size=4", "log_every=1", "model.save_client_models=true",
+                "blocks.layers_per_block=1"]
     launched, simulated = tmp_path / "launched", tmp_path / "simulated"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(free_port()),
            RECIPE, f"output_dir={launched}", *settings]

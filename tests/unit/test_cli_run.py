@@ -134,14 +134,22 @@ def test_first_run_uses_its_schedule_unless_told_otherwise(capsys, monkeypatch):
 
     rows = shown([])
     assert rows["backend"] == ['"simulate"', "first-run"] and rows["num_clients"] == ["4", "first-run"]
-    for key, value in cli.FIRST_RUN_SETTINGS.items():
-        assert rows[key] == [json.dumps(value), "first-run"]
+    for key, value in cli.EMBEDDED_SCHEDULE.items():
+        assert rows[key] == [json.dumps(value), "embedded"]
     rows = shown(["blocks.switch_every=8"])
-    assert rows["blocks.switch_every"] == ["8", "override"] and rows["max_steps"] == ["288", "first-run"]
-    rows = shown(["--config", "default"])  # a YAML's schedule is kept; only the clients run in-process
-    assert rows["blocks.switch_every"] == ["4", "yaml"] and rows["num_clients"] == ["4", "first-run"]
+    assert rows["blocks.switch_every"] == ["8", "override"] and rows["max_steps"] == ["288", "embedded"]
+    rows = shown(["--config", "default"])  # a YAML's schedule is kept (the shipped one writes the same out)
+    assert rows["blocks.switch_every"] == ["24", "yaml"] and rows["num_clients"] == ["4", "first-run"]
+    # a launch (not the first run) of the embedded model gets the same schedule: the one it learns the task with
     rows = shown(["backend=launcher"])
-    assert rows["backend"] == ['"launcher"', "override"] and rows["max_steps"] == ["192", "default"]
+    assert rows["backend"] == ['"launcher"', "override"] and rows["max_steps"] == ["288", "embedded"]
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    rows = shown([])
+    assert rows["backend"] == ['"launcher"', "default"] and rows["blocks.layers_per_block"] == ["2", "embedded"]
+    monkeypatch.delenv("WORLD_SIZE")
+    # epochs replaces max_steps: the schedule leaves it alone
+    rows = shown(["epochs=1"])
+    assert rows["max_steps"] == ["derived", "epochs"] and rows["blocks.switch_every"] == ["24", "embedded"]
 
 
 def test_print_config_shows_the_schedule_and_epochs_with_their_sources(tmp_path, capsys, monkeypatch):

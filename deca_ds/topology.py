@@ -57,8 +57,10 @@ def check_mixing_matrix(weights, tol: float = 1e-6) -> np.ndarray:
         The matrix as a float64 numpy array.
 
     Raises:
-        ValueError: one line naming the first failing property: ``square``, ``finite``, ``symmetric``,
-            ``non-negative``, ``doubly stochastic`` (rows or columns not summing to 1) or ``connected``.
+        ValueError: one line naming the first failing property: ``square``, ``finite``, ``symmetric`` (within
+            ``tol``, and ``W[i, j]`` non-zero exactly where ``W[j, i]`` is: gossip exchanges between ``i`` and ``j``
+            only when both are), ``non-negative``, ``doubly stochastic`` (rows or columns not summing to 1) or
+            ``connected``.
     """
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 2 or w.shape[0] != w.shape[1] or w.shape[0] == 0:
@@ -68,6 +70,11 @@ def check_mixing_matrix(weights, tol: float = 1e-6) -> np.ndarray:
     asym = float(np.abs(w - w.T).max())
     if asym > tol:
         raise ValueError(f"mixing matrix is not symmetric: max |W - W.T| = {asym:.3g} > tol {tol:g}")
+    one_sided = np.argwhere((w != 0) & (w.T == 0))
+    if len(one_sided):  # client i would wait for a message from j, which never sends to i
+        i, j = (int(k) for k in one_sided[0])
+        raise ValueError(f"mixing matrix is not symmetric: W[{i}, {j}] = {w[i, j]:.3g} but W[{j}, {i}] = 0 (client "
+                         f"{i} would wait for client {j}, which never sends to it): make both zero or both non-zero")
     if float(w.min()) < -tol:
         raise ValueError(f"mixing matrix is not doubly stochastic: negative entry {float(w.min()):.3g}")
     rows, cols = np.abs(w.sum(axis=1) - 1).max(), np.abs(w.sum(axis=0) - 1).max()
@@ -307,6 +314,9 @@ def _square_factors(n: int) -> tuple[int, int]:
 
 
 def _torus(n: int, rows: int | None = None, cols: int | None = None) -> np.ndarray:
+    for key, value in (("rows", rows), ("cols", cols)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1):
+            raise ValueError(f"topology torus: {key}={value!r} must be a positive integer dividing num_clients={n}")
     if rows is None and cols is None:
         rows, cols = _square_factors(n)
     elif rows is None:
@@ -381,7 +391,7 @@ def _complete(n: int) -> np.ndarray:
 
 
 def _star(n: int, center: int = 0) -> np.ndarray:
-    if not 0 <= center < n:
+    if isinstance(center, bool) or not isinstance(center, (int, np.integer)) or not 0 <= center < n:
         raise ValueError(f"topology star: center={center} is not a client index in [0, {n})")
     adj = _empty(n)
     for i in range(n):
@@ -417,7 +427,11 @@ def custom_file_format(path) -> str:
         return "matrix"
     how = ("make the file's first line '# format: edges' (then one 'i j' pair of client indices per line) or "
            "'# format: matrix' (then n rows of n weights)")
-    first = next((line.strip() for line in path.read_text().splitlines() if line.strip()), "")
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"topology custom: {path} is not a text file (nor a .npy array): {how}") from None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
     match = _FORMAT_LINE.fullmatch(first)
     if match is None:
         raise ValueError(f"topology custom: {path} does not declare its format: {how}")
@@ -439,7 +453,16 @@ def _read_custom(path, n: int):
     kind = custom_file_format(path)
     path = Path(path)
     if path.suffix == ".npy":
-        return kind, np.load(path, allow_pickle=False)
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (ValueError, EOFError) as err:  # not a .npy file, truncated, or an object array
+            why = "it holds pickled objects" if "pickle" in str(err) else str(err).strip() or type(err).__name__
+            raise ValueError(f"topology custom: {path} is not a readable .npy array of numbers ({why}): write the "
+                             "matrix with numpy.save(path, W) for a float array W") from None
+        if data.dtype.kind not in "biuf":  # complex, strings, dates ...: no real weights
+            raise ValueError(f"topology custom: {path} holds a {data.dtype} array, not real numbers: write the "
+                             "matrix with numpy.save(path, W) for a float array W")
+        return kind, data
     rows = []
     for line in path.read_text().splitlines():
         line = line.split("#", 1)[0].strip()
@@ -454,7 +477,7 @@ def _read_custom(path, n: int):
             raise ValueError(f"topology custom: matrix in {path} is not square: {len(values)} rows of "
                              f"{sorted({len(r) for r in values})} values; expected {n} rows of {n}")
         return kind, np.array(values)
-    if not all(len(r) == 2 for r in values) or not all(v == int(v) for r in values for v in r):
+    if not all(len(r) == 2 for r in values) or not all(math.isfinite(v) and v == int(v) for r in values for v in r):
         raise ValueError(f"topology custom: edge list {path} must hold one 'i j' pair of integer client indices "
                          "per line")
     adj = _empty(n)
@@ -484,7 +507,8 @@ def make_topology(name: str, num_clients: int, seed: int = 0, weights: str = "me
             between clients ``[0, n//2)`` and ``[n//2, n)``), ``complete``, ``star`` (option ``center``, default 0),
             ``custom`` (option ``path``: an edge list, whose edges get ``weights``, or a weight matrix, which is
             validated and used as is; the file declares which, see :func:`custom_file_format`).
-        num_clients: number of clients; 1 gives the trivial ``[[1]]`` matrix for every name.
+        num_clients: number of clients; 1 gives the trivial ``[[1]]`` matrix for every name (``custom`` still reads
+            its file, which must then be the matrix ``[[1]]`` or an edge list without edges).
         seed: seed of random graphs.
         weights: ``metropolis`` (Metropolis-Hastings) or ``uniform``; see :func:`mixing_weights`.
         **options: per-topology options listed above.
@@ -508,7 +532,7 @@ def make_topology(name: str, num_clients: int, seed: int = 0, weights: str = "me
             f"topology {name}: unknown option(s) {', '.join(sorted(unknown))}; "
             f"accepted: {', '.join(sorted(allowed.get(name, set()))) or 'none'}"
         )
-    if num_clients == 1:
+    if num_clients == 1 and name != "custom":  # a custom file is still read: it must describe one client
         return Topology(name, [np.ones((1, 1))])
     if name == "one_peer_exponential":
         return Topology(name, [mixing_weights(adj, weights) for adj in _one_peer_exponential(num_clients)])

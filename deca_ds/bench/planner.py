@@ -163,9 +163,59 @@ def build_meta_model(model_dir: str):
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"--model {model_dir!r} has no config.json: give a Hugging Face model directory "
                                 f"(e.g. recipes/models/llama-3.1-8b)")
+    try:  # transformers' config validation (huggingface_hub >= 0.33); absent in older hubs, which never raise it
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:  # pragma: no cover - depends on the installed huggingface_hub
+        StrictDataclassError = ValueError  # noqa: N806
+
     from deca_ds.models import build_meta_model as _build
 
-    return _build(model_dir)
+    try:
+        return _build(model_dir)
+    except (OSError, ValueError, StrictDataclassError) as e:
+        # Not JSON, an unknown model_type, or values transformers' config validation refuses (its message is a
+        # header line, then the reason): one line, the reason, not a traceback.
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        reason = lines[-1] if isinstance(e, StrictDataclassError) else lines[0]
+        raise ValueError(f"--model {model_dir!r}: its config.json cannot be read ({reason[:200]}): give a Hugging "
+                         f"Face model directory (e.g. recipes/models/llama-3.1-8b)") from None
+
+
+MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
+"""Config fields that name a mixture-of-experts model's experts (Mixtral, Qwen2-MoE, DeepSeek, ...)."""
+
+
+def check_model_config(model, model_dir: str, seq_len: int) -> None:
+    """Refuse a model the planner cannot plan, or a ``--seq-len`` the written recipe's run would refuse.
+
+    Args:
+        model: The meta model built from ``model_dir`` (:func:`build_meta_model`).
+        model_dir: The ``--model`` directory, named in the messages.
+        seq_len: ``--seq-len``.
+
+    Raises:
+        ValueError: one line naming the problem and the fix: a mixture-of-experts model (the activation bound
+            assumes one dense MLP per token, and a token routed to k experts saves about k times its
+            activations), a ``vocab_size`` below 1, or ``seq_len`` beyond the model's positions (the run's
+            ``data.max_length`` check, :func:`deca_ds.models.check_lengths`).
+    """
+    from deca_ds.data.formatting import position_limit
+
+    text = model.config.get_text_config()
+    for key in MOE_KEYS:
+        experts = getattr(text, key, None)
+        if isinstance(experts, int) and experts > 1:
+            raise ValueError(f"--model {model_dir!r}: mixture-of-experts models ({key}={experts}) are not "
+                             "supported by the planner: its activation bound assumes one dense MLP per token and "
+                             "would understate a routed model's; measure its peak memory on a short run instead")
+    vocab = getattr(text, "vocab_size", None)
+    if not isinstance(vocab, int) or vocab < 1:
+        raise ValueError(f"--model {model_dir!r}: config.json has vocab_size={vocab!r}: set it to the tokenizer's "
+                         "vocabulary size (an integer >= 1)")
+    limit = position_limit(model.config)
+    if limit is not None and seq_len > limit:
+        raise ValueError(f"--seq-len {seq_len} exceeds the model's max_position_embeddings={limit}, which a run "
+                         f"refuses (data.max_length): use --seq-len {limit} or less")
 
 
 def _intermediate_size(cfg) -> int:
@@ -201,7 +251,7 @@ def inspect_model(model, blocks: BlocksConfig | None = None) -> ModelShape:
     for module in model.modules():
         own = sum(p.numel() for p in module.parameters(recurse=False))
         largest_module = max(largest_module, own)
-    cfg = model.config
+    cfg = model.config.get_text_config()  # a multimodal config keeps the language model's in text_config
     heads = cfg.num_attention_heads
     return ModelShape(
         params=sum(p.numel() for p in named.values()),
@@ -752,8 +802,22 @@ def make_plan(shape_for: Callable[[BlocksConfig], ModelShape], req: PlanRequest)
 
 
 def plan_from_model_dir(model_dir: str, req: PlanRequest) -> Plan:
-    """Build the meta model from ``model_dir/config.json`` and plan for it (see :func:`make_plan`)."""
+    """Build the meta model from ``model_dir/config.json`` and plan for it (see :func:`make_plan`).
+
+    Args:
+        model_dir: A Hugging Face model directory (only its ``config.json`` is read).
+        req: The request.
+
+    Returns:
+        The :class:`Plan`.
+
+    Raises:
+        FileNotFoundError: no ``config.json`` in ``model_dir``.
+        ValueError: an unreadable ``config.json``, or a model or ``seq_len`` refused by :func:`check_model_config`;
+            one line naming the problem and the fix.
+    """
     model = build_meta_model(model_dir)
+    check_model_config(model, model_dir, req.seq_len)
     cache: dict[tuple, ModelShape] = {}
 
     def shape_for(blocks: BlocksConfig) -> ModelShape:

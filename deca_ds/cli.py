@@ -99,6 +99,9 @@ def _plan_sizes(args: argparse.Namespace) -> tuple[int, int]:
             raise ValueError(f"{flag} {e}") from None
     if sizes[0] <= 0:
         raise ValueError(f"--gpu-memory {args.gpu_memory!r} is out of range: give the GPU's memory, e.g. 24GiB")
+    if sizes[0] < 2**20:  # no accelerator has less than a MiB: a bare number was meant in GiB or GB
+        raise ValueError(f"--gpu-memory {args.gpu_memory!r} is {sizes[0]} bytes: give a unit, e.g. "
+                         f"{args.gpu_memory}GiB")
     return sizes[0], sizes[1]
 
 

@@ -72,3 +72,15 @@ def test_multimodal_config_reads_the_text_config(tmp_path, capsys):
     assert cli_main(["plan", "--model", _model_dir(tmp_path, cfg), "--seq-len", "512", "--json"]) == 0
     shape = json.loads(capsys.readouterr().out)["shape"]
     assert (shape["num_layers"], shape["hidden_size"], shape["vocab_size"]) == (2, 256, 1000)
+
+
+def test_a_gpu_memory_without_a_unit_names_the_unit(capsys):
+    """`--gpu-memory 24` was 24 bytes and the plan said only "nothing fits"; a size below a MiB is refused naming
+    the missing unit. An exponent is read in either case, as the docstring says (`1E9` was refused)."""
+    from deca_ds.bench.planner import parse_bytes
+
+    assert parse_bytes("1E9") == parse_bytes("1e9") == 10**9 and parse_bytes("2e+3MiB") == 2000 * 2**20
+    model = os.path.join(MODELS, "qwen2-1.5b")
+    assert cli_main(["plan", "--model", model, "--gpu-memory", "24"]) == 2
+    err = capsys.readouterr().err
+    assert "--gpu-memory '24' is 24 bytes: give a unit, e.g. 24GiB" in err and len(err.strip().splitlines()) == 1

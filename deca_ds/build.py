@@ -210,6 +210,10 @@ def topology_options(cfg: RunConfig) -> dict[str, Any]:
         return {"p": t.p}
     if t.name == "custom":
         return {"path": t.path}
+    if t.name == "torus":
+        return {k: v for k, v in (("rows", t.rows), ("cols", t.cols)) if v is not None}
+    if t.name == "star" and t.center is not None:
+        return {"center": t.center}
     return {}
 
 

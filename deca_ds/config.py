@@ -207,6 +207,12 @@ class TopologyConfig:
     path: str | None = None
     """Edge list or weight matrix file for ``custom``; its first line names the format (``# format: edges`` or
     ``# format: matrix``; a ``.npy`` file is a matrix). See :func:`deca_ds.topology.make_topology`."""
+    rows: int | None = None
+    """Rows of a ``torus`` grid (``None``: the most square factorisation of the number of clients)."""
+    cols: int | None = None
+    """Columns of a ``torus`` grid (``None``: the number of clients divided by ``rows``)."""
+    center: int | None = None
+    """The hub client of a ``star`` (``None``: client 0)."""
 
 
 @dataclass
@@ -417,6 +423,16 @@ class RunConfig:
         if t.path is not None and t.name != "custom":
             raise ConfigError(f"topology.path is set but topology.name={t.name}: set topology.name=custom to use "
                               "the file, or remove topology.path")
+        for key, owner in (("rows", "torus"), ("cols", "torus"), ("center", "star")):
+            value = getattr(t, key)
+            if value is None:
+                continue
+            if t.name != owner:
+                raise ConfigError(f"topology.{key} is set but topology.name={t.name}: it shapes a {owner} only; set "
+                                  f"topology.name={owner} or remove topology.{key}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "center" else 1):
+                raise ConfigError(f"topology.{key}={value!r} is out of range: use an integer >= "
+                                  f"{0 if key == 'center' else 1}")
         _positive("clients.ranks_per_client", self.clients.ranks_per_client)
         g = self.gossip
         _choice("gossip.dtype", g.dtype, GOSSIP_DTYPES)

@@ -1,5 +1,7 @@
 """Graphs as a user gives them: custom files and options that must be refused in one line before anything runs."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -94,3 +96,37 @@ def test_bad_torus_shape_is_a_value_error(options):
 def test_bad_star_center_is_a_value_error(center):
     with pytest.raises(ValueError, match="is not a client index"):
         make_topology("star", 4, center=center)
+
+
+def test_torus_shape_and_star_center_are_settings():
+    """README offered a torus's rows/cols and a star's centre, but no setting reached them (Python API only)."""
+    def graph(*overrides, n=8):
+        return build_topology(load_config(None, list(overrides)), n)
+
+    # a 1 x 8 torus is the ring (closed form: i -> i +- 1 mod 8), the default torus 2 x 4 has degree 3
+    ring = graph("topology.name=torus", "topology.rows=1")
+    assert all(ring.neighbors(i) == sorted({(i - 1) % 8, (i + 1) % 8}) for i in range(8))
+    assert np.array_equal(ring.weights_at(0), graph("topology.name=ring").weights_at(0))
+    assert all(len(graph("topology.name=torus").neighbors(i)) == 3 for i in range(8))
+    assert np.array_equal(graph("topology.name=torus", "topology.cols=8").weights_at(0), ring.weights_at(0))
+    hub = graph("topology.name=star", "topology.center=3")
+    assert hub.neighbors(3) == [0, 1, 2, 4, 5, 6, 7] and all(hub.neighbors(i) == [3] for i in range(8) if i != 3)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["topology.rows=2"], "topology.rows is set but topology.name=ring: it shapes a torus only"),
+    (["topology.name=torus", "topology.cols=0"], "topology.cols=0 is out of range: use an integer >= 1"),
+    (["topology.name=star", "topology.center=-1"], "topology.center=-1 is out of range: use an integer >= 0"),
+    (["topology.name=erdos_renyi", "topology.center=1"], "it shapes a star only"),
+])
+def test_shape_settings_for_another_graph_or_out_of_range_are_refused(overrides, words):
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(None, overrides)
+
+
+def test_a_torus_shape_that_does_not_fit_the_clients_is_one_line():
+    with pytest.raises(ConfigError, match=r"^topology.name='torus': .*rows=3") as err:
+        build_topology(load_config(None, ["topology.name=torus", "topology.rows=3"]), 8)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="center"):
+        build_topology(load_config(None, ["topology.name=star", "topology.center=8"]), 8)

@@ -208,7 +208,8 @@ class StackedBlockAdam:
         """One AdamW step of the active block on every client whose ``skip`` is False.
 
         Args:
-            grads: name -> stacked fp32 gradient of every active parameter (already clipped).
+            grads: name -> stacked gradient of every active parameter (already clipped), in the weights' dtype; a
+                low-precision one is stepped in fp32 against the fp32 master, as :class:`BlockAdam` does.
             skip: per replica, leave it unchanged (a non-finite step under ``nan_policy=skip``).
         """
         group = self.param_groups[0]
@@ -222,6 +223,7 @@ class StackedBlockAdam:
                 g = grads.get(name)
                 if g is None:
                     continue
+                g = g if g.dtype == torch.float32 else g.float()  # bf16/fp16 weights: fp32 moments and master
                 st = self._state_for(name)
                 x = st.get("master", self.params[name].data)
                 rows = [slice(None)] if uniform else live

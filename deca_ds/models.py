@@ -142,12 +142,22 @@ def save_model_dir(model: torch.nn.Module, directory) -> None:
     Why not ``model.save_pretrained``: with torch.distributed initialized, transformers (5.x) writes only on global
     rank 0 and silently skips every other rank, so each client's own model would be lost on all clients but one.
     Tied weights are stored once (``safetensors.torch.save_model``), as ``save_pretrained`` stores them, so
-    ``from_pretrained`` loads the directory unchanged.
+    ``from_pretrained`` loads the directory unchanged. A peft model (``method=dec_lora``) is written as a copy with
+    its adapters merged into the base (``merge_and_unload``), the simulator's format; ``model`` itself is unchanged.
+
+    Args:
+        model: the Hugging Face model (or peft-wrapped model) to write.
+        directory: the directory to write (created if missing).
     """
+    import copy
     from pathlib import Path
 
     from safetensors.torch import save_model
 
+    if hasattr(model, "merge_and_unload"):
+        # Saved as is, a peft model's keys (``base_model.model.…``, ``lora_A``) load as nothing: every weight of
+        # ``from_pretrained``'s model would be missing and newly initialised. Merge a copy, never the model itself.
+        model = copy.deepcopy(model).merge_and_unload()
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(path)

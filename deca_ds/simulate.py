@@ -690,7 +690,8 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
     for c in range(sim.num_clients):
         own = evals[c]
         if save_models and cfg.model.save_client_models:
-            _full_model(sim.model_of(c)).save_pretrained(out / "clients" / f"client_{c}")
+            # A copy: merging a dec_lora replica's adapters in place would change the consensus averaged below.
+            _full_model(copy.deepcopy(sim.model_of(c))).save_pretrained(out / "clients" / f"client_{c}")
             sim.tokenizer.save_pretrained(out / "clients" / f"client_{c}")
         clients.append({"client": c, "final_loss": outcome.last_loss.get(c), "test_loss": own.get("loss"),
                         "test_accuracy": own.get("accuracy"), "eval": own, "bytes_sent": sim.bytes_sent[c],
@@ -724,7 +725,10 @@ def make_simulation(cfg: RunConfig):
 
 
 def _full_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A plain Hugging Face model to save: a peft (dec_lora) model with its adapters merged into the base."""
+    """A plain Hugging Face model to save: a peft (dec_lora) model with its adapters merged into the base.
+
+    Merges in place (peft's ``merge_and_unload``): pass a copy of a model that is still used.
+    """
     if hasattr(model, "merge_and_unload"):
         return model.merge_and_unload()
     return model

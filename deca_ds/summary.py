@@ -113,9 +113,13 @@ def finish(cfg: RunConfig, engine: Engine, data, tokenizer, layout, out: Path, l
     average_over_clients_(model)
     consensus = None
     if rank == 0:
-        model.save_pretrained(out / "consensus", safe_serialization=True)
-        tokenizer.save_pretrained(out / "consensus")
         consensus = _evaluate(model, tokenizer, data, cfg, console, "the consensus model")
+        # dec_lora: the averaged adapters merged into the base (model is not used after this), so consensus/ is a
+        # plain Hugging Face model as for every other method and as the simulator writes it; saved as is, it was
+        # peft's adapter directory, which needs a base path the embedded model does not have.
+        plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        plain.save_pretrained(out / "consensus", safe_serialization=True)
+        tokenizer.save_pretrained(out / "consensus")
     clients = []
     for c in range(layout.num_clients):
         rows = [r for r in per_rank if r["client"] == c]

@@ -39,3 +39,15 @@ def test_dec_lora_launch_equals_the_per_client_simulator(tmp_path):
     # Only the adapters moved and travelled: a step sends far fewer bytes than the model holds.
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "dec_lora"
+    # consensus/ is a plain model (the averaged adapters merged), loadable as every other method's, and it is the
+    # simulator's consensus merged the same way (2 clients: (a + b) / 2 both ways, then the same merge).
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model, info = AutoModelForCausalLM.from_pretrained(out / "consensus", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    expected = sim.consensus_model().merge_and_unload().state_dict()
+    got = model.state_dict()
+    assert got.keys() == expected.keys()
+    for k in got:
+        assert torch.equal(got[k], expected[k]), k

@@ -43,7 +43,9 @@ Limits (refused with a one-line error naming the fix): DeepSpeed ZeRO stages 1-3
 whose engine re-initializes DeepSpeed at every block switch), DeepSpeed ``bf16``/``fp16`` sections (load the model in
 bf16 instead; BlockAdam keeps the fp32 master), a DeepSpeed ``optimizer`` section, ``fp16=True`` (use ``bf16``),
 an ``optim`` other than AdamW, ``optim_args``, ``optimizers=``/``optimizer_cls_and_kwargs=`` (BlockAdam is the
-optimizer), and at ``train()`` a new run in an ``output_dir`` that holds one (pass ``resume_from_checkpoint``).
+optimizer), a ``train_sampling_strategy`` other than ``random`` (or ``group_by_length``), a ``data_seed``
+other than ``data.seed`` (the batches are ClientBatchSampler's), and at ``train()`` a new run in an ``output_dir``
+that holds one (pass ``resume_from_checkpoint``).
 A non-finite loss or gradient skips that client's update (the block schedule still advances), as
 ``nan_policy=skip``. ``trainer.evaluate()`` reports the Trainer's usual average over all ranks, i.e. over all
 clients' models.
@@ -313,13 +315,19 @@ class DecaSettings:
 
         Raises:
             ConfigError: ``optim.schedule``/warm-up or ``epochs`` set in the deca_ds settings to something
-                TrainingArguments does not say (the Trainer's scheduler owns the rate; see :func:`schedule_arguments`).
+                TrainingArguments does not say (the Trainer's scheduler owns the rate; see :func:`schedule_arguments`),
+                or a ``data_seed`` other than ``data.seed`` (the batches are drawn with ``data.seed``).
         """
         cfg = dataclasses.replace(self.config)
         cfg.optim = dataclasses.replace(cfg.optim, lr=float(args.learning_rate),
                                         betas=[float(args.adam_beta1), float(args.adam_beta2)],
                                         eps=float(args.adam_epsilon), weight_decay=float(args.weight_decay))
         cfg.seed = int(args.seed)
+        data_seed = getattr(args, "data_seed", None)
+        if data_seed is not None and int(data_seed) != cfg.data.seed:
+            raise ConfigError(f"TrainingArguments data_seed={data_seed} would be ignored (DecaTrainer shuffles each "
+                              f"client's batches with data.seed={cfg.data.seed}, which also splits the data): drop "
+                              f"--data_seed and set data.seed={data_seed} in the deca_ds settings")
         if args.max_steps and args.max_steps > 0:
             cfg.max_steps = int(args.max_steps)
         cfg.output_dir = str(args.output_dir)
@@ -500,6 +508,14 @@ def _check_trainer_arguments(training_args, trainer_kwargs: dict[str, Any]) -> N
         raise ConfigError(f"TrainingArguments optim={optim}: DecaTrainer always runs BlockAdam (block-wise AdamW); "
                           f"drop --optim or use --optim adamw_torch (other optimizers: recipes/finetune.py "
                           "method=centralized or a plain Trainer)")
+    # ClientBatchSampler draws every rank's batches (the launcher's, a pure function of seed, client and step): the
+    # Trainer's own sampler choice would be dropped silently.
+    strategy = str(getattr(training_args, "train_sampling_strategy", "random"))
+    if getattr(training_args, "group_by_length", False) or strategy != "random":
+        name = "group_by_length=True" if getattr(training_args, "group_by_length", False) else \
+            f"train_sampling_strategy={strategy}"
+        raise ConfigError(f"TrainingArguments {name} would be ignored (DecaTrainer draws each client's batches "
+                          "with its own shuffled sampler, as recipes/finetune.py): drop it")
     if getattr(training_args, "optim_args", None):
         raise ConfigError(f"TrainingArguments optim_args={training_args.optim_args!r} would be ignored (DecaTrainer "
                           "runs BlockAdam): drop --optim_args; BlockAdam takes adam_beta1/2, adam_epsilon and "
@@ -879,9 +895,13 @@ class DecaTrainerMixin:
             collator = self._get_collator_with_removed_columns(collator, description="training")
         sampler = ClientBatchSampler(len(dataset), self.args.per_device_train_batch_size,
                                      self.args.gradient_accumulation_steps, self.deca_config.data.seed, self.layout)
+        # The Trainer's worker settings, as its own _get_dataloader passes them (those this transformers has).
+        workers = {k: getattr(self.args, f"dataloader_{k}") for k in ("persistent_workers", "prefetch_factor",
+                                                                      "multiprocessing_context", "in_order")
+                   if hasattr(self.args, f"dataloader_{k}")}
         return _EpochDataLoader(dataset, batch_sampler=sampler, collate_fn=collator,
                                 num_workers=self.args.dataloader_num_workers,
-                                pin_memory=self.args.dataloader_pin_memory)
+                                pin_memory=self.args.dataloader_pin_memory, **workers)
 
     # --- checkpoints ---------------------------------------------------------------------------------------------
 

@@ -47,8 +47,8 @@ optimizer), a ``train_sampling_strategy`` other than ``random`` (or ``group_by_l
 other than ``data.seed`` (the batches are ClientBatchSampler's), and at ``train()`` a new run in an ``output_dir``
 that holds one (pass ``resume_from_checkpoint``).
 A non-finite loss or gradient skips that client's update (the block schedule still advances), as
-``nan_policy=skip``. ``trainer.evaluate()`` reports the Trainer's usual average over all ranks, i.e. over all
-clients' models.
+``nan_policy=skip``. ``trainer.evaluate()`` reports this client's own model on its ``eval_dataset`` (the Trainer
+inside a client sees one process: nothing is averaged over clients); evaluate ``consensus/`` for the run's result.
 
 Why this module touches DeepSpeed (the only one outside ``deca_ds.engine``): Accelerate calls
 ``deepspeed.initialize`` itself and has no way to pass an ``mpu``; :func:`_client_mpu_initialize` wraps that one call.

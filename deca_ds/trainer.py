@@ -424,17 +424,34 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
         cfg.resume = "auto"  # torchrun --max-restarts restarted us: continue, never start over
     ds, layout, topo, found, changed = preflight(cfg, world_size, ds_config_path)
 
+    from deca_ds.engine import setup_distributed
+
+    setup_distributed(cfg.comm_timeout)
+    try:
+        return _run_launched(cfg, ds, layout, topo, found, changed, restarts)
+    except ConfigError:
+        # A refusal made together by every rank (settings or checkpoints that differ between machines, a state that
+        # cannot be loaded): tear the group down before exiting, as at the end of a run - left to interpreter exit,
+        # gloo's threads abort a process whose peer has already gone ("terminate called without an active
+        # exception", SIGABRT instead of the refusal's exit code 2).
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+
+
+def _run_launched(cfg: RunConfig, ds: dict[str, Any], layout: ClientLayout, topo, found: Path | None,
+                  changed: tuple[str, ...], restarts: int) -> dict[str, Any] | None:
+    """:func:`run` once the process group exists: agreement, model, data, engine, the loop and the end of the run."""
     from rich.console import Console
 
     from deca_ds.data import build_client_data, write_partition_summary
     from deca_ds.ds_config import uses_activation_checkpointing
-    from deca_ds.engine import build_engine, setup_distributed
+    from deca_ds.engine import build_engine
     from deca_ds.gossip import ClientGroups, Mixer
     from deca_ds.metrics import JsonlWriter, plot_run, truncate_jsonl_after
     from deca_ds.models import load_model_and_tokenizer
     from deca_ds.summary import finish
 
-    setup_distributed(cfg.comm_timeout)
     rank = dist.get_rank()
     if (dist.get_world_size(), rank) != (layout.world_size, layout.rank):
         raise RuntimeError(f"{layout!r} does not match torch.distributed (world size {dist.get_world_size()}, "

@@ -135,6 +135,25 @@ def load_model_and_tokenizer(cfg: ModelConfig, seed: int = 0):
     return model, tokenizer
 
 
+def merged_model(model: torch.nn.Module, keep: bool = False) -> torch.nn.Module:
+    """A plain Hugging Face model to save: a peft (``method=dec_lora``) model with its adapters merged into the base
+    (peft's ``merge_and_unload``), any other model as it is.
+
+    Saved as is, a peft model's keys (``base_model.model.…``, ``lora_A``) load as nothing: every weight of
+    ``from_pretrained``'s model would be missing and newly initialised.
+
+    Args:
+        model: the model, peft-wrapped or not.
+        keep: leave ``model`` itself unchanged, merging a copy (for a model still used afterwards); only a peft
+            model is copied.
+    """
+    if not hasattr(model, "merge_and_unload"):
+        return model
+    import copy
+
+    return (copy.deepcopy(model) if keep else model).merge_and_unload()
+
+
 def save_model_dir(model: torch.nn.Module, directory) -> None:
     """Write ``model`` as a Hugging Face model directory (``config.json``, ``generation_config.json``,
     ``model.safetensors``) from whichever process calls it.
@@ -143,21 +162,17 @@ def save_model_dir(model: torch.nn.Module, directory) -> None:
     rank 0 and silently skips every other rank, so each client's own model would be lost on all clients but one.
     Tied weights are stored once (``safetensors.torch.save_model``), as ``save_pretrained`` stores them, so
     ``from_pretrained`` loads the directory unchanged. A peft model (``method=dec_lora``) is written as a copy with
-    its adapters merged into the base (``merge_and_unload``), the simulator's format; ``model`` itself is unchanged.
+    its adapters merged into the base (:func:`merged_model`), the simulator's format; ``model`` itself is unchanged.
 
     Args:
         model: the Hugging Face model (or peft-wrapped model) to write.
         directory: the directory to write (created if missing).
     """
-    import copy
     from pathlib import Path
 
     from safetensors.torch import save_model
 
-    if hasattr(model, "merge_and_unload"):
-        # Saved as is, a peft model's keys (``base_model.model.…``, ``lora_A``) load as nothing: every weight of
-        # ``from_pretrained``'s model would be missing and newly initialised. Merge a copy, never the model itself.
-        model = copy.deepcopy(model).merge_and_unload()
+    model = merged_model(model, keep=True)  # the launcher averages this same model into consensus/ afterwards
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     model.config.save_pretrained(path)

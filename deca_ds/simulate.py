@@ -665,6 +665,7 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
 
     from deca_ds.data import evaluate
     from deca_ds.metrics import JsonlWriter, plot_run
+    from deca_ds.models import merged_model
 
     if cfg.resume or cfg.checkpoint_every:
         raise ConfigError("backend=simulate does not write or resume checkpoints: set resume=false and "
@@ -690,8 +691,8 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
     for c in range(sim.num_clients):
         own = evals[c]
         if save_models and cfg.model.save_client_models:
-            # A copy: merging a dec_lora replica's adapters in place would change the consensus averaged below.
-            _full_model(copy.deepcopy(sim.model_of(c))).save_pretrained(out / "clients" / f"client_{c}")
+            # keep: merging a dec_lora replica's adapters in place would change the consensus averaged below.
+            merged_model(sim.model_of(c), keep=True).save_pretrained(out / "clients" / f"client_{c}")
             sim.tokenizer.save_pretrained(out / "clients" / f"client_{c}")
         clients.append({"client": c, "final_loss": outcome.last_loss.get(c), "test_loss": own.get("loss"),
                         "test_accuracy": own.get("accuracy"), "eval": own, "bytes_sent": sim.bytes_sent[c],
@@ -699,7 +700,7 @@ def run_simulation(cfg: RunConfig, save_models: bool = True, quiet: bool = False
     avg = sim.consensus_model().to(sim.device)
     avg.eval()
     if save_models:
-        _full_model(copy.deepcopy(avg)).save_pretrained(out / "consensus", safe_serialization=True)
+        merged_model(avg, keep=True).save_pretrained(out / "consensus", safe_serialization=True)
         sim.tokenizer.save_pretrained(out / "consensus")
     consensus = evaluate(avg, sim.tokenizer, sim.data[0], max_examples=cfg.data.eval_examples, batch_size=64,
                          generate=cfg.data.eval_generate)
@@ -722,16 +723,6 @@ def make_simulation(cfg: RunConfig):
     """The simulator ``simulate.stacked`` selects: :class:`deca_ds.stacked.StackedSimulation` (one batched model) or
     :class:`Simulation` (one replica per client, bit-equal to a launch)."""
     return _stacked_class()(cfg) if cfg.simulate.stacked else Simulation(cfg)
-
-
-def _full_model(model: torch.nn.Module) -> torch.nn.Module:
-    """A plain Hugging Face model to save: a peft (dec_lora) model with its adapters merged into the base.
-
-    Merges in place (peft's ``merge_and_unload``): pass a copy of a model that is still used.
-    """
-    if hasattr(model, "merge_and_unload"):
-        return model.merge_and_unload()
-    return model
 
 
 def _client_rows(cfg: RunConfig) -> int:

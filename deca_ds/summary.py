@@ -15,7 +15,7 @@ import torch.distributed as dist
 from deca_ds.config import RunConfig
 from deca_ds.engine import device, peak_memory_bytes
 from deca_ds.loop import write_summary
-from deca_ds.models import save_model_dir
+from deca_ds.models import merged_model, save_model_dir
 from deca_ds.step import Engine
 
 
@@ -117,8 +117,7 @@ def finish(cfg: RunConfig, engine: Engine, data, tokenizer, layout, out: Path, l
         # dec_lora: the averaged adapters merged into the base (model is not used after this), so consensus/ is a
         # plain Hugging Face model as for every other method and as the simulator writes it; saved as is, it was
         # peft's adapter directory, which needs a base path the embedded model does not have.
-        plain = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-        plain.save_pretrained(out / "consensus", safe_serialization=True)
+        merged_model(model).save_pretrained(out / "consensus", safe_serialization=True)
         tokenizer.save_pretrained(out / "consensus")
     clients = []
     for c in range(layout.num_clients):

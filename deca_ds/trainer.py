@@ -161,6 +161,16 @@ def _graph_digest(topology) -> str | None:
     return f"{topology.num_clients} clients, {topology.period} matrix(es), sha256 {h.hexdigest()[:12]}"
 
 
+def _low_high_over_ranks(value: int) -> tuple[int, int]:
+    """The least and the greatest of ``value`` over all ranks: one all-reduce of ``[value, -value]`` with MIN
+    (collective; every rank gets both)."""
+    from deca_ds.engine import device
+
+    t = torch.tensor([value, -value], dtype=torch.int64, device=device())
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return int(t[0]), -int(t[1])
+
+
 def _agree_on_settings(cfg: RunConfig, ds: dict[str, Any], layout: ClientLayout, topology) -> None:
     """Every machine of the launch was started with the same run-defining settings (collective, at start-up).
 
@@ -172,16 +182,12 @@ def _agree_on_settings(cfg: RunConfig, ds: dict[str, Any], layout: ClientLayout,
     Raises:
         ConfigError: on every rank alike, naming each differing setting, rank 0's value and the other ranks'.
     """
-    from deca_ds.engine import device
-
     if layout.world_size == 1:
         return
     own = ckpt.machine_settings(cfg, ds, layout.world_size, layout.num_clients,
                                 architecture=_model_architecture(cfg), graph=_graph_digest(topology))
-    digest = ckpt.settings_digest(own)
-    t = torch.tensor([digest, -digest], dtype=torch.int64, device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    if int(t[0]) == -int(t[1]):
+    low, high = _low_high_over_ranks(ckpt.settings_digest(own))
+    if low == high:
         return
     every: list[Any] = [None] * layout.world_size
     dist.all_gather_object(every, own)
@@ -195,12 +201,8 @@ def _agree_on_checkpoint(found: Path | None, out: Path, layout: ClientLayout) ->
     Raises:
         ConfigError: the ranks disagree on whether to resume, or the agreed checkpoint is incomplete here.
     """
-    from deca_ds.engine import device
-
     step = -1 if found is None else int(found.name.split("_")[1])
-    t = torch.tensor([step, -step], dtype=torch.int64, device=device())
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    low, high = int(t[0]), -int(t[1])
+    low, high = _low_high_over_ranks(step)
     if low == high:
         return found
     if low < 0:

@@ -59,8 +59,10 @@ def check_mixing_matrix(weights, tol: float = 1e-6) -> np.ndarray:
     Raises:
         ValueError: one line naming the first failing property: ``square``, ``finite``, ``symmetric`` (within
             ``tol``, and ``W[i, j]`` non-zero exactly where ``W[j, i]`` is: gossip exchanges between ``i`` and ``j``
-            only when both are), ``non-negative``, ``doubly stochastic`` (rows or columns not summing to 1) or
-            ``connected``.
+            only when both are), ``non-negative``, ``doubly stochastic`` (rows or columns not summing to 1),
+            ``connected`` or ``mixing`` (spectral gap 0: an eigenvalue besides the consensus one has the same
+            modulus, e.g. the 2-client swap ``[[0, 1], [1, 0]]`` or any bipartite matrix without self-weights; the
+            clients' values then oscillate and never agree; see :func:`second_eigenvalue`).
     """
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 2 or w.shape[0] != w.shape[1] or w.shape[0] == 0:
@@ -87,7 +89,60 @@ def check_mixing_matrix(weights, tol: float = 1e-6) -> np.ndarray:
     np.fill_diagonal(off, False)
     if not _is_connected(off):
         raise ValueError("mixing matrix is not connected: some clients can never exchange values")
+    lam1, lam2, margin = second_eigenvalue(w)
+    if lam1 - lam2 <= margin:
+        raise ValueError(
+            f"mixing matrix is not mixing: |lambda_2| = {lam2:.9g} equals the consensus eigenvalue {lam1:.9g} "
+            f"(spectral gap 0 up to float64 rounding {margin:.2g}), so the clients' disagreement never shrinks: "
+            "their values oscillate (a permutation, or a bipartite graph without self-weights): give every client "
+            "a self-weight, e.g. use the lazy matrix (I + W)/2"
+        )
     return w
+
+
+def second_eigenvalue(weights) -> tuple[float, float, float]:
+    """The consensus eigenvalue, ``|lambda_2|`` and the float64 rounding margin of a mixing matrix.
+
+    Gossip ``x <- W x`` reaches consensus exactly when every eigenvalue of ``W`` other than the consensus one
+    (``lambda_1``, eigenvector all ones) has a smaller modulus. A matrix has spectral gap 0 (and its clients
+    oscillate forever) when ``|lambda_2| = lambda_1``; :func:`check_mixing_matrix` refuses it when
+    ``lambda_1 - |lambda_2| <= margin``.
+
+    Why these numbers:
+
+    * ``|lambda_2|`` is compared with the measured ``lambda_1``, not with 1. :func:`check_mixing_matrix` accepts
+      rows and columns that sum to ``1 +- tol`` (tol 1e-6), so ``lambda_1`` itself may lie anywhere in
+      ``[1 - tol, 1 + tol]``. A bipartite matrix without self-weights has ``-lambda_1`` as an eigenvalue whatever
+      its weights (its spectrum is symmetric), so the 2-client swap written as ``0.9999995`` has
+      ``|lambda_2| = lambda_1 = 0.9999995``: exactly as periodic as the swap, yet ``1 - |lambda_2| = 5e-7``.
+      Nor is ``tol`` a margin: a gap smaller than ``tol`` is slow but real (``(1 - e) * swap + e * I`` has gap
+      ``2 e`` and converges); only a gap hidden by rounding is 0.
+    * The margin is float64 rounding, ``4 n eps ||S||_2`` (``eps`` = 2^-52, ``S`` as below, ``||S||_2`` its largest
+      eigenvalue modulus). LAPACK's symmetric eigensolver (``numpy.linalg.eigvalsh``) is backward stable: each
+      computed eigenvalue is within ``p(n) u ||S||_2`` of the exact one (Weyl), ``u = eps / 2`` and ``p(n)`` a
+      modestly growing function of ``n`` (the LAPACK Users' Guide's error bounds take ``p(n) = 1``; ``p(n) <= 2n``
+      is assumed here), so ``lambda_1 - |lambda_2|`` errs by at most ``2 n eps ||S||_2``; forming ``S`` rounds
+      each entry once (at most ``u ||S||_2`` for a non-negative ``S``, twice that on the difference). ``4 n eps``
+      covers both with room: 7e-15 for 8 clients, while the smallest real gap of a built-in graph is
+      ``~13 / n^2`` (a ring). A true gap 0 thus always measures ``<= margin``, and a measured gap above it is a
+      real one.
+
+    Args:
+        weights: an ``n x n`` array-like, symmetric within the tolerance of :func:`check_mixing_matrix`.
+
+    Returns:
+        ``(lambda_1, |lambda_2|, margin)``: the largest eigenvalue of ``S = (W + W.T) / 2`` (the consensus one for
+        a non-negative connected matrix, Perron-Frobenius), the largest modulus among the other ``n - 1``, and
+        the rounding margin above; ``|lambda_2| = 0`` for one client.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    n = w.shape[0]
+    # eigvalsh reads one triangle only: symmetrise first so a W accepted within tol is measured as a whole.
+    values = np.linalg.eigvalsh((w + w.T) / 2)  # ascending
+    lam1 = float(values[-1])
+    lam2 = float(np.abs(values[:-1]).max()) if n > 1 else 0.0
+    margin = 4 * n * float(np.finfo(np.float64).eps) * max(lam1, abs(float(values[0])))
+    return lam1, lam2, margin
 
 
 def mixing_weights(adjacency: np.ndarray, scheme: str = "metropolis") -> np.ndarray:
@@ -149,9 +204,14 @@ class Topology:
                 try:
                     check_mixing_matrix(w, tol)
                 except ValueError as err:
-                    if "connected" not in str(err):  # one step of a time-varying graph may be disconnected
+                    # One step of a time-varying graph may be disconnected, or not mix by itself: only the period
+                    # counts.
+                    if "not connected" not in str(err) and "not mixing" not in str(err):
                         raise
-            check_mixing_matrix(sum(mats) / len(mats), tol)  # the union over one period must be connected
+            # The union over one period must be connected and mixing. The average's gap is 0 only when the union
+            # is bipartite without self-weights; then every step maps the +-1 vector of the two sides to its
+            # negative, so the period's product never mixes either: this refuses no sequence that would mix.
+            check_mixing_matrix(sum(mats) / len(mats), tol)
         self._weights = mats
         self.num_clients = mats[0].shape[0]
         self.time_varying = len(mats) > 1

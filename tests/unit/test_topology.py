@@ -118,6 +118,7 @@ def test_mix_stacked_equals_matrix_product_in_fp32():
     ([[0.5, 0.5, 0], [0.5, 0.6, 0], [0, 0, 1]], "doubly stochastic"),
     ([[1.5, -0.5, 0], [-0.5, 1.5, 0], [0, 0, 1]], "doubly stochastic"),
     ([[0.5, 0.5, 0], [0.5, 0.5, 0], [0, 0, 1]], "connected"),
+    ([[0, 1], [1, 0]], "mixing"),  # eigenvalues 1 and -1: the two clients swap values forever
     ([[0.5, 0.5], [0.5, 0.5], [0, 0]], "square"),
 ])
 def test_bad_matrices_are_refused_naming_the_property(matrix, prop, tmp_path):
@@ -165,8 +166,19 @@ def test_custom_file_format_is_declared_never_guessed(tmp_path):
     as_matrix, as_edges = tmp_path / "m.txt", tmp_path / "e.txt"
     as_matrix.write_text("# format: matrix\n" + values)
     as_edges.write_text("\n# format: edges\n" + values)  # blank lines before the declaration are fine
-    np.testing.assert_array_equal(make_topology("custom", 2, path=as_matrix).weights, [[0, 1], [1, 0]])  # swap
+    # As a matrix these values are the 2-client swap, which never mixes (eigenvalues 1 and -1): refused as that
+    # matrix, with its |lambda_2|. As an edge list they are the edge 0-1 with Metropolis weights.
+    assert sorted(np.linalg.eigvals([[0.0, 1.0], [1.0, 0.0]]).real) == [-1.0, 1.0]
+    with pytest.raises(ValueError, match=r"m.txt\): mixing matrix is not mixing: \|lambda_2\| = 1 "):
+        make_topology("custom", 2, path=as_matrix)
     np.testing.assert_array_equal(make_topology("custom", 2, path=as_edges).weights, [[0.5, 0.5], [0.5, 0.5]])
+    # A valid matrix is read as declared, and the same values declared as edges are not read as a matrix instead.
+    lazy = "0.75 0.25\n0.25 0.75\n"
+    as_matrix.write_text("# format: matrix\n" + lazy)
+    as_edges.write_text("# format: edges\n" + lazy)
+    np.testing.assert_array_equal(make_topology("custom", 2, path=as_matrix).weights, [[0.75, 0.25], [0.25, 0.75]])
+    with pytest.raises(ValueError, match="integer client indices"):
+        make_topology("custom", 2, path=as_edges)
     # An identity matrix (no mixing at all) must be refused as disconnected, not become full averaging.
     identity = tmp_path / "identity.txt"
     identity.write_text("# format: matrix\n1 0 0\n0 1 0\n0 0 1\n")

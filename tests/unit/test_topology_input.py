@@ -1,0 +1,162 @@
+"""Topology input that used to be accepted although it cannot work: refused in one line before anything runs.
+
+Each refusal is checked against an independent reference (numpy's eigenvalues, exact matrix powers), never against
+the code under test.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from deca_ds.build import build_topology
+from deca_ds.config import ConfigError, load_config
+from deca_ds.topology import TOPOLOGY_NAMES, check_mixing_matrix, make_topology
+
+BUILT_IN = [n for n in TOPOLOGY_NAMES if n != "custom"]
+EPS = np.finfo(np.float64).eps
+
+
+def _custom(path):
+    return load_config(None, ["topology.name=custom", f"topology.path={path}"])
+
+
+def _write_matrix(path, w):
+    path.write_text("# format: matrix\n" + "\n".join(" ".join(repr(float(v)) for v in row) for row in w) + "\n")
+    return path
+
+
+def _cycle(n, self_weight=0.0):
+    """The n-cycle with weight (1 - self_weight) / 2 on each edge: eigenvalues self_weight + (1 - self_weight) *
+    cos(2 pi k / n), k = 0..n-1 (a circulant matrix)."""
+    w = np.zeros((n, n))
+    for i in range(n):
+        w[i, (i + 1) % n] = w[i, (i - 1) % n] = (1 - self_weight) / 2
+        w[i, i] = self_weight
+    return w
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. A mixing matrix with spectral gap 0 (an eigenvalue of modulus 1 besides consensus) never reaches consensus
+
+
+# Periodic matrices: symmetric, doubly stochastic, connected, every entry a dyadic fraction (so every product below
+# is exact in float64), and bipartite without self-weights, so W s = -s for the +-1 vector s of the two sides.
+PERIODIC = {
+    "swap_2": (np.array([[0.0, 1.0], [1.0, 0.0]]), [1, -1]),
+    "complete_bipartite_2_2": (np.array([[0, 0, .5, .5], [0, 0, .5, .5], [.5, .5, 0, 0], [.5, .5, 0, 0]]),
+                               [1, 1, -1, -1]),
+    "cycle_4": (_cycle(4), [1, -1, 1, -1]),
+    "cycle_6": (_cycle(6), [1, -1, 1, -1, 1, -1]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PERIODIC))
+def test_a_periodic_custom_matrix_is_refused_with_its_lambda_2(name, tmp_path):
+    w, s = PERIODIC[name]
+    n = len(s)
+    s = np.array(s, dtype=np.float64)
+    # Reference: the disagreement s (orthogonal to the consensus vector) flips sign forever, exactly: no consensus.
+    for k in range(1, 65):
+        assert np.array_equal(np.linalg.matrix_power(w, k) @ s, (-1) ** k * s)
+    # Reference: numpy finds an eigenvalue -1 besides the consensus eigenvalue 1, so |lambda_2| = 1.
+    eig = np.sort(np.linalg.eigvals(w).real)
+    assert eig[0] == pytest.approx(-1.0, abs=1e-12) and eig[-1] == pytest.approx(1.0, abs=1e-12)
+    with pytest.raises(ValueError, match=r"not mixing: \|lambda_2\| = 1 ") as err:
+        check_mixing_matrix(w)
+    assert "\n" not in str(err.value)
+    for path in (_write_matrix(tmp_path / "w.txt", w), tmp_path / "w.npy"):
+        np.save(tmp_path / "w.npy", w)
+        with pytest.raises(ConfigError) as err:
+            build_topology(_custom(path), n)
+        text = str(err.value)
+        assert text.startswith("topology.name='custom': topology custom (") and str(path) in text
+        assert "|lambda_2| = 1 " in text and "self-weight" in text and "(I + W)/2" in text and "\n" not in text
+
+
+@pytest.mark.parametrize("name", sorted(PERIODIC))
+def test_the_lazy_fix_named_in_the_refusal_is_accepted_and_reaches_consensus(name, tmp_path):
+    w, _ = PERIODIC[name]
+    n = len(w)
+    lazy = (np.eye(n) + w) / 2
+    topo = make_topology("custom", n, path=_write_matrix(tmp_path / "lazy.txt", lazy))
+    np.testing.assert_array_equal(topo.weights, lazy)
+    # Reference: numpy's eigenvalues of the lazy matrix are (1 + lambda) / 2: the -1 became 0.
+    moduli = np.sort(np.abs(np.linalg.eigvals(lazy)))[::-1]
+    assert moduli[1] < 1 and topo.spectral_gap == pytest.approx(1 - moduli[1], abs=1e-12)
+    x = np.arange(n, dtype=np.float64)
+    # A symmetric W contracts the disagreement by |lambda_2| per round: after k rounds it is at most |lambda_2|^k.
+    spread = np.linalg.norm(np.linalg.matrix_power(lazy, 40) @ x - x.mean())
+    assert spread <= moduli[1] ** 40 * np.linalg.norm(x - x.mean()) + 1e-12
+
+
+def test_a_periodic_matrix_written_with_rounded_weights_is_still_refused(tmp_path):
+    """Rows summing to 1 - 5e-7 pass the doubly-stochastic check (tol 1e-6); the consensus eigenvalue is then
+    0.9999995, not 1, and so is |lambda_2|: the matrix is as periodic as the exact swap. Comparing |lambda_2| with 1
+    instead of with the consensus eigenvalue would see a gap of 5e-7 and accept it."""
+    b = 0.9999995
+    w = np.array([[0.0, b], [b, 0.0]])
+    x = np.array([2.0, 0.0])
+    for k in range(1, 65):  # reference: the spread relative to the mean stays exactly 2 (x_k = (2 b^k, 0) or swapped)
+        xk = np.linalg.matrix_power(w, k) @ x
+        assert (xk.max() - xk.min()) / xk.mean() == 2.0
+    with pytest.raises(ConfigError, match=r"not mixing: \|lambda_2\| = 0.9999995 .*consensus eigenvalue 0.9999995"):
+        build_topology(_custom(_write_matrix(tmp_path / "rounded.txt", w)), 2)
+
+
+@pytest.mark.parametrize("eps", [2.0 ** -30, 2.0 ** -12, 0.25])
+def test_a_small_but_positive_gap_is_accepted(eps, tmp_path):
+    """The refusal is for gap 0 up to float64 rounding, not for slow graphs: (1 - eps) * swap + eps * I has
+    eigenvalues 1 and -(1 - 2 eps), gap 2 eps, and converges (slowly). 2 eps = 2^-29 is below the 1e-6 tolerance
+    of the doubly-stochastic check: a margin of that size would refuse a matrix that mixes."""
+    w = np.array([[eps, 1 - eps], [1 - eps, eps]])  # exact in float64 for these eps
+    topo = make_topology("custom", 2, path=_write_matrix(tmp_path / "slow.txt", w))
+    assert topo.spectral_gap == pytest.approx(2 * eps, rel=1e-6)
+    x = np.array([1.0, -1.0])  # the lambda_2 eigenvector: after k rounds exactly (-(1 - 2 eps))^k x
+    np.testing.assert_allclose(np.linalg.matrix_power(w, 3) @ x, -((1 - 2 * eps) ** 3) * x, rtol=1e-12)
+
+
+def test_zero_self_weights_alone_are_not_refused(tmp_path):
+    """An odd cycle without self-weights is not bipartite: its eigenvalues cos(2 pi k / 5) stay inside (-1, 1)
+    besides the consensus one, and it reaches consensus. The refusal is about the spectrum, not the diagonal."""
+    w = _cycle(5)
+    lam2 = math.cos(math.pi / 5)  # |cos(4 pi / 5)|, the largest modulus for k = 1..4
+    assert np.sort(np.abs(np.linalg.eigvals(w)))[-2] == pytest.approx(lam2, abs=1e-12)
+    topo = make_topology("custom", 5, path=_write_matrix(tmp_path / "c5.txt", w))
+    assert topo.spectral_gap == pytest.approx(1 - lam2, abs=1e-12)
+
+
+def _static_or_product(topo):
+    product = np.eye(topo.num_clients)
+    for step in range(topo.period):
+        product = topo.weights_at(step) @ product
+    return product
+
+
+@pytest.mark.parametrize("weights", ["metropolis", "uniform"])
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_no_built_in_graph_has_gap_0_or_is_refused(name, weights):
+    """Every built-in graph gives each client a positive self-weight (mixing_weights), so for a connected graph
+    (or, time-varying, a connected union over one period) no eigenvalue besides consensus has modulus 1. Checked
+    with numpy for every n in 1..32, every torus shape and star centre, and several Erdos-Renyi draws."""
+    variants = [{}]
+    for n in range(1, 33):
+        if name == "torus":
+            variants = [{}] + [{"rows": r} for r in range(1, n + 1) if n % r == 0]
+        elif name == "star":
+            variants = [{"center": c} for c in range(n)]
+        elif name == "erdos_renyi":
+            variants = [{"p": p} for p in (0.3, 0.5, 1.0)]
+        for options in variants:
+            for seed in ((0, 1, 2) if name == "erdos_renyi" else (0,)):
+                topo = make_topology(name, n, seed=seed, weights=weights, **options)  # not refused
+                if n == 1:
+                    continue
+                p = _static_or_product(topo)
+                # Reference: numpy's eigenvalues of the (period's product of) matrices: 1 is simple and every
+                # other eigenvalue lies strictly inside the unit circle, far from the float64 rounding margin.
+                moduli = np.sort(np.abs(np.linalg.eigvals(p)))[::-1]
+                assert moduli[0] == pytest.approx(1.0, abs=1e-12)
+                # ... and above the refusal's float64 rounding margin, 4 n eps (see check_mixing_matrix)
+                assert 1 - moduli[1] > 4 * n * EPS, (name, n, options, seed, moduli[1])
+

@@ -505,7 +505,8 @@ def _read_custom(path, n: int):
     """Read a custom graph file; returns ``("matrix", W)`` or ``("edges", adjacency)``.
 
     The format is the one the file declares (:func:`custom_file_format`). ``matrix``: ``n`` rows of ``n`` weights
-    separated by spaces or commas (or a ``.npy`` array). ``edges``: one ``i j`` pair of client indices per line.
+    separated by spaces or commas (or a ``.npy`` array). ``edges``: one ``i j`` pair of client indices per line,
+    ``i != j`` (a self-loop ``i i`` is refused naming its line: every client keeps a self-weight anyway).
     ``#`` starts a comment in text files.
     """
     if path is None:
@@ -523,11 +524,13 @@ def _read_custom(path, n: int):
             raise ValueError(f"topology custom: {path} holds a {data.dtype} array, not real numbers: write the "
                              "matrix with numpy.save(path, W) for a float array W")
         return kind, data
-    rows = []
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
+    rows, line_numbers, texts = [], [], []
+    for number, raw in enumerate(path.read_text().splitlines(), start=1):  # numbered as an editor shows them
+        line = raw.split("#", 1)[0].strip()
         if line:
             rows.append(line.replace(",", " ").split())
+            line_numbers.append(number)
+            texts.append(line)
     try:
         values = [[float(v) for v in row] for row in rows]
     except ValueError as err:
@@ -541,10 +544,14 @@ def _read_custom(path, n: int):
         raise ValueError(f"topology custom: edge list {path} must hold one 'i j' pair of integer client indices "
                          "per line")
     adj = _empty(n)
-    for i, j in values:
+    for (i, j), number, text in zip(values, line_numbers, texts):
         i, j = int(i), int(j)
         if not (0 <= i < n and 0 <= j < n):
             raise ValueError(f"topology custom: edge ({i}, {j}) in {path} names a client outside [0, {n})")
+        if i == j:  # _connect would drop it: the user meant something the graph cannot say (a typo for i j?)
+            raise ValueError(f"topology custom: edge list {path} line {number}: {text!r} is a self-loop (client {i} "
+                             "with itself): a client always keeps its own weight in the mixing, so the line says "
+                             "nothing; remove the line")
         _connect(adj, i, j)
     return kind, adj
 
@@ -577,7 +584,9 @@ def make_topology(name: str, num_clients: int, seed: int = 0, weights: str = "me
         The :class:`Topology`.
 
     Raises:
-        ValueError: unknown name, bad option or a custom matrix that fails :func:`check_mixing_matrix`.
+        ValueError: unknown name, bad option, a custom matrix that fails :func:`check_mixing_matrix` (including one
+            with spectral gap 0) or a custom edge list with a bad line (e.g. a self-loop ``i i``, named by its line
+            number).
     """
     if name not in TOPOLOGY_NAMES:
         raise ValueError(f"unknown topology {name!r}: use one of {', '.join(TOPOLOGY_NAMES)}")

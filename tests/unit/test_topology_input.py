@@ -160,3 +160,30 @@ def test_no_built_in_graph_has_gap_0_or_is_refused(name, weights):
                 # ... and above the refusal's float64 rounding margin, 4 n eps (see check_mixing_matrix)
                 assert 1 - moduli[1] > 4 * n * EPS, (name, n, options, seed, moduli[1])
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. A self-loop 'i i' in an edge list was dropped silently
+
+
+def test_a_self_loop_in_an_edge_list_is_refused_naming_the_line(tmp_path):
+    path = tmp_path / "edges.txt"
+    # line 1 the declaration, 2 blank, 3 a comment, 4 an edge, 5 the self-loop (with a trailing comment)
+    path.write_text("# format: edges\n\n# a path 0-1-2\n0 1\n1 1  # loop\n1 2\n")
+    with pytest.raises(ValueError) as err:
+        make_topology("custom", 3, path=path)
+    text = str(err.value)
+    assert f"{path} line 5" in text and "'1 1'" in text and "self-loop" in text and "remove the line" in text
+    assert "keeps its own weight" in text and "\n" not in text
+    with pytest.raises(ConfigError, match=r"^topology.name='custom': .* line 5: '1 1' is a self-loop"):
+        build_topology(_custom(path), 3)
+    # Reference: without the line the file is the path graph 0-1-2, accepted with its Metropolis weights
+    path.write_text("# format: edges\n0 1\n1 2\n")
+    assert make_topology("custom", 3, path=path).neighbors(1) == [0, 2]
+
+
+def test_a_self_loop_is_refused_for_one_client_too(tmp_path):
+    path = tmp_path / "one.txt"
+    path.write_text("# format: edges\n0 0\n")
+    with pytest.raises(ValueError, match=r"line 2: '0 0' is a self-loop"):
+        make_topology("custom", 1, path=path)
+

@@ -31,6 +31,9 @@ TOPOLOGIES = (
     "ring", "torus", "exponential", "one_peer_exponential", "erdos_renyi", "bipartite", "complete", "star", "custom",
 )
 MIXING_WEIGHTS = ("metropolis", "uniform")
+ERDOS_RENYI_P = 0.5
+"""Edge probability of an ``erdos_renyi`` graph without ``topology.p`` (equal to ``deca_ds.topology.ERDOS_RENYI_P``;
+kept here so loading settings does not import numpy)."""
 PARTITIONS = ("iid", "dirichlet", "shards", "natural")
 DATA_FORMATS = ("auto", "alpaca", "chat", "sharegpt")
 TASKS = ("classification", "generation")
@@ -200,8 +203,10 @@ class TopologyConfig:
     name: str = "ring"
     weights: str = "metropolis"
     """Mixing weights: ``metropolis`` (Metropolis-Hastings) or ``uniform``."""
-    p: float = 0.5
-    """Edge probability for ``erdos_renyi``."""
+    p: float | None = None
+    """Edge probability for ``erdos_renyi`` (``None``: :data:`ERDOS_RENYI_P`, 0.5, filled in by validation so the
+    run record shows the value in use). Set for another graph it is refused: it would be ignored, and with a number
+    as the default an explicit ``topology.p`` could not be told from the default."""
     seed: int = 0
     """Seed for random graphs."""
     path: str | None = None
@@ -331,7 +336,10 @@ class RunConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> "RunConfig":
-        """Check value ranges and names; returns self. Raises :class:`ConfigError` on the first problem."""
+        """Check value ranges and names; returns self. Raises :class:`ConfigError` on the first problem.
+
+        The one value it fills in: ``topology.p`` of an ``erdos_renyi`` graph left unset becomes
+        :data:`ERDOS_RENYI_P`."""
         _finite_floats(self)
         for key in ("seed", "data.seed", "topology.seed"):
             _seed(key, _get(self, key))
@@ -416,8 +424,16 @@ class RunConfig:
         t = self.topology
         _choice("topology.name", t.name, TOPOLOGIES)
         _choice("topology.weights", t.weights, MIXING_WEIGHTS)
-        if not 0.0 < t.p <= 1.0:
+        if t.p is not None and t.name != "erdos_renyi":
+            raise ConfigError(f"topology.p is set but topology.name={t.name}: it is the edge probability of "
+                              "erdos_renyi only; set topology.name=erdos_renyi or remove topology.p")
+        if t.p is not None and not 0.0 < t.p <= 1.0:
             raise ConfigError(f"topology.p={t.p!r} is out of range: use an edge probability in (0, 1]")
+        if t.name == "erdos_renyi" and t.p is None:
+            # Filled in rather than left None: run.json then records p=0.5 for such a run exactly as before p could
+            # be unset, so resuming (and comparing machines' settings) sees no difference. Idempotent: a second
+            # validation sees an erdos_renyi graph with p set.
+            t.p = ERDOS_RENYI_P
         if t.name == "custom" and not t.path:
             raise ConfigError("topology.name=custom needs topology.path: an edge-list or weight-matrix file")
         if t.path is not None and t.name != "custom":

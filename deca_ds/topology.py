@@ -22,6 +22,8 @@ TOPOLOGY_NAMES = (
     "ring", "torus", "exponential", "one_peer_exponential", "erdos_renyi", "bipartite", "complete", "star", "custom",
 )
 WEIGHT_SCHEMES = ("metropolis", "uniform")
+ERDOS_RENYI_P = 0.5
+"""Edge probability of ``erdos_renyi`` when ``p`` is not given (or ``None``)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -421,7 +423,9 @@ def _one_peer_exponential(n: int) -> list[np.ndarray]:
     return steps
 
 
-def _erdos_renyi(n: int, seed: int = 0, p: float = 0.5, max_tries: int = 1000) -> np.ndarray:
+def _erdos_renyi(n: int, seed: int = 0, p: float | None = None, max_tries: int = 1000) -> np.ndarray:
+    if p is None:  # the settings' unset topology.p
+        p = ERDOS_RENYI_P
     if not 0.0 < p <= 1.0:
         raise ValueError(f"topology erdos_renyi: p={p} is out of range: use an edge probability in (0, 1]")
     rng = np.random.default_rng(seed)
@@ -570,8 +574,9 @@ def make_topology(name: str, num_clients: int, seed: int = 0, weights: str = "me
             factorisation), ``exponential`` (static, neighbours at distance ``2^k`` both ways),
             ``one_peer_exponential`` (time-varying: at step ``t`` client ``i`` pairs with ``i XOR 2^(t mod ceil(log2
             n))``; averages exactly in ``log2 n`` steps for ``n`` a power of two), ``erdos_renyi`` (option ``p``,
-            default 0.5, and ``max_tries``; resampled with ``seed`` until connected), ``bipartite`` (complete bipartite
-            between clients ``[0, n//2)`` and ``[n//2, n)``), ``complete``, ``star`` (option ``center``, default 0),
+            default (or ``None``) :data:`ERDOS_RENYI_P` = 0.5, and ``max_tries``; resampled with ``seed`` until
+            connected), ``bipartite`` (complete bipartite between clients ``[0, n//2)`` and ``[n//2, n)``),
+            ``complete``, ``star`` (option ``center``, default 0),
             ``custom`` (option ``path``: an edge list, whose edges get ``weights``, or a weight matrix, which is
             validated and used as is; the file declares which, see :func:`custom_file_format`).
         num_clients: number of clients; 1 gives the trivial ``[[1]]`` matrix for every name (``custom`` still reads

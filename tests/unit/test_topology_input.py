@@ -187,3 +187,56 @@ def test_a_self_loop_is_refused_for_one_client_too(tmp_path):
     with pytest.raises(ValueError, match=r"line 2: '0 0' is a self-loop"):
         make_topology("custom", 1, path=path)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. topology.p is the Erdos-Renyi edge probability: set for another graph it was ignored silently
+
+
+@pytest.mark.parametrize("name", [n for n in TOPOLOGY_NAMES if n != "erdos_renyi"])
+@pytest.mark.parametrize("p", ["0.2", "0.5"])  # 0.5, the Erdos-Renyi default, could not be told from unset
+def test_topology_p_with_another_graph_is_refused(name, p, tmp_path):
+    overrides = [f"topology.name={name}", f"topology.p={p}"]
+    if name == "custom":
+        edges = tmp_path / "edges.txt"
+        edges.write_text("# format: edges\n0 1\n")
+        overrides.append(f"topology.path={edges}")
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    text = str(err.value)
+    assert text == (f"topology.p is set but topology.name={name}: it is the edge probability of erdos_renyi only; "
+                    "set topology.name=erdos_renyi or remove topology.p")
+
+
+def test_topology_p_in_a_yaml_file_with_a_ring_is_refused(tmp_path):
+    path = tmp_path / "ring.yaml"
+    path.write_text("topology:\n  name: ring\n  p: 0.5\n")
+    with pytest.raises(ConfigError, match="topology.p is set but topology.name=ring"):
+        load_config(path)
+    path.write_text("topology:\n  name: ring\n  p: null\n")  # null is unset
+    assert load_config(path).topology.p is None
+
+
+def test_unset_topology_p_is_unset_for_other_graphs_and_0_5_for_erdos_renyi():
+    from deca_ds import config, topology
+
+    assert config.ERDOS_RENYI_P == topology.ERDOS_RENYI_P == 0.5  # the settings' default is make_topology's
+    ring = load_config(None, [])
+    assert ring.topology.name == "ring" and ring.topology.p is None
+    assert build_topology(ring, 4).weights.tolist() == make_topology("ring", 4).weights.tolist()
+    er = load_config(None, ["topology.name=erdos_renyi", "topology.seed=3"])
+    # the run record shows the value in use, as it did when p defaulted to 0.5 for every graph
+    assert er.topology.p == 0.5 and er.to_dict()["topology"]["p"] == 0.5
+    # Reference: the same graph as make_topology's Erdos-Renyi default and as an explicit p=0.5
+    default = make_topology("erdos_renyi", 8, seed=3).weights
+    assert build_topology(er, 8).weights.tolist() == default.tolist()
+    assert default.tolist() == make_topology("erdos_renyi", 8, seed=3, p=0.5).weights.tolist()
+    explicit = load_config(None, ["topology.name=erdos_renyi", "topology.seed=3", "topology.p=0.3"])
+    reference = make_topology("erdos_renyi", 8, seed=3, p=0.3).weights
+    assert build_topology(explicit, 8).weights.tolist() == reference.tolist()
+    assert explicit.validate().topology.p == 0.3  # validating twice changes nothing
+
+
+@pytest.mark.parametrize("p", ["0", "1.5", "-0.1"])
+def test_topology_p_out_of_range_is_still_refused(p):
+    with pytest.raises(ConfigError, match=rf"topology.p={float(p)!r} is out of range: use an edge probability"):
+        load_config(None, ["topology.name=erdos_renyi", f"topology.p={p}"])

@@ -125,9 +125,8 @@ def second_eigenvalue(weights) -> tuple[float, float, float]:
       modestly growing function of ``n`` (the LAPACK Users' Guide's error bounds take ``p(n) = 1``; ``p(n) <= 2n``
       is assumed here), so ``lambda_1 - |lambda_2|`` errs by at most ``2 n eps ||S||_2``; forming ``S`` rounds
       each entry once (at most ``u ||S||_2`` for a non-negative ``S``, twice that on the difference). ``4 n eps``
-      covers both with room: 7e-15 for 8 clients, while the smallest real gap of a built-in graph is
-      ``~13 / n^2`` (a ring). A true gap 0 thus always measures ``<= margin``, and a measured gap above it is a
-      real one.
+      covers both with room: 7e-15 for 8 clients, while the slowest built-in graph, the ring, has gap
+      ``~13 / n^2``. A true gap 0 thus always measures ``<= margin``, and a measured gap above it is a real one.
 
     Args:
         weights: an ``n x n`` array-like, symmetric within the tolerance of :func:`check_mixing_matrix`.
@@ -191,8 +190,9 @@ class Topology:
 
         Args:
             name: topology name shown in messages and renderings.
-            weights_sequence: the matrices of one period. A static graph passes one matrix, which must be connected;
-                for a time-varying graph only the union over the period must be connected.
+            weights_sequence: the matrices of one period. A static graph passes one matrix, which must be connected
+                and mixing (spectral gap above 0, see :func:`second_eigenvalue`); for a time-varying graph only the
+                union over the period must be.
             tol: tolerance of :func:`check_mixing_matrix`.
         """
         if not weights_sequence:
@@ -552,7 +552,7 @@ def _read_custom(path, n: int):
         i, j = int(i), int(j)
         if not (0 <= i < n and 0 <= j < n):
             raise ValueError(f"topology custom: edge ({i}, {j}) in {path} names a client outside [0, {n})")
-        if i == j:  # _connect would drop it: the user meant something the graph cannot say (a typo for i j?)
+        if i == j:  # _connect drops it; refused so that a typo ('1 1' for '1 2') cannot change the graph silently
             raise ValueError(f"topology custom: edge list {path} line {number}: {text!r} is a self-loop (client {i} "
                              "with itself): a client always keeps its own weight in the mixing, so the line says "
                              "nothing; remove the line")

@@ -126,6 +126,20 @@ def test_zero_self_weights_alone_are_not_refused(tmp_path):
     assert topo.spectral_gap == pytest.approx(1 - lam2, abs=1e-12)
 
 
+def test_a_time_varying_graph_is_judged_on_its_period():
+    """Only the product over one period has to mix: a step that swaps is fine when another step averages, and a
+    period whose average is periodic (every step bipartite on the same sides) is refused."""
+    from deca_ds.topology import Topology
+
+    swap, half = np.array([[0.0, 1.0], [1.0, 0.0]]), np.full((2, 2), 0.5)
+    topo = Topology("swap_then_average", [swap, half])
+    assert np.array_equal(half @ swap, half) and topo.spectral_gap == 1.0  # reference: the product is J/2
+    s = np.array([1.0, -1.0])
+    assert np.array_equal(swap @ swap @ s, s)  # reference: the product of [swap, swap] keeps the disagreement
+    with pytest.raises(ValueError, match="not mixing"):
+        Topology("swap_twice", [swap, swap])
+
+
 def _static_or_product(topo):
     product = np.eye(topo.num_clients)
     for step in range(topo.period):

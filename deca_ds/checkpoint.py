@@ -613,6 +613,11 @@ def compare_run_settings(stored: dict[str, Any], new: dict[str, Any]) -> tuple[l
             refused.append(f"{key}: {old!r} -> {now!r}")
     defaults = _flatten(RunConfig().to_dict())
     old_cfg, new_cfg = _flatten(stored.get("config") or {}), _flatten(new.get("config") or {})
+    for cfg in (old_cfg, new_cfg):
+        # topology.p is the Erdos-Renyi edge probability only. Versions before it could be left unset recorded
+        # 0.5 for every graph; for another graph that value was never used, so it is not a difference.
+        if cfg.get("topology.name", defaults.get("topology.name")) != "erdos_renyi":
+            cfg["topology.p"] = None
     scheduled = any("scheduler" in (r.get("ds_config") or {}) for r in (stored, new))
     for key in sorted(set(old_cfg) | set(new_cfg)):
         if key == "num_clients":  # compared above as the run's count; the setting may be unset in one leg

@@ -377,6 +377,23 @@ def test_resume_compatibility_rules():
     assert refused == ["model.path: None -> '/models/other'"]
 
 
+def test_resume_of_a_run_recorded_with_the_old_topology_p_default():
+    """Before topology.p could be unset every run recorded 0.5, ring runs too; for a graph other than Erdos-Renyi
+    that value was never used, so resuming such a run with today's code (which records None) is no difference -
+    while a real change of the Erdos-Renyi probability is still refused."""
+    ring = _record()
+    assert ring["config"]["topology"]["name"] == "ring" and ring["config"]["topology"]["p"] is None
+    old_ring = json.loads(json.dumps(ring))
+    old_ring["config"]["topology"]["p"] = 0.5
+    assert ckpt.compare_run_settings(old_ring, ring) == ([], [])
+    er = _record("topology.name=erdos_renyi")
+    assert er["config"]["topology"]["p"] == 0.5
+    refused, _ = ckpt.compare_run_settings(er, _record("topology.name=erdos_renyi", "topology.p=0.3"))
+    assert refused == ["topology.p: 0.5 -> 0.3"]
+    refused, _ = ckpt.compare_run_settings(old_ring, er)
+    assert refused == ["topology.name: 'ring' -> 'erdos_renyi'", "topology.p: None -> 0.5"]
+
+
 def test_resume_compatibility_of_ds_config_and_learning_rate():
     base = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 1}
     stored = _record(ds=dict(base))

@@ -48,8 +48,12 @@ optimizer), a ``train_sampling_strategy`` other than ``random`` (or ``group_by_l
 other than ``data.seed`` (the batches are ClientBatchSampler's), and at ``train()`` a new run in an ``output_dir``
 that holds one (pass ``resume_from_checkpoint``).
 A non-finite loss or gradient skips that client's update (the block schedule still advances), as
-``nan_policy=skip``. ``trainer.evaluate()`` reports this client's own model on its ``eval_dataset`` (the Trainer
-inside a client sees one process: nothing is averaged over clients); evaluate ``consensus/`` for the run's result.
+``nan_policy=skip``. ``trainer.evaluate()`` reports this client's own model on its whole ``eval_dataset``, with no
+collective (the base Trainer, which sees the whole world, would shard and gather over every client); with several
+clients the ``metric_for_best_model`` value is the mean over clients, so ``load_best_model_at_end``,
+``EarlyStoppingCallback`` and ``save_strategy="best"`` decide the same on every client (the client's own value is
+logged as ``<metric>_client``; see :meth:`DecaTrainerMixin._agree_on_best_metric`). Evaluate ``consensus/`` for the
+run's result.
 
 Why this module touches DeepSpeed (the only one outside ``deca_ds.engine``): Accelerate calls
 ``deepspeed.initialize`` itself and has no way to pass an ``mpu``; :func:`_client_mpu_initialize` wraps that one call.
@@ -531,6 +535,22 @@ def _check_trainer_arguments(training_args, trainer_kwargs: dict[str, Any]) -> N
                           "or load the model in bf16 (dtype=torch.bfloat16)")
 
 
+@contextmanager
+def _shadowed(obj: Any, name: str, value: Any) -> Iterator[None]:
+    """While active, ``obj.<name>`` is ``value`` (an instance attribute over the class's method); afterwards exactly
+    what it was (an instance attribute already there is put back, not deleted)."""
+    missing = object()
+    before = vars(obj).get(name, missing)
+    setattr(obj, name, value)
+    try:
+        yield
+    finally:
+        if before is missing:
+            delattr(obj, name)
+        else:
+            setattr(obj, name, before)
+
+
 def _existing_run(run_dir: Path) -> str | None:
     """What in ``run_dir`` a new DecaTrainer run would overwrite or mix with (None: nothing).
 
@@ -702,6 +722,7 @@ class DecaTrainerMixin:
             args = args[1:]
         if not (self.args.max_steps and self.args.max_steps > 0):
             self._steps_from_epochs()
+        self._agree_on_evaluation()
         return super().train(*args, **kwargs)
 
     def _refuse_existing_run(self) -> None:
@@ -896,6 +917,161 @@ class DecaTrainerMixin:
         stats = self.consensus.last_mix_stats
         self._step_figures["bytes_sent"] = stats.bytes_sent if stats is not None else 0
         self._grads_reduced = False
+
+    # --- evaluation ------------------------------------------------------------------------------------------
+    #
+    # Hazard: inside a DecaTrainer the Trainer and Accelerate see the whole world (args.world_size and
+    # accelerator.num_processes are the launched ranks, measured with transformers 5.24 / accelerate 1.16), so the
+    # base evaluation would shard each client's eval_dataset over every rank of every client and gather losses and
+    # predictions over the world: a mixture of all clients' models on parts of their rows, and, when the clients'
+    # eval sets differ in size, different numbers of gathers on different ranks (the run aborted at the first
+    # evaluation). Each rank instead evaluates its client's whole eval_dataset as a one-process Trainer would, with no
+    # collective; only the metric_for_best_model value is agreed across clients (_agree_on_best_metric).
+
+    def get_eval_dataloader(self, eval_dataset=None):
+        """The base class's eval DataLoader over this client's whole ``eval_dataset``, not sharded over the world."""
+        with self._one_process_dataloaders():
+            return super().get_eval_dataloader(eval_dataset)
+
+    def get_test_dataloader(self, test_dataset):
+        """The base class's test DataLoader over the whole ``test_dataset``, not sharded over the world."""
+        with self._one_process_dataloaders():
+            return super().get_test_dataloader(test_dataset)
+
+    @contextmanager
+    def _one_process_dataloaders(self) -> Iterator[None]:
+        """While active, ``accelerator.prepare(dataloader)`` wraps a DataLoader for one process (Accelerate's own
+        ``prepare_data_loader`` with ``num_processes=1``: device placement and the end-of-data bookkeeping that
+        ``batch_eval_metrics`` and the last batch's remainder rely on, without the world sharding)."""
+        from accelerate.data_loader import prepare_data_loader
+
+        acc = self.accelerator
+        original = acc.prepare
+
+        def prepare(*objs, **kwargs):
+            if len(objs) == 1 and not kwargs and isinstance(objs[0], torch.utils.data.DataLoader):
+                return prepare_data_loader(objs[0], acc.device, num_processes=1, process_index=0,
+                                           put_on_device=acc.device_placement, dispatch_batches=False)
+            return original(*objs, **kwargs)
+
+        with _shadowed(acc, "prepare", prepare):
+            yield
+
+    def evaluation_loop(self, dataloader, description, *args, **kwargs):
+        """The base class's loop without world collectives (this client's rows, gathered by no one), then, for
+        ``evaluate()``, the ``metric_for_best_model`` value agreed across clients (:meth:`_agree_on_best_metric`)."""
+        acc = self.accelerator
+        # One process's gather_for_metrics and pad_across_processes (the base loop resets gather_function itself).
+        self.gather_function = self._gather_one_process
+        try:
+            with _shadowed(acc, "pad_across_processes", lambda tensor, *a, **k: tensor):
+                output = super().evaluation_loop(dataloader, description, *args, **kwargs)
+        finally:
+            self.gather_function = acc.gather_for_metrics
+        if description == "Evaluation":  # evaluate(); predict() passes "Prediction" and stays this client's own
+            self._agree_on_best_metric(output.metrics)
+        return output
+
+    def _gather_one_process(self, data):
+        """``accelerator.gather_for_metrics`` as in a one-process run: nothing gathered; at the end of the data the
+        last batch cut to the rows it really holds (the loader's remainder)."""
+        from accelerate.utils import recursively_apply
+
+        gs = self.accelerator.gradient_state
+        if not (gs.end_of_dataloader and gs.remainder > 0):
+            return data
+        try:
+            return recursively_apply(lambda t: t[:gs.remainder], data, error_on_other_type=True)
+        except TypeError:  # not tensors: Accelerate slices the object itself
+            return data[:gs.remainder]
+
+    def _agree_on_best_metric(self, metrics: dict[str, Any]) -> None:
+        """With several clients, replace ``metrics[metric_for_best_model]`` by its mean over clients (collective).
+
+        Every client then sees the same value, so ``load_best_model_at_end`` picks the same step on every client,
+        ``EarlyStoppingCallback`` stops them at the same step (one client stopping alone would leave its neighbours
+        waiting in the next gossip exchange), ``save_strategy="best"`` saves at the same steps and
+        ``ReduceLROnPlateau`` sets one rate. The mean weighs clients equally (not by their eval rows); one rank per
+        client contributes. This client's own value is kept as ``<metric>_client``. Every rank takes part in every
+        ``evaluate()`` call while ``metric_for_best_model`` is set, as under DDP.
+
+        Raises:
+            ConfigError: the metric is missing from (or not a number in) some clients' evaluation and not others'
+                (raised on every rank).
+        """
+        from deca_ds.engine import device
+
+        name = self.args.metric_for_best_model
+        if name is None or self.layout.num_clients == 1:
+            return
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        value, state = 0.0, 0.0  # state: 0 missing, 1 a number, 2 not a number
+        if key in metrics:
+            try:
+                value, state = float(metrics[key]), 1.0
+            except (TypeError, ValueError):
+                state = 2.0
+        t = torch.tensor([state, value], dtype=torch.float64, device=device())
+        rows = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, t)
+        firsts = [self.layout.client_ranks(c)[0] for c in range(self.layout.num_clients)]
+        states = [int(rows[r][0]) for r in firsts]
+        if all(st == 0 for st in states):
+            return  # e.g. one of several eval datasets that does not carry this metric: on every client alike
+        if any(st != 1 for st in states):
+            bad = [c for c, st in enumerate(states) if st != 1]
+            raise ConfigError(f"metric_for_best_model={name}: {key} is missing or not a number in the evaluation of "
+                              f"client(s) {bad} but not of the others: every client's compute_metrics must return it "
+                              "(the clients agree on its mean)")
+        # Summed in client order from the same gathered numbers: the same float64 value on every rank.
+        mean = sum(float(rows[r][1]) for r in firsts) / len(firsts)
+        metrics[f"{key}_client"] = metrics[key]
+        metrics[key] = mean
+
+    def _agree_on_evaluation(self) -> None:
+        """Refuse, on every rank, evaluation settings that would make the clients evaluate at different steps or
+        decide differently on the agreed metric (collective; several clients only).
+
+        ``metric_for_best_model`` makes ``evaluate()`` a collective, so every client must evaluate at the same steps:
+        with ``eval_strategy="epoch"`` an evaluation falls at each client's own epoch end, a step that depends on
+        its row count. The metric, its direction, the evaluation schedule and any ``EarlyStoppingCallback`` must also
+        be the same on every rank.
+
+        Raises:
+            ConfigError: the settings differ between ranks, or epochs of different lengths with an agreed metric.
+        """
+        if self.layout.num_clients == 1:
+            return
+        from transformers import EarlyStoppingCallback
+
+        args = self.args
+        strategy = str(getattr(args.eval_strategy, "value", args.eval_strategy))
+        per_epoch = None
+        if args.metric_for_best_model is not None and strategy == "epoch":
+            gas = args.gradient_accumulation_steps
+            per_epoch = ClientBatchSampler(len(self.train_dataset), args.per_device_train_batch_size, gas,
+                                           self.deca_config.data.seed, self.layout).length // gas
+        early = [(cb.early_stopping_patience, cb.early_stopping_threshold) for cb in self.callback_handler.callbacks
+                 if isinstance(cb, EarlyStoppingCallback)]
+        mine = {"metric_for_best_model": args.metric_for_best_model, "greater_is_better": args.greater_is_better,
+                "eval_strategy": strategy, "eval_steps": args.eval_steps,
+                "eval_on_start": getattr(args, "eval_on_start", False), "EarlyStoppingCallback": early,
+                "steps_per_epoch": per_epoch}
+        gathered: list = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, mine)
+        if gathered[1:] == gathered[:-1]:
+            return
+        rpc = self.layout.ranks_per_client
+        if all(g["eval_strategy"] == "epoch" for g in gathered) and len({g["steps_per_epoch"] for g in gathered}) > 1:
+            steps = {r // rpc: g["steps_per_epoch"] for r, g in enumerate(gathered)}
+            raise ConfigError(f"eval_strategy=epoch with metric_for_best_model={args.metric_for_best_model}: the "
+                              f"clients' epochs end at different steps (steps per epoch by client: {steps}), so they "
+                              "cannot agree on the metric: use eval_strategy=steps with eval_steps=N (and "
+                              "save_strategy=steps with save_steps a multiple of it)")
+        key = next(k for k in mine if any(g[k] != gathered[0][k] for g in gathered))
+        values = {r // rpc: g[key] for r, g in enumerate(gathered)}
+        raise ConfigError(f"{key} differs between clients ({values}): every client evaluates at the same steps and "
+                          "agrees on the best-model metric, so give every rank the same evaluation settings")
 
     # --- data ------------------------------------------------------------------------------------------------
 

@@ -1,0 +1,140 @@
+"""deca_ds.hf: trainer.evaluate() per client, and load_best_model_at_end, metric_for_best_model and
+EarlyStoppingCallback agreed across clients.
+
+Inside a DecaTrainer the Trainer sees the whole world (measured with transformers 5.24 / accelerate 1.16 under
+torchrun: ``args.world_size`` 2 and ``accelerator.num_processes`` 2 with 2 clients). Left alone, ``evaluate()``
+shards each client's ``eval_dataset`` over every rank of every client and gathers losses and predictions over the
+world: each client gets a mixture of all clients' models on parts of their eval sets, and when the clients' eval sets
+differ in size (non-IID clients) the ranks run different numbers of gathers and the run aborts at the first
+evaluation. With DecaTrainer each client evaluates its own model on its whole ``eval_dataset`` (no collective), and
+the metric named by ``metric_for_best_model`` is agreed: its value is the mean over clients of each client's own
+value (one rank per client), so every client picks the same best step and stops at the same step; each client's own
+value is logged as ``<metric>_client``.
+
+The run: 2 clients of the 600-row task (eval sets of 18 and 36 rows), evaluation and checkpoint every 2 steps,
+``load_best_model_at_end``, ``EarlyStoppingCallback(patience 2)``. The per-client metric is a ``compute_metrics``
+returning a fixed score sequence per client, so the steps are decided by the scores alone:
+
+    evaluation (step)  1 (2)  2 (4)  3 (6)  4 (8)  5 (10)  6 (12)  7 (final evaluate())
+    client 0            1      2      3      4      5       6       7      improves at every evaluation
+    client 1            4      3      3     10      1       1       1
+    mean                2.5    2.5    3      7      3       3.5     4
+
+greater_is_better: alone, client 1 would stop at step 6 (no improvement on 4 at evaluations 2 and 3) with its best at
+step 2, and client 0 would run to step 20 with its best there; on the mean both take their best at step 8 (7.0) and
+stop at step 12. The means are sums of two small integers halved: exact in float64, so they are compared with ==.
+"""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from launch import ROOT, free_port, launch_env
+
+pytestmark = pytest.mark.integration
+
+SCRIPT = '''
+import json, sys
+import torch
+from safetensors.torch import load_file
+from transformers import EarlyStoppingCallback, TrainingArguments
+from deca_ds.hf import DataCollator, DecaSettings, DecaTrainer, init_distributed
+from deca_ds.models import load_model_and_tokenizer
+
+out, max_steps, early, timeout = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "early", sys.argv[4]
+deca = DecaSettings(overrides=["data.num_examples=600", "blocks.layers_per_block=1", "blocks.switch_every=4",
+                               f"comm_timeout={timeout}"])
+init_distributed(deca.config.comm_timeout)
+SCORES = {0: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 1: [4, 3, 3, 10, 1, 1, 1, 1, 1, 1]}
+client, calls = deca.client_id, []
+
+
+def compute_metrics(prediction):
+    calls.append(1)
+    return {"score": float(SCORES[client][len(calls) - 1])}
+
+
+args = TrainingArguments(output_dir=out, max_steps=max_steps, seed=0, learning_rate=1e-2, lr_scheduler_type="constant",
+                         per_device_train_batch_size=8, per_device_eval_batch_size=8, max_grad_norm=1.0,
+                         eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
+                         load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True,
+                         logging_steps=2, report_to="none", use_cpu=True)
+model, tok = load_model_and_tokenizer(deca.config.model, seed=0)
+data = deca.client_data(tok)
+trainer = DecaTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tok,
+                      data_collator=DataCollator(tok.pad_token_id), deca=deca, compute_metrics=compute_metrics,
+                      callbacks=[EarlyStoppingCallback(early_stopping_patience=2)] if early else None)
+trainer.train()
+state = trainer.state
+best = load_file(f"{state.best_model_checkpoint}/model.safetensors")
+loaded = all(torch.equal(p.detach(), best[n]) for n, p in trainer.model.named_parameters() if n in best)
+evals = [{k: v for k, v in e.items() if k.startswith("eval_score") or k in ("step", "eval_loss")}
+         for e in state.log_history if "eval_score" in e]
+final = trainer.evaluate()  # collective with metric_for_best_model and several clients: every rank calls it
+# This client's eval loss as the Trainer computes it in one process, on the best model it loaded: each batch's
+# mean loss repeated over the batch's rows (float32), the mean of those (numpy).
+import numpy as np
+collate, size, losses = DataCollator(tok.pad_token_id), args.per_device_eval_batch_size, []
+trainer.model.eval()
+with torch.no_grad():
+    for i in range(0, len(data.eval), size):
+        rows = [data.eval[j] for j in range(i, min(i + size, len(data.eval)))]
+        loss = trainer.model(**collate(rows)).loss.detach().float()
+        losses.append(loss.repeat(len(rows)).numpy())
+own_loss = np.concatenate(losses).mean().item()
+with open(f"{out}/result_{client}.json", "w") as f:
+    json.dump({"global_step": state.global_step, "best_global_step": state.best_global_step,
+               "best_metric": state.best_metric, "best_model_checkpoint": state.best_model_checkpoint,
+               "loaded_best": loaded, "evals": evals, "eval_rows": len(data.eval), "own_loss": own_loss,
+               "final": {k: final[k] for k in ("eval_loss", "eval_score", "eval_score_client")}}, f)
+'''
+
+
+def _torchrun(script, *args, timeout=1200):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), *args]
+    # The timeout only catches a hang: a 2-core machine shared with other jobs has taken over 400 s for one launch.
+    return subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One 2-client launch shared by the tests below: ``[client 0's result, client 1's result]``."""
+    tmp = tmp_path_factory.mktemp("hf_best_model")
+    script = tmp / "best.py"
+    script.write_text(SCRIPT)
+    out = tmp / "run"
+    res = _torchrun(script, str(out), "20", "early", "120")
+    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    return out, [json.loads((out / f"result_{c}.json").read_text()) for c in range(2)]
+
+
+def test_evaluate_reports_each_clients_own_model_on_its_own_eval_set(run):
+    """Before: the first evaluation aborted the run (gloo: "Received data size doesn't match expected size": the
+    clients' eval sets of 18 and 36 rows gave their ranks 3 and 5 sharded batches); with eval sets of equal size
+    every client reported the same eval_loss, a mixture of both clients' models on half of each eval set."""
+    _, results = run
+    assert [r["eval_rows"] for r in results] == [18, 36]
+    for r in results:
+        # The same float32 losses averaged by the same numpy call: equal, not close.
+        assert r["final"]["eval_loss"] == r["own_loss"], r
+    for a, b in zip(results[0]["evals"], results[1]["evals"]):
+        assert a["eval_loss"] != b["eval_loss"], (a, b)  # each client's own model on its own rows
+
+
+def test_best_model_and_early_stopping_agree_across_clients(run):
+    """Before (eval sets of equal size, so that evaluation itself ran): client 1 stopped at step 6 on its own
+    metric, and client 0 went on and failed in the step-6 gossip exchange after comm_timeout (NeighbourError:
+    "neighbour client 1 did not answer"); without early stopping the clients kept their own best checkpoints
+    (steps 20 and 8)."""
+    out, results = run
+    for c, r in enumerate(results):
+        assert (r["global_step"], r["best_global_step"], r["best_metric"]) == (12, 8, 7.0), (c, r)
+        assert r["best_model_checkpoint"] == str(out / f"client_{c}" / "checkpoint-8") and r["loaded_best"], (c, r)
+        # The agreed mean under the metric's own name, this client's value next to it.
+        own = [[1, 2, 3, 4, 5, 6], [4, 3, 3, 10, 1, 1]][c]
+        assert [e["step"] for e in r["evals"]] == [2, 4, 6, 8, 10, 12]
+        assert [e["eval_score"] for e in r["evals"]] == [2.5, 2.5, 3.0, 7.0, 3.0, 3.5]
+        assert [e["eval_score_client"] for e in r["evals"]] == own
+        assert (r["final"]["eval_score"], r["final"]["eval_score_client"]) == (4.0, [7, 1][c])

@@ -1,0 +1,123 @@
+"""deca_ds.hf evaluation without processes: the agreed best-model metric, the evaluation-settings check and the
+one-process gather. The 2-client run is tests/integration/test_hf_best_model.py."""
+
+import types
+
+import pytest
+import torch
+
+import deca_ds.hf as hf
+from deca_ds.config import ConfigError
+from deca_ds.gossip import ClientLayout
+
+
+def training_args(**kw):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir="unused", report_to="none", use_cpu=True, max_steps=8, **kw)
+
+
+def fake_trainer(layout, **args_kw):
+    trainer = object.__new__(hf.DecaTrainer)
+    trainer.layout, trainer.args = layout, training_args(**args_kw)
+    return trainer
+
+
+def all_gather_of(rows_by_rank, calls):
+    """A dist.all_gather whose other ranks contributed ``rows_by_rank[r]`` (None: this rank's own tensor)."""
+
+    def all_gather(out, t):
+        calls.append(t.clone())
+        for r, row in enumerate(rows_by_rank):
+            out[r].copy_(t if row is None else torch.tensor(row, dtype=t.dtype))
+
+    return all_gather
+
+
+def test_the_metric_is_the_mean_over_one_rank_per_client(monkeypatch):
+    # 2 clients x 2 ranks; this is rank 0 (client 0). Rank 1's value (client 0's second rank) is not counted.
+    calls = []
+    monkeypatch.setattr(hf.dist, "get_world_size", lambda: 4)
+    monkeypatch.setattr(hf.dist, "all_gather", all_gather_of([None, [1.0, 100.0], [1.0, 0.25], [1.0, 100.0]], calls))
+    trainer = fake_trainer(ClientLayout(4, 0, 2), metric_for_best_model="loss")
+    metrics = {"eval_loss": 1.5, "eval_accuracy": 0.5}
+    trainer._agree_on_best_metric(metrics)
+    assert metrics == {"eval_loss": (1.5 + 0.25) / 2, "eval_loss_client": 1.5, "eval_accuracy": 0.5}
+    assert len(calls) == 1 and calls[0].tolist() == [1.0, 1.5]
+
+
+def test_no_collective_without_the_metric_or_with_one_client(monkeypatch):
+    monkeypatch.setattr(hf.dist, "all_gather", None)  # would raise if called
+    metrics = {"eval_loss": 1.5}
+    fake_trainer(ClientLayout(2, 0, 1))._agree_on_best_metric(metrics)  # metric_for_best_model unset
+    fake_trainer(ClientLayout(1, 0, 1), metric_for_best_model="loss")._agree_on_best_metric(metrics)
+    assert metrics == {"eval_loss": 1.5}
+
+
+def test_a_metric_missing_everywhere_is_left_alone_and_missing_somewhere_is_refused(monkeypatch):
+    monkeypatch.setattr(hf.dist, "get_world_size", lambda: 2)
+    trainer = fake_trainer(ClientLayout(2, 0, 1), metric_for_best_model="eval_score")
+    monkeypatch.setattr(hf.dist, "all_gather", all_gather_of([None, [0.0, 0.0]], []))
+    metrics = {"eval_data1_loss": 2.0}  # e.g. one of several eval datasets: no client has eval_score there
+    trainer._agree_on_best_metric(metrics)
+    assert metrics == {"eval_data1_loss": 2.0}
+    monkeypatch.setattr(hf.dist, "all_gather", all_gather_of([None, [1.0, 3.0]], []))  # client 1 has it
+    for mine in ({"eval_loss": 1.0}, {"eval_score": "n/a"}):  # raised on every rank, not only where it is missing
+        with pytest.raises(ConfigError, match=r"metric_for_best_model=eval_score: eval_score is missing or not a "
+                                              r"number in the evaluation of client\(s\) \[0\] but not of the others"):
+            trainer._agree_on_best_metric(mine)
+
+
+def test_evaluation_settings_must_agree_and_epochs_must_have_one_length(monkeypatch):
+    def gather_with(others):
+        def all_gather_object(out, obj):
+            out[:] = [obj] + [dict(obj, **o) for o in others]
+        return all_gather_object
+
+    monkeypatch.setattr(hf.dist, "get_world_size", lambda: 2)
+    trainer = fake_trainer(ClientLayout(2, 0, 1), metric_for_best_model="loss", eval_strategy="epoch",
+                           load_best_model_at_end=True, save_strategy="epoch")
+    trainer.callback_handler = types.SimpleNamespace(callbacks=[])
+    trainer.deca_config = hf.DecaSettings().config
+    trainer.train_dataset = list(range(100))
+    monkeypatch.setattr(hf.dist, "all_gather_object", gather_with([{}]))
+    trainer._agree_on_evaluation()  # every client has the same settings (and epoch length)
+    monkeypatch.setattr(hf.dist, "all_gather_object", gather_with([{"steps_per_epoch": 40}]))
+    with pytest.raises(ConfigError, match=r"eval_strategy=epoch with metric_for_best_model=loss: the clients' epochs "
+                                          r"end at different steps \(steps per epoch by client: \{0: 13, 1: 40\}\).*"
+                                          r"use eval_strategy=steps"):
+        trainer._agree_on_evaluation()
+    monkeypatch.setattr(hf.dist, "all_gather_object", gather_with([{"EarlyStoppingCallback": [(3, 0.0)]}]))
+    with pytest.raises(ConfigError, match=r"EarlyStoppingCallback differs between clients \(\{0: \[\], 1: \[\(3, "):
+        trainer._agree_on_evaluation()
+    monkeypatch.setattr(hf.dist, "all_gather_object", None)  # one client: nothing to agree on
+    fake_trainer(ClientLayout(1, 0, 1))._agree_on_evaluation()
+
+
+def test_the_one_process_gather_cuts_the_last_batch_to_its_rows():
+    trainer = object.__new__(hf.DecaTrainer)
+    state = types.SimpleNamespace(end_of_dataloader=False, remainder=3)
+    trainer.accelerator = types.SimpleNamespace(gradient_state=state)
+    batch = {"logits": torch.arange(8.0), "labels": torch.arange(8)}
+    assert trainer._gather_one_process(batch) is batch  # not the last batch: nothing gathered, nothing cut
+    state.end_of_dataloader = True
+    out = trainer._gather_one_process(batch)
+    assert out["logits"].tolist() == [0.0, 1.0, 2.0] and out["labels"].tolist() == [0, 1, 2]
+    assert trainer._gather_one_process(["a", "b", "c", "d"]) == ["a", "b", "c"]
+    state.remainder = 0  # the data fill the last batch
+    assert trainer._gather_one_process(batch) is batch
+
+
+def test_a_shadowed_method_is_restored_exactly():
+    class Acc:
+        def prepare(self):
+            return "class"
+
+    acc = Acc()
+    with hf._shadowed(acc, "prepare", lambda: "shadow"):
+        assert acc.prepare() == "shadow"
+    assert acc.prepare() == "class" and "prepare" not in vars(acc)
+    acc.prepare = lambda: "someone else's"
+    with hf._shadowed(acc, "prepare", lambda: "shadow"):
+        assert acc.prepare() == "shadow"
+    assert acc.prepare() == "someone else's"

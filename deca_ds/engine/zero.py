@@ -545,7 +545,20 @@ class ZeroBlockEngine:
             return self._model
         from deca_ds.models import build_meta_model
 
-        model = build_meta_model(self.cfg.model.path).to_empty(device="cpu")
+        model = build_meta_model(self.cfg.model.path)
+        if method_spec(self.cfg.method).lora:
+            # dec_lora trains a peft model: its state dict is keyed base_model.model.… with lora_A/lora_B beside
+            # each base weight, so the copy must be wrapped the same way before it loads (a plain copy refused every
+            # key and the run failed after training). It stays unmerged, as the stage-0 engine's model is: the
+            # consensus averages A and B separately and merges afterwards, as every other engine does.
+            import warnings
+
+            from deca_ds.build import prepare_model
+
+            with warnings.catch_warnings():  # prepare_model's embedded-model hint was given when the run started
+                warnings.simplefilter("ignore", UserWarning)
+                model = prepare_model(self.cfg, model)  # on the meta device: no weights drawn, no RNG touched
+        model = model.to_empty(device="cpu")
         model.load_state_dict(self.full_state_dict())
         buffers = dict(model.named_buffers())
         with torch.no_grad():  # non-persistent buffers (e.g. rotary inv_freq) are not in the state dict

@@ -540,7 +540,8 @@ class ZeroBlockEngine:
 
     def whole_model(self) -> torch.nn.Module:
         """The model with whole weights: the engine's own at stages 1/2; at stage 3 (which holds shards) a CPU copy
-        built from the gathered weights. Collective inside the client at stage 3."""
+        built from the gathered weights, each parameter in the engine's dtype, peft-wrapped (unmerged) for
+        ``dec_lora``. Collective inside the client at stage 3."""
         if self.stage < 3:
             return self._model
         from deca_ds.models import build_meta_model
@@ -558,6 +559,13 @@ class ZeroBlockEngine:
             with warnings.catch_warnings():  # prepare_model's embedded-model hint was given when the run started
                 warnings.simplefilter("ignore", UserWarning)
                 model = prepare_model(self.cfg, model)  # on the meta device: no weights drawn, no RNG touched
+        # Each parameter in the engine's own dtype (the meta model is fp32): a bf16 run's copy was fp32, so at stage
+        # 3 alone the evaluation ran in fp32 and clients/ and consensus/ were saved in fp32 (dec_lora: merged in
+        # fp32), where stages 0-2 evaluate and save the bf16 model. Under DeepSpeed's bf16 mode this also gives
+        # dec_lora's adapters the bf16 dtype DeepSpeed cast them to (peft made them fp32).
+        own = dict(self._model.named_parameters())
+        for name, p in model.named_parameters():
+            p.data = p.data.to(own[name].dtype)  # meta tensors: no memory yet
         model = model.to_empty(device="cpu")
         model.load_state_dict(self.full_state_dict())
         buffers = dict(model.named_buffers())

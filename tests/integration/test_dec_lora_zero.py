@@ -207,3 +207,53 @@ def test_dec_lora_under_zero_equals_the_run_without_zero(stage, rpc, persistence
         moved = {k for k in start if not torch.equal(final[k], start[k])}
         assert moved and all("lora_" in k for k in moved), sorted(moved)[:3]
         assert any("lora_A" in k for k in moved) and any("lora_B" in k for k in moved)
+
+
+def test_dec_lora_zero3_bf16_saves_the_engines_bf16_model_merged(tmp_path):
+    """ZeRO-3 in bf16 saves what stages 0-2 save: the client's own bf16 model, merged in bf16.
+
+    Under DeepSpeed's bf16 mode every parameter of the module is bf16, peft's fp32 adapters included (stage 0 keeps
+    them fp32; docs/reference.md). The stage-3 copy that is evaluated and saved was built in fp32 (the meta model's
+    dtype), so clients/ and consensus/ were fp32 models merged in fp32, unlike every other stage. Here each saved
+    model must be bf16 and equal, bit for bit, the final checkpoint's bf16 parameters (the engine's own) merged by
+    peft, and the consensus the same merge of the two clients' average (fp32 sum of two, halved, rounded to bf16, as
+    :func:`deca_ds.summary.average_over_clients_` computes it).
+    """
+    pytest.importorskip("peft")
+    import warnings
+
+    from safetensors.torch import load_file
+
+    from deca_ds.build import prepare_model
+    from deca_ds.config import load_config
+    from deca_ds.models import load_model_and_tokenizer, merged_model
+
+    ds = json.loads(open(_ds_config(tmp_path, 3)).read())
+    ds["bf16"] = {"enabled": True}
+    (tmp_path / "ds_bf16.json").write_text(json.dumps(ds))
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           RECIPE, f"output_dir={out}", f"ds_config={tmp_path / 'ds_bf16.json'}", "model.dtype=bf16", *SETTINGS]
+    res = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-6000:]
+
+    cfg = load_config(None, ["model.dtype=bf16", *SETTINGS])
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    finals = [torch.load(out / "checkpoints" / latest / f"client_{c}" / "state.pt", weights_only=False)["model"]
+              for c in range(2)]
+    assert {v.dtype for v in finals[0].values()} == {torch.bfloat16}
+
+    def merged(state):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            model = prepare_model(cfg, load_model_and_tokenizer(cfg.model, seed=cfg.seed)[0]).to(torch.bfloat16)
+        model.load_state_dict(state)
+        return merged_model(model).state_dict()
+
+    average = {k: ((finals[0][k].float() + finals[1][k].float()) / 2).to(torch.bfloat16) for k in finals[0]}
+    for name, state in (("clients/client_0", finals[0]), ("clients/client_1", finals[1]), ("consensus", average)):
+        _load(out / name)
+        saved, want = load_file(out / name / "model.safetensors"), merged(state)  # as stored, not as loaded
+        assert saved.keys() == want.keys()
+        for k in want:
+            assert saved[k].dtype == torch.bfloat16 and torch.equal(saved[k], want[k]), (name, k)

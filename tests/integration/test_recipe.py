@@ -104,7 +104,8 @@ def test_two_ranks_per_client_stay_identical_and_clients_differ(tmp_path):
     assert [r for r in recs if r["step"] == 5][0]["consensus_distance"] > 0
 
 
-# deca runs in the four-client test above, local in the two-ranks-per-client test; dec_lora in test_dec_lora.py.
+# deca runs in the four-client test above, local in the two-ranks-per-client test; dec_lora in test_dec_lora.py
+# (under ZeRO 1-3: test_dec_lora_zero.py).
 @pytest.mark.parametrize("method", ["badam_gossip", "trivial_bma", "dadam", "centralized"])
 def test_every_method_runs(tmp_path, method):
     out = tmp_path / method

@@ -29,8 +29,7 @@ def check_lora_support(cfg: RunConfig) -> None:
     """Fail with one line, before anything runs, when ``method=dec_lora`` cannot run here.
 
     Raises:
-        ConfigError: ``peft`` is not installed, or the model is in fp16 (LoRA adapters train in the model's dtype
-            here; use fp32 or bf16).
+        ConfigError: ``peft`` is not installed.
     """
     if not method_spec(cfg.method).lora:
         return

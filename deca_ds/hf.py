@@ -840,13 +840,48 @@ class DecaTrainerMixin:
     # --- one step --------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """The base class's loss; training losses are kept for the step's metrics record."""
-        out = super().compute_loss(model, inputs, return_outputs=return_outputs,
-                                   num_items_in_batch=num_items_in_batch)
-        if model.training:
-            loss = out[0] if return_outputs else out
-            self._micro_losses.append(loss.detach().float())
+        """The base class's loss; training losses are kept for the step's metrics record.
+
+        In training, ``accelerator.gather_for_metrics`` called by the base class's loss (TRL's ``SFTTrainer`` gathers
+        its entropy, token accuracy and token count there) gathers over this client's ranks only
+        (:meth:`_gather_client`), as under DDP over the client's ranks; in evaluation it is the one-process gather
+        (:meth:`evaluation_loop`)."""
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+        with _shadowed(self.accelerator, "gather_for_metrics", self._gather_client):
+            out = super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                       num_items_in_batch=num_items_in_batch)
+        loss = out[0] if return_outputs else out
+        self._micro_losses.append(loss.detach().float())
         return out
+
+    def _gather_client(self, data, use_gather_object: bool = False):
+        """``accelerator.gather_for_metrics`` over this client's ranks (a rank's tensors concatenated in local-rank
+        order, a 0-d tensor as one row; other objects gathered into one list), not over the world. Used in training,
+        where the batches are :class:`ClientBatchSampler`'s (no end-of-data remainder to cut)."""
+        from accelerate.utils import recursively_apply
+
+        rpc, group = self.layout.ranks_per_client, self.groups.client_group
+        if rpc == 1:
+            return data
+        try:
+            recursively_apply(lambda x: x, data, error_on_other_type=True)
+            all_tensors = True
+        except TypeError:
+            all_tensors = False
+        if use_gather_object or not all_tensors:
+            rows: list = [None] * rpc
+            dist.all_gather_object(rows, data, group=group)
+            return [x for row in rows for x in (row if isinstance(row, list) else [row])]
+
+        def gather(t):
+            t = t.reshape(1) if t.ndim == 0 else t.contiguous()
+            out = [torch.empty_like(t) for _ in range(rpc)]
+            dist.all_gather(out, t, group=group)
+            return torch.cat(out)
+
+        return recursively_apply(gather, data)
 
     def _get_num_items_in_batch(self, batch_samples: list, device):
         """The item count a ``compute_loss_func`` divides by: over this client's ranks, not the world.
@@ -863,6 +898,27 @@ class DecaTrainerMixin:
         n = n.to(device=device, dtype=torch.float32)  # exact: counts are far below 2**24
         dist.all_reduce(n, group=self.groups.client_group)
         return n / rpc
+
+    def _maybe_log_save_evaluate(self, tr_loss, *args, **kwargs):
+        """The base class's logging, evaluation and saving, with the logged training ``loss`` this client's own.
+
+        The Trainer logs the mean of ``tr_loss`` over every process it sees (``nested_gather``, an all-gather over the
+        world): inside a DecaTrainer that is every client's model averaged into each client's log. Here ``tr_loss``
+        is gathered over the client's ranks only, so ``loss`` (and ``train_loss``) is what the Trainer would log under
+        DDP over this client's ranks, as ``evaluate()`` and ``metrics.jsonl`` report the client's own.
+        """
+        import sys
+
+        module = sys.modules[Trainer.__module__]  # the Trainer's own nested_gather, which its logging calls
+        world_gather = module.nested_gather
+
+        def nested_gather(tensors, parallel_mode, name=None):
+            if tensors is not tr_loss:
+                return world_gather(tensors, parallel_mode, name)
+            return self._gather_client(tensors.detach()).reshape(-1)
+
+        with _shadowed(module, "nested_gather", nested_gather):
+            return super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
 
     def _active_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.block_optimizer.active_params() if p.grad is not None]
@@ -962,9 +1018,13 @@ class DecaTrainerMixin:
         ``evaluate()``, the ``metric_for_best_model`` value agreed across clients (:meth:`_agree_on_best_metric`)."""
         acc = self.accelerator
         # One process's gather_for_metrics and pad_across_processes (the base loop resets gather_function itself).
+        # accelerator.gather_for_metrics too: a base class's compute_loss may call it (TRL's SFTTrainer does, three
+        # times per batch), which would gather over the world: other clients' metrics mixed in, and a different number
+        # of gathers on clients whose eval sets differ in length.
         self.gather_function = self._gather_one_process
         try:
-            with _shadowed(acc, "pad_across_processes", lambda tensor, *a, **k: tensor):
+            with _shadowed(acc, "pad_across_processes", lambda tensor, *a, **k: tensor), \
+                    _shadowed(acc, "gather_for_metrics", self._gather_one_process):
                 output = super().evaluation_loop(dataloader, description, *args, **kwargs)
         finally:
             self.gather_function = acc.gather_for_metrics
@@ -972,18 +1032,26 @@ class DecaTrainerMixin:
             self._agree_on_best_metric(output.metrics)
         return output
 
-    def _gather_one_process(self, data):
+    def _gather_one_process(self, data, use_gather_object: bool = False):
         """``accelerator.gather_for_metrics`` as in a one-process run: nothing gathered; at the end of the data the
-        last batch cut to the rows it really holds (the loader's remainder)."""
+        last batch cut to the rows it really holds (the loader's remainder); what cannot be cut (a 0-d tensor) is
+        returned as it is, as Accelerate does."""
         from accelerate.utils import recursively_apply
 
         gs = self.accelerator.gradient_state
         if not (gs.end_of_dataloader and gs.remainder > 0):
             return data
         try:
-            return recursively_apply(lambda t: t[:gs.remainder], data, error_on_other_type=True)
-        except TypeError:  # not tensors: Accelerate slices the object itself
-            return data[:gs.remainder]
+            recursively_apply(lambda x: x, data, error_on_other_type=True)
+            all_tensors = True
+        except TypeError:
+            all_tensors = False
+        try:
+            if use_gather_object or not all_tensors:  # Accelerate slices the object itself
+                return data[:gs.remainder]
+            return recursively_apply(lambda t: t[:gs.remainder], data)
+        except Exception:  # noqa: BLE001 - Accelerate's own fallback: returned uncut
+            return data
 
     def _agree_on_best_metric(self, metrics: dict[str, Any]) -> None:
         """With several clients, replace ``metrics[metric_for_best_model]`` by its mean over clients (collective).

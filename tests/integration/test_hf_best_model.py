@@ -87,7 +87,8 @@ with open(f"{out}/result_{client}.json", "w") as f:
     json.dump({"global_step": state.global_step, "best_global_step": state.best_global_step,
                "best_metric": state.best_metric, "best_model_checkpoint": state.best_model_checkpoint,
                "loaded_best": loaded, "evals": evals, "eval_rows": len(data.eval), "own_loss": own_loss,
-               "final": {k: final[k] for k in ("eval_loss", "eval_score", "eval_score_client")}}, f)
+               "final": {k: final[k] for k in ("eval_loss", "eval_score", "eval_score_client")},
+               "train_logs": [[e["step"], e["loss"]] for e in state.log_history if "loss" in e]}, f)
 '''
 
 
@@ -138,3 +139,69 @@ def test_best_model_and_early_stopping_agree_across_clients(run):
         assert [e["eval_score"] for e in r["evals"]] == [2.5, 2.5, 3.0, 7.0, 3.0, 3.5]
         assert [e["eval_score_client"] for e in r["evals"]] == own
         assert (r["final"]["eval_score"], r["final"]["eval_score_client"]) == (4.0, [7, 1][c])
+
+
+def test_the_logged_training_loss_is_the_clients_own(run):
+    """Before: the Trainer's logged ``loss`` was the mean over the world (its ``nested_gather``), the same mixture of
+    both clients on both clients. Now each client's log holds its own loss: with one rank per client, no gradient
+    accumulation and a log every 2 steps, the Trainer's float32 sum of the two steps' losses halved, from the
+    losses metrics.jsonl records for the client (bit for bit)."""
+    import numpy as np
+
+    out, results = run
+    jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    loss = {(r["client"], r["step"]): r["loss"] for r in jsonl}
+    for c, r in enumerate(results):
+        assert [s for s, _ in r["train_logs"]] == [2, 4, 6, 8, 10, 12], r["train_logs"]
+        for step, logged in r["train_logs"]:
+            two = np.float32(loss[c, step - 2]) + np.float32(loss[c, step - 1])
+            assert logged == float(two) / 2, (c, step, logged)
+    assert results[0]["train_logs"] != results[1]["train_logs"]
+
+
+TRL_SCRIPT = '''
+import json, sys
+from trl import SFTConfig, SFTTrainer
+from deca_ds.hf import DataCollator, DecaSettings, deca_trainer_class, init_distributed
+from deca_ds.models import load_model_and_tokenizer
+
+out = sys.argv[1]
+deca = DecaSettings(overrides=["data.num_examples=600", "blocks.layers_per_block=1", "blocks.switch_every=4",
+                               "comm_timeout=60"])
+init_distributed(deca.config.comm_timeout)
+# use_cpu: the Trainer then sees the launched world (args.world_size 2), as on GPUs.
+args = SFTConfig(output_dir=out, max_steps=2, seed=0, learning_rate=1e-2, per_device_train_batch_size=8,
+                 per_device_eval_batch_size=8, lr_scheduler_type="constant", max_grad_norm=1.0, save_strategy="no",
+                 report_to="none", use_cpu=True, bf16=False, logging_steps=1,
+                 dataset_kwargs={"skip_prepare_dataset": True})
+model, tok = load_model_and_tokenizer(deca.config.model, seed=0)
+data = deca.client_data(tok)
+trainer = deca_trainer_class(SFTTrainer)(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
+                                         processing_class=tok, data_collator=DataCollator(tok.pad_token_id), deca=deca)
+trainer.train()
+metrics = trainer.evaluate()
+with open(f"{out}/result_{deca.client_id}.json", "w") as f:
+    json.dump({"world_size": trainer.args.world_size, "eval_rows": len(data.eval), "eval": metrics,
+               "train_logs": [[e["step"], e["loss"]] for e in trainer.state.log_history if "loss" in e]}, f)
+'''
+
+
+def test_trl_evaluate_with_eval_sets_of_different_sizes(tmp_path):
+    """TRL's SFTTrainer gathers its entropy, token accuracy and token count with Accelerate's gather_for_metrics in
+    compute_loss. Before: in evaluate() those gathers went over the world, so with eval sets of 18 and 36 rows client
+    0 finished after 3 batches and client 1 failed in its 4th gather ("Connection closed by peer"); the clients' eval
+    metrics were mixed. Now both clients evaluate their own model on their own rows, and the logged training loss is
+    each client's own (logged every step: the metrics.jsonl loss itself)."""
+    pytest.importorskip("trl")
+    script = tmp_path / "sft_eval.py"
+    script.write_text(TRL_SCRIPT)
+    out = tmp_path / "run"
+    res = _torchrun(script, str(out))
+    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    results = [json.loads((out / f"result_{c}.json").read_text()) for c in range(2)]
+    jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["world_size"] for r in results] == [2, 2] and [r["eval_rows"] for r in results] == [18, 36]
+    for c, r in enumerate(results):
+        assert r["train_logs"] == [[row["step"] + 1, row["loss"]] for row in jsonl if row["client"] == c], (c, r)
+    a, b = (r["eval"] for r in results)
+    assert a["eval_mean_token_accuracy"] != b["eval_mean_token_accuracy"] and a["eval_loss"] != b["eval_loss"]

@@ -121,3 +121,88 @@ def test_a_shadowed_method_is_restored_exactly():
     with hf._shadowed(acc, "prepare", lambda: "shadow"):
         assert acc.prepare() == "shadow"
     assert acc.prepare() == "someone else's"
+
+
+def test_the_logged_training_loss_is_this_clients_mean_over_its_ranks(monkeypatch):
+    """The Trainer logs ``loss`` as the mean of ``tr_loss`` over every process it sees (``nested_gather``, an
+    all-gather over the world): inside a DecaTrainer that mixed every client's model into each client's log. It is now
+    this client's mean over its own ranks (what the Trainer logs under DDP over the client's ranks), as evaluate() and
+    metrics.jsonl report the client's own."""
+    import transformers.trainer as hf_trainer
+    from transformers.trainer_callback import TrainerControl, TrainerState
+
+    # 2 clients x 2 ranks; this is rank 2 (client 1's first rank). tr_loss is the sum of the 2 steps since the last log.
+    trainer = fake_trainer(ClientLayout(4, 2, 2), logging_steps=2)
+    trainer.groups = types.SimpleNamespace(client_group="client 1's group")
+    monkeypatch.setattr(hf_trainer, "nested_gather", lambda t, mode, name=None: torch.tensor([18.0, 18.0, 2.0, 6.0]))
+    groups = []
+
+    def all_gather(out, t, group=None):  # the client's other rank (rank 3) holds 6.0
+        groups.append(group)
+        out[0].copy_(t)
+        out[1].fill_(6.0)
+
+    monkeypatch.setattr(hf.dist, "all_gather", all_gather)
+    trainer.control, trainer.state = TrainerControl(should_log=True), TrainerState(global_step=2)
+    trainer._globalstep_last_logged, trainer._total_loss_scalar = 0, 0.0
+    trainer.store_flos = lambda: None
+    logs = []
+    trainer.log = lambda entry, start_time=None: logs.append(entry)
+    tr_loss = torch.tensor(2.0)
+    trainer._maybe_log_save_evaluate(tr_loss, None, None, None, 0.0, None, 0.0, learning_rate=0.1)
+    # (2 + 6) / 2 ranks / 2 steps; the world's mean would be (18 + 18 + 2 + 6) / 4 / 2 = 5.5. Exact in float32.
+    assert [entry["loss"] for entry in logs] == [2.0] and groups == ["client 1's group"]
+    assert float(tr_loss) == 0.0 and trainer._total_loss_scalar == 4.0
+    assert hf_trainer.nested_gather(torch.tensor(1.0), None).tolist() == [18.0, 18.0, 2.0, 6.0]  # put back
+
+
+def _accelerate_gather_base(seen):
+    """A base Trainer whose loss and loop call Accelerate's gather_for_metrics themselves (as TRL's SFTTrainer's
+    compute_loss does for its entropy, token accuracy and token count)."""
+
+    class Base:
+        def evaluation_loop(self, dataloader, description, *args, **kwargs):
+            seen.append(self.accelerator.gather_for_metrics(torch.tensor(3.0)))
+            seen.append(self.gather_function(torch.arange(4.0)))
+            return types.SimpleNamespace(metrics={})
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            seen.append(self.accelerator.gather_for_metrics(torch.tensor(2.0)))
+            return torch.tensor(1.0)
+
+    return type("FakeDecaTrainer", (hf.DecaTrainerMixin, Base), {})
+
+
+def test_accelerates_own_gathers_stay_inside_the_process_in_evaluation_and_the_client_in_training(monkeypatch):
+    """Before: TRL's compute_loss gathered over the world in evaluate(), so the clients' eval metrics were mixed and
+    clients with eval sets of different sizes ran different numbers of gathers (launched: the run crashed)."""
+    seen = []
+
+    def world_gather(data, use_gather_object=False):
+        raise AssertionError("a gather over the world")
+
+    trainer = object.__new__(_accelerate_gather_base(seen))
+    trainer.layout = ClientLayout(4, 2, 2)
+    trainer.args = training_args()
+    trainer.groups = types.SimpleNamespace(client_group="client 1's group")
+    trainer._micro_losses = []
+    state = types.SimpleNamespace(end_of_dataloader=True, remainder=3)
+    trainer.accelerator = types.SimpleNamespace(gather_for_metrics=world_gather, gradient_state=state,
+                                                pad_across_processes=None)
+    trainer.evaluation_loop(None, "Prediction")
+    # One process: nothing gathered; the last batch cut to its rows; a 0-d tensor, which cannot be cut, as it is
+    # (Accelerate's one-process gather_for_metrics does the same).
+    assert seen[0].tolist() == 3.0 and seen[1].tolist() == [0.0, 1.0, 2.0]
+    assert trainer.accelerator.gather_for_metrics is world_gather and trainer.gather_function is world_gather
+    groups = []
+
+    def all_gather(out, t, group=None):  # the client's other rank holds 5.0
+        groups.append(group)
+        out[0].copy_(t)
+        out[1].fill_(5.0)
+
+    monkeypatch.setattr(hf.dist, "all_gather", all_gather)
+    seen.clear()
+    trainer.compute_loss(torch.nn.Linear(1, 1).train(), {})
+    assert seen[0].tolist() == [2.0, 5.0] and groups == ["client 1's group"]  # the client's ranks, as DDP over them
+    assert trainer.accelerator.gather_for_metrics is world_gather

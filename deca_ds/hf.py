@@ -910,6 +910,17 @@ class DecaTrainerMixin:
         import sys
 
         module = sys.modules[Trainer.__module__]  # the Trainer's own nested_gather, which its logging calls
+        if not hasattr(module, "nested_gather"):
+            # transformers 4.x logs through the method self._nested_gather(tr_loss) instead of the module function.
+            world_method = self._nested_gather
+
+            def nested_gather_method(tensors, name=None):
+                if tensors is not tr_loss:
+                    return world_method(tensors, name)
+                return self._gather_client(tensors.detach()).reshape(-1)
+
+            with _shadowed(self, "_nested_gather", nested_gather_method):
+                return super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
         world_gather = module.nested_gather
 
         def nested_gather(tensors, parallel_mode, name=None):

@@ -206,3 +206,31 @@ def test_accelerates_own_gathers_stay_inside_the_process_in_evaluation_and_the_c
     trainer.compute_loss(torch.nn.Linear(1, 1).train(), {})
     assert seen[0].tolist() == [2.0, 5.0] and groups == ["client 1's group"]  # the client's ranks, as DDP over them
     assert trainer.accelerator.gather_for_metrics is world_gather
+
+
+def test_the_logged_training_loss_is_the_clients_own_on_transformers_4(monkeypatch):
+    """transformers 4.x (>= 4.56 is supported) logs through the method ``self._nested_gather(tr_loss)``, not the
+    module function of 5.x: the client-only gather must reach that one too (without it, looking up the 5.x function
+    failed with AttributeError at the first log step)."""
+    import transformers.trainer as hf_trainer
+
+    class Trainer4:  # the 4.x shape of the logging path
+        def _nested_gather(self, tensors, name=None):
+            return torch.tensor([18.0, 18.0, 2.0, 6.0])  # the world's gather
+
+        def _maybe_log_save_evaluate(self, tr_loss, *args, **kwargs):
+            return self._nested_gather(tr_loss).mean().item(), self._nested_gather(torch.tensor(0.0)).tolist()
+
+    monkeypatch.delattr(hf_trainer, "nested_gather", raising=False)
+    trainer = object.__new__(hf.deca_trainer_class(Trainer4))
+    trainer.layout = ClientLayout(4, 2, 2)
+    trainer.groups = types.SimpleNamespace(client_group="client 1's group")
+
+    def all_gather(out, t, group=None):  # the client's other rank holds 6.0
+        out[0].copy_(t)
+        out[1].fill_(6.0)
+
+    monkeypatch.setattr(hf.dist, "all_gather", all_gather)
+    logged, other = trainer._maybe_log_save_evaluate(torch.tensor(2.0))
+    assert logged == 4.0 and other == [18.0, 18.0, 2.0, 6.0]  # tr_loss over the client; anything else as before
+    assert "_nested_gather" not in vars(trainer)  # put back

@@ -564,16 +564,28 @@ class ZeroBlockEngine:
         # fp32), where stages 0-2 evaluate and save the bf16 model. Under DeepSpeed's bf16 mode this also gives
         # dec_lora's adapters the bf16 dtype DeepSpeed cast them to (peft made them fp32).
         own = dict(self._model.named_parameters())
-        for name, p in model.named_parameters():
+        for name, p in model.named_parameters():  # a tied parameter once, under its first name
             p.data = p.data.to(own[name].dtype)  # meta tensors: no memory yet
+        # Tied parameters (embed_tokens and lm_head) are one Parameter in the meta model; to_empty gives each module
+        # its own new one, so the names of one Parameter are recorded here and made one again below. Not
+        # model.tie_weights(): on a dec_lora model whose lm_head carries an adapter (lora.target_modules with lm_head)
+        # the head is peft's lora.Linear, whose `weight` is a read-only property, and transformers' tie_weights
+        # failed there with "KeyError: attribute 'weight' already exists" after training.
+        aliases: dict[int, list[str]] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(name)
         model = model.to_empty(device="cpu")
+        for first, *others in (names for names in aliases.values() if len(names) > 1):
+            shared = model.get_parameter(first)
+            for name in others:
+                owner, _, leaf = name.rpartition(".")
+                model.get_submodule(owner)._parameters[leaf] = shared
         model.load_state_dict(self.full_state_dict())
         buffers = dict(model.named_buffers())
         with torch.no_grad():  # non-persistent buffers (e.g. rotary inv_freq) are not in the state dict
             for name, buf in self._model.named_buffers():
                 if name in buffers:
                     buffers[name].copy_(buf)
-        model.tie_weights()
         return model.train(self._model.training)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:

@@ -258,3 +258,66 @@ def test_dec_lora_zero3_bf16_saves_the_engines_bf16_model_merged(tmp_path):
         assert saved.keys() == want.keys()
         for k in want:
             assert saved[k].dtype == torch.bfloat16 and torch.equal(saved[k], want[k]), (name, k)
+
+
+def test_dec_lora_zero3_with_an_adapter_on_a_tied_lm_head_saves_the_engines_model_merged(tmp_path):
+    """A model whose lm_head is tied to embed_tokens, with lora.target_modules naming lm_head, under ZeRO-3.
+
+    The stage-3 copy that is evaluated and saved (``ZeroBlockEngine.whole_model``) is built on the meta device and
+    must tie the head to the embeddings again after ``to_empty``. It called transformers' ``tie_weights``, which on
+    this model sets ``weight`` on peft's ``lora.Linear`` (a read-only property there) and failed with
+    ``KeyError: attribute 'weight' already exists``: the run died after training, with nothing saved. Stage 0 runs
+    these settings. Here each saved model must equal, bit for bit, the final checkpoint's parameters (the engine's
+    own, fp32) merged by peft into a model loaded the way the run loads it, the consensus the same merge of the two
+    clients' average (fp32 sum of two, halved: :func:`deca_ds.summary.average_over_clients_`).
+    """
+    pytest.importorskip("peft")
+    import warnings
+
+    import transformers as T
+    from safetensors.torch import load_file
+
+    from deca_ds.build import prepare_model
+    from deca_ds.config import load_config
+    from deca_ds.data.tokenizer import make_byte_tokenizer
+    from deca_ds.models import load_model_and_tokenizer, merged_model
+
+    tok = make_byte_tokenizer()
+    model_dir = tmp_path / "tied"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        T.LlamaForCausalLM(T.LlamaConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True,
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        )).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    settings = [*SETTINGS, f"model.path={model_dir}", "lora.target_modules=[q_proj,v_proj,lm_head]", "max_steps=2",
+                "data.max_length=48"]
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           RECIPE, f"output_dir={out}", f"ds_config={_ds_config(tmp_path, 3)}", *settings]
+    res = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stderr[-6000:]
+
+    cfg = load_config(None, settings)
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    finals = [torch.load(out / "checkpoints" / latest / f"client_{c}" / "state.pt", weights_only=False)["model"]
+              for c in range(2)]
+    assert any("lm_head.lora_A" in k for k in finals[0]), "lm_head carries no adapter: the case is not tested"
+
+    def merged(state):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # peft's tied-adapter note
+            model = prepare_model(cfg, load_model_and_tokenizer(cfg.model, seed=cfg.seed)[0])
+        model.load_state_dict(state)
+        return merged_model(model).state_dict()
+
+    average = {k: (finals[0][k] + finals[1][k]) / 2 for k in finals[0]}
+    for name, state in (("clients/client_0", finals[0]), ("clients/client_1", finals[1]), ("consensus", average)):
+        loaded = _load(out / name)
+        assert torch.equal(loaded["model.embed_tokens.weight"], loaded["lm_head.weight"]), name  # still tied
+        saved, want = load_file(out / name / "model.safetensors"), merged(state)  # as stored, not as loaded
+        assert saved.keys() <= want.keys() and saved
+        for k in saved:
+            assert torch.equal(saved[k], want[k]), (name, k)

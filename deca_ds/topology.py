@@ -146,6 +146,46 @@ def second_eigenvalue(weights) -> tuple[float, float, float]:
     return lam1, lam2, margin
 
 
+def _check_period_mixes(mats: list[np.ndarray]) -> None:
+    """Raise ``ValueError`` when the product ``P`` of one period's matrices (whose union is connected) never mixes.
+
+    Gossip over a period applies ``P = W_T ... W_1``; the clients reach consensus exactly when every eigenvalue of
+    ``P`` but the consensus one has a smaller modulus. ``||P - J/n||_2 < 1`` is sufficient but not necessary (a swap
+    then a pair average mixes with norm 1), so the eigenvalues themselves are compared.
+
+    * When every step gives every client a positive self-weight (every built-in graph does), ``P`` mixes and nothing
+      is computed: ``P_ij >= W_t[i, i'] ... > 0`` wherever any step has an edge ``i-j`` (the other factors' positive
+      diagonals carry it), so ``P`` is irreducible on the connected union, and with a positive diagonal it is
+      primitive: by Perron-Frobenius its consensus eigenvalue is simple and strictly larger than every other modulus.
+    * Otherwise ``|lambda_2(P)|`` is measured (``numpy.linalg.eigvals``) and refused when it equals the consensus
+      eigenvalue up to float64 rounding, ``4 n T eps`` times a bound on ``||P||_2``. Derivation: each of the ``T - 1``
+      products of non-negative matrices rounds within ``n u |A||B| = n u AB`` entrywise, so ``P`` is formed within
+      ``(T - 1) n u ||P||_2``; the Hessenberg QR eigensolver is backward stable, ``p(n) u ||P||_2`` with
+      ``p(n) <= 2n`` assumed as in :func:`second_eigenvalue`; an eigenvalue of modulus 1 of a product of symmetric
+      contractions has the same left and right eigenvectors (condition number 1), so it moves by at most the sum,
+      ``(T + 1) n u ||P||_2`` per modulus, twice that on the difference of two: ``(T + 1) n eps <= 4 n T eps``.
+    """
+    n, steps = mats[0].shape[0], len(mats)
+    if all(np.all(np.diag(w) > 0) for w in mats):
+        return
+    product = np.eye(n)
+    for w in mats:
+        product = w @ product
+    moduli = np.sort(np.abs(np.linalg.eigvals(product)))[::-1]
+    absolute = np.abs(product)
+    # ||P||_2 <= sqrt(||P||_1 ||P||_inf): a bound on the norm, which only widens the margin (no SVD needed).
+    norm_bound = float(np.sqrt(absolute.sum(axis=0).max() * absolute.sum(axis=1).max()))
+    margin = 4 * n * steps * float(np.finfo(np.float64).eps) * norm_bound
+    lam1, lam2 = float(moduli[0]), float(moduli[1]) if n > 1 else 0.0
+    if lam1 - lam2 <= margin:
+        raise ValueError(
+            f"time-varying mixing sequence does not mix over its period: the product of its {steps} matrices has "
+            f"|lambda_2| = {lam2:.9g} equal to the consensus eigenvalue {lam1:.9g} (spectral gap 0 up to float64 "
+            f"rounding {margin:.2g}), so the clients' disagreement never shrinks (e.g. steps that only permute "
+            "clients): give every client a self-weight at every step, e.g. use the lazy matrices (I + W_t)/2"
+        )
+
+
 def mixing_weights(adjacency: np.ndarray, scheme: str = "metropolis") -> np.ndarray:
     """Symmetric doubly-stochastic weights for an undirected graph.
 
@@ -192,7 +232,8 @@ class Topology:
             name: topology name shown in messages and renderings.
             weights_sequence: the matrices of one period. A static graph passes one matrix, which must be connected
                 and mixing (spectral gap above 0, see :func:`second_eigenvalue`); for a time-varying graph only the
-                union over the period must be.
+                union over the period must be connected, and the product of the period's matrices must mix (a step
+                may be disconnected or not mix by itself).
             tol: tolerance of :func:`check_mixing_matrix`.
         """
         if not weights_sequence:
@@ -210,10 +251,14 @@ class Topology:
                     # counts.
                     if "not connected" not in str(err) and "not mixing" not in str(err):
                         raise
-            # The union over one period must be connected and mixing. The average's gap is 0 only when the union
-            # is bipartite without self-weights; then every step maps the +-1 vector of the two sides to its
-            # negative, so the period's product never mixes either: this refuses no sequence that would mix.
+            # The union over one period must be connected. The average's gap is 0 only when the union is bipartite
+            # without self-weights; then every step maps the +-1 vector of the two sides to its negative, so the
+            # period's product never mixes either: this refuses no sequence that would mix.
             check_mixing_matrix(sum(mats) / len(mats), tol)
+            # The converse fails: steps that only permute clients (swap 0-1, then 1-2) have a connected average with
+            # self-weights, yet their product is a permutation (a 3-cycle) and never mixes. The period's product is
+            # what the clients apply, so it is judged itself.
+            _check_period_mixes(mats)
         self._weights = mats
         self.num_clients = mats[0].shape[0]
         self.time_varying = len(mats) > 1

@@ -140,6 +140,46 @@ def test_a_time_varying_graph_is_judged_on_its_period():
         Topology("swap_twice", [swap, swap])
 
 
+def test_a_time_varying_graph_whose_product_only_permutes_is_refused():
+    """Each step a swap of two clients, the average connected with self-weights (gap > 0), yet the period's product
+    is a 3-cycle, a permutation: the clients' values rotate forever and never agree. The average is no test of a
+    period (it was accepted); the product is."""
+    from deca_ds.topology import Topology
+
+    swap_01 = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    swap_12 = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    # Reference, exact in float64 (0/1 entries): the product of one period is the 3-cycle; three periods give I
+    # back, so any x that is not constant never reaches its mean.
+    product = swap_12 @ swap_01
+    assert np.array_equal(product, [[0, 1, 0], [0, 0, 1], [1, 0, 0]])
+    x = np.array([1.0, 2.0, 3.0])
+    assert np.array_equal(np.linalg.matrix_power(product, 3) @ x, x)
+    # ... while the average of the two steps is connected, has self-weights and mixes by itself
+    average = (swap_01 + swap_12) / 2
+    assert 1 - np.sort(np.abs(np.linalg.eigvalsh(average)))[-2] > 0.1
+    with pytest.raises(ValueError, match=r"does not mix over its period") as err:
+        Topology("rotate", [swap_01, swap_12])
+    text = str(err.value)
+    assert "|lambda_2| = 1 " in text and "self-weight" in text and "\n" not in text
+
+
+def test_a_time_varying_graph_that_mixes_only_as_a_product_is_accepted():
+    """A swap then a pair average (client 0 without a self-weight at either step): the period mixes although the
+    swap alone does not, and although ||P - J/n||_2 = 1 (P keeps the norm of (1, -2, 1) for one period)."""
+    from deca_ds.topology import Topology
+
+    swap_01 = np.array([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+    pair_12 = np.array([[1.0, 0.0, 0.0], [0.0, 0.5, 0.5], [0.0, 0.5, 0.5]])
+    product = pair_12 @ swap_01
+    # Reference, in integers (exact): M = 6 (P - J/3) satisfies M^3 = -3 M^2, i.e. (P - J/3)^k = (-1/2)^(k-2)
+    # (P - J/3)^2 for k >= 2, and P^k = J/3 + (P - J/3)^k since P J = J P = J: the disagreement halves per period.
+    m = np.rint(6 * product).astype(np.int64) - 2
+    assert np.array_equal(m @ m @ m, -3 * (m @ m)) and np.any(m @ m)
+    v = np.array([1.0, -2.0, 1.0])
+    assert np.linalg.norm(product @ v) == np.linalg.norm(v)  # reference: the one-period norm bound says "never"
+    Topology("swap_then_pair", [swap_01, pair_12])  # not refused
+
+
 def _static_or_product(topo):
     product = np.eye(topo.num_clients)
     for step in range(topo.period):

@@ -426,7 +426,8 @@ class RunConfig:
         _choice("topology.weights", t.weights, MIXING_WEIGHTS)
         if t.p is not None and t.name != "erdos_renyi":
             raise ConfigError(f"topology.p is set but topology.name={t.name}: it is the edge probability of "
-                              "erdos_renyi only; set topology.name=erdos_renyi or remove topology.p")
+                              "erdos_renyi only; set topology.name=erdos_renyi or remove topology.p (topology.p=null "
+                              "unsets one a config file sets)")
         if t.p is not None and not 0.0 < t.p <= 1.0:
             raise ConfigError(f"topology.p={t.p!r} is out of range: use an edge probability in (0, 1]")
         if t.name == "erdos_renyi" and t.p is None:

@@ -5,6 +5,7 @@ the code under test.
 """
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ from deca_ds.topology import TOPOLOGY_NAMES, check_mixing_matrix, make_topology
 
 BUILT_IN = [n for n in TOPOLOGY_NAMES if n != "custom"]
 EPS = np.finfo(np.float64).eps
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _custom(path):
@@ -258,7 +260,19 @@ def test_topology_p_with_another_graph_is_refused(name, p, tmp_path):
         load_config(None, overrides)
     text = str(err.value)
     assert text == (f"topology.p is set but topology.name={name}: it is the edge probability of erdos_renyi only; "
-                    "set topology.name=erdos_renyi or remove topology.p")
+                    "set topology.name=erdos_renyi or remove topology.p (topology.p=null unsets one a config file "
+                    "sets)")
+
+
+def test_a_shipped_recipe_with_erdos_renyi_p_switched_to_a_ring_names_the_fix_that_works():
+    """gpu_bf16.yaml sets topology.p: 0.5 with erdos_renyi; switched to a ring on the command line, the p it keeps
+    from the file is refused, and the message must name a fix the command line can apply (the file is shipped)."""
+    recipe = ROOT / "recipes" / "configs" / "gpu_bf16.yaml"
+    assert load_config(recipe).topology.p == 0.5
+    with pytest.raises(ConfigError, match=r"topology.p=null unsets one a config file sets"):
+        load_config(recipe, ["topology.name=ring"])
+    fixed = load_config(recipe, ["topology.name=ring", "topology.p=null"])
+    assert fixed.topology.name == "ring" and fixed.topology.p is None
 
 
 def test_topology_p_in_a_yaml_file_with_a_ring_is_refused(tmp_path):

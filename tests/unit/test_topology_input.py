@@ -264,15 +264,20 @@ def test_topology_p_with_another_graph_is_refused(name, p, tmp_path):
                     "sets)")
 
 
-def test_a_shipped_recipe_with_erdos_renyi_p_switched_to_a_ring_names_the_fix_that_works():
-    """gpu_bf16.yaml sets topology.p: 0.5 with erdos_renyi; switched to a ring on the command line, the p it keeps
-    from the file is refused, and the message must name a fix the command line can apply (the file is shipped)."""
-    recipe = ROOT / "recipes" / "configs" / "gpu_bf16.yaml"
+def test_a_recipe_with_erdos_renyi_p_switched_to_a_ring_names_the_fix_that_works(tmp_path):
+    """A recipe file that sets topology.p with erdos_renyi, switched to a ring on the command line: the p it keeps
+    from the file is refused, and the message must name a fix the command line can apply (the file may be shipped
+    or shared). The shipped gpu_bf16.yaml leaves p at its default, so it switches to a ring as it is."""
+    recipe = tmp_path / "er.yaml"
+    recipe.write_text("topology:\n  name: erdos_renyi\n  p: 0.5\n")
     assert load_config(recipe).topology.p == 0.5
     with pytest.raises(ConfigError, match=r"topology.p=null unsets one a config file sets"):
         load_config(recipe, ["topology.name=ring"])
     fixed = load_config(recipe, ["topology.name=ring", "topology.p=null"])
     assert fixed.topology.name == "ring" and fixed.topology.p is None
+    shipped = ROOT / "recipes" / "configs" / "gpu_bf16.yaml"
+    assert load_config(shipped).topology.p == 0.5  # the erdos_renyi default, filled in
+    assert load_config(shipped, ["topology.name=ring"]).topology.p is None
 
 
 def test_topology_p_in_a_yaml_file_with_a_ring_is_refused(tmp_path):

@@ -23,6 +23,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _restore_environ():
+    """Every test leaves ``os.environ`` as it found it. transformers 4.x's ``TrainingArguments`` writes
+    ``ACCELERATE_MIXED_PRECISION`` (``bf16``/``fp16`` from its flags) into ``os.environ`` (5.x no longer does): a unit
+    test that built ``TrainingArguments(bf16=True)`` passed it on to every later launched run (``launch_env`` copies
+    ``os.environ``), whose Trainer then ran under bf16 autocast although its own flags said fp32, so the Trainer runs
+    no longer equalled recipes/finetune.py (seen with 4.56.2 when tests/unit/test_hf*.py ran before the integration
+    tests in one session)."""
+    before = dict(os.environ)
+    yield
+    if dict(os.environ) != before:
+        os.environ.clear()
+        os.environ.update(before)
+
+
 @pytest.fixture(scope="module")
 def tok():
     """The embedded byte tokenizer (no files, no network), shared by the data tests."""

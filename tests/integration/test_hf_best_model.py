@@ -92,6 +92,18 @@ with open(f"{out}/result_{client}.json", "w") as f:
 '''
 
 
+def _as_logged(loss: float) -> float:
+    """A training loss as the installed Trainer logs it: transformers 4.x rounds the logged ``loss`` to 4 decimals
+    (``round(tr_loss_scalar / steps, 4)`` in ``_maybe_log_save_evaluate``), 5.x logs the value itself. Rounding the
+    expected value the same way keeps the comparison exact."""
+    import inspect
+
+    from transformers import Trainer
+
+    rounds = "round(tr_loss_scalar" in inspect.getsource(Trainer._maybe_log_save_evaluate)
+    return round(loss, 4) if rounds else loss
+
+
 def _torchrun(script, *args, timeout=1200):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(script), *args]
@@ -155,7 +167,7 @@ def test_the_logged_training_loss_is_the_clients_own(run):
         assert [s for s, _ in r["train_logs"]] == [2, 4, 6, 8, 10, 12], r["train_logs"]
         for step, logged in r["train_logs"]:
             two = np.float32(loss[c, step - 2]) + np.float32(loss[c, step - 1])
-            assert logged == float(two) / 2, (c, step, logged)
+            assert logged == _as_logged(float(two) / 2), (c, step, logged)
     assert results[0]["train_logs"] != results[1]["train_logs"]
 
 
@@ -202,6 +214,7 @@ def test_trl_evaluate_with_eval_sets_of_different_sizes(tmp_path):
     jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["world_size"] for r in results] == [2, 2] and [r["eval_rows"] for r in results] == [18, 36]
     for c, r in enumerate(results):
-        assert r["train_logs"] == [[row["step"] + 1, row["loss"]] for row in jsonl if row["client"] == c], (c, r)
+        assert r["train_logs"] == [[row["step"] + 1, _as_logged(row["loss"])] for row in jsonl if row["client"] == c], (
+            c, r)
     a, b = (r["eval"] for r in results)
     assert a["eval_mean_token_accuracy"] != b["eval_mean_token_accuracy"] and a["eval_loss"] != b["eval_loss"]

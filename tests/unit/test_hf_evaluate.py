@@ -134,7 +134,13 @@ def test_the_logged_training_loss_is_this_clients_mean_over_its_ranks(monkeypatc
     # 2 clients x 2 ranks; this is rank 2 (client 1's first rank). tr_loss is the sum of the 2 steps since the last log.
     trainer = fake_trainer(ClientLayout(4, 2, 2), logging_steps=2)
     trainer.groups = types.SimpleNamespace(client_group="client 1's group")
-    monkeypatch.setattr(hf_trainer, "nested_gather", lambda t, mode, name=None: torch.tensor([18.0, 18.0, 2.0, 6.0]))
+    world = torch.tensor([18.0, 18.0, 2.0, 6.0])
+    if hasattr(hf_trainer, "nested_gather"):  # transformers 5.x logs through the module function
+        monkeypatch.setattr(hf_trainer, "nested_gather", lambda t, mode, name=None: world.clone())
+        gather_again = lambda: hf_trainer.nested_gather(torch.tensor(1.0), None)  # noqa: E731
+    else:  # 4.x: through the method self._nested_gather
+        monkeypatch.setattr(hf.Trainer, "_nested_gather", lambda self, t, name=None: world.clone())
+        gather_again = lambda: trainer._nested_gather(torch.tensor(1.0))  # noqa: E731
     groups = []
 
     def all_gather(out, t, group=None):  # the client's other rank (rank 3) holds 6.0
@@ -153,7 +159,7 @@ def test_the_logged_training_loss_is_this_clients_mean_over_its_ranks(monkeypatc
     # (2 + 6) / 2 ranks / 2 steps; the world's mean would be (18 + 18 + 2 + 6) / 4 / 2 = 5.5. Exact in float32.
     assert [entry["loss"] for entry in logs] == [2.0] and groups == ["client 1's group"]
     assert float(tr_loss) == 0.0 and trainer._total_loss_scalar == 4.0
-    assert hf_trainer.nested_gather(torch.tensor(1.0), None).tolist() == [18.0, 18.0, 2.0, 6.0]  # put back
+    assert gather_again().tolist() == [18.0, 18.0, 2.0, 6.0] and "_nested_gather" not in vars(trainer)  # put back
 
 
 def _accelerate_gather_base(seen):

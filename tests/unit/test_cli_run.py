@@ -71,6 +71,10 @@ def test_auto_values_resolve_as_the_hf_trainer_resolves_them():
     ours = copy.deepcopy(ds)
     resolved = resolve_auto(ours, cfg, data_parallel=1)
     reference = hf_resolution(ds, cfg, max_steps=50)
+    if reference["scheduler"]["params"]["warmup_num_steps"] == 0:
+        # transformers 4.x (4.56, 4.57) fills warmup_num_steps with the warm-up steps themselves, 0 here, which
+        # DeepSpeed >= 0.19.6 refuses; 5.x fills max(1, warm-up steps), as deca_ds does. Compared with 5.x's value.
+        reference["scheduler"]["params"]["warmup_num_steps"] = 1
     assert ours == reference  # one data-parallel rank: HF's world size and deca_ds's client size agree
     assert set(resolved) >= {"train_batch_size", "optimizer.params.betas", "scheduler.params.total_num_steps"}
     assert ours["optimizer"]["params"]["betas"] == [0.8, 0.99] and ours["scheduler"]["params"]["total_num_steps"] == 50

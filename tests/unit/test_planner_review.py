@@ -40,7 +40,23 @@ def _refused(tmp_path, capsys, model, words, extra=()):
     (_llama(vocab_size=0), ["--model", "vocab_size=0"]),  # was an internal moment_scale_blocks message
 ])
 def test_unusable_config_is_one_line(tmp_path, capsys, cfg, words):
-    _refused(tmp_path, capsys, _model_dir(tmp_path, cfg), words)
+    model = _model_dir(tmp_path, cfg)
+    if "not a multiple" in words[1]:
+        # transformers 5.x's config validation refuses this config; 4.x (4.56, 4.57) reads it and builds a model
+        # (head_dim 250 // 4 = 62, q_proj 250 -> 248, o_proj 248 -> 250), which the planner then plans from its meta
+        # copy like any other: no error to report there.
+        from transformers import AutoConfig
+
+        try:
+            AutoConfig.from_pretrained(model)
+        except Exception:  # noqa: BLE001 - whatever the validation raises; the plan must say it in one line
+            pass
+        else:
+            out = tmp_path / "out"
+            assert cli_main(["plan", "--model", model, "--gpu-memory", "80GiB", "--write", str(out)]) == 0
+            assert (out / "recipe.yaml").exists()
+            return
+    _refused(tmp_path, capsys, model, words)
 
 
 @pytest.mark.parametrize("cfg,key", [

@@ -787,7 +787,16 @@ class DecaTrainerMixin:
     # --- model preparation -------------------------------------------------------------------------------------
 
     def _no_world_ddp(self) -> None:
-        """Accelerate prepares the model without DistributedDataParallel (see the module docstring)."""
+        """Accelerate prepares the model without DistributedDataParallel (see the module docstring), and the
+        Trainer's clipping is :meth:`_clip_grad_norm` whichever transformers calls it.
+
+        transformers 5.x clips through the method ``self._clip_grad_norm(model)``, overridden here. transformers 4.x
+        (4.56, 4.57) has no such method: its loop calls ``self.accelerator.clip_grad_norm_(model.parameters(),
+        max_grad_norm)`` itself, which clipped each rank's own gradients before the client's average (the
+        optimizer's pre-hook), so with ``ranks_per_client`` > 1 the run left ``recipes/finetune.py`` from the second
+        step. Where the base class has no ``_clip_grad_norm`` that accelerator call is routed to it; on 5.x nothing
+        calls ``accelerator.clip_grad_norm_`` without DeepSpeed and it is left alone.
+        """
         accelerator = self.accelerator
         original = accelerator.prepare_model
 
@@ -796,6 +805,12 @@ class DecaTrainerMixin:
             return original(model, device_placement=device_placement, evaluation_mode=True)
 
         accelerator.prepare_model = prepare_model
+        if not hasattr(super(), "_clip_grad_norm"):
+            def clip_grad_norm_(parameters, max_norm, norm_type=2):
+                # The Trainer's only call: every parameter of the model, args.max_grad_norm, the 2-norm.
+                return self._clip_grad_norm(None)
+
+            accelerator.clip_grad_norm_ = clip_grad_norm_
 
     def create_accelerator_and_postprocess(self) -> None:
         """The base Trainer's accelerator; with DeepSpeed, its ``deepspeed.initialize`` call gets the client's
@@ -891,7 +906,19 @@ class DecaTrainerMixin:
         the client's gradient average (over its ranks) the client's own token mean over its whole step, as one
         process would compute it; nothing crosses to other clients (no per-step world collective).
         """
-        n = super()._get_num_items_in_batch(batch_samples, device)
+        return self._client_item_count(super()._get_num_items_in_batch(batch_samples, device), device)
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device):
+        """The base class's batches and item count; on transformers 4.x (4.56, 4.57), which counts the items here
+        and has no ``_get_num_items_in_batch``, the count is made the client's as :meth:`_get_num_items_in_batch`
+        makes it (5.x's ``get_batch_samples`` calls that method, so nothing changes there)."""
+        batch_samples, n = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if not hasattr(super(), "_get_num_items_in_batch"):
+            n = self._client_item_count(n, device)
+        return batch_samples, n
+
+    def _client_item_count(self, n, device):
+        """This rank's item count ``n`` summed over the client's ranks and divided by their number."""
         rpc = self.layout.ranks_per_client
         if n is None or rpc == 1 or not torch.is_tensor(n):
             return n

@@ -98,6 +98,21 @@ def test_torchrun_trainer_four_clients_equal_finetune(tmp_path):
         sum(c[name].abs() for c in clients).max()), rtol=0)
 
 
+RPC2 = ["data.num_examples=600", "blocks.layers_per_block=1", "blocks.switch_every=2", "clients.ranks_per_client=2"]
+RPC2_STEPS = 8
+
+
+def test_torchrun_trainer_two_clients_of_two_ranks_equal_finetune(tmp_path):
+    """2 clients x 2 ranks under plain torchrun: the trainer averages the active block's gradients over the client's
+    ranks, then clips the average (DeepSpeed's stage-0 arithmetic), as recipes/finetune.py. Before, on transformers
+    4.x (whose loop clips through accelerator.clip_grad_norm_, not Trainer._clip_grad_norm) each rank's own gradients
+    were clipped before the average: the losses left the recipe's from the second step."""
+    ft, hf = tmp_path / "finetune", tmp_path / "hf"
+    torchrun(4, FT_RECIPE, f"output_dir={ft}", f"max_steps={RPC2_STEPS}", *RPC2)
+    torchrun(4, HF_RECIPE, "--output_dir", str(hf), "--max_steps", str(RPC2_STEPS), *RPC2)
+    assert_equal_runs(figures(ft), figures(hf), 2, steps=RPC2_STEPS)
+
+
 TRL_SCRIPT = '''
 import sys
 from trl import SFTConfig, SFTTrainer

@@ -369,6 +369,58 @@ def test_compute_loss_func_items_are_counted_over_the_clients_ranks_only(monkeyp
     assert trainer._get_num_items_in_batch([], "cpu") is None
 
 
+def test_items_are_counted_over_the_clients_ranks_on_transformers_4(monkeypatch):
+    """transformers 4.x (4.56, 4.57) counts the items in ``get_batch_samples`` and has no ``_get_num_items_in_batch``:
+    the count must still be the client's (before, 4.x divided a rank's summed loss by that rank's own count)."""
+    import types
+
+    import deca_ds.hf as hf
+
+    reduced = []
+
+    def all_reduce(t, group=None):
+        reduced.append(group)
+        t.add_(torch.tensor(30.0))  # the client's other rank counted 30 items
+
+    monkeypatch.setattr(hf.dist, "all_reduce", all_reduce)
+
+    class Trainer4:  # the 4.x shape: the count comes back with the batches
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches = [next(epoch_iterator) for _ in range(num_batches)]
+            return batches, sum(b["labels"][..., 1:].ne(-100).sum() for b in batches)
+
+    trainer = object.__new__(type("FakeDecaTrainer", (hf.DecaTrainerMixin, Trainer4), {}))
+    trainer.layout, trainer.groups = ClientLayout(4, 1, 2), types.SimpleNamespace(client_group="client")
+    labels = torch.tensor([[5, 6, 7, -100], [5, 6, -100, -100]])  # 2 + 1 items after the shift
+    batches, n = trainer.get_batch_samples(iter([{"labels": labels}]), 1, "cpu")
+    assert len(batches) == 1 and reduced == ["client"] and float(n) == (3 + 30) / 2
+
+
+@pytest.mark.parametrize("clips_itself", [False, True])
+def test_the_trainers_clipping_is_the_clients_on_transformers_4_and_5(clips_itself):
+    """transformers 5.x clips through ``Trainer._clip_grad_norm`` (overridden: the client's average, then
+    DeepSpeed's arithmetic); 4.x calls ``accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)`` in its
+    loop, which clipped each rank's own gradients before the client's average (ranks_per_client 2 under torchrun
+    left recipes/finetune.py from the second step). Without DeepSpeed that call now reaches ``_clip_grad_norm``."""
+    import types
+
+    import deca_ds.hf as hf
+
+    def world_clip(parameters, max_norm, norm_type=2):
+        raise AssertionError("clipped each rank's own gradients")
+
+    base = type("Base", (), {"_clip_grad_norm": lambda self, model: None} if clips_itself else {})
+    trainer = object.__new__(type("FakeDecaTrainer", (hf.DecaTrainerMixin, base), {}))
+    trainer.accelerator = types.SimpleNamespace(prepare_model=lambda *a, **k: None, clip_grad_norm_=world_clip)
+    calls = []
+    trainer._clip_grad_norm = lambda model: calls.append(model) or 0.5
+    trainer._no_world_ddp()
+    if clips_itself:  # 5.x: nothing calls the accelerator's clipping without DeepSpeed; left as it was
+        assert trainer.accelerator.clip_grad_norm_ is world_clip
+    else:
+        assert trainer.accelerator.clip_grad_norm_([torch.zeros(1)], 1.0) == 0.5 and calls == [None]
+
+
 def _client_args_of(args):
     from deca_ds.hf import _client_args
 

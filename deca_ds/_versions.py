@@ -30,8 +30,10 @@ ZeRO-1/2 but fails ZeRO-3 block re-initialization with ``IndexError: pop from an
 
 TRANSFORMERS_MIN = "4.56.0"
 """First transformers release whose ``from_pretrained``/``from_config`` take ``dtype=`` (``deca_ds.models`` and the
-benchmark pass it; 4.55.4 hands it on to the model's ``__init__``, which raises ``TypeError``). The data and model
-unit tests pass with 4.56.0."""
+benchmark pass it; 4.55.4 hands it on to the model's ``__init__``, which raises ``TypeError``). The unit suite and the
+Hugging Face Trainer tests (``tests/unit/test_hf*.py``, ``tests/integration/test_hf*.py``) pass with 4.56.0 (TRL's
+tests skipped: trl 1.16 requires transformers >= 4.56.2) and with 4.56.2 including TRL 1.16; the 4.x Trainer's other
+routes to the overridden hooks are in ``docs/hf_trainer.md`` ("transformers 4.x")."""
 
 BITSANDBYTES_MIN = "0.43.0"
 """Oldest bitsandbytes whose ``functional.quantize_blockwise``/``dequantize_blockwise`` with a custom code map and

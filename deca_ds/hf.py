@@ -597,7 +597,7 @@ def _client_args(args, writer: bool, output_dir: str):
     # A compute_loss_func normalises by num_items_in_batch. With average_tokens_across_devices the Trainer gathers
     # the count over every process it sees (today it sees one per client: measured world_size 1 under torchrun and
     # DeepSpeed), which would divide a client's loss by other clients' tokens. A client's loss is its own:
-    # DecaTrainerMixin._get_num_items_in_batch counts over the client's ranks.
+    # DecaTrainerMixin._get_num_items_in_batch (transformers 4.x: get_batch_samples) counts over the client's ranks.
     if hasattr(args, "average_tokens_across_devices"):
         args.average_tokens_across_devices = False
     return args

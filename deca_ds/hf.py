@@ -880,11 +880,7 @@ class DecaTrainerMixin:
         rpc, group = self.layout.ranks_per_client, self.groups.client_group
         if rpc == 1:
             return data
-        try:
-            recursively_apply(lambda x: x, data, error_on_other_type=True)
-            all_tensors = True
-        except TypeError:
-            all_tensors = False
+        all_tensors = _all_tensors(data)
         if use_gather_object or not all_tensors:
             rows: list = [None] * rpc
             dist.all_gather_object(rows, data, group=group)
@@ -1079,11 +1075,7 @@ class DecaTrainerMixin:
         gs = self.accelerator.gradient_state
         if not (gs.end_of_dataloader and gs.remainder > 0):
             return data
-        try:
-            recursively_apply(lambda x: x, data, error_on_other_type=True)
-            all_tensors = True
-        except TypeError:
-            all_tensors = False
+        all_tensors = _all_tensors(data)
         try:
             if use_gather_object or not all_tensors:  # Accelerate slices the object itself
                 return data[:gs.remainder]
@@ -1327,6 +1319,17 @@ class DecaTrainerMixin:
             from deca_ds.metrics import plot_run
 
             plot_run(self.run_dir)
+
+
+def _all_tensors(data: Any) -> bool:
+    """Whether ``data`` (nested lists/tuples/dicts) holds tensors only: what Accelerate's gathers split by."""
+    from accelerate.utils import recursively_apply
+
+    try:
+        recursively_apply(lambda x: x, data, error_on_other_type=True)
+    except TypeError:
+        return False
+    return True
 
 
 @torch.no_grad()

@@ -146,6 +146,14 @@ def second_eigenvalue(weights) -> tuple[float, float, float]:
     return lam1, lam2, margin
 
 
+def _period_product(mats: list[np.ndarray]) -> np.ndarray:
+    """``P = W_T ... W_1``: what one period of gossip applies to the clients' values (``mats`` in step order)."""
+    product = np.eye(mats[0].shape[0])
+    for w in mats:
+        product = w @ product
+    return product
+
+
 def _check_period_mixes(mats: list[np.ndarray]) -> None:
     """Raise ``ValueError`` when the product ``P`` of one period's matrices (whose union is connected) never mixes.
 
@@ -168,9 +176,7 @@ def _check_period_mixes(mats: list[np.ndarray]) -> None:
     n, steps = mats[0].shape[0], len(mats)
     if all(np.all(np.diag(w) > 0) for w in mats):
         return
-    product = np.eye(n)
-    for w in mats:
-        product = w @ product
+    product = _period_product(mats)
     moduli = np.sort(np.abs(np.linalg.eigvals(product)))[::-1]
     absolute = np.abs(product)
     # ||P||_2 <= sqrt(||P||_1 ||P||_inf): a bound on the norm, which only widens the margin (no SVD needed).
@@ -290,9 +296,7 @@ class Topology:
     def _contraction(self) -> float:
         """Per-period contraction ``||P - J/n||_2`` of disagreement, ``P`` the product of one period's matrices."""
         n = self.num_clients
-        product = np.eye(n)
-        for w in self._weights:
-            product = w @ product
+        product = _period_product(self._weights)
         return float(np.linalg.norm(product - np.full((n, n), 1.0 / n), ord=2))
 
     @property

@@ -595,9 +595,10 @@ def _client_args(args, writer: bool, output_dir: str):
     args._deca_writer = writer
     args.output_dir = output_dir
     # A compute_loss_func normalises by num_items_in_batch. With average_tokens_across_devices the Trainer gathers
-    # the count over every process it sees (today it sees one per client: measured world_size 1 under torchrun and
-    # DeepSpeed), which would divide a client's loss by other clients' tokens. A client's loss is its own:
-    # DecaTrainerMixin._get_num_items_in_batch (transformers 4.x: get_batch_samples) counts over the client's ranks.
+    # the count over every process it sees (every rank of every client: args.world_size is the launched world, see
+    # the evaluation hazard in DecaTrainerMixin), which would divide a client's loss by other clients' tokens. A
+    # client's loss is its own: DecaTrainerMixin._get_num_items_in_batch (transformers 4.x: get_batch_samples) counts
+    # over the client's ranks.
     if hasattr(args, "average_tokens_across_devices"):
         args.average_tokens_across_devices = False
     return args
@@ -880,8 +881,7 @@ class DecaTrainerMixin:
         rpc, group = self.layout.ranks_per_client, self.groups.client_group
         if rpc == 1:
             return data
-        all_tensors = _all_tensors(data)
-        if use_gather_object or not all_tensors:
+        if use_gather_object or not _all_tensors(data):
             rows: list = [None] * rpc
             dist.all_gather_object(rows, data, group=group)
             return [x for row in rows for x in (row if isinstance(row, list) else [row])]
@@ -933,25 +933,16 @@ class DecaTrainerMixin:
         import sys
 
         module = sys.modules[Trainer.__module__]  # the Trainer's own nested_gather, which its logging calls
-        if not hasattr(module, "nested_gather"):
-            # transformers 4.x logs through the method self._nested_gather(tr_loss) instead of the module function.
-            world_method = self._nested_gather
+        # transformers 5.x logs through that module function, 4.x through the method self._nested_gather(tr_loss).
+        owner, name = (module, "nested_gather") if hasattr(module, "nested_gather") else (self, "_nested_gather")
+        world_gather = getattr(owner, name)
 
-            def nested_gather_method(tensors, name=None):
-                if tensors is not tr_loss:
-                    return world_method(tensors, name)
-                return self._gather_client(tensors.detach()).reshape(-1)
-
-            with _shadowed(self, "_nested_gather", nested_gather_method):
-                return super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
-        world_gather = module.nested_gather
-
-        def nested_gather(tensors, parallel_mode, name=None):
+        def nested_gather(tensors, *args, **kwargs):
             if tensors is not tr_loss:
-                return world_gather(tensors, parallel_mode, name)
+                return world_gather(tensors, *args, **kwargs)
             return self._gather_client(tensors.detach()).reshape(-1)
 
-        with _shadowed(module, "nested_gather", nested_gather):
+        with _shadowed(owner, name, nested_gather):
             return super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
 
     def _active_params(self) -> list[torch.nn.Parameter]:
@@ -1075,9 +1066,8 @@ class DecaTrainerMixin:
         gs = self.accelerator.gradient_state
         if not (gs.end_of_dataloader and gs.remainder > 0):
             return data
-        all_tensors = _all_tensors(data)
         try:
-            if use_gather_object or not all_tensors:  # Accelerate slices the object itself
+            if use_gather_object or not _all_tensors(data):  # Accelerate slices the object itself
                 return data[:gs.remainder]
             return recursively_apply(lambda t: t[:gs.remainder], data)
         except Exception:  # noqa: BLE001 - Accelerate's own fallback: returned uncut

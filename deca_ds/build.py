@@ -17,9 +17,9 @@ from deca_ds.blocks import BlockPartition, partition_blocks
 from deca_ds.config import BlocksConfig, ConfigError, RunConfig
 from deca_ds.consensus import ConsensusStep, MixFn, method_spec
 
-__all__ = ["partition_for", "check_blocks", "block_names_for", "uses_torch_adamw", "build_optimizer",
-           "topology_options", "build_topology", "build_consensus_step", "check_lora_support", "prepare_model",
-           "lora_param_names"]
+__all__ = ["partition_for", "check_blocks", "block_names_for", "uses_torch_adamw", "no_decay_names",
+           "build_optimizer", "topology_options", "build_topology", "build_consensus_step", "check_lora_support",
+           "prepare_model", "lora_param_names"]
 
 LORA_MARK = "lora_"
 """Every parameter peft's LoRA adds has this in its name (``lora_A``, ``lora_B``)."""
@@ -165,6 +165,24 @@ def block_names_for(cfg: RunConfig, model: nn.Module) -> list[list[str]]:
     return [list(b.param_names) for b in partition.blocks]
 
 
+def no_decay_names(cfg: RunConfig, model: nn.Module) -> list[str]:
+    """Names of ``model``'s parameters that ``optim.weight_decay`` does not apply to, in ``named_parameters`` order.
+
+    Empty with ``optim.decay_norms_and_biases=true`` (the default); with ``false``, every parameter that
+    ``transformers.Trainer.get_decay_parameter_names(model)`` does not name (biases and LayerNorm/RMSNorm weights by
+    the installed transformers' rule): the plain Trainer's no-decay group.
+    """
+    if cfg.optim.decay_norms_and_biases:
+        return []
+    from transformers import Trainer
+
+    # Hazard: get_decay_parameter_names is a Trainer method that reads only its model argument (transformers 4.x and
+    # 5.x alike); calling it without a Trainer gives the installed version's own rule, so this path and the Hugging
+    # Face integration (deca_ds.hf, which calls it on its Trainer) cannot drift apart.
+    decayed = set(Trainer.get_decay_parameter_names(None, model))
+    return [n for n, _ in model.named_parameters() if n not in decayed]
+
+
 def build_optimizer(cfg: RunConfig, model: nn.Module, no_decay: Iterable[str] | None = None) -> torch.optim.Optimizer:
     """The client optimizer of ``cfg.method`` for ``model`` (already on its training device).
 
@@ -178,12 +196,12 @@ def build_optimizer(cfg: RunConfig, model: nn.Module, no_decay: Iterable[str] | 
         model: the model the method trains.
         no_decay: names of the parameters ``optim.weight_decay`` does not apply to (BlockAdam's ``no_decay``; torch
             AdamW gets them as a second group with ``weight_decay=0``, as ``transformers.Trainer`` builds it).
-            None: every parameter is decayed.
+            None: the recipe's rule, :func:`no_decay_names`.
     """
     from deca_ds.optim import BlockAdam
 
     o = cfg.optim
-    no_decay = set(no_decay or ())
+    no_decay = set(no_decay_names(cfg, model) if no_decay is None else no_decay)
     if uses_torch_adamw(cfg):
         hp = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
         if not no_decay:  # one group, as before the rule existed: its checkpoints keep loading

@@ -831,7 +831,7 @@ class DecaTrainerMixin:
         Weight decay follows the Trainer's rule: ``args.weight_decay`` applies to the parameters named by
         ``self.get_decay_parameter_names(model)`` (a subclass's override included) and not to the others (biases and
         LayerNorm/RMSNorm weights by transformers' default), as ``Trainer.create_optimizer``'s two AdamW groups do:
-        the others are BlockAdam's ``no_decay``.
+        the others are BlockAdam's ``no_decay`` (the deca_ds setting ``optim.decay_norms_and_biases`` is not read).
         """
         if self.optimizer is None:
             from deca_ds.build import build_consensus_step, build_optimizer

@@ -8,7 +8,7 @@ No DeepSpeed and no process group here.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -17,9 +17,9 @@ from deca_ds.blocks import BlockPartition, partition_blocks
 from deca_ds.config import BlocksConfig, ConfigError, RunConfig
 from deca_ds.consensus import ConsensusStep, MixFn, method_spec
 
-__all__ = ["partition_for", "check_blocks", "block_names_for", "uses_torch_adamw", "build_optimizer",
-           "topology_options", "build_topology", "build_consensus_step", "check_lora_support", "prepare_model",
-           "lora_param_names"]
+__all__ = ["partition_for", "check_blocks", "block_names_for", "uses_torch_adamw", "no_decay_names",
+           "build_optimizer", "topology_options", "build_topology", "build_consensus_step", "check_lora_support",
+           "prepare_model", "lora_param_names"]
 
 LORA_MARK = "lora_"
 """Every parameter peft's LoRA adds has this in its name (``lora_A``, ``lora_B``)."""
@@ -165,20 +165,54 @@ def block_names_for(cfg: RunConfig, model: nn.Module) -> list[list[str]]:
     return [list(b.param_names) for b in partition.blocks]
 
 
-def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+def no_decay_names(cfg: RunConfig, model: nn.Module) -> list[str]:
+    """Names of ``model``'s parameters that ``optim.weight_decay`` does not apply to, in ``named_parameters`` order.
+
+    Empty with ``optim.decay_norms_and_biases=true`` (the default); with ``false``, every parameter that
+    ``transformers.Trainer.get_decay_parameter_names(model)`` does not name (biases and LayerNorm/RMSNorm weights by
+    the installed transformers' rule): the plain Trainer's no-decay group.
+    """
+    if cfg.optim.decay_norms_and_biases:
+        return []
+    from transformers import Trainer
+
+    # Hazard: get_decay_parameter_names is a Trainer method that reads only its model argument (transformers 4.x and
+    # 5.x alike); calling it without a Trainer gives the installed version's own rule, so this path and the Hugging
+    # Face integration (deca_ds.hf, which calls it on its Trainer) cannot drift apart.
+    decayed = set(Trainer.get_decay_parameter_names(None, model))
+    return [n for n, _ in model.named_parameters() if n not in decayed]
+
+
+def build_optimizer(cfg: RunConfig, model: nn.Module, no_decay: Iterable[str] | None = None) -> torch.optim.Optimizer:
     """The client optimizer of ``cfg.method`` for ``model`` (already on its training device).
 
     :class:`deca_ds.optim.BlockAdam` (``auto_switch=False``: the switch happens in :class:`ConsensusStep`), one block
     per layer group or one block for D-Adam, or torch AdamW for the centralized full-parameter baseline. With
     ``optim.fused_backward`` BlockAdam steps each parameter inside backward (the caller's step must allow it: see
     :func:`build_consensus_step`).
+
+    Args:
+        cfg: the run's settings.
+        model: the model the method trains.
+        no_decay: names of the parameters ``optim.weight_decay`` does not apply to (BlockAdam's ``no_decay``; torch
+            AdamW gets them as a second group with ``weight_decay=0``, as ``transformers.Trainer`` builds it).
+            None: the recipe's rule, :func:`no_decay_names`.
     """
     from deca_ds.optim import BlockAdam
 
     o = cfg.optim
+    no_decay = set(no_decay_names(cfg, model) if no_decay is None else no_decay)
     if uses_torch_adamw(cfg):
-        return torch.optim.AdamW(model.parameters(), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                 weight_decay=o.weight_decay)
+        hp = dict(lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+        if not no_decay:  # one group, as before the rule existed: its checkpoints keep loading
+            return torch.optim.AdamW(model.parameters(), **hp)
+        named = list(model.named_parameters())
+        unknown = sorted(no_decay - {n for n, _ in named})
+        if unknown:
+            raise ValueError(f"no_decay names parameters not in model.named_parameters(): {unknown}")
+        groups = [{"params": [p for n, p in named if n not in no_decay]},
+                  {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, **hp)
     spec = method_spec(cfg.method)
     if spec.lora:
         blocks: Any = [_lora_block(model)]
@@ -191,7 +225,7 @@ def build_optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
                      switch_every=b.switch_every, order=b.order, state_policy=o.state_policy,
                      fixed_order=b.fixed_order, seed=cfg.seed, offload_dtype=o.offload_dtype, auto_switch=False,
                      local_moments=spec.local_moments, fused_backward=o.fused_backward,
-                     moment_dtype=o.moment_dtype)
+                     moment_dtype=o.moment_dtype, no_decay=no_decay)
 
 
 def _lora_block(model: nn.Module) -> list[str]:

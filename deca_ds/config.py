@@ -149,6 +149,12 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.0
     """Decoupled (AdamW) weight decay."""
+    decay_norms_and_biases: bool = True
+    """Apply ``weight_decay`` to every trained parameter (true), or, false, only to those
+    ``transformers.Trainer.get_decay_parameter_names`` names: biases and LayerNorm/RMSNorm weights are not decayed,
+    as in a plain Trainer's two AdamW groups (BlockAdam's ``no_decay``; the torch-AdamW baseline gets the two groups).
+    The Hugging Face integration always follows its Trainer's rule (TrainingArguments owns weight decay). Refused with
+    ZeRO stages 1-3, where DeepSpeed's AdamW decays the whole block."""
     state_policy: str = "reset"
     """``reset`` drops an inactive block's master and moments (BAdam); ``offload`` keeps them in CPU memory."""
     offload_dtype: str = "fp32"

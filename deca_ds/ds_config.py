@@ -459,6 +459,10 @@ def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int | None =
         raise ConfigError(f"optim.moment_dtype={cfg.optim.moment_dtype} needs BlockAdam, and under ZeRO stage {stage} "
                           "DeepSpeed's AdamW holds the moments: set optim.moment_dtype=fp32 or "
                           "zero_optimization.stage=0")
+    if not cfg.optim.decay_norms_and_biases and stage >= 1:
+        raise ConfigError(f"optim.decay_norms_and_biases=false needs BlockAdam's per-parameter weight decay, and under "
+                          f"ZeRO stage {stage} DeepSpeed's AdamW decays the whole block: set "
+                          "optim.decay_norms_and_biases=true or zero_optimization.stage=0")
 
 
 FUSED_FIX = "or set optim.fused_backward=false"

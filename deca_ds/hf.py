@@ -674,8 +674,6 @@ class DecaTrainerMixin:
         self._nonfinite_since_log = False  # a non-finite step between log steps, reported at the next one
         self._step_figures = {"bytes_sent": 0, "nonfinite": False, "block": 0}
         self._grads_reduced = False
-        self._decayed: set = set()  # parameters args.weight_decay applies to (create_optimizer)
-        self._held_weight_decay = 0.0
         self._writer = None
         self._t0 = time.perf_counter()
         _client_args(training_args, layout.local_rank == 0,
@@ -832,17 +830,16 @@ class DecaTrainerMixin:
 
         Weight decay follows the Trainer's rule: ``args.weight_decay`` applies to the parameters named by
         ``self.get_decay_parameter_names(model)`` (a subclass's override included) and not to the others (biases and
-        LayerNorm/RMSNorm weights by transformers' default), as ``Trainer.create_optimizer``'s two AdamW groups do.
-        BlockAdam has one parameter group, so the decay is applied by :func:`_decoupled_weight_decay_` from the step
-        pre-hook (see there).
+        LayerNorm/RMSNorm weights by transformers' default), as ``Trainer.create_optimizer``'s two AdamW groups do:
+        the others are BlockAdam's ``no_decay`` (the deca_ds setting ``optim.decay_norms_and_biases`` is not read).
         """
         if self.optimizer is None:
             from deca_ds.build import build_consensus_step, build_optimizer
 
             # The model BlockAdam trains and names its parameters after (the Trainer's own rule reads the same one).
             decay_names = set(self.get_decay_parameter_names(self.model))
-            self._decayed = {p for n, p in self.model.named_parameters() if n in decay_names}
-            opt = build_optimizer(self.deca_config, self.model)
+            no_decay = [n for n, _ in self.model.named_parameters() if n not in decay_names]
+            opt = build_optimizer(self.deca_config, self.model, no_decay=no_decay)
             self.consensus = build_consensus_step(self.deca_config, opt,
                                                   self.mixer.mix_ if self.mixer is not None else None)
             opt.register_step_pre_hook(self._before_optimizer_step)
@@ -987,13 +984,9 @@ class DecaTrainerMixin:
         self._step_figures = {"nonfinite": nonfinite, "block": optimizer.active_block_idx, "bytes_sent": 0,
                               "lr": float(optimizer.param_groups[0]["lr"])}
         self.consensus.before_step()
-        # After the snapshot: the decay is part of the local step the consensus signal measures, as inside BlockAdam.
-        self._held_weight_decay = _decoupled_weight_decay_(optimizer, self._decayed)
 
     def _after_optimizer_step(self, optimizer, args, kwargs) -> None:
         """After BlockAdam's step: gossip -> consensus signal -> moment correction -> block switch."""
-        # Between steps the group holds the Trainer's weight_decay again (state_dict, checkpoints, callbacks).
-        optimizer.param_groups[0]["weight_decay"] = self._held_weight_decay
         self.consensus.after_step(optimizer.global_step - 1)
         stats = self.consensus.last_mix_stats
         self._step_figures["bytes_sent"] = stats.bytes_sent if stats is not None else 0
@@ -1320,41 +1313,6 @@ def _all_tensors(data: Any) -> bool:
     except TypeError:
         return False
     return True
-
-
-@torch.no_grad()
-def _decoupled_weight_decay_(optimizer, decayed: set) -> float:
-    """Apply this step's AdamW weight decay to the active parameters in ``decayed`` only; call just before
-    ``optimizer.step()``. Returns the group's ``weight_decay``, which is 0 until the caller restores it after the step.
-
-    BlockAdam (one parameter group) decays every active parameter as the first operation of its step,
-    ``x *= 1 - lr * weight_decay`` on the fp32 master (:func:`deca_ds.optim.block_adam.adamw_step_`), as torch's
-    AdamW does per group. Here the same multiplication runs on the same masters (:meth:`BlockAdam.master_params`)
-    for the decayed parameters that have a gradient (BlockAdam and torch skip a parameter without one, decay
-    included), and the group's ``weight_decay`` is 0 for the step itself: every parameter then goes through exactly
-    the operations, in the same order, of torch's AdamW in the group ``Trainer.create_optimizer`` would put it in.
-    Nothing is decayed on a step the pre-hook marked skipped (``skip_next_step``: a non-finite loss or gradient).
-
-    Args:
-        optimizer: the :class:`deca_ds.optim.BlockAdam`, after the step's gradients are final.
-        decayed: the parameters ``args.weight_decay`` applies to.
-
-    Returns:
-        The ``weight_decay`` the group held.
-    """
-    group = optimizer.param_groups[0]
-    wd = group["weight_decay"]
-    group["weight_decay"] = 0.0
-    if wd == 0 or optimizer.skip_next_step:
-        return wd
-    # Hazard: master_params() creates the fp32 master (and zero moments) of a bf16/fp16 parameter that has none yet,
-    # as BlockAdam's step would a moment later (from the same weights, so the values are the same); for fp32 weights
-    # it returns the weights themselves.
-    xs = [x for p, x in zip(optimizer.active_params(), optimizer.master_params())
-          if p.grad is not None and p in decayed]
-    if xs:
-        torch._foreach_mul_(xs, 1 - group["lr"] * wd)
-    return wd
 
 
 class _DecaCallback(TrainerCallback):

@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from deca_ds.blocks import BlockSchedule
-from deca_ds.build import block_names_for, prepare_model, uses_torch_adamw
+from deca_ds.build import block_names_for, no_decay_names, prepare_model, uses_torch_adamw
 from deca_ds.config import ConfigError, RunConfig, check_stacked_support
 from deca_ds.consensus import ConsensusStep
 from deca_ds.data.formatting import IGNORE_INDEX
@@ -115,6 +115,7 @@ class StackedBlockAdam:
         params: name -> stacked parameter ``(R, ...)`` (fp32, or bf16/fp16 with fp32 masters of the active block).
         blocks: parameter names of each block, in block order.
         lr, betas, eps, weight_decay: AdamW hyperparameters.
+        no_decay: names of the parameters ``weight_decay`` does not apply to (as :class:`deca_ds.optim.BlockAdam`).
         switch_every, order, fixed_order, seed: the block schedule (:class:`deca_ds.blocks.BlockSchedule`).
         state_policy: ``reset`` or ``offload`` (see :class:`deca_ds.optim.BlockAdam`).
         offload_dtype: ``fp32`` or ``int8`` storage of offloaded moments.
@@ -127,8 +128,9 @@ class StackedBlockAdam:
     def __init__(self, params: dict[str, torch.Tensor], blocks: Sequence[Sequence[str]], *, lr: float,
                  betas: Sequence[float], eps: float, weight_decay: float, switch_every: int, order: str,
                  fixed_order: Sequence[int] | None, seed: int, state_policy: str, offload_dtype: str,
-                 local_moments: bool):
+                 local_moments: bool, no_decay: Iterable[str] = ()):
         self.params = params
+        self.no_decay = frozenset(no_decay)
         self.blocks = [list(b) for b in blocks]
         self.replicas = next(iter(params.values())).shape[0]
         self.schedule = BlockSchedule(len(self.blocks), switch_every, order, fixed_order, seed)
@@ -230,7 +232,8 @@ class StackedBlockAdam:
                 for r in rows:
                     t = self.steps[0] if uniform else self.steps[r]
                     adamw_step_(x[r], g[r], st["exp_avg"][r], st["exp_avg_sq"][r], t, group["lr"], beta1, beta2,
-                                group["eps"], group["weight_decay"], self.local_moments)
+                                group["eps"], 0.0 if name in self.no_decay else group["weight_decay"],
+                                self.local_moments)
                 if "master" in st:
                     self.params[name].data.copy_(x)
         self.global_step += 1
@@ -398,7 +401,8 @@ class StackedSimulation:
             self.params, self.blocks, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay,
             switch_every=b.switch_every if not single else 1, order=b.order if not single else "ascending",
             fixed_order=b.fixed_order if not single else None, seed=cfg.seed, state_policy=o.state_policy,
-            offload_dtype=o.offload_dtype, local_moments=self.spec.local_moments)
+            offload_dtype=o.offload_dtype, local_moments=self.spec.local_moments,
+            no_decay=no_decay_names(cfg, model))
         self.hook = None
         if self.block_wise:
             # One client has no neighbour: nothing to mix, nothing to correct.

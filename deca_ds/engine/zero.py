@@ -209,6 +209,10 @@ class ZeroBlockEngine:
         self.stage = zero_stage(ds_config)
         if self.stage not in (1, 2, 3):
             raise ConfigError(f"ZeroBlockEngine needs zero_optimization.stage 1, 2 or 3, got {self.stage}")
+        if not cfg.optim.decay_norms_and_biases:  # check_ds_config refuses it first on every launch path
+            raise ConfigError(f"optim.decay_norms_and_biases=false needs BlockAdam's per-parameter weight decay, and "
+                              f"under ZeRO stage {self.stage} DeepSpeed's AdamW decays the whole block: set "
+                              "optim.decay_norms_and_biases=true or zero_optimization.stage=0")
         self.device = device()
         model.to(self.device)
         self._model = model

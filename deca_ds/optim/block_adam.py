@@ -91,7 +91,7 @@ def adamw_foreach_step_(
     beta1: float,
     beta2: float,
     eps: float,
-    weight_decay: float,
+    weight_decay: float | Sequence[float],
     local_moments: bool = True,
 ) -> None:
     """:func:`adamw_step_` on lists of tensors with torch's multi-tensor (``_foreach``) kernels.
@@ -110,12 +110,19 @@ def adamw_foreach_step_(
         exp_avgs: first moments, fp32 (updated in place when ``local_moments``).
         exp_avg_sqs: second moments, fp32 (updated in place when ``local_moments``).
         steps: bias-correction step of each tensor (1 at its first update).
-        lr, beta1, beta2, eps, weight_decay, local_moments: as :func:`adamw_step_`.
+        weight_decay: as :func:`adamw_step_`, one value for every tensor or one per tensor (what torch's AdamW
+            does with parameter groups of different ``weight_decay``: e.g. 0 for biases and norm weights).
+        lr, beta1, beta2, eps, local_moments: as :func:`adamw_step_`.
     """
     if not xs:
         return
-    if weight_decay != 0:
-        torch._foreach_mul_(xs, 1 - lr * weight_decay)
+    decays = list(weight_decay) if isinstance(weight_decay, Sequence) else [weight_decay] * len(xs)
+    if len(decays) != len(xs):
+        raise ValueError(f"adamw_foreach_step_ got {len(decays)} weight decays for {len(xs)} tensors")
+    # As adamw_step_ (and torch's AdamW per group): a tensor whose decay is 0 is not multiplied at all.
+    decayed = [(x, 1 - lr * wd) for x, wd in zip(xs, decays) if wd != 0]
+    if decayed:
+        torch._foreach_mul_([x for x, _ in decayed], [factor for _, factor in decayed])
     if local_moments:
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -197,10 +204,12 @@ class BlockAdam(torch.optim.Optimizer):
 
     ``param_groups`` holds exactly one group with the active block's parameters (and ``lr``, ``betas``, ``eps``,
     ``weight_decay``), so DeepSpeed (stage 0, client optimizer) and LR schedulers work unchanged; on a switch the
-    same group dict gets the new block's parameters. ``opt.state[p]`` exists for active-block parameters only, with
-    torch's keys ``step``, ``exp_avg``, ``exp_avg_sq`` (fp32) and ``master`` (fp32) when ``p`` is not fp32; with
-    ``moment_dtype="int8"`` the two moments are :data:`INT8_MOMENT_KEYS` instead (read them with
-    :func:`moments_of`).
+    same group dict gets the new block's parameters. Weight decay is per parameter all the same: the group's
+    ``weight_decay`` applies to every parameter except those named in ``no_decay``, which get none (what torch's
+    AdamW does with a decay group and a ``weight_decay=0`` group, as ``transformers.Trainer`` builds them).
+    ``opt.state[p]`` exists for active-block parameters only, with torch's keys ``step``, ``exp_avg``,
+    ``exp_avg_sq`` (fp32) and ``master`` (fp32) when ``p`` is not fp32; with ``moment_dtype="int8"`` the two
+    moments are :data:`INT8_MOMENT_KEYS` instead (read them with :func:`moments_of`).
 
     Args:
         model: The model; only its parameters in ``blocks`` are trained, the others get ``requires_grad=False``.
@@ -208,7 +217,7 @@ class BlockAdam(torch.optim.Optimizer):
         lr: Learning rate γ.
         betas: (α1, α2) of the local statistics.
         eps: Denominator term.
-        weight_decay: Decoupled (AdamW) weight decay.
+        weight_decay: Decoupled (AdamW) weight decay, of every parameter not in ``no_decay``.
         switch_every: Optimizer steps a block stays active (R).
         order: Block order, see :class:`~deca_ds.blocks.BlockSchedule`.
         state_policy: ``"reset"`` (drop master and moments of a block leaving; its next visit starts from the model
@@ -235,10 +244,14 @@ class BlockAdam(torch.optim.Optimizer):
             a data-parallel gradient reduction (several ranks per client), or skipping a step after the fact
             (``skip_next_step`` raises). Non-finite gradients are still detected, without a host sync per tensor:
             :meth:`nonfinite_in_backward` says whether any stepped gradient was not finite.
+        no_decay: Names (as ``model.named_parameters()`` gives them, exactly: not substrings) of the parameters
+            that get no weight decay, typically biases and norm weights (the complement of
+            ``Trainer.get_decay_parameter_names(model)``). Names outside every block are allowed (they are never
+            trained). Saved in :meth:`state_dict`; default: every parameter is decayed.
 
     Raises:
         ValueError: unknown ``state_policy``/``offload_dtype``/``moment_dtype``/``order``, bad hyperparameters, or
-            block names not in the model.
+            block or ``no_decay`` names not in the model.
         ConfigError: ``int8`` storage without an importable bitsandbytes.
     """
 
@@ -261,6 +274,7 @@ class BlockAdam(torch.optim.Optimizer):
         auto_switch: bool = True,
         local_moments: bool = True,
         fused_backward: bool = False,
+        no_decay: Iterable[str] = (),
     ):
         if state_policy not in STATE_POLICIES:
             raise ValueError(f"unknown state_policy {state_policy!r}; choose one of {STATE_POLICIES}")
@@ -289,6 +303,7 @@ class BlockAdam(torch.optim.Optimizer):
         named = dict(model.named_parameters())
         self._block_params: list[list[nn.Parameter]] = [[named[n] for n in b.param_names] for b in self._blocks]
         self._names: dict[nn.Parameter, str] = {p: n for n, p in named.items()}
+        self._set_no_decay(no_decay)
         self._global_step = 0
         first = self._schedule.position(0).block_idx
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
@@ -344,6 +359,27 @@ class BlockAdam(torch.optim.Optimizer):
     def param_name(self, p: nn.Parameter) -> str:
         """The model's name of parameter ``p``."""
         return self._names[p]
+
+    @property
+    def no_decay(self) -> frozenset[str]:
+        """Names of the parameters the group's ``weight_decay`` does not apply to."""
+        return self._no_decay
+
+    def _set_no_decay(self, names: Iterable[str]) -> None:
+        if isinstance(names, str):  # iterating it would give characters, never a parameter name
+            raise ValueError(f"no_decay must be a collection of parameter names, got the string {names!r}")
+        named = dict(self._model.named_parameters())
+        names = frozenset(names)
+        unknown = sorted(n for n in names if n not in named)
+        if unknown:
+            raise ValueError(f"no_decay names parameters not in model.named_parameters() (exact names, not "
+                             f"patterns): {unknown}")
+        self._no_decay = names
+        self._undecayed = {named[n] for n in names}
+
+    def _weight_decays(self, params: Sequence[nn.Parameter], group: dict) -> list[float]:
+        """The decoupled weight decay of each of ``params``: the group's, or 0 for the ``no_decay`` ones."""
+        return [0.0 if p in self._undecayed else group["weight_decay"] for p in params]
 
     # ------------------------------------------------------------------------------------------------ state
 
@@ -487,7 +523,7 @@ class BlockAdam(torch.optim.Optimizer):
         # Phase 2: the AdamW maths on the masters.
         adamw_foreach_step_(xs, grads, [m for m, _ in moments], [v for _, v in moments],
                             [int(c.item()) for c in counters], group["lr"], beta1, beta2, group["eps"],
-                            group["weight_decay"], self.local_moments)
+                            self._weight_decays(params, group), self.local_moments)
         if self.moment_dtype == "int8" and self.local_moments:
             # Without local moments the step left m and v unchanged: nothing to store (no needless re-rounding).
             for st, (m, v) in zip(states, moments):
@@ -615,6 +651,7 @@ class BlockAdam(torch.optim.Optimizer):
             "moment_dtype": self.moment_dtype,
             "local_moments": self.local_moments,
             "param_group": group,
+            "no_decay": sorted(self._no_decay),
             "state": active,
             "offloaded": self._store.state_dict() if self._store is not None else None,
         }
@@ -623,8 +660,14 @@ class BlockAdam(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore a state saved by :meth:`state_dict` (the model weights are restored separately).
 
+        The hyperparameters are the checkpoint's, as torch's ``Optimizer.load_state_dict`` restores each group's:
+        ``lr``, ``betas``, ``eps``, ``weight_decay`` and the ``no_decay`` names. A checkpoint from before ``no_decay``
+        existed keeps this optimizer's own ``no_decay`` (the Hugging Face integration applied the Trainer's rule
+        outside BlockAdam then, to a group holding the Trainer's ``weight_decay``: the rule it is built with now).
+
         Raises:
-            ValueError: the checkpoint's blocks, state policy or moment dtype differ from this optimizer's.
+            ValueError: the checkpoint's blocks, state policy or moment dtype differ from this optimizer's, or its
+                ``no_decay`` names a parameter this model does not have.
         """
         if state_dict.get("format") != "deca_ds.BlockAdam/1":
             raise ValueError("not a BlockAdam state dict (missing format 'deca_ds.BlockAdam/1')")
@@ -639,6 +682,8 @@ class BlockAdam(torch.optim.Optimizer):
         if saved_dtype != self.moment_dtype:
             raise ValueError(f"checkpoint holds {saved_dtype} moments, this optimizer moment_dtype="
                              f"{self.moment_dtype!r}: resume with optim.moment_dtype={saved_dtype}")
+        if "no_decay" in state_dict:  # validated before anything changes
+            self._set_no_decay(state_dict["no_decay"])
         self._schedule.load_state_dict(state_dict["schedule"])
         # Drop whatever state exists now (without parking it), then activate the checkpoint's block.
         self.state = defaultdict(dict)

@@ -58,7 +58,8 @@ def _args(out, **kw):
 def _train_and_replay(rank, world, tmp, override_all):
     """Train one DecaTrainer client, then replay its gradients through the plain Trainer's AdamW.
 
-    Returns ``{name: (equal, trained, decay_group)}`` for every parameter, plus the AdamW groups' weight decays.
+    Returns ``{name: (equal, trained, decay_group)}`` for every parameter, the AdamW groups' weight decays, and
+    BlockAdam's ``no_decay`` names and group ``weight_decay`` after training.
     """
     import copy
 
@@ -117,7 +118,9 @@ def _train_and_replay(rank, world, tmp, override_all):
     for n, p in model.named_parameters():
         out[n] = (torch.equal(p.detach(), named[n].detach()), not torch.equal(p.detach(), start[n]),
                   decay_of[named[n]])
-    return out, sorted({g["weight_decay"] for g in opt.param_groups if g["params"]})
+    block_adam = trainer.block_optimizer
+    return (out, sorted({g["weight_decay"] for g in opt.param_groups if g["params"]}),
+            (sorted(block_adam.no_decay), block_adam.param_groups[0]["weight_decay"]))
 
 
 @pytest.mark.parametrize("override_all", [False, True], ids=["trainer_rule", "user_override"])
@@ -125,13 +128,15 @@ def test_weight_decay_follows_the_trainers_decay_parameter_names(tmp_path, overr
     """Before: BlockAdam decayed every parameter of the active block, biases and norm weights included, so a
     DecaTrainer client's update differed from the plain Trainer's (and a user's get_decay_parameter_names was
     ignored)."""
-    (out, group_decays), = run_distributed(_train_and_replay, 1, str(tmp_path), override_all, init=False,
-                                           timeout=600)
+    (out, group_decays, (no_decay, group_wd)), = run_distributed(_train_and_replay, 1, str(tmp_path), override_all,
+                                                               init=False, timeout=600)
     # HF's two groups (the no-decay one is empty when everything decays).
     assert group_decays == ([WD] if override_all else [0.0, WD])
     for name in NOT_DECAYED + DECAYED:
         equal, trained, decay = out[name]
         assert trained, f"{name} should have been trained (block 0 is active)"
         assert decay == (WD if override_all or name in DECAYED else 0.0), (name, decay)
+    # The rule is BlockAdam's own (no_decay = the Trainer's zero-decay group), in one group holding args.weight_decay.
+    assert no_decay == sorted(n for n, (_, _, decay) in out.items() if decay == 0.0) and group_wd == WD
     unequal = sorted(n for n, (equal, _, _) in out.items() if not equal)
     assert not unequal, f"parameters whose DecaTrainer update differs from the Trainer's AdamW: {unequal}"

@@ -87,6 +87,7 @@ METHODS = {
     "centralized_adamw": ["method=centralized", "centralized_optimizer=adamw"],
     "dec_lora": ["method=dec_lora", "optim.lr=1e-2"],  # adapters start at B = 0: a larger step to move
     "bf16_wire_ring": ["method=deca", "gossip.dtype=bf16", "topology.name=ring"],
+    "deca_no_decay": ["method=deca", "optim.weight_decay=0.5", "optim.decay_norms_and_biases=false"],
 }
 
 

@@ -53,7 +53,9 @@ collective (the base Trainer, which sees the whole world, would shard and gather
 clients the ``metric_for_best_model`` value is the mean over clients, so ``load_best_model_at_end``,
 ``EarlyStoppingCallback`` and ``save_strategy="best"`` decide the same on every client (the client's own value is
 logged as ``<metric>_client``; see :meth:`DecaTrainerMixin._agree_on_best_metric`). Evaluate ``consensus/`` for the
-run's result.
+run's result. The Trainer's counts are the client's too: ``train_samples_per_second``, ``total_flos``,
+``num_input_tokens_seen`` and the log's "Total train batch size" sum over the client's ranks (the base Trainer sums
+over the world), and ``eval_steps_per_second`` counts the steps this rank ran.
 
 Why this module touches DeepSpeed (the only one outside ``deca_ds.engine``): Accelerate calls
 ``deepspeed.initialize`` itself and has no way to pass an ``mpu``; :func:`_client_mpu_initialize` wraps that one call.
@@ -722,7 +724,32 @@ class DecaTrainerMixin:
         if not (self.args.max_steps and self.args.max_steps > 0):
             self._steps_from_epochs()
         self._agree_on_evaluation()
-        return super().train(*args, **kwargs)
+        # The Trainer's only accelerator.gather calls in training count tokens over the data-parallel processes
+        # (num_input_tokens_seen; and num_items_in_batch, off by _client_args): a client's are its own ranks.
+        with _shadowed(self.accelerator, "gather", self._gather_client):
+            return super().train(*args, **kwargs)
+
+    def get_total_train_batch_size(self, args) -> int:
+        """Rows per optimizer step of this client: micro-batch x accumulation steps x the client's ranks.
+
+        The base class multiplies by the world it sees (every rank of every client), which made a client's
+        ``train_samples_per_second`` and its log's "Total train batch size" count every client's rows."""
+        return self._train_batch_size * args.gradient_accumulation_steps * self.layout.ranks_per_client
+
+    def store_flos(self) -> None:
+        """Add the FLOPs since the last call to ``state.total_flos``, summed over this client's ranks.
+
+        The base class sums over the world (an all-gather over every rank of every client): every client's
+        ``total_flos`` held the whole run's. Summed in float64 within the client's group; ``current_flos`` is reset."""
+        from deca_ds.engine import device
+
+        flos = float(self.current_flos)
+        if self.layout.ranks_per_client > 1:
+            t = torch.tensor([flos], dtype=torch.float64, device=device())
+            dist.all_reduce(t, group=self.groups.client_group)
+            flos = float(t.item())
+        self.state.total_flos += flos
+        self.current_flos = 0
 
     def _refuse_existing_run(self) -> None:
         """Raise on every rank when any rank sees a previous run in ``output_dir`` (collective).
@@ -1029,6 +1056,39 @@ class DecaTrainerMixin:
             return original(*objs, **kwargs)
 
         with _shadowed(acc, "prepare", prepare):
+            yield
+
+    def evaluate(self, *args, **kwargs):
+        """The base class's ``evaluate``, its speed figures those of this rank's one-process evaluation
+        (:meth:`_one_process_speed`)."""
+        with self._one_process_speed():
+            return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        """The base class's ``predict``, its speed figures those of this rank's one-process prediction."""
+        with self._one_process_speed():
+            return super().predict(*args, **kwargs)
+
+    @contextmanager
+    def _one_process_speed(self) -> Iterator[None]:
+        """While active, the Trainer's ``speed_metrics`` counts the steps of one process over the rows it reports.
+
+        The base class divides the rows by ``eval_batch_size x world_size`` to count steps, as if the world had
+        shared them; here each rank ran every row of its client (:meth:`get_eval_dataloader`), so
+        ``*_steps_per_second`` was a world-size fraction of the truth. Rows, runtime and samples per second are
+        unchanged (they were already this rank's)."""
+        import sys
+
+        module = sys.modules[Trainer.__module__]  # the Trainer's own speed_metrics, which evaluate/predict call
+        world_speed = module.speed_metrics
+        batch = self.args.eval_batch_size
+
+        def speed_metrics(split, start_time, num_samples=None, num_steps=None, num_tokens=None):
+            if num_samples is not None and num_steps is not None:
+                num_steps = math.ceil(num_samples / batch)
+            return world_speed(split, start_time, num_samples=num_samples, num_steps=num_steps, num_tokens=num_tokens)
+
+        with _shadowed(module, "speed_metrics", speed_metrics):
             yield
 
     def evaluation_loop(self, dataloader, description, *args, **kwargs):

@@ -26,6 +26,7 @@ stop at step 12. The means are sums of two small integers halved: exact in float
 """
 
 import json
+import math
 import subprocess
 import sys
 
@@ -59,13 +60,26 @@ args = TrainingArguments(output_dir=out, max_steps=max_steps, seed=0, learning_r
                          per_device_train_batch_size=8, per_device_eval_batch_size=8, max_grad_norm=1.0,
                          eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2,
                          load_best_model_at_end=True, metric_for_best_model="score", greater_is_better=True,
-                         logging_steps=2, report_to="none", use_cpu=True)
+                         logging_steps=2, report_to="none", use_cpu=True, include_num_input_tokens_seen=True)
 model, tok = load_model_and_tokenizer(deca.config.model, seed=0)
 data = deca.client_data(tok)
 trainer = DecaTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval, processing_class=tok,
                       data_collator=DataCollator(tok.pad_token_id), deca=deca, compute_metrics=compute_metrics,
                       callbacks=[EarlyStoppingCallback(early_stopping_patience=2)] if early else None)
-trainer.train()
+# This rank's own FLOP estimates and input tokens, counted as the Trainer counts them, to compare with its totals.
+own = {"flos": 0, "tokens": 0}
+trainer_flops = trainer.floating_point_ops
+
+
+def floating_point_ops(inputs):
+    n = trainer_flops(inputs)
+    own["flos"] += n
+    own["tokens"] += inputs["input_ids"].numel()
+    return n
+
+
+trainer.floating_point_ops = floating_point_ops
+train_metrics = trainer.train().metrics
 state = trainer.state
 best = load_file(f"{state.best_model_checkpoint}/model.safetensors")
 loaded = all(torch.equal(p.detach(), best[n]) for n, p in trainer.model.named_parameters() if n in best)
@@ -87,7 +101,9 @@ with open(f"{out}/result_{client}.json", "w") as f:
     json.dump({"global_step": state.global_step, "best_global_step": state.best_global_step,
                "best_metric": state.best_metric, "best_model_checkpoint": state.best_model_checkpoint,
                "loaded_best": loaded, "evals": evals, "eval_rows": len(data.eval), "own_loss": own_loss,
-               "final": {k: final[k] for k in ("eval_loss", "eval_score", "eval_score_client")},
+               "final": {k: final[k] for k in ("eval_loss", "eval_score", "eval_score_client", "eval_runtime",
+                                               "eval_samples_per_second", "eval_steps_per_second")},
+               "train_metrics": train_metrics, "own": own, "tokens_seen": state.num_input_tokens_seen,
                "train_logs": [[e["step"], e["loss"]] for e in state.log_history if "loss" in e]}, f)
 '''
 
@@ -169,6 +185,42 @@ def test_the_logged_training_loss_is_the_clients_own(run):
             two = np.float32(loss[c, step - 2]) + np.float32(loss[c, step - 1])
             assert logged == _as_logged(float(two) / 2), (c, step, logged)
     assert results[0]["train_logs"] != results[1]["train_logs"]
+
+
+
+def _count_from_rate(rate: float, runtime: float) -> tuple[float, float]:
+    """The count behind a ``speed_metrics`` rate, and how far the rounding can move it: the Trainer logs the
+    runtime rounded to 4 decimals and the rate (count / runtime) to 3, so ``rate * runtime`` is within
+    ``0.0005 * runtime + (rate + 0.0005) * 0.00005`` of the count."""
+    return rate * runtime, 0.0005 * runtime + (rate + 0.0005) * 0.00005
+
+
+def _trained_rows(steps_run: int, max_steps: int, rows_per_step: int) -> int:
+    """The rows the installed Trainer's ``train_samples_per_second`` counts: transformers 5.x the steps run
+    (``num_train_samples * num_steps_trained / max_steps`` in ``_finalize_training``), 4.x the whole schedule
+    (``num_train_samples``), whatever an early stop cut."""
+    from transformers import Trainer
+
+    return (steps_run if hasattr(Trainer, "_finalize_training") else max_steps) * rows_per_step
+
+
+def test_the_trainers_counts_are_the_clients_own(run):
+    """Before: the Trainer counted the world it sees. ``train_samples_per_second`` was computed from 2 clients' rows
+    (192 for 12 steps of 8 rows), ``total_flos`` and ``num_input_tokens_seen`` summed both clients' batches (the
+    same value on both clients), and ``eval_steps_per_second`` divided each client's rows by a batch of 8 x 2 ranks
+    (2 and 3 steps) although each rank evaluated its whole eval set (3 and 5 steps). Now each is this client's:
+    its rows, its FLOP estimates and input tokens as the Trainer's own ``floating_point_ops`` counted them on this
+    rank (exact integer sums below 2**53, compared with ==), its steps."""
+    _, results = run
+    for c, r in enumerate(results):
+        m = r["train_metrics"]
+        assert m["total_flos"] == float(r["own"]["flos"]) and r["tokens_seen"] == r["own"]["tokens"], (c, r["own"])
+        rows, slack = _count_from_rate(m["train_samples_per_second"], m["train_runtime"])
+        assert abs(rows - _trained_rows(12, 20, 8)) <= slack, (c, m)
+        final = r["final"]
+        steps, slack = _count_from_rate(final["eval_steps_per_second"], final["eval_runtime"])
+        assert abs(steps - math.ceil(r["eval_rows"] / 8)) <= slack, (c, final)
+    assert results[0]["tokens_seen"] != results[1]["tokens_seen"]  # the clients' own batches, not one world sum
 
 
 TRL_SCRIPT = '''

@@ -3,6 +3,7 @@ and the per-client arguments. The Trainer runs themselves are in tests/integrati
 
 import io
 import pickle
+import types
 
 import pytest
 import torch
@@ -275,6 +276,7 @@ def test_a_new_run_in_an_output_dir_holding_a_run_is_refused_and_nothing_is_chan
     trainer = object.__new__(type("FakeDecaTrainer", (hf.DecaTrainerMixin, Base), {}))
     trainer.run_dir, trainer.args = tmp_path, training_args(max_steps=4)
     trainer._agree_on_evaluation = lambda: None  # the evaluation settings' collective (tests/unit/test_hf_evaluate.py)
+    trainer.accelerator = types.SimpleNamespace()  # train() shadows its gather (the client's ranks)
     assert trainer.train() == "trained" and reduced == [hf.dist.ReduceOp.MAX]  # an empty output_dir: a new run
     ck = tmp_path / "client_1" / "checkpoint-20"
     ck.mkdir(parents=True)
@@ -310,6 +312,7 @@ def test_resume_true_takes_the_latest_step_every_client_has_complete(tmp_path, m
 
     trainer = object.__new__(type("FakeDecaTrainer", (hf.DecaTrainerMixin, Base), {}))
     trainer._agree_on_evaluation = lambda: None  # the evaluation settings' collective (tests/unit/test_hf_evaluate.py)
+    trainer.accelerator = types.SimpleNamespace()  # train() shadows its gather (the client's ranks)
     client = tmp_path / "client_0"
     trainer.run_dir, trainer.args = tmp_path, training_args(max_steps=40, output_dir=str(client))
     for n in (10, 20, 30):

@@ -1,6 +1,7 @@
 """deca_ds.hf evaluation without processes: the agreed best-model metric, the evaluation-settings check and the
 one-process gather. The 2-client run is tests/integration/test_hf_best_model.py."""
 
+import math
 import types
 
 import pytest
@@ -240,3 +241,46 @@ def test_the_logged_training_loss_is_the_clients_own_on_transformers_4(monkeypat
     logged, other = trainer._maybe_log_save_evaluate(torch.tensor(2.0))
     assert logged == 4.0 and other == [18.0, 18.0, 2.0, 6.0]  # tr_loss over the client; anything else as before
     assert "_nested_gather" not in vars(trainer)  # put back
+
+
+def test_the_trainers_counts_sum_over_the_clients_ranks_only(monkeypatch):
+    """2 clients x 2 ranks, this is rank 2 (client 1). The base Trainer multiplies the batch by the world (4 ranks)
+    and sums total_flos over the world (an all-gather); here the batch is 8 rows x 3 accumulation steps x 2 ranks and
+    the FLOPs are summed over the client's group only. The 2-client launch is
+    tests/integration/test_hf_best_model.py::test_the_trainers_counts_are_the_clients_own."""
+    trainer = fake_trainer(ClientLayout(4, 2, 2), gradient_accumulation_steps=3)
+    trainer._train_batch_size = 8
+    assert trainer.get_total_train_batch_size(trainer.args) == 8 * 3 * 2
+    trainer.groups = types.SimpleNamespace(client_group="client 1's group")
+    trainer.state = types.SimpleNamespace(total_flos=100.0)
+    trainer.current_flos = 7.0
+    groups = []
+
+    def all_reduce(t, group=None):  # the client's other rank counted 5
+        groups.append(group)
+        t += 5.0
+
+    monkeypatch.setattr(hf.dist, "all_reduce", all_reduce)
+    trainer.store_flos()
+    assert (trainer.state.total_flos, trainer.current_flos, groups) == (112.0, 0, ["client 1's group"])
+    monkeypatch.setattr(hf.dist, "all_reduce", None)  # one rank per client: no collective
+    trainer = fake_trainer(ClientLayout(2, 1, 1))
+    trainer.state, trainer.current_flos = types.SimpleNamespace(total_flos=0.0), 9.0
+    trainer.store_flos()
+    assert trainer.state.total_flos == 9.0
+
+
+def test_evaluation_speed_counts_the_steps_of_one_process(monkeypatch):
+    """Each rank evaluates all of its client's rows, so its steps are rows / eval batch, not rows / (batch x world)."""
+    import transformers.trainer as hf_trainer
+
+    trainer = fake_trainer(ClientLayout(4, 2, 2), per_device_eval_batch_size=8)
+    seen = []
+    monkeypatch.setattr(hf_trainer, "speed_metrics", lambda split, start, num_samples=None, num_steps=None,
+                        num_tokens=None: seen.append((split, num_samples, num_steps)) or {})
+    with trainer._one_process_speed():
+        hf_trainer.speed_metrics("eval", 0.0, num_samples=36, num_steps=math.ceil(36 / (8 * 4)))
+        hf_trainer.speed_metrics("eval", 0.0, num_samples=36)  # no step count: left alone
+    assert seen == [("eval", 36, 5), ("eval", 36, None)]
+    hf_trainer.speed_metrics("eval", 0.0, num_samples=36, num_steps=2)  # restored afterwards
+    assert seen[-1] == ("eval", 36, 2)

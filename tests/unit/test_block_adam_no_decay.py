@@ -131,6 +131,13 @@ def test_foreach_step_with_per_tensor_decay_equals_adamw_step():
         adamw_foreach_step_(xs, gs, ms, vs, steps, 0.1, 0.9, 0.99, 1e-8, [0.1, 0.2])
 
 
+def train(model, opt, data) -> None:
+    """One BlockAdam step per batch of ``data``."""
+    for ids in data:
+        loss_of(model, ids).backward()
+        opt.step()
+
+
 @pytest.mark.parametrize("policy", ["reset", "offload"])
 def test_state_dict_round_trips_no_decay_bit_identical(policy):
     """The rule is saved: a fresh optimizer built without it continues bit-identically after loading."""
@@ -142,20 +149,14 @@ def test_state_dict_round_trips_no_decay_bit_identical(policy):
         return m, BlockAdam(m, partition_blocks(m), no_decay=no_decay_names(m) if with_rule else (), **kw)
 
     model, opt = build()
-    for ids in data:
-        loss_of(model, ids).backward()
-        opt.step()
+    train(model, opt, data)
     expected = {n: p.detach().clone() for n, p in model.named_parameters()}
     model, opt = build()
-    for ids in data[:4]:
-        loss_of(model, ids).backward()
-        opt.step()
+    train(model, opt, data[:4])
     model2, opt2, ckpt = reload_through_checkpoint(model, opt, lambda: build(with_rule=False))
     assert ckpt["opt"]["no_decay"] == sorted(no_decay_names(model))
     assert opt2.no_decay == frozenset(no_decay_names(model))
-    for ids in data[4:]:
-        loss_of(model2, ids).backward()
-        opt2.step()
+    train(model2, opt2, data[4:])
     for n, p in model2.named_parameters():
         assert torch.equal(p, expected[n]), n
 
@@ -173,23 +174,17 @@ def test_old_state_dict_without_no_decay_loads_and_keeps_the_built_rule(with_rul
                             no_decay=no_decay_names(m) if with_rule else (), **HP)
 
     model, opt = build()
-    for ids in data:
-        loss_of(model, ids).backward()
-        opt.step()
+    train(model, opt, data)
     expected = {n: p.detach().clone() for n, p in model.named_parameters()}
     model, opt = build()
-    for ids in data[:2]:
-        loss_of(model, ids).backward()
-        opt.step()
+    train(model, opt, data[:2])
     old = opt.state_dict()
     del old["no_decay"]
     model2, opt2 = build()
     model2.load_state_dict(model.state_dict())
     opt2.load_state_dict(old)
     assert opt2.no_decay == (frozenset(no_decay_names(model)) if with_rule else frozenset())
-    for ids in data[2:]:
-        loss_of(model2, ids).backward()
-        opt2.step()
+    train(model2, opt2, data[2:])
     for n, p in model2.named_parameters():
         assert torch.equal(p, expected[n]), n
 

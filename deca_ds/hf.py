@@ -1139,6 +1139,8 @@ class DecaTrainerMixin:
         Raises:
             ConfigError: the metric is missing from (or not a number in) some clients' evaluation and not others'
                 (raised on every rank).
+            RunFault: some ranks did not call ``evaluate()`` (the gather failed or waited ``comm_timeout``); the
+                message says to call it on every rank.
         """
         from deca_ds.engine import device
 
@@ -1154,7 +1156,17 @@ class DecaTrainerMixin:
                 state = 2.0
         t = torch.tensor([state, value], dtype=torch.float64, device=device())
         rows = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-        dist.all_gather(rows, t)
+        try:
+            dist.all_gather(rows, t)
+        except RuntimeError as err:
+            # A rank that calls evaluate() alone (e.g. under `if trainer.is_world_process_zero():`) waits here for
+            # ranks that never come: without this, the user sees the backend's timeout, not the cause.
+            from deca_ds.errors import RunFault, first_line
+
+            raise RunFault(f"evaluate() with metric_for_best_model={name} and {self.layout.num_clients} clients is "
+                           "a collective (the clients agree on the metric's mean): call it on every rank at the same "
+                           f"point, as under DDP; the other ranks did not join within comm_timeout="
+                           f"{self.deca_config.comm_timeout:g} s (rank {self.layout.rank}): {first_line(err)}") from err
         firsts = [self.layout.client_ranks(c)[0] for c in range(self.layout.num_clients)]
         states = [int(rows[r][0]) for r in firsts]
         if all(st == 0 for st in states):

@@ -250,6 +250,28 @@ with open(f"{out}/result_{deca.client_id}.json", "w") as f:
 '''
 
 
+# The SCRIPT's trainer, then evaluate() on client 0 only; client 1 goes on to other work (a minute of it).
+ALONE_SCRIPT = SCRIPT[:SCRIPT.index("# This rank's own FLOP")] + '''
+import time
+if client == 0:
+    trainer.evaluate()
+else:
+    time.sleep(60)
+'''
+
+
+def test_evaluate_on_one_rank_only_says_to_call_it_on_every_rank(tmp_path):
+    """With metric_for_best_model and several clients evaluate() is a collective (the clients agree on the metric's
+    mean). Called on one rank only, that rank waited for the others until the backend's timeout and failed with the
+    backend's words; now it fails after comm_timeout with a line that says what to do."""
+    script = tmp_path / "alone.py"
+    script.write_text(ALONE_SCRIPT)
+    res = _torchrun(script, str(tmp_path / "run"), "20", "no", "5")
+    assert res.returncode != 0
+    assert ("evaluate() with metric_for_best_model=score and 2 clients is a collective" in res.stderr
+            and "call it on every rank" in res.stderr and "comm_timeout=5 s (rank 0)" in res.stderr), res.stderr[-4000:]
+
+
 def test_trl_evaluate_with_eval_sets_of_different_sizes(tmp_path):
     """TRL's SFTTrainer gathers its entropy, token accuracy and token count with Accelerate's gather_for_metrics in
     compute_loss. Before: in evaluate() those gathers went over the world, so with eval sets of 18 and 36 rows client

@@ -4,10 +4,10 @@ One launch (the three stages in turn, stage 3 last; fixture ``zero_launch``) run
 reference (:class:`deca_ds.engine.DecaEngine`, BlockAdam) and the ZeRO engine
 on the same tiny Llama and the same per-client data, recording every weight after every step, and checks:
 - only the scheduled block moves at every step, switching steps included (BAdam's ZeRO-3 path loses those);
-- the ZeRO weights equal the stage-0 weights within float tolerance at every step (gradients are reduced in another
-  order, so not bit-equal);
+- the ZeRO weights equal the stage-0 weights bit for bit: at stages 1 and 2 at every step; at stage 3 over the
+  first block's steps only (see ``CASES``);
 - gossip parity: with two clients the Metropolis weights are 1/2, so after every step both clients hold the same
-  active block, and the two ranks of a client hold identical weights;
+  active block (within the rounding of the two lerps), and the two ranks of a client hold identical weights;
 - resume: state_dict -> fresh engine -> load_state_dict continues bit-identically;
 - memory held by DeepSpeed does not grow across switches (live tensor bytes).
 Also a unit check of ``Mixer.mix_(presharded=True)`` against the closed form.
@@ -76,7 +76,7 @@ def _run(engine, layout, steps, start=0):
     return out
 
 
-def _body(rank, world, stage, dtype_name, policy, zero_extra, signal):
+def _body(rank, world, stage, dtype_name, policy, zero_extra, signal, order):
     import deca_ds.engine as E
     from deca_ds.config import load_config
     from deca_ds.gossip import ClientGroups, ClientLayout, Mixer
@@ -87,15 +87,10 @@ def _body(rank, world, stage, dtype_name, policy, zero_extra, signal):
     layout = ClientLayout(world, rank, 2)
     topo = make_topology("ring", layout.num_clients)
     groups = ClientGroups.create(layout)
-    # eps=1e-3: Adam's first steps amplify float noise in near-zero gradients (|g| ~ 1e-8) up to lr-sized
-    # differences; ZeRO-3 sums gradients in another order, so compare in a regime where float noise stays float noise.
     cfg = load_config(None, ["method=deca", "clients.ranks_per_client=2", f"blocks.switch_every={SWITCH_EVERY}",
                              "blocks.include_embeddings=false",
-                             f"optim.state_policy={policy}", "optim.lr=1e-2", "optim.eps=1e-3",
-                             f"model.dtype={dtype_name}", "blocks.order=ascending", f"deca.signal={signal}",
-                             # pinned, not the default: at β1 = 0.9 qgm's h dominates v and float orders drift
-                             # apart beyond the tolerance (tests/unit/test_stacked.py's derivation)
-                             "deca.betas=[0.99,0.999]"])
+                             f"optim.state_policy={policy}", "optim.lr=1e-2",
+                             f"model.dtype={dtype_name}", f"blocks.order={order}", f"deca.signal={signal}"])
     report = {}
 
     # presharded gossip: each rank's own tensor, averaged with the same local rank of the other client, no gather.
@@ -185,7 +180,7 @@ def _stages(rank, world, cases):
     return reports
 
 
-def _check(results, stage, atol):
+def _check(results, stage, order, exact_steps):
     for rep in results:
         rep["runs"] = {st: [(b, sw, {k: torch.from_numpy(v) for k, v in w.items()}) for b, sw, w in run]
                        for st, run in rep["runs"].items()}
@@ -207,14 +202,15 @@ def _check(results, stage, atol):
             for s in range(1, len(run)):
                 block, _, w = run[s]
                 prev = run[s - 1][2]
-                assert block == (s - 1) // SWITCH_EVERY % len(blocks)
+                k = (s - 1) // SWITCH_EVERY % len(blocks)
+                assert block == (k if order == "ascending" else len(blocks) - 1 - k)
                 moved = {owner.get(k, -1) for k in w if not torch.equal(w[k], prev[k])}
                 assert moved == {block}, f"stage {st} rank {rank} step {s - 1}: blocks {moved} moved, not {block}"
         zero, ref = rep["runs"][stage], rep["runs"][0]
-        for s in range(len(ref)):
+        for s in range(1 + (exact_steps if exact_steps is not None else STEPS)):  # s = 0: the initial weights
             for k in ref[s][2]:
                 diff = (zero[s][2][k] - ref[s][2][k]).abs().max().item()
-                assert diff <= atol, f"stage {stage} rank {rank} step {s - 1} {k}: |zero - stage0| = {diff:.3g}"
+                assert diff == 0, f"stage {stage} rank {rank} step {s - 1} {k}: |zero - stage0| = {diff:.3g}"
     # ranks of a client identical; two clients hold the same active block after gossip (weights 1/2 each)
     for st in (0, stage):
         for s in range(1, STEPS + 1):
@@ -225,16 +221,31 @@ def _check(results, stage, atol):
                     if r == 1:
                         assert torch.equal(w[k], wr[k]), f"stage {st}: ranks 0 and 1 differ at {k}"
                     else:
+                        # Not bit for bit: each client mixes as lerp(own, other, 1/2) (deca_ds.gossip.accumulate_mix_),
+                        # which rounds differently from the two ends. Not yet derived: 1e-6 is ~8 ulp at the weights'
+                        # largest magnitude (~1); the lerp's own bound needs the pre-mixing values, not recorded here.
                         assert torch.allclose(w[k], wr[k], atol=1e-6), f"stage {st}: clients differ at {k}"
 
 
-CASES = [  # (stage, dtype, policy, extra, signal, atol), run in this order in one launch
+CASES = [  # (stage, dtype, policy, extra, signal, block order, steps equal to stage 0 (None: all)), in this order
     # The gradient-unit readings read the Adam denominators: at stage 1 as full tensors (a collective inside the
     # client), at stage 3 from this rank's shard of exp_avg_sq; normalised-step units (qgm) at stage 2. raw differs
     # from qgm only in consensus_signal, which no backend touches.
-    (1, "fp32", "offload", {}, "qgm_grad", 2e-5),
-    (2, "fp32", "reset", {"offload_optimizer": {"device": "cpu"}}, "qgm", 2e-5),
-    (3, "fp32", "offload", {}, "discrepancy_grad", 2e-5),
+    # Why bit for bit: with 2 ranks per client the gradient average is exact whatever the reduction's order or
+    # partitioning (a + b = b + a; halving is exact), and stages 1 and 2 run the forward and backward on the whole
+    # parameters as stage 0 does; Adam, the gossip and the correction are elementwise, the same arithmetic on a flat
+    # partition as on the tensors. Stage 3 differs from the first step whose gradient flows back through a module
+    # (measured: 1 ulp in layer 1's attention weights at its first step): DeepSpeed's ZeRO-3 passes each module's
+    # inputs through its own autograd functions to gather and release parameters, which regroups the sums autograd
+    # forms for a tensor with three or more consumers (RMSNorm's input feeds its square, its product and the
+    # residual add), and a float sum depends on its grouping. From then on the trajectories differ by more than the
+    # float format bounds (the next gradient depends on the weights through the Hessian), so no tolerance is
+    # derivable; stage 3 trains the LM head first (order descending), whose gradient comes from the forward
+    # alone, and equals stage 0 bit for bit over that block's SWITCH_EVERY steps. Its later steps are checked for
+    # everything but parity (the block moves, both clients' equal blocks, resume, memory).
+    (1, "fp32", "offload", {}, "qgm_grad", "ascending", None),
+    (2, "fp32", "reset", {"offload_optimizer": {"device": "cpu"}}, "qgm", "ascending", None),
+    (3, "fp32", "offload", {}, "discrepancy_grad", "descending", SWITCH_EVERY),
 ]
 
 
@@ -246,13 +257,13 @@ def zero_launch(request, tmp_path_factory):
 
     def launch():
         # The timeout only catches a hang: under a parallel test run on 2 shared cores one stage has taken 240 s.
-        per_rank = run_distributed(_stages, 4, [c[:5] for c in CASES], init=False, timeout=1800)
+        per_rank = run_distributed(_stages, 4, [c[:6] for c in CASES], init=False, timeout=1800)
         return {case[0]: [reports[i] for reports in per_rank] for i, case in enumerate(CASES)}
 
     return once_per_session(request, tmp_path_factory, "zero_launch", launch)
 
 
-@pytest.mark.parametrize("stage,dtype,policy,extra,signal,atol", CASES)
-def test_zero_matches_stage0_moves_only_the_active_block_and_resumes(stage, dtype, policy, extra, signal, atol,
-                                                                     zero_launch):
-    _check(zero_launch[stage], stage, atol)
+@pytest.mark.parametrize("stage,dtype,policy,extra,signal,order,exact_steps", CASES)
+def test_zero_matches_stage0_moves_only_the_active_block_and_resumes(stage, dtype, policy, extra, signal, order,
+                                                                     exact_steps, zero_launch):
+    _check(zero_launch[stage], stage, order, exact_steps)

@@ -223,7 +223,8 @@ def _check(results, stage, order, exact_steps):
     owner = {n: i for i, names in enumerate(blocks) for n in names}
     for rank, rep in enumerate(results):
         got, want = rep["presharded"]
-        assert got == pytest.approx(want), f"rank {rank} presharded mix"
+        # exact: integers below 2**24, their differences and halves (lerp at 1/2) are all float32 numbers
+        assert got == want, f"rank {rank} presharded mix {got} != {want}"
         assert rep["resume_equal"], f"rank {rank}: resumed run differs from the uninterrupted one"
         # Switches re-initialize DeepSpeed without re-broadcasting the whole model (issue 15 item 5); the weights
         # checks below show the ranks of a client stay identical without it.
@@ -259,6 +260,8 @@ def _check(results, stage, order, exact_steps):
                     if r == 1:
                         assert torch.equal(w[k], wr[k]), f"stage {st}: ranks 0 and 1 differ at {k}"
                     else:
+                        # NOT derived yet (measured: at most 1.86e-9): a bound needs |a - b| before the exchange,
+                        # i.e. a gradient-free bound on DECA's update (Adam with folded moments); open.
                         assert torch.allclose(w[k], wr[k], atol=1e-6), f"stage {st}: clients differ at {k}"
 
 

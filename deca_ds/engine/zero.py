@@ -312,8 +312,8 @@ class ZeroBlockEngine:
         # from the client's first rank, O(model) per switch. After the first build the client's ranks already hold
         # identical weights (ZeRO-1/2 all-gather every update to all of them, gossip mixes them identically, and at
         # ZeRO-3 partitioned parameters are not broadcast at all), so a re-build skips it: broadcasting equal bytes
-        # is the identity. tests/integration/test_zero.py checks it: the ranks of a client stay bit-identical and equal
-        # the stage-0 run at every step across switches, at stages 1, 2 and 3.
+        # is the identity. tests/integration/test_zero.py checks it: the ranks of a client stay bit-identical at every
+        # step across switches, at stages 1, 2 and 3, and equal the stage-0 run bit for bit (stage 3: top block only).
         skip = self._counters is not None and not self.rebroadcast_on_switch
         engine_cls = DeepSpeedEngine
         real_broadcast = engine_cls._broadcast_model

@@ -4,6 +4,7 @@ Few launches, many checks per launch (each launch costs ~10-25 s of Python start
 """
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -124,23 +125,55 @@ def test_every_method_runs(tmp_path, method):
 
 def test_zero_clients_of_two_ranks_match_stage0_end_to_end(tmp_path):
     """The recipe with ZeRO inside each client: checkpoints, evaluation and the consensus model work, ranks of a
-    client agree, and per-client losses equal the stage-0 run's (ZeRO-3 fp32: float summation order differs;
-    ZeRO-2 bf16 with optimizer offload: within bf16 rounding)."""
-    common = ["max_steps=6", "clients.ranks_per_client=2", "checkpoint_every=3", *FAST]
+    client agree, and ZeRO-3 fp32 equals the stage-0 run BIT FOR BIT while only the top block (final norm and LM
+    head) has trained: the per-client losses of steps 0-3 and every weight of the step-3 checkpoint.
+
+    No tolerance: both fp32 runs use ``gradient_clipping: 0`` (with clipping, ZeRO computes the global norm over
+    flat partitions in another order and the clip coefficient may differ in its last bit),
+    ``blocks.order=descending`` and ``blocks.switch_every=3``, so the first 3 steps train the top block, where
+    ZeRO-3 computes every gradient in stage 0's order (no gradient-carrying tensor with more than one reader outside
+    one module; the reduction over a client's 2 ranks is a sum of two halved, exact; DeepSpeed steps with torch's
+    AdamW, which BlockAdam reproduces). The losses of steps 0-3 (step 3's is computed from the weights after those
+    three steps, gossip included) are therefore compared with ``==``, and so is each client's step-3 checkpoint
+    (``checkpoint_every=3``), tensor by tensor: a loss is a rounded scalar that a last-bit change in one weight need
+    not move, the checkpoint is not. From step 3 on ZeRO-3 trains decoder layers, whose gradients its module hooks
+    sum in another association (tests/integration/test_zero.py, module docstring), and no bound for later losses or
+    the consensus loss can be derived from the float format (the next gradient depends on the weights through the
+    loss's Hessian): those are not compared with stage 0 (only that they exist and are finite). The ZeRO-2 bf16 run
+    with the optimizer offloaded to the CPU computes in another format than the fp32 reference; no bound on its
+    losses after several steps can be derived either, so it is checked to train (same records, finite losses, each
+    client's last loss below its first, bf16 checkpoint), not compared numerically."""
+    common = ["max_steps=6", "clients.ranks_per_client=2", "checkpoint_every=3", *FAST, "blocks.order=descending",
+              "blocks.switch_every=3"]  # after FAST: overrides its switch_every
+    exact_steps = 4  # losses of steps 0..3: from weights after the top block's 3 steps (docstring)
+    unclipped = {}
+    for name in ("cpu_fp32_zero3", "cpu_fp32"):
+        ds = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
+        ds["gradient_clipping"] = 0.0  # the clip coefficient may differ in its last bit (docstring)
+        unclipped[name] = tmp_path / f"{name}_noclip.json"
+        unclipped[name].write_text(json.dumps(ds))
     z3, z0 = tmp_path / "z3", tmp_path / "z0"
-    torchrun(4, f"output_dir={z3}", f"ds_config={ROOT / 'ds_configs' / 'cpu_fp32_zero3.json'}", *common)
-    torchrun(4, f"output_dir={z0}", *common)
+    torchrun(4, f"output_dir={z3}", f"ds_config={unclipped['cpu_fp32_zero3']}", *common)
+    torchrun(4, f"output_dir={z0}", f"ds_config={unclipped['cpu_fp32']}", *common)
     a = {(r["step"], r["client"]): r["loss"] for r in records(z3)}
     b = {(r["step"], r["client"]): r["loss"] for r in records(z0)}
     assert sorted(a) == sorted(b)
-    for k in a:
-        assert a[k] == pytest.approx(b[k], rel=1e-4), k
+    assert all(math.isfinite(v) for v in a.values())
+    compared = [k for k in a if k[0] < exact_steps]
+    assert len(compared) == 2 * exact_steps
+    for k in compared:
+        assert a[k] == b[k], (k, a[k], b[k])  # exact (docstring): a last-bit difference is a defect
+    for client in (0, 1):
+        w3, w0 = (torch.load(out / "checkpoints" / "step_00000003" / f"client_{client}" / "state.pt",
+                             weights_only=False)["model"] for out in (z3, z0))
+        assert sorted(w3) == sorted(w0)
+        for name in w0:
+            assert torch.equal(w3[name], w0[name]), (client, name, (w3[name] - w0[name]).abs().max().item())
     summary = json.loads((z3 / "summary.json").read_text())
     assert all(len(set(c["rank_fingerprints"])) == 1 for c in summary["clients"])
-    assert summary["consensus"]["loss"] == pytest.approx(json.loads((z0 / "summary.json").read_text())
-                                                         ["consensus"]["loss"], rel=1e-3)
+    assert math.isfinite(summary["consensus"]["loss"])
     assert final_state(z3, 1)["global_step"] == 6
-    # bf16 weights at ZeRO-2 with the optimizer offloaded to the CPU: same run within bf16 rounding.
+    # bf16 weights at ZeRO-2 with the optimizer offloaded to the CPU: the run trains and saves bf16 weights.
     ds = json.loads((ROOT / "ds_configs" / "cpu_fp32_zero2.json").read_text())
     ds.update(bf16={"enabled": True})
     ds["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
@@ -149,8 +182,8 @@ def test_zero_clients_of_two_ranks_match_stage0_end_to_end(tmp_path):
     torchrun(4, f"output_dir={zb}", f"ds_config={tmp_path / 'z2bf16.json'}", "model.dtype=bf16", *common)
     c = {(r["step"], r["client"]): r["loss"] for r in records(zb)}
     assert sorted(c) == sorted(b)
-    for k in c:
-        assert c[k] == pytest.approx(b[k], rel=2e-2), k
+    assert all(math.isfinite(v) for v in c.values())
+    assert all(c[(5, k)] < c[(0, k)] for k in (0, 1)), c  # it trains (measured: 5.69 -> 4.03 nats for client 0)
     assert final_state(zb, 0)["model"]["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
 
 

@@ -534,6 +534,46 @@ def model_shape(args: argparse.Namespace) -> dict[str, int]:
     return dict(DEFAULT_SHAPE, **(json.loads(args.shape) if args.shape else {}))
 
 
+DEEPSPEED_OPS = {"adamw": "FusedAdamBuilder", "zero_offload": "CPUAdamBuilder"}
+"""The DeepSpeed kernel each GPU baseline needs (the ``op_builder`` class that builds it)."""
+
+
+def build_deepspeed_ops(specs: list[dict[str, Any]], timeout: float) -> dict[str, str]:
+    """Build, once and untimed, the DeepSpeed kernels the GPU baselines need, before any timed worker starts.
+
+    Without a prebuilt DeepSpeed (``DS_BUILD_OPS=0``, the usual pip install) FusedAdam and DeepSpeedCPUAdam are
+    compiled just in time by the first process that needs them (about a minute). Inside a worker that compile would
+    count against ``--timeout``, and a worker killed mid-compile leaves torch's extension lock behind, on which every
+    later worker waits. Each kernel is built in a process of its own (a compiler crash cannot take the benchmark
+    down); the built kernel is cached by torch for the workers.
+
+    Args:
+        specs: the benchmark's worker specs; only ``cuda`` specs of :data:`DEEPSPEED_OPS` methods need a kernel.
+        timeout: seconds allowed per kernel.
+
+    Returns:
+        ``{method: reason}`` for each method whose kernel could not be built (empty when all were).
+    """
+    failed = {}
+    for method, builder in DEEPSPEED_OPS.items():
+        if not any(s["method"] == method and s["device"] == "cuda" for s in specs):
+            continue
+        code = f"from deepspeed.ops.op_builder import {builder}; {builder}().load()"
+        t0 = time.perf_counter()
+        print(f"[bench] building DeepSpeed's {builder} kernel for {method} (once, untimed) ...", file=sys.stderr,
+              flush=True)
+        try:
+            proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout)
+            ok, why = proc.returncode == 0, ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]
+        except subprocess.TimeoutExpired:
+            ok, why = False, f"timed out after {timeout:.0f} s"
+        print(f"[bench] {builder}: {'built' if ok else 'FAILED: ' + why} in {time.perf_counter() - t0:.0f} s",
+              file=sys.stderr, flush=True)
+        if not ok:
+            failed[method] = f"DeepSpeed's {builder} kernel could not be built: {why}"
+    return failed
+
+
 def main_from_args(args: argparse.Namespace) -> int:
     """Run every spec ``--reps`` times, alternated (one fresh process each), merge the rounds, write the outputs;
     prints the table (and ratios).
@@ -544,6 +584,7 @@ def main_from_args(args: argparse.Namespace) -> int:
     check_arguments(args)
     specs = build_specs(args)
     rounds: dict[tuple, list[dict[str, Any]]] = {spec_key(s): [] for s in specs}
+    unbuilt = build_deepspeed_ops(specs, max(args.timeout, 600.0))
     reps = int(args.reps)
     for rep in range(reps):
         k = rep % len(specs)
@@ -553,7 +594,10 @@ def main_from_args(args: argparse.Namespace) -> int:
             tag = spec["method"] + (f" lpb={spec['layers_per_block']} {spec['state_policy']}"
                                     if spec.get("layers_per_block") else "")
             print(f"[bench] round {rep + 1}/{reps}: {tag} ...", file=sys.stderr, flush=True)
-            rec = run_spec(spec, args.timeout)
+            if spec["method"] in unbuilt:
+                rec = _failed(spec, unbuilt[spec["method"]])
+            else:
+                rec = run_spec(spec, args.timeout)
             if rec.get("failed") or rec.get("skipped"):
                 print(f"[bench] {tag}: {rec.get('reason')}", file=sys.stderr, flush=True)
             rounds[spec_key(spec)].append(rec)

@@ -266,3 +266,47 @@ def test_a_run_with_the_real_step_alternated_writes_every_output(tmp_path, monke
     md = (out / "benchmark.md").read_text()
     assert "deca (real step) 4 clients" in md and "real / local = 1.150" in md and "| deca B=2 reset |" in md
     assert "CPU real / local = 1.125" in md and "cores busy real 0.49, local 0.50" in md
+
+
+def test_deepspeed_kernels_are_built_once_before_the_timed_workers(tmp_path, monkeypatch):
+    """On a GPU the adamw baseline is DeepSpeed's FusedAdam, compiled just in time when DeepSpeed was installed
+    without prebuilt ops. The benchmark builds it once, in its own process and untimed, before any worker; a kernel
+    that cannot be built fails its method's records with the compiler's last line, and its workers never start
+    (each would otherwise spend --timeout compiling, or wait on the lock a killed compile leaves)."""
+    from deca_ds.bench import benchmark
+
+    spec = {"device": "cuda"}
+    specs = [dict(spec, method="adamw"), dict(spec, method="deca"), dict(spec, method="zero_offload")]
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append(cmd[-1])
+        ok = "FusedAdamBuilder" in cmd[-1]
+        return subprocess.CompletedProcess(cmd, 0 if ok else 1, "", "" if ok else "nvcc fatal: no such arch")
+
+    monkeypatch.setattr(benchmark.subprocess, "run", fake_run)
+    failed = benchmark.build_deepspeed_ops(specs, timeout=5.0)
+    assert seen == ["from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()",
+                    "from deepspeed.ops.op_builder import CPUAdamBuilder; CPUAdamBuilder().load()"]
+    assert failed == {"zero_offload": "DeepSpeed's CPUAdamBuilder kernel could not be built: nvcc fatal: no such arch"}
+    # CPU runs need no DeepSpeed kernel (adamw is torch's AdamW there): nothing is built.
+    seen.clear()
+    assert benchmark.build_deepspeed_ops([dict(s, device="cpu") for s in specs], timeout=5.0) == {}
+    assert seen == []
+
+    # A method whose kernel failed is recorded failed in every round without starting a worker.
+    import argparse
+
+    started = []
+    monkeypatch.setattr(benchmark, "build_deepspeed_ops", lambda specs, timeout: {"adamw": "no kernel"})
+    monkeypatch.setattr(benchmark, "run_spec", lambda spec, timeout: started.append(spec["method"]) or {
+        "method": spec["method"], "failed": True, "reason": "stop here"})
+    p = argparse.ArgumentParser()
+    benchmark.add_arguments(p)
+    args = p.parse_args(["--out", str(tmp_path / "bench"), "--methods", "adamw,deca", "--layers-per-block", "2",
+                         "--state-policies", "reset", "--reps", "2", "--shape", json.dumps(SHAPE), "--device",
+                         "cpu"])
+    assert benchmark.main_from_args(args) == 1
+    assert started == ["deca", "deca"]
+    rounds = json.loads((tmp_path / "bench" / "benchmark.partial.json").read_text())["rounds"]
+    assert [r["reason"] for r in rounds[0]] == ["no kernel", "no kernel"]

@@ -32,7 +32,13 @@ def test_parts_cover_gpu_tests_benchmark_and_peak_memory_within_8_minutes():
     assert names == ["gpu_tests", "benchmark", "peak_memory"]
     assert sum(p["limit"] for p in parts) < 8 * 60 - 10  # start-up and summary to spare
     tests = parts[0]["cmd"]
-    assert tests[tests.index("-m", 2) + 1] == "gpu" and "tests" in tests
+    assert tests[tests.index("-m", 2) + 1] == "gpu"
+    # Only the files holding gpu tests are collected (another module's missing optional dependency cannot fail the
+    # collection on the GPU machine), and every one of them is.
+    files = gpu_check.gpu_test_files()
+    assert {"tests/unit/test_block_adam.py", "tests/unit/test_simulate.py"} <= set(files)
+    assert "tests/unit/test_gpu_check.py" not in files  # names the marker in a string, holds no gpu test
+    assert tests[3:3 + len(files)] == files
     bench = parts[1]["cmd"]
     assert "--reps" in bench and int(bench[bench.index("--reps") + 1]) >= 3 and "adamw_fused" in " ".join(bench)
     from deca_ds.models import build_meta_model
@@ -42,8 +48,7 @@ def test_parts_cover_gpu_tests_benchmark_and_peak_memory_within_8_minutes():
 
 
 def test_gpu_marked_tests_exist_to_run():
-    found = [p for p in (ROOT / "tests").rglob("test_*.py") if "@pytest.mark.gpu" in p.read_text()]
-    assert found  # pytest -m gpu would otherwise select nothing and "pass"
+    assert gpu_check.gpu_test_files()  # pytest -m gpu would otherwise select nothing and "pass"
 
 
 def test_compare_peak_and_summary():
@@ -63,3 +68,27 @@ def test_compare_peak_and_summary():
     assert "peak memory plain" in text and "PLAN TOO LOW" in text
     assert "peak memory fused_int8" in text and "-> OK" in text
     assert [name for name, _, _ in gpu_check.PEAK_CASES] == ["plain", "fused_int8"]
+
+
+def test_a_part_past_its_limit_is_killed_with_its_children(tmp_path):
+    """The benchmark's workers are grandchildren of the part: at the limit the whole process group goes, so no
+    worker keeps the GPU into the next part; the output so far is kept in the part's log."""
+    import sys
+    import time
+
+    pid_file = tmp_path / "child.pid"
+    code = ("import subprocess, sys, time; "
+            "c = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+            f"open({str(pid_file)!r}, 'w').write(str(c.pid)); print('started', flush=True); time.sleep(60)")
+    part = {"name": "slow", "limit": 3, "cmd": [sys.executable, "-c", code], "log": str(tmp_path / "slow.log")}
+    t0 = time.perf_counter()
+    res = gpu_check.run_part(part)
+    assert res["status"] == "timeout" and time.perf_counter() - t0 < 30
+    assert res["tail"] == ["started"] and (tmp_path / "slow.log").read_text().strip() == "started"
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the kill is asynchronous; a zombie has no /proc/<pid>/cmdline content either
+        if not Path(f"/proc/{child}/cmdline").exists() or not Path(f"/proc/{child}/cmdline").read_bytes():
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the part's child {child} outlived the part")

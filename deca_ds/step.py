@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 __all__ = ["StepResult", "BatchShape", "MicroBatchLosses", "run_micro_batches", "count_tokens", "all_finite",
-           "grads_finite", "clip_grad_norm_as_deepspeed_", "Engine"]
+           "accumulate_nonfinite_", "grads_finite", "clip_grad_norm_as_deepspeed_", "Engine"]
 
 
 @dataclasses.dataclass
@@ -111,36 +111,55 @@ def run_micro_batches(micro_batches: Sequence[dict[str, torch.Tensor]], device: 
     return MicroBatchLosses(losses, tokens)
 
 
-# The dtypes torch's fused finite check (the kernel behind ``torch.amp.GradScaler``) takes on every device.
-_FUSED_CHECK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The (device type, dtype) pairs torch's fused finite check (``torch._amp_foreach_non_finite_check_and_unscale_``,
+# the kernel behind ``torch.amp.GradScaler``) implements. Its CUDA kernel dispatches float/double/half only: a bf16
+# gradient there raised NotImplementedError (seen on an H200, torch 2.11: every bf16 GPU step). Other devices'
+# kernels are not known here, so they take the generic route too.
+_FUSED_CHECK = {"cpu": (torch.float32, torch.float16, torch.bfloat16), "cuda": (torch.float32, torch.float16)}
 
 
 @torch.no_grad()
-def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
-    """Every element of every tensor is finite, with one fused check per (device, dtype) and one host sync.
+def accumulate_nonfinite_(tensors: Iterable[torch.Tensor], found: dict[torch.device, torch.Tensor]) -> None:
+    """Add a positive count to ``found[device]`` (a float32 ``[1]`` tensor, created at zero when missing) for every
+    device on which some floating-point tensor holds a NaN or an infinity. Device-side only: no host sync.
 
-    Uses ``torch._amp_foreach_non_finite_check_and_unscale_`` (the multi-tensor kernel behind
-    ``torch.amp.GradScaler``) with an unscale factor of exactly 1.0: it writes ``t * 1.0`` back into each tensor,
-    which IEEE arithmetic leaves bit for bit unchanged (NaN stays NaN), so the tensors are not altered. A loop of
-    ``bool(torch.isfinite(t).all())`` costs one host sync per tensor; this costs one per device.
+    Tensors of a (device, dtype) that torch's fused check implements go through it in one multi-tensor call per
+    group, with an unscale factor of exactly 1.0: it writes ``t * 1.0`` back into each tensor, which IEEE arithmetic
+    leaves bit for bit unchanged (NaN stays NaN). The others (bf16 on CUDA, any dtype on other accelerators, float64
+    and complex) add ``not isfinite(t).all()`` per tensor, reading only. Integer and boolean tensors are always
+    finite.
+
+    Args:
+        tensors: any tensors.
+        found: the per-device flags to add to; read them with one ``.cpu()`` per device when a verdict is needed.
+    """
+    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for t in tensors:
+        if not (t.is_floating_point() or t.is_complex()):
+            continue
+        t = t.detach()
+        if t.device not in found:
+            found[t.device] = torch.zeros(1, dtype=torch.float32, device=t.device)
+        if t.dtype in _FUSED_CHECK.get(t.device.type, ()):
+            groups.setdefault((t.device, t.dtype), []).append(t)
+        else:
+            found[t.device].add_(torch.isfinite(t).all().logical_not())
+    for (dev, _), ts in groups.items():
+        torch._amp_foreach_non_finite_check_and_unscale_(ts, found[dev], torch.ones(1, dtype=torch.float32, device=dev))
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> bool:
+    """Every element of every tensor is finite, with one fused check per (device, dtype) where torch has one
+    (:func:`accumulate_nonfinite_`) and one host sync per device. A loop of ``bool(torch.isfinite(t).all())`` costs
+    one host sync per tensor.
 
     Args:
         tensors: any tensors (integer and boolean tensors are always finite).
     """
-    groups: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-    others = []
-    for t in tensors:
-        if t.dtype in _FUSED_CHECK_DTYPES:
-            groups.setdefault((t.device, t.dtype), []).append(t.detach())
-        elif t.is_floating_point() or t.is_complex():
-            others.append(t)
-    found = {}
-    for (dev, _), ts in groups.items():
-        if dev not in found:
-            found[dev] = torch.zeros(1, dtype=torch.float32, device=dev)
-        torch._amp_foreach_non_finite_check_and_unscale_(ts, found[dev], torch.ones(1, dtype=torch.float32, device=dev))
+    found: dict[torch.device, torch.Tensor] = {}
+    accumulate_nonfinite_(tensors, found)
     flags = [f.cpu() for f in found.values()]  # the host syncs: one per device
-    return not any(bool(f) for f in flags) and all(bool(torch.isfinite(t).all()) for t in others)
+    return not any(bool(f) for f in flags)
 
 
 def grads_finite(params: Iterable[nn.Parameter]) -> bool:

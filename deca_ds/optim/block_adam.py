@@ -28,6 +28,7 @@ from deca_ds import consensus
 from deca_ds.blocks import Block, BlockPartition, BlockSchedule
 from deca_ds.optim.state_store import (OFFLOAD_DTYPES, BlockStateStore, Quantized, check_offload_support, dequantize,
                                        quantize)
+from deca_ds.step import accumulate_nonfinite_
 
 STATE_POLICIES = ("reset", "offload")
 MOMENT_DTYPES = ("fp32", "int8")
@@ -547,12 +548,8 @@ class BlockAdam(torch.optim.Optimizer):
             raise RuntimeError(f"BlockAdam(fused_backward=True): a second backward reached {self._names[p]} before "
                                "step(): gradient accumulation is not supported with the fused step (use "
                                "gradient_accumulation_steps=1, or fused_backward=False)")
-        dev = p.grad.device
-        if dev not in self._found_nonfinite:
-            self._found_nonfinite[dev] = torch.zeros(1, dtype=torch.float32, device=dev)
-        # Device-side flag, no host sync: x1.0 leaves the gradient bit-unchanged (see deca_ds.step.all_finite).
-        torch._amp_foreach_non_finite_check_and_unscale_([p.grad], self._found_nonfinite[dev],
-                                                         torch.ones(1, dtype=torch.float32, device=dev))
+        # Device-side flag, no host sync; the gradient is left bit-unchanged (deca_ds.step.accumulate_nonfinite_).
+        accumulate_nonfinite_([p.grad], self._found_nonfinite)
         group = self.param_groups[0]
         self._step_chunk([p], group, *group["betas"])
         self._stepped.add(p)

@@ -236,8 +236,11 @@ class BlockStateStore:
             for entry in moved.values():
                 for v in entry.values():
                     for t in (v.tensors() if isinstance(v, Quantized) else (v,)):
-                        # Allocated on the side stream, used on the current one: tell the caching allocator.
-                        t.record_stream(current)
+                        # Allocated on the side stream, used on the current one: tell the caching allocator. The
+                        # "step" scalars stay on the host (_move), where record_stream does not exist (an H200
+                        # run raised NotImplementedError for them at the first restore).
+                        if t.device.type != "cpu":
+                            t.record_stream(current)
         else:
             moved = {name: {key: _move(v, device, non_blocking=False) for key, v in entry.items()}
                      for name, entry in self._blocks[block_idx].items()}

@@ -36,8 +36,9 @@ def test_parts_cover_gpu_tests_benchmark_and_peak_memory_within_8_minutes():
     # Only the files holding gpu tests are collected (another module's missing optional dependency cannot fail the
     # collection on the GPU machine), and every one of them is.
     files = gpu_check.gpu_test_files()
-    assert {"tests/unit/test_block_adam.py", "tests/unit/test_simulate.py"} <= set(files)
-    assert "tests/unit/test_gpu_check.py" not in files  # names the marker in a string, holds no gpu test
+    assert {"tests/unit/test_block_adam.py", "tests/unit/test_simulate.py",
+            "tests/unit/test_lean_step.py"} <= set(files)  # decorators, and marks on parameters (test_lean_step)
+    assert "tests/unit/test_gpu_check.py" not in files  # holds no gpu test
     assert tests[3:3 + len(files)] == files
     bench = parts[1]["cmd"]
     assert "--reps" in bench and int(bench[bench.index("--reps") + 1]) >= 3 and "adamw_fused" in " ".join(bench)

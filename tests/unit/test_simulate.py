@@ -133,6 +133,33 @@ def test_run_simulation_writes_trainer_records_and_refuses_an_existing_run(tmp_p
         run_simulation(cfg, save_models=False, quiet=True)
 
 
+def test_run_simulation_frees_its_simulation_on_return(tmp_path, monkeypatch):
+    """A Simulation sits in reference cycles: once, its replicas stayed allocated after run_simulation returned until
+    Python's oldest generation was collected (a sweep runs many in one process; on a GPU their memory piled up).
+    With automatic collection off, nothing of the run may be alive when it returns."""
+    import weakref
+
+    from deca_ds import simulate
+
+    seen = []
+    real = simulate.make_simulation
+
+    def spy(cfg):
+        sim = real(cfg)
+        seen.append(weakref.ref(sim))
+        return sim
+
+    monkeypatch.setattr(simulate, "make_simulation", spy)
+    cfg = _cfg("method=deca", "max_steps=2", "num_clients=2", tmp_path=tmp_path)
+    gc.collect()
+    gc.disable()
+    try:
+        run_simulation(cfg, save_models=False, quiet=True)
+        assert len(seen) == 1 and seen[0]() is None
+    finally:
+        gc.enable()
+
+
 def test_centralized_averages_every_clients_gradient():
     """One shared model; its step uses the mean of the clients' gradients (DeepSpeed's data-parallel average)."""
     cfg = _cfg("method=centralized", "max_steps=1", "num_clients=2", "optim.lr=1e-3")

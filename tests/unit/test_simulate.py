@@ -338,6 +338,26 @@ def test_parked_replicas_on_gpu_hold_one_replica_and_match_resident():
     np.testing.assert_allclose(parked_losses, resident_losses, rtol=1e-4)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("stacked", [True, False])
+def test_bf16_clients_step_on_gpu(stacked):
+    """Both simulators run DECA with bf16 replicas on the GPU: every step's finite check, Adam step, mix and fold on
+    CUDA bf16 (the finite check once raised NotImplementedError there), every client's weights move, losses stay
+    finite. The launcher's stage-0 step shares that check and BlockAdam (deca_ds.step)."""
+    from deca_ds.simulate import make_simulation
+
+    sim = make_simulation(_cfg("method=deca", "num_clients=4", "simulate.device=cuda", "model.dtype=bf16",
+                               f"simulate.stacked={str(stacked).lower()}", "max_steps=3"))
+    before = [[p.detach().clone() for p in sim.model_of(c).parameters()] for c in range(4)]
+    losses = [sim.step().losses for _ in range(3)]
+    assert all(math.isfinite(x) for step in losses for x in step)
+    held = list(sim.params.values()) if stacked else [p for m in sim.models for p in m.parameters()]
+    assert held and all(t.is_cuda and t.dtype == torch.bfloat16 for t in held)
+    for c in range(4):
+        params = list(sim.model_of(c).parameters())
+        assert any(not torch.equal(p.cpu(), q.cpu()) for p, q in zip(params, before[c])), f"client {c} did not move"
+
+
 def _record_x_half(sim: Simulation) -> list:
     """Every step's active-block tensors of every client just before mixing (their x_half), float64 copies."""
     seen = []

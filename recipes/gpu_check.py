@@ -200,6 +200,15 @@ def summarize(results: list[dict[str, Any]], extra: dict[str, Any] | None = None
     return "\n".join(lines)
 
 
+def resolve_paths(args: argparse.Namespace) -> None:
+    """Make ``--out`` and ``--model`` absolute, in place: the parts run in the checkout (``cwd=ROOT``) while the
+    summary is written from the caller's directory, so a relative path would name two places when the script is run
+    from elsewhere. A relative ``--model`` is the caller's, except the default, which lives in the checkout."""
+    args.out = str(Path(args.out).resolve())
+    model = ROOT / DEFAULT_MODEL if args.model == DEFAULT_MODEL else Path(args.model)
+    args.model = str(model.resolve())
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the parts (or, with ``--peak-memory-only``, the peak-memory check itself)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -211,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--peak-memory-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    resolve_paths(args)
     import torch
 
     if not torch.cuda.is_available():

@@ -93,3 +93,20 @@ def test_a_part_past_its_limit_is_killed_with_its_children(tmp_path):
         time.sleep(0.1)
     else:
         raise AssertionError(f"the part's child {child} outlived the part")
+
+
+def test_paths_are_made_absolute_so_parts_and_summary_agree(tmp_path, monkeypatch):
+    """The parts run in the checkout, the summary is written from the caller's directory: run from elsewhere, a
+    relative --out once split the outputs over two places and the summary lost the peak-memory figures."""
+    monkeypatch.chdir(tmp_path)
+    args = _args(out="runs/x")
+    gpu_check.resolve_paths(args)
+    assert args.out == str(tmp_path / "runs" / "x")
+    assert args.model == str(ROOT / gpu_check.DEFAULT_MODEL)  # the default lives in the checkout
+    args = _args(model="my_model")
+    gpu_check.resolve_paths(args)
+    assert args.model == str(tmp_path / "my_model")  # a user's relative path is theirs
+    parts = gpu_check.parts(args)
+    assert all(p["log"].startswith(str(tmp_path)) for p in parts)
+    bench = parts[1]["cmd"]
+    assert bench[bench.index("--out") + 1] == str(tmp_path / "runs" / "x" / "benchmark")

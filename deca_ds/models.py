@@ -151,7 +151,28 @@ def merged_model(model: torch.nn.Module, keep: bool = False) -> torch.nn.Module:
         return model
     import copy
 
-    return (copy.deepcopy(model) if keep else model).merge_and_unload()
+    model = copy.deepcopy(model) if keep else model
+    _untie_adapted_output_embeddings(model)
+    return model.merge_and_unload()
+
+
+def _untie_adapted_output_embeddings(peft_model) -> None:
+    """Give an adapted LM head its own weight before the merge when it shares it with the input embeddings.
+
+    With ``tie_word_embeddings`` the head and the embeddings are one tensor. The trained model reads the embeddings
+    unadapted and the head with its LoRA delta; merging the delta into the shared tensor changed the embeddings too
+    (peft only warns), so the saved model was not the one trained. Untied (a copy of the weight for the head, the
+    config's ``tie_word_embeddings`` set false so that loading keeps them apart), the merged model computes what the
+    adapted one did.
+    """
+    base = peft_model.get_base_model()
+    head, embeddings = base.get_output_embeddings(), base.get_input_embeddings()
+    layer = getattr(head, "base_layer", None)  # peft's LoRA wrapper around the head
+    if layer is None or embeddings is None or layer.weight is not embeddings.weight:
+        return
+    layer.weight = torch.nn.Parameter(layer.weight.detach().clone(), requires_grad=layer.weight.requires_grad)
+    for config in {id(c): c for c in (base.config, base.config.get_text_config())}.values():
+        config.tie_word_embeddings = False
 
 
 def save_model_dir(model: torch.nn.Module, directory) -> None:

@@ -87,3 +87,41 @@ def test_a_local_model_path_does_not_warn(tmp_path):
         warnings.simplefilter("always")
         prepare_model(cfg, model)
     assert not [w for w in caught if "lm_head" in str(w.message)]
+
+
+def test_merging_an_adapted_tied_head_keeps_the_embeddings_and_the_trained_function(tmp_path):
+    """Tied head and embeddings (one tensor) with a LoRA adapter on the head: the merge once added the head's delta
+    to the shared tensor, so the saved model's embeddings changed and it computed something else than the trained
+    one. Now the head is untied first: the embeddings stay the base's bit for bit, the head is base + peft's own
+    delta bit for bit, and the saved directory loads untied with the same weights."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from deca_ds.models import merged_model, save_model_dir
+
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(config)
+    assert base.lm_head.weight is base.model.embed_tokens.weight
+    shared = base.lm_head.weight.detach().clone()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"]))
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: a delta of zero would test nothing
+            torch.nn.init.normal_(p, std=0.1)
+    head = model.get_base_model().lm_head
+    delta = head.get_delta_weight("default")
+    assert delta.abs().max() > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # peft's warning about tied adapted modules
+        merged = merged_model(model, keep=True)
+    assert torch.equal(merged.model.embed_tokens.weight, shared)
+    assert merged.lm_head.weight is not merged.model.embed_tokens.weight
+    assert torch.equal(merged.lm_head.weight, shared + delta)
+    assert merged.config.tie_word_embeddings is False
+    # the model given is left as it was (keep=True): still tied, still adapted
+    assert model.get_base_model().lm_head.base_layer.weight is model.get_base_model().model.embed_tokens.weight
+    save_model_dir(model, tmp_path / "m")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+    assert torch.equal(loaded.model.embed_tokens.weight, shared)
+    assert torch.equal(loaded.lm_head.weight, shared + delta)

@@ -111,6 +111,26 @@ def package_versions() -> dict[str, str | None]:
     return out
 
 
+def device_label(name: str) -> str:
+    """Where a run's simulation ran, for its record: ``cpu (N threads)`` or the accelerator's name, e.g.
+    ``cuda:0 (NVIDIA H200)``. Records made on different devices agree only within float rounding (and, on these
+    chaotic trajectories, within seed-to-seed noise), so a table mixing them says so through this field.
+
+    Args:
+        name: the run's ``simulate.device`` setting.
+    """
+    import torch
+
+    from deca_ds.simulate import resolve_device
+
+    dev = resolve_device(name)
+    if dev.type == "cpu":
+        return f"cpu ({torch.get_num_threads()} threads)"
+    index = dev.index if dev.index is not None else torch.cuda.current_device() if dev.type == "cuda" else 0
+    label = torch.cuda.get_device_name(index) if dev.type == "cuda" else dev.type
+    return f"{dev.type}:{index} ({label})"
+
+
 def run_one(run: dict[str, Any], runs_dir: str) -> dict[str, Any]:
     """Simulate one run of the grid and reduce it to one results record (curves included)."""
     from deca_ds.config import load_config
@@ -159,6 +179,7 @@ def run_one(run: dict[str, Any], runs_dir: str) -> dict[str, Any]:
         "optimizer_state_bytes": summary["clients"][0]["optimizer_state_bytes"],
         "loss_curve": loss_curve, "consensus_distance_curve": dist_curve,
         "seconds": time.perf_counter() - t0, "versions": package_versions(),
+        "device": device_label(cfg.simulate.device),
     }
 
 

@@ -328,3 +328,33 @@ def test_every_cell_of_every_shipped_grid_loads(path):
     assert cells
     for settings in cells:
         load_config(None, sweep._overrides(settings))
+
+
+def test_a_results_record_names_the_device_it_ran_on(tmp_path, monkeypatch):
+    """Every record carries where its simulation ran (records made on a GPU agree with CPU ones only within float
+    rounding): ``cpu (N threads)`` for the CPU, the accelerator's name otherwise; a machine without CUDA refuses
+    ``cuda`` with the setting's own error."""
+    import torch
+
+    import deca_ds.simulate
+    from deca_ds.config import ConfigError
+
+    client = {"test_accuracy": 0.5, "eval": {"macro_f1": 0.4}, "test_loss": 1.0, "bytes_sent": 0,
+              "optimizer_state_bytes": 8}
+
+    def fake_simulation(cfg, save_models, quiet):
+        Path(cfg.output_dir).mkdir(parents=True)
+        (Path(cfg.output_dir) / "metrics.jsonl").write_text(
+            json.dumps({"step": 0, "client": 0, "loss": 2.0, "consensus_distance": 0.1}) + "\n")
+        return {"clients": [client], "consensus": {"accuracy": 0.5, "loss": 1.0}}
+
+    monkeypatch.setattr(deca_ds.simulate, "run_simulation", fake_simulation)
+    run = {"run_id": "r", "labels": {}, "settings": {"num_clients": 1, "simulate.device": "cpu"}}
+    record = sweep.run_one(run, str(tmp_path))
+    assert record["device"] == f"cpu ({torch.get_num_threads()} threads)"
+    if not torch.cuda.is_available():
+        assert sweep.device_label("auto") == record["device"]
+        with pytest.raises(ConfigError, match="simulate.device='cuda'"):
+            sweep.device_label("cuda")
+    else:
+        assert sweep.device_label("cuda:0") == f"cuda:0 ({torch.cuda.get_device_name(0)})"

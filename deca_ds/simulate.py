@@ -27,7 +27,7 @@ neighbours exchange ``x_half`` in the launcher):
 Where replicas live (``simulate.device``, ``simulate.park_replicas``): by default every replica, its gradients and
 its optimizer state sit on the training device (DeepSpeed's accelerator, else the CPU). Parked, they sit in CPU
 memory and each client's replica is moved to the device for its own forward/backward/step and back; the mixing
-mixing runs on the device one tensor of the active block at a time, and the consensus hook (elementwise work on one
+runs on the device one tensor of the active block at a time, and the consensus hook (elementwise work on one
 block) runs where the replica is parked. Device memory then holds one replica instead of N.
 
 Per-client losses, weights and consensus distances equal the launcher's bit for bit (one rank per client, one thread

@@ -11,7 +11,7 @@ Prints the median seconds per step of each path, the ratio, and the load average
 
 With ``--flops`` it also counts each path's floating-point operations per step (``torch.utils.flop_counter``:
 matmuls and attention, forward and backward, over the first ``--steps`` steps after the warm-up, the same blocks for
-both paths) and times a 1024 x 1024 fp32 matmul between the slices, and prints each path's achieved rate and the
+both paths) and times a 1024 x 1024 fp32 matmul on the same device between the slices, and prints each path's achieved rate and the
 ceiling the matmul rate sets: the per-client time divided by the stacked path's FLOPs at the matmul rate bounds any
 speed-up a batched formulation of the same computation can reach on this machine.
 """
@@ -77,9 +77,11 @@ def main(argv=None) -> int:
                 sim.step(measure_distance=False)
             times[name].append((time.perf_counter() - t0) / args.steps)
         if args.flops:
-            gemm.append(_matmul_rate(torch))
+            gemm.append(_matmul_rate(torch, paths["stacked"].device))
     load_after = os.getloadavg()
-    print(f"{args.clients} clients, method={args.method}, {args.threads} thread(s), torch {torch.__version__}, "
+    device = paths["stacked"].device
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU thread(s)"
+    print(f"{args.clients} clients, method={args.method}, {where}, torch {torch.__version__}, "
           f"{args.rounds} x {args.steps} steps per path, alternated")
     for name, ts in times.items():
         print(f"  {name:>10}: {statistics.median(ts):.3f} s/step (slices: {', '.join(f'{t:.3f}' for t in ts)})")
@@ -101,14 +103,18 @@ def main(argv=None) -> int:
     return 0
 
 
-def _matmul_rate(torch) -> float:
-    """FLOP/s of a 1024 x 1024 fp32 matmul on this process's threads (best of 5 after one warm-up)."""
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+def _matmul_rate(torch, device) -> float:
+    """FLOP/s of a 1024 x 1024 fp32 matmul on ``device`` (the simulators' device; on the CPU this process's threads),
+    best of 5 after one warm-up."""
+    a, b = torch.randn(1024, 1024, device=device), torch.randn(1024, 1024, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     a @ b
+    sync()
     best = float("inf")
     for _ in range(5):
         t0 = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t0)
     return 2 * 1024 ** 3 / best
 

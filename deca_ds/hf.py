@@ -967,7 +967,46 @@ class DecaTrainerMixin:
             return self._gather_client(tensors.detach()).reshape(-1)
 
         with _shadowed(owner, name, nested_gather):
-            return super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
+            out = super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
+        self._agree_on_stop()
+        return out
+
+    def _agree_on_stop(self) -> None:
+        """Make every rank stop training at the same step when a callback stops some of them (collective).
+
+        Any callback may set ``control.should_training_stop`` on its own rank: a user's callback on the client's
+        own loss, a time budget, a signal handler. One client stopping alone would leave its neighbours waiting
+        in the next gossip exchange until ``comm_timeout`` (``NeighbourError``), and ranks of one client in
+        their gradient average. So after each optimizer step (after ``on_step_end`` and the logging, evaluation
+        and saving it triggers, i.e. after every callback had its say) the ranks gather their flags: if any rank
+        stops, every rank stops at this step, and rank 0 says which clients asked. Called from
+        :meth:`_maybe_log_save_evaluate`, which the Trainer calls once per optimizer step on every rank, and once
+        more at each epoch end; epochs end at different steps on clients of different sizes, so that second call
+        takes part in no collective: a stop requested there (``on_epoch_end``) is carried to the next step's
+        agreement, and the client trains that one step more.
+        """
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        control, step = self.control, self.state.global_step
+        if step == getattr(self, "_stop_agreed_at", None):  # the epoch-end call, at a step of this client's own
+            if control.should_training_stop and not self._stop_agreed and step < self.state.max_steps:
+                self._stop_pending = True
+                control.should_training_stop = False
+            return
+        from deca_ds.engine import device
+
+        asked = bool(control.should_training_stop or getattr(self, "_stop_pending", False))
+        flag = torch.tensor([float(asked)], device=device())
+        flags = [torch.empty_like(flag) for _ in range(dist.get_world_size())]
+        dist.all_gather(flags, flag)
+        askers = sorted({r // self.layout.ranks_per_client for r, f in enumerate(flags) if float(f) > 0})
+        self._stop_agreed_at, self._stop_pending, self._stop_agreed = step, False, bool(askers)
+        if askers:
+            control.should_training_stop = True
+            if not all(float(f) > 0 for f in flags) and dist.get_rank() == 0:
+                print(f"deca_ds: client(s) {askers} stopped training at step {step} (a callback set "
+                      "control.should_training_stop): every client stops at this step, since the clients exchange "
+                      "weights at every step", flush=True)
 
     def _active_params(self) -> list[torch.nn.Parameter]:
         return [p for p in self.block_optimizer.active_params() if p.grad is not None]

@@ -393,11 +393,14 @@ def write_client_state(output_dir: str | os.PathLike, step: int, client_id: int,
     return final
 
 
-_READ_POINTER = object()
+def read_latest_pointer(output_dir: str | os.PathLike) -> str | None:
+    """The step directory name ``checkpoints/latest`` names now (None: no pointer yet), as
+    :func:`publish_checkpoint` needs it from before the save's barrier."""
+    return _pointer(Path(output_dir) / "checkpoints")
 
 
-def publish_checkpoint(output_dir: str | os.PathLike, step: int, client_id: int, keep: int,
-                       previous: Any = _READ_POINTER) -> None:
+def publish_checkpoint(output_dir: str | os.PathLike, step: int, client_id: int, keep: int, *,
+                       previous: str | None) -> None:
     """Point ``latest`` at ``step`` and prune this client's older checkpoints, keeping ``keep`` complete ones.
 
     Call only after every client has written ``step`` (a barrier). Safe to call from several writers: the pointer
@@ -412,13 +415,12 @@ def publish_checkpoint(output_dir: str | os.PathLike, step: int, client_id: int,
         step: the step every client has just written.
         client_id: the publishing client (only its own directories are deleted).
         keep: complete checkpoints to keep (this one included).
-        previous: the step directory name ``latest`` held before this save began (None: no pointer), as
-            :func:`save_checkpoint` reads it before its barrier. Default: read now, which is right only for the
-            first of several publishers.
+        previous: the step directory name ``latest`` held before this save began (None: no pointer), read with
+            :func:`read_latest_pointer` before the barrier, as :func:`save_checkpoint` does. Required: read here,
+            after another client had published, it would already name ``step``, and leftovers of a killed save
+            would then count as checkpoints and displace a complete one (this client's part of it deleted).
     """
     ckpt = Path(output_dir) / "checkpoints"
-    if previous is _READ_POINTER:
-        previous = _pointer(ckpt)
     _atomic_write_text(ckpt / "latest", step_dir_name(step) + "\n")
     current = step_dir_name(step)
     dirs = [p for p in ckpt.glob("step_*") if p.is_dir() and _STEP_DIR.fullmatch(p.name)]
@@ -508,7 +510,7 @@ def save_checkpoint(output_dir, step: int, client_id: int, is_writer: bool, stat
                     keep: int, barrier: Callable[[], None]) -> None:
     """Collective: every rank calls it; the client's writer rank writes, then ``latest`` moves after a barrier."""
     # Read before the barrier: after it, another client may already have moved ``latest`` to this step.
-    previous = _pointer(Path(output_dir) / "checkpoints") if is_writer else None
+    previous = read_latest_pointer(output_dir) if is_writer else None
     if is_writer:
         write_client_state(output_dir, step, client_id, state_fn())
     barrier()

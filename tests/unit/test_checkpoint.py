@@ -14,10 +14,13 @@ from deca_ds.config import ConfigError, load_config
 
 
 def _save(out, step, clients=(0, 1), keep=2):
+    """What save_checkpoint does for several writers: the pointer read before the barrier, writes, then each
+    client publishes."""
+    previous = ckpt.read_latest_pointer(out)
     for c in clients:
         ckpt.write_client_state(out, step, c, {"w": torch.full((3,), float(step + c))})
     for c in clients:
-        ckpt.publish_checkpoint(out, step, c, keep)
+        ckpt.publish_checkpoint(out, step, c, keep, previous=previous)
 
 
 def _state(out, step, client):
@@ -45,6 +48,22 @@ def test_unpublished_write_does_not_move_latest_and_leftovers_are_cleaned(tmp_pa
     _save(tmp_path, 3)
     names = sorted(p.name for p in (tmp_path / "checkpoints").glob("step_*"))
     assert names == ["step_00000002", "step_00000003"]
+
+
+def test_a_leftover_between_checkpoints_never_displaces_a_complete_one_for_any_client(tmp_path):
+    """Steps 2 and 4 saved (keep 2); a save of step 5 killed after both clients wrote but before ``latest`` moved;
+    the resumed run saves step 6. Every client must treat step 5 as a leftover: steps 4 and 6 stay complete. Before,
+    ``previous`` defaulted to reading the pointer at publish time: the second client read ``step_6`` (the first had
+    just moved it), counted step 5 as a checkpoint and deleted its part of step 4, leaving one complete checkpoint."""
+    _save(tmp_path, 2)
+    _save(tmp_path, 4)
+    for c in (0, 1):
+        ckpt.write_client_state(tmp_path, 5, c, {"w": torch.zeros(1)})
+    _save(tmp_path, 6)
+    dirs = {p.name: sorted(q.name for q in p.iterdir()) for p in (tmp_path / "checkpoints").glob("step_*")}
+    assert dirs == {"step_00000004": ["client_0", "client_1"], "step_00000006": ["client_0", "client_1"]}
+    with pytest.raises(TypeError, match="previous"):
+        ckpt.publish_checkpoint(tmp_path, 6, 0, 2)  # no default to fall into
 
 
 def test_latest_is_published_only_after_every_client_is_complete(tmp_path):

@@ -70,7 +70,7 @@ def _fake_run(tmp_path, num_clients: int, *overrides) -> None:
     ckpt.append_run_leg(out, ckpt.run_record(cfg, ds, num_clients, num_clients))
     for c in range(num_clients):
         ckpt.write_client_state(out, 4, c, {"global_step": torch.tensor(4)})
-    ckpt.publish_checkpoint(out, 4, 0, keep=2)
+    ckpt.publish_checkpoint(out, 4, 0, keep=2, previous=ckpt.read_latest_pointer(out))
 
 
 def test_resume_refuses_a_changed_run_and_accepts_allowed_changes(tmp_path):

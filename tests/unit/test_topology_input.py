@@ -19,6 +19,13 @@ EPS = np.finfo(np.float64).eps
 ROOT = Path(__file__).resolve().parents[2]
 
 
+
+def _spectral_tol(n: int) -> float:
+    """How far two backward-stable computations of one eigen/singular value of a symmetric doubly-stochastic n x n
+    matrix may differ: each is exact for a matrix within c * n * eps * ||W||_2 of W (Weyl; ||W||_2 = 1), forming
+    W - J/n adds at most n * eps; c = 64 is a generous LAPACK constant."""
+    return 64 * n * float(np.finfo(np.float64).eps)
+
 def _custom(path):
     return load_config(None, ["topology.name=custom", f"topology.path={path}"])
 
@@ -63,7 +70,8 @@ def test_a_periodic_custom_matrix_is_refused_with_its_lambda_2(name, tmp_path):
         assert np.array_equal(np.linalg.matrix_power(w, k) @ s, (-1) ** k * s)
     # Reference: numpy finds an eigenvalue -1 besides the consensus eigenvalue 1, so |lambda_2| = 1.
     eig = np.sort(np.linalg.eigvals(w).real)
-    assert eig[0] == pytest.approx(-1.0, abs=1e-12) and eig[-1] == pytest.approx(1.0, abs=1e-12)
+    # These matrices are normal (Bauer-Fike with condition 1), so eigvals' error is _spectral_tol's too.
+    assert eig[0] == pytest.approx(-1.0, abs=_spectral_tol(n)) and eig[-1] == pytest.approx(1.0, abs=_spectral_tol(n))
     with pytest.raises(ValueError, match=r"not mixing: \|lambda_2\| = 1 ") as err:
         check_mixing_matrix(w)
     assert "\n" not in str(err.value)
@@ -85,11 +93,14 @@ def test_the_lazy_fix_named_in_the_refusal_is_accepted_and_reaches_consensus(nam
     np.testing.assert_array_equal(topo.weights, lazy)
     # Reference: numpy's eigenvalues of the lazy matrix are (1 + lambda) / 2: the -1 became 0.
     moduli = np.sort(np.abs(np.linalg.eigvals(lazy)))[::-1]
-    assert moduli[1] < 1 and topo.spectral_gap == pytest.approx(1 - moduli[1], abs=1e-12)
+    assert moduli[1] < 1 and topo.spectral_gap == pytest.approx(1 - moduli[1], abs=_spectral_tol(n))
     x = np.arange(n, dtype=np.float64)
     # A symmetric W contracts the disagreement by |lambda_2| per round: after k rounds it is at most |lambda_2|^k.
     spread = np.linalg.norm(np.linalg.matrix_power(lazy, 40) @ x - x.mean())
-    assert spread <= moduli[1] ** 40 * np.linalg.norm(x - x.mean()) + 1e-12
+    # Float slack: matrix_power(., 40) is <= 8 products (repeated squaring), each row a convex combination, so each
+    # adds <= n * eps of ||x|| per entry; 64 n eps per product, 8 products, over sqrt(n) <= n entries' norm.
+    slack = 8 * _spectral_tol(n) * n * np.linalg.norm(x)
+    assert spread <= moduli[1] ** 40 * np.linalg.norm(x - x.mean()) + slack
 
 
 def test_a_periodic_matrix_written_with_rounded_weights_is_still_refused(tmp_path):
@@ -113,9 +124,13 @@ def test_a_small_but_positive_gap_is_accepted(eps, tmp_path):
     of the doubly-stochastic check: a margin of that size would refuse a matrix that mixes."""
     w = np.array([[eps, 1 - eps], [1 - eps, eps]])  # exact in float64 for these eps
     topo = make_topology("custom", 2, path=_write_matrix(tmp_path / "slow.txt", w))
-    assert topo.spectral_gap == pytest.approx(2 * eps, rel=1e-6)
+    assert topo.spectral_gap == pytest.approx(2 * eps, abs=_spectral_tol(2))  # 2.8e-14, far below 2 eps
     x = np.array([1.0, -1.0])  # the lambda_2 eigenvector: after k rounds exactly (-(1 - 2 eps))^k x
-    np.testing.assert_allclose(np.linalg.matrix_power(w, 3) @ x, -((1 - 2 * eps) ** 3) * x, rtol=1e-12)
+    # For eps = 0.25 and 2^-12 every value here is a dyadic of <= 39 bits: exact. For 2^-30: nonnegative entries,
+    # w^3 within ~4u of exact (u = eps/2), the final subtraction no cancellation (|w^3_00| ~ 3 * 2^-30) + u, the
+    # closed form's cube 2u: <= 8u, inside 16 eps = 32u.
+    np.testing.assert_allclose(np.linalg.matrix_power(w, 3) @ x, -((1 - 2 * eps) ** 3) * x,
+                               rtol=16 * np.finfo(np.float64).eps)
 
 
 def test_zero_self_weights_alone_are_not_refused(tmp_path):
@@ -123,9 +138,9 @@ def test_zero_self_weights_alone_are_not_refused(tmp_path):
     besides the consensus one, and it reaches consensus. The refusal is about the spectrum, not the diagonal."""
     w = _cycle(5)
     lam2 = math.cos(math.pi / 5)  # |cos(4 pi / 5)|, the largest modulus for k = 1..4
-    assert np.sort(np.abs(np.linalg.eigvals(w)))[-2] == pytest.approx(lam2, abs=1e-12)
+    assert np.sort(np.abs(np.linalg.eigvals(w)))[-2] == pytest.approx(lam2, abs=_spectral_tol(5))
     topo = make_topology("custom", 5, path=_write_matrix(tmp_path / "c5.txt", w))
-    assert topo.spectral_gap == pytest.approx(1 - lam2, abs=1e-12)
+    assert topo.spectral_gap == pytest.approx(1 - lam2, abs=_spectral_tol(5))
 
 
 def test_a_time_varying_graph_is_judged_on_its_period():

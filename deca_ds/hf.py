@@ -676,6 +676,7 @@ class DecaTrainerMixin:
         self._nonfinite_since_log = False  # a non-finite step between log steps, reported at the next one
         self._step_figures = {"bytes_sent": 0, "nonfinite": False, "block": 0}
         self._grads_reduced = False
+        self._stop_agreed_at, self._stop_agreed, self._stop_pending = None, False, False  # _agree_on_stop
         self._writer = None
         self._t0 = time.perf_counter()
         _client_args(training_args, layout.local_rank == 0,
@@ -988,14 +989,14 @@ class DecaTrainerMixin:
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         control, step = self.control, self.state.global_step
-        if step == getattr(self, "_stop_agreed_at", None):  # the epoch-end call, at a step of this client's own
+        if step == self._stop_agreed_at:  # the epoch-end call, at a step of this client's own
             if control.should_training_stop and not self._stop_agreed and step < self.state.max_steps:
                 self._stop_pending = True
                 control.should_training_stop = False
             return
         from deca_ds.engine import device
 
-        asked = bool(control.should_training_stop or getattr(self, "_stop_pending", False))
+        asked = bool(control.should_training_stop or self._stop_pending)
         flag = torch.tensor([float(asked)], device=device())
         flags = [torch.empty_like(flag) for _ in range(dist.get_world_size())]
         dist.all_gather(flags, flag)

@@ -11,9 +11,12 @@ Prints the median seconds per step of each path, the ratio, and the load average
 
 With ``--flops`` it also counts each path's floating-point operations per step (``torch.utils.flop_counter``:
 matmuls and attention, forward and backward, over the first ``--steps`` steps after the warm-up, the same blocks for
-both paths) and times a 1024 x 1024 fp32 matmul on the same device between the slices, and prints each path's achieved rate and the
-ceiling the matmul rate sets: the per-client time divided by the stacked path's FLOPs at the matmul rate bounds any
-speed-up a batched formulation of the same computation can reach on this machine.
+both paths) and times a 1024 x 1024 fp32 matmul on the simulators' device between the slices, and prints each path's
+achieved rate and the ceiling the matmul rate sets: the per-client time divided by the stacked path's FLOPs at the
+matmul rate bounds any speed-up a batched formulation of the same computation can reach on this machine.
+
+On a machine with CUDA both simulators run on the GPU (``simulate.device=auto``); add ``simulate.device=cpu`` to
+time the CPU there.
 """
 
 from __future__ import annotations

@@ -59,6 +59,12 @@ trainer.train()
 epoch = ClientBatchSampler(len(data.train), 32, 1, deca.config.data.seed, deca.layout()).length
 with open(f"{out}/result_{client}.json", "w") as f:
     json.dump({"global_step": trainer.state.global_step, "epoch_steps": epoch, "epoch_ends": Stopper.epoch_ends}, f)
+# As recipes/finetune.py ends (and torch asks of every script): leave the process group before the interpreter exits.
+# Without it, one CI run saw rank 1 abort in teardown ("terminate called without an active exception", exit -6)
+# after both ranks had finished training and written their results.
+import torch.distributed as dist
+dist.barrier()
+dist.destroy_process_group()
 '''
 
 

@@ -1000,11 +1000,12 @@ class DecaTrainerMixin:
         flag = torch.tensor([float(asked)], device=device())
         flags = [torch.empty_like(flag) for _ in range(dist.get_world_size())]
         dist.all_gather(flags, flag)
-        askers = sorted({r // self.layout.ranks_per_client for r, f in enumerate(flags) if float(f) > 0})
+        asked_by = torch.cat(flags).tolist()  # one device-to-host copy, not one per rank
+        askers = sorted({r // self.layout.ranks_per_client for r, f in enumerate(asked_by) if f > 0})
         self._stop_agreed_at, self._stop_pending, self._stop_agreed = step, False, bool(askers)
         if askers:
             control.should_training_stop = True
-            if not all(float(f) > 0 for f in flags) and dist.get_rank() == 0:
+            if not all(f > 0 for f in asked_by) and dist.get_rank() == 0:
                 print(f"deca_ds: client(s) {askers} stopped training at step {step} (a callback set "
                       "control.should_training_stop): every client stops at this step, since the clients exchange "
                       "weights at every step", flush=True)

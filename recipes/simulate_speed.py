@@ -70,6 +70,7 @@ def main(argv=None) -> int:
                 for _ in range(args.steps):
                     sim.step(measure_distance=False)
             flops[name] = counter.get_total_flops() / args.steps
+    device = paths["stacked"].device  # both simulators run on simulate.device
     load_before = os.getloadavg()
     times: dict[str, list[float]] = {k: [] for k in paths}
     gemm: list[float] = []
@@ -80,9 +81,8 @@ def main(argv=None) -> int:
                 sim.step(measure_distance=False)
             times[name].append((time.perf_counter() - t0) / args.steps)
         if args.flops:
-            gemm.append(_matmul_rate(torch, paths["stacked"].device))
+            gemm.append(_matmul_rate(torch, device))
     load_after = os.getloadavg()
-    device = paths["stacked"].device
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{args.threads} CPU thread(s)"
     print(f"{args.clients} clients, method={args.method}, {where}, torch {torch.__version__}, "
           f"{args.rounds} x {args.steps} steps per path, alternated")

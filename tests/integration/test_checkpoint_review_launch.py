@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from launch import FAST, RECIPE, ROOT, launch_env
+from launch import FAST, RECIPE, ROOT, launch_env, torchrun_command
 
 from deca_ds import checkpoint as ckpt
 
@@ -36,12 +36,10 @@ def test_a_leg_resumed_from_an_older_checkpoint_is_what_a_crash_comes_back_to(tm
 
 
 def _torchrun(out, *args, restarts=1):
-    from launch import free_port
-
-    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--max-restarts",
-                             str(restarts), "--master_port", str(free_port()), RECIPE, "backend=launcher",
-                             f"output_dir={out}", *FAST, *args], cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    cmd = torchrun_command(RECIPE, "backend=launcher", f"output_dir={out}", *FAST, *args, nproc=1,
+                           launcher_args=["--max-restarts", str(restarts)])
+    return subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def _snapshot(out):

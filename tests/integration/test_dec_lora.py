@@ -7,11 +7,9 @@ computation as the simulator's.
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
-from launch import FAST, RECIPE, ROOT, free_port, launch_env
+from launch import FAST, RECIPE, torchrun
 
 pytestmark = pytest.mark.integration
 
@@ -20,10 +18,7 @@ def test_dec_lora_launch_equals_the_per_client_simulator(tmp_path):
     pytest.importorskip("peft")
     settings = ["method=dec_lora", "max_steps=6", "optim.lr=1e-2", "topology.name=ring", *FAST]
     out = tmp_path / "launch"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(free_port()), RECIPE, f"output_dir={out}", *settings]
-    res = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=400)
-    assert res.returncode == 0, res.stderr[-6000:]
+    torchrun(RECIPE, f"output_dir={out}", *settings, timeout=400)
     launched = {(r["step"], r["client"]): r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text()
                                                                 .splitlines()) if "loss" in r}
     # In this process, as test_simulate_parity.py runs its simulator (one thread, set before torch was imported).

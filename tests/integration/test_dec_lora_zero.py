@@ -59,12 +59,10 @@ CPU copy of the model (``ZeroBlockEngine.whole_model``), which was a plain model
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
-from launch import FAST, RECIPE, ROOT, free_port, launch_env
+from launch import FAST, RECIPE, ROOT, torchrun
 
 pytestmark = pytest.mark.integration
 
@@ -110,11 +108,8 @@ def _ds_config(tmp_path, stage: int, persistence: bool = False) -> str:
 
 
 def _launch(out, nproc: int, ds_config: str, rpc: int, settings=SETTINGS) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), RECIPE, f"output_dir={out}", f"ds_config={ds_config}", f"clients.ranks_per_client={rpc}",
-           *settings]
-    res = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=400)
-    assert res.returncode == 0, res.stderr[-6000:]
+    torchrun(RECIPE, f"output_dir={out}", f"ds_config={ds_config}", f"clients.ranks_per_client={rpc}", *settings,
+             nproc=nproc, timeout=400)
 
 
 def _losses(out) -> dict:
@@ -309,10 +304,8 @@ def test_dec_lora_zero3_bf16_saves_the_engines_bf16_model_merged(tmp_path):
     ds["bf16"] = {"enabled": True}
     (tmp_path / "ds_bf16.json").write_text(json.dumps(ds))
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           RECIPE, f"output_dir={out}", f"ds_config={tmp_path / 'ds_bf16.json'}", "model.dtype=bf16", *SETTINGS]
-    res = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=400)
-    assert res.returncode == 0, res.stderr[-6000:]
+    torchrun(RECIPE, f"output_dir={out}", f"ds_config={tmp_path / 'ds_bf16.json'}", "model.dtype=bf16", *SETTINGS,
+             timeout=400)
 
     cfg = load_config(None, ["model.dtype=bf16", *SETTINGS])
     latest = (out / "checkpoints" / "latest").read_text().strip()
@@ -371,10 +364,7 @@ def test_dec_lora_zero3_with_an_adapter_on_a_tied_lm_head_saves_the_engines_mode
     settings = [*SETTINGS, f"model.path={model_dir}", "lora.target_modules=[q_proj,v_proj,lm_head]", "max_steps=2",
                 "data.max_length=48"]
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           RECIPE, f"output_dir={out}", f"ds_config={_ds_config(tmp_path, 3)}", *settings]
-    res = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=400)
-    assert res.returncode == 0, res.stderr[-6000:]
+    torchrun(RECIPE, f"output_dir={out}", f"ds_config={_ds_config(tmp_path, 3)}", *settings, timeout=400)
 
     cfg = load_config(None, settings)
     latest = (out / "checkpoints" / "latest").read_text().strip()

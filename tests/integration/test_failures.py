@@ -11,16 +11,14 @@ replay one.
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from launch import FAST, RECIPE, ROOT, free_port, launch_env
+from launch import FAST, RECIPE, ROOT, deepspeed_command, launch_env, torchrun_command
 
 pytestmark = pytest.mark.integration
 
@@ -33,11 +31,9 @@ class Run:
                  restarts: int = 0):
         self.out, self.err = logdir / f"{name}.out", logdir / f"{name}.err"
         if launcher == "deepspeed":
-            exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-            cmd = [exe, "--num_gpus", str(nproc), "--master_port", str(free_port()), RECIPE, *args]
+            cmd = deepspeed_command(RECIPE, *args, nproc=nproc)
         else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                   "--max-restarts", str(restarts), "--master_port", str(free_port()), RECIPE, *args]
+            cmd = torchrun_command(RECIPE, *args, nproc=nproc, launcher_args=["--max-restarts", str(restarts)])
         with open(self.out, "w") as o, open(self.err, "w") as e:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=launch_env(), stdout=o, stderr=e, start_new_session=True)
         self.pgid = self.proc.pid  # start_new_session: the launcher leads a new process group

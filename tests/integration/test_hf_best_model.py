@@ -27,13 +27,13 @@ stop at step 12. The means are sums of two small integers halved: exact in float
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
-from launch import ROOT, free_port, launch_env
+from launch import torchrun
 
 pytestmark = pytest.mark.integration
+# The timeout only catches a hang: a 2-core machine shared with other jobs has taken over 400 s for one launch.
+TIMEOUT = 1200
 
 SCRIPT = '''
 import json, sys
@@ -120,13 +120,6 @@ def _as_logged(loss: float) -> float:
     return round(loss, 4) if rounds else loss
 
 
-def _torchrun(script, *args, timeout=1200):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(script), *args]
-    # The timeout only catches a hang: a 2-core machine shared with other jobs has taken over 400 s for one launch.
-    return subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One 2-client launch shared by the tests below: ``[client 0's result, client 1's result]``."""
@@ -134,8 +127,7 @@ def run(tmp_path_factory):
     script = tmp / "best.py"
     script.write_text(SCRIPT)
     out = tmp / "run"
-    res = _torchrun(script, str(out), "20", "early", "120")
-    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    torchrun(script, str(out), "20", "early", "120", timeout=TIMEOUT)
     return out, [json.loads((out / f"result_{c}.json").read_text()) for c in range(2)]
 
 
@@ -266,7 +258,7 @@ def test_evaluate_on_one_rank_only_says_to_call_it_on_every_rank(tmp_path):
     backend's words; now it fails after comm_timeout with a line that says what to do."""
     script = tmp_path / "alone.py"
     script.write_text(ALONE_SCRIPT)
-    res = _torchrun(script, str(tmp_path / "run"), "20", "no", "5")
+    res = torchrun(script, str(tmp_path / "run"), "20", "no", "5", timeout=TIMEOUT, check=False)
     assert res.returncode != 0
     assert ("evaluate() with metric_for_best_model=score and 2 clients is a collective" in res.stderr
             and "call it on every rank" in res.stderr and "comm_timeout=5 s (rank 0)" in res.stderr), res.stderr[-4000:]
@@ -282,8 +274,7 @@ def test_trl_evaluate_with_eval_sets_of_different_sizes(tmp_path):
     script = tmp_path / "sft_eval.py"
     script.write_text(TRL_SCRIPT)
     out = tmp_path / "run"
-    res = _torchrun(script, str(out))
-    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    torchrun(script, str(out), timeout=TIMEOUT)
     results = [json.loads((out / f"result_{c}.json").read_text()) for c in range(2)]
     jsonl = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["world_size"] for r in results] == [2, 2] and [r["eval_rows"] for r in results] == [18, 36]

@@ -12,11 +12,9 @@ micro-batch 32, ``max_steps`` 40, ``comm_timeout`` 30 s.
 """
 
 import json
-import subprocess
-import sys
 
 import pytest
-from launch import ROOT, free_port, launch_env
+from launch import torchrun
 
 pytestmark = pytest.mark.integration
 
@@ -68,18 +66,11 @@ dist.destroy_process_group()
 '''
 
 
-def _torchrun(script, *args, timeout=600):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(script), *args]
-    return subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
-
-
 def _launch(tmp_path, mode):
     script = tmp_path / "stop.py"
     script.write_text(SCRIPT)
     out = tmp_path / "run"
-    res = _torchrun(script, str(out), mode)
-    assert res.returncode == 0, f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    res = torchrun(script, str(out), mode, timeout=600)
     return res, out, [json.loads((out / f"result_{c}.json").read_text()) for c in range(2)]
 
 

@@ -20,13 +20,11 @@ the same number of steps although they hold different amounts of data, and a res
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launch import ROOT, free_port, launch_env
+from launch import ROOT, deepspeed_command, run_launch, torchrun_command
 
 pytestmark = pytest.mark.integration
 
@@ -37,23 +35,16 @@ HF_AUTO = str(ROOT / "ds_configs" / "hf_auto.json")
 # (deca_ds.cli.EMBEDDED_SCHEDULE), DecaSettings does not.
 DATA = ["data.num_examples=600", "blocks.layers_per_block=1", "blocks.switch_every=4"]
 STEPS = 20
-
-
-def _run(cmd: list[str], timeout: int = 1200) -> None:
-    # The timeout only catches a hang: a 2-core machine shared with other jobs has taken over 400 s for one launch.
-    res = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise AssertionError(f"exit {res.returncode}: {' '.join(cmd)}\n{res.stdout[-2000:]}\n{res.stderr[-6000:]}")
+# The timeout only catches a hang: a 2-core machine shared with other jobs has taken over 400 s for one launch.
+TIMEOUT = 1200
 
 
 def torchrun(nproc: int, recipe: str, *args: str) -> None:
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-          str(free_port()), recipe, *args])
+    run_launch(torchrun_command(recipe, *args, nproc=nproc), timeout=TIMEOUT)
 
 
 def deepspeed(nproc: int, recipe: str, *args: str) -> None:
-    exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    _run([exe, "--num_gpus", str(nproc), "--master_port", str(free_port()), recipe, *args])
+    run_launch(deepspeed_command(recipe, *args, nproc=nproc), timeout=TIMEOUT)
 
 
 def figures(out: Path) -> dict[tuple[int, int], tuple]:

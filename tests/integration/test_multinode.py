@@ -13,14 +13,12 @@ consensus distance is not compared, gloo sums 4 clients' terms in another order 
 """
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launch import RECIPE, ROOT, free_port, launch_env
+from launch import RECIPE, ROOT, deepspeed_command, free_port, launch_env, torchrun_command
 
 from deca_ds.config import load_config
 from deca_ds.simulate import run_simulation
@@ -45,17 +43,17 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _two_nodes(launcher: str, tmp_path: Path, out: Path) -> None:
     """Start both "machines" of a 2 x 2-process launch at once and wait for both."""
-    port = str(free_port())
+    port = free_port()
     if launcher == "deepspeed":
         hostfile = tmp_path / "hostfile"
         hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
-        exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-        cmds = [[exe, "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k), "--master_addr", "127.0.0.1",
-                 "--master_port", port, RECIPE, f"output_dir={out}", *SETTINGS] for k in (0, 1)]
+        cmds = [deepspeed_command(RECIPE, f"output_dir={out}", *SETTINGS, nproc=None, port=port,
+                                  launcher_args=["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
+                                                 "--master_addr", "127.0.0.1"]) for k in (0, 1)]
     else:
-        cmds = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(k),
-                 "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", port, RECIPE,
-                 f"output_dir={out}", *SETTINGS] for k in (0, 1)]
+        cmds = [torchrun_command(RECIPE, f"output_dir={out}", *SETTINGS, nproc=2, port=port,
+                                 launcher_args=["--nnodes", "2", "--node_rank", str(k), "--master_addr", "127.0.0.1"])
+                for k in (0, 1)]
     procs = [subprocess.Popen(c, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for c in cmds]
     try:

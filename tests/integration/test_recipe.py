@@ -7,32 +7,17 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launch import FAST, RECIPE, ROOT, free_port, launch_env
+from launch import FAST, RECIPE, ROOT, deepspeed_command, run_launch, torchrun_command
 
 pytestmark = pytest.mark.integration
 
 
 def torchrun(nproc: int, *args: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
-           str(free_port()), RECIPE, *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
-    if check and res.returncode != 0:
-        raise AssertionError(f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
-    return res
-
-
-def deepspeed_launch(nproc: int, *args: str, timeout: int = 400) -> subprocess.CompletedProcess:
-    exe = shutil.which("deepspeed") or str(Path(sys.executable).parent / "deepspeed")
-    cmd = [exe, "--num_gpus", str(nproc), "--master_port", str(free_port()), RECIPE, *args]
-    res = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=timeout)
-    if res.returncode != 0:
-        raise AssertionError(f"exit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}")
-    return res
+    return run_launch(torchrun_command(RECIPE, *args, nproc=nproc), timeout=timeout, check=check)
 
 
 def records(out: Path) -> list[dict]:
@@ -50,8 +35,8 @@ def test_deepspeed_launcher_four_clients_learn_and_hand_back_a_hf_model(tmp_path
     ds = json.loads((ROOT / "ds_configs" / "cpu_fp32.json").read_text())
     ds["csv_monitor"] = {"enabled": True, "output_path": str(tmp_path / "monitor"), "job_name": "deca"}
     (tmp_path / "ds.json").write_text(json.dumps(ds))
-    deepspeed_launch(4, f"output_dir={out}", "max_steps=40", "model.save_client_models=true",
-                     f"ds_config={tmp_path / 'ds.json'}", *FAST)
+    run_launch(deepspeed_command(RECIPE, f"output_dir={out}", "max_steps=40", "model.save_client_models=true",
+                                 f"ds_config={tmp_path / 'ds.json'}", *FAST, nproc=4), timeout=400)
     rows = (tmp_path / "monitor" / "deca" / "Train_Samples_client_1_loss.csv").read_text().splitlines()
     assert rows[0] == "step,loss" and len(rows) == 41
     recs = records(out)

@@ -12,13 +12,11 @@ clean runs).
 """
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from launch import RECIPE, ROOT, free_port, launch_env
+from launch import RECIPE, torchrun
 
 from deca_ds.config import load_config
 from deca_ds.simulate import run_simulation
@@ -41,10 +39,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.integration
 def test_simulator_matches_two_process_launch(tmp_path):
     launched, simulated = tmp_path / "launched", tmp_path / "simulated"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           RECIPE, f"output_dir={launched}", *SETTINGS]
-    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(RECIPE, f"output_dir={launched}", *SETTINGS, timeout=300)
 
     summary = run_simulation(load_config(None, [f"output_dir={simulated}", "num_clients=2", "backend=simulate",
                                                 "simulate.stacked=false",
@@ -90,10 +85,7 @@ def test_three_clients_bf16_wire_every_client_model_bit_equal(tmp_path):
                 "data.eval_examples=4", "data.min_partition_size=4", "log_every=1", "model.save_client_models=true",
                 "blocks.layers_per_block=1"]
     launched, simulated = tmp_path / "launched", tmp_path / "simulated"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(free_port()),
-           RECIPE, f"output_dir={launched}", *settings]
-    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(RECIPE, f"output_dir={launched}", *settings, nproc=3, timeout=300)
     run_simulation(load_config(None, [f"output_dir={simulated}", "num_clients=3", "backend=simulate",
                                    "simulate.stacked=false", *settings]),
                    quiet=True)
@@ -124,10 +116,7 @@ def test_three_clients_int8_compressed_gossip_every_client_model_bit_equal(tmp_p
                 "data.eval_examples=4", "data.min_partition_size=4", "log_every=1", "model.save_client_models=true",
                 "blocks.layers_per_block=1"]
     launched, simulated = tmp_path / "launched", tmp_path / "simulated"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "3", "--master_port", str(free_port()),
-           RECIPE, f"output_dir={launched}", *settings]
-    proc = subprocess.run(cmd, cwd=ROOT, env=launch_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(RECIPE, f"output_dir={launched}", *settings, nproc=3, timeout=300)
     run_simulation(load_config(None, [f"output_dir={simulated}", "num_clients=3", "backend=simulate",
                                    "simulate.stacked=false", *settings]),
                    quiet=True)

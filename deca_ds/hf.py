@@ -2,11 +2,12 @@
 
 An existing Trainer script becomes a DECA run by three changes (``recipes/hf_trainer.py`` is the example):
 
-    from deca_ds.hf import DecaSettings, DecaTrainer, init_distributed
+    from deca_ds.hf import DecaSettings, DecaTrainer, finish_distributed, init_distributed
     init_distributed()                                   # before TrainingArguments (optional, see below)
     deca = DecaSettings(method="deca", blocks={"layers_per_block": 2, "switch_every": 48}, topology="ring")
     trainer = DecaTrainer(model=model, args=args, train_dataset=my_clients_rows, deca=deca, ...)
     trainer.train(); trainer.save_consensus_model()
+    finish_distributed()                                 # last: leave the process group on every rank
 
 launched as usual: ``deepspeed --num_gpus N train.py --deepspeed ds.json ...`` or ``torchrun --nproc_per_node N
 train.py ...``. Every launched rank joins one client (``clients.ranks_per_client`` contiguous ranks per client) and
@@ -82,7 +83,7 @@ from deca_ds.config import ConfigError, RunConfig, load_config
 from deca_ds.gossip import client_distance
 
 __all__ = ["DecaSettings", "DecaTrainerMixin", "DecaTrainer", "deca_trainer_class", "init_distributed",
-           "ClientBatchSampler", "DataCollator", "schedule_arguments"]
+           "finish_distributed", "ClientBatchSampler", "DataCollator", "schedule_arguments"]
 
 DECA_STATE_NAME = "deca_state.pt"
 """Per-client file next to the Trainer's ``optimizer.pt`` in a checkpoint: the Mixer's cumulative byte counters."""
@@ -194,6 +195,23 @@ def init_distributed(comm_timeout: float = 300.0) -> None:
     from deca_ds.engine import setup_distributed
 
     setup_distributed(comm_timeout)
+
+
+def finish_distributed() -> None:
+    """Leave the process group at the end of a script, as ``recipes/finetune.py`` does (idempotent).
+
+    Call it on every rank after the last collective (``save_consensus_model``): a barrier, so no rank tears its
+    connections down while a neighbour is still exchanging, then ``destroy_process_group``. Hazard: a gloo group left
+    to interpreter exit occasionally aborts a rank after a finished run ("terminate called without an active
+    exception", exit -6, seen in CI after both clients had trained and written their results). Does nothing when no
+    process group is up (a Trainer or Accelerate that already destroyed it).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        return
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 class DecaSettings:

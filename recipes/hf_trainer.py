@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     from transformers import HfArgumentParser, TrainingArguments
 
     from deca_ds.config import ConfigError
-    from deca_ds.hf import DataCollator, DecaSettings, DecaTrainer, init_distributed
+    from deca_ds.hf import DataCollator, DecaSettings, DecaTrainer, finish_distributed, init_distributed
     from deca_ds.models import load_model_and_tokenizer
 
     argv = sys.argv[1:] if argv is None else argv
@@ -57,6 +57,7 @@ def main(argv=None) -> int:
         resume = args.resume_from_checkpoint
         trainer.train(resume_from_checkpoint=True if resume in ("True", "true") else resume or None)
         trainer.save_consensus_model()  # DECA: the average of all clients, a Hugging Face model directory
+        finish_distributed()  # DECA: leave the process group on every rank (see its docstring)
     except ConfigError as e:
         print(f"deca_ds: error: {e}", file=sys.stderr)
         return 2

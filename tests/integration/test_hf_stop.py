@@ -21,7 +21,8 @@ pytestmark = pytest.mark.integration
 SCRIPT = '''
 import json, sys
 from transformers import TrainerCallback, TrainingArguments
-from deca_ds.hf import ClientBatchSampler, DataCollator, DecaSettings, DecaTrainer, init_distributed
+from deca_ds.hf import (ClientBatchSampler, DataCollator, DecaSettings, DecaTrainer, finish_distributed,
+                        init_distributed)
 from deca_ds.models import load_model_and_tokenizer
 
 out, mode = sys.argv[1], sys.argv[2]
@@ -60,9 +61,10 @@ with open(f"{out}/result_{client}.json", "w") as f:
 # As recipes/finetune.py ends (and torch asks of every script): leave the process group before the interpreter exits.
 # Without it, one CI run saw rank 1 abort in teardown ("terminate called without an active exception", exit -6)
 # after both ranks had finished training and written their results.
+finish_distributed()
 import torch.distributed as dist
-dist.barrier()
-dist.destroy_process_group()
+assert not dist.is_initialized(), "finish_distributed left the process group up"
+finish_distributed()  # idempotent: no group any more, nothing to do
 '''
 
 

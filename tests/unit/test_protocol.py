@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -358,3 +359,19 @@ def test_a_results_record_names_the_device_it_ran_on(tmp_path, monkeypatch):
             sweep.device_label("cuda")
     else:
         assert sweep.device_label("cuda:0") == f"cuda:0 ({torch.cuda.get_device_name(0)})"
+
+
+def test_sweep_runs_start_from_a_forkserver_that_imported_the_simulator():
+    """Without CUDA every run is a fork of one process that imported torch, transformers, peft and deca_ds once (a
+    spawned run imports them again: ~6 s of CPU per run), and still a new process per run."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("with a CUDA device the runs are spawned (a process forked after CUDA was touched cannot use it)")
+    ctx = sweep._run_context()
+    assert ctx.get_start_method() == "forkserver"
+    probe = "(sorted(__import__('sys').modules), __import__('os').getpid())"  # eval: a builtin, pickled by name
+    with ctx.Pool(1, maxtasksperchild=1) as pool:
+        (modules, first), (_, second) = pool.apply(eval, (probe,)), pool.apply(eval, (probe,))
+    assert set(sweep.PRELOAD) <= set(modules), set(sweep.PRELOAD) - set(modules)
+    assert first != second and os.getpid() not in (first, second)

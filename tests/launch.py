@@ -59,6 +59,31 @@ def deepspeed_command(script, *args, nproc: int | None = 2, launcher_args: Seque
             *args]
 
 
+def two_machine_commands(launcher: str, folder: Path, nproc: int, machine_args: Sequence[Sequence[str]]
+                         ) -> list[list[str]]:
+    """The commands of a two-machine launch of ``recipes/finetune.py`` emulated on localhost, one per machine, to
+    start at once: ``deepspeed`` with a hostfile (``--no_ssh``, ``--node_rank k``) or ``torchrun --nnodes 2``, both
+    machines on one master port.
+
+    Args:
+        launcher: ``deepspeed`` or ``torchrun``.
+        folder: where the hostfile is written (deepspeed).
+        nproc: workers per machine.
+        machine_args: the recipe's arguments on machine 0 and on machine 1.
+    """
+    port = free_port()
+    if launcher == "deepspeed":
+        hostfile = folder / "hostfile"
+        hostfile.write_text(f"node-a slots={nproc}\nnode-b slots={nproc}\n")
+        return [deepspeed_command(RECIPE, *args, nproc=None, port=port,
+                                  launcher_args=["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
+                                                 "--master_addr", "127.0.0.1"])
+                for k, args in enumerate(machine_args)]
+    return [torchrun_command(RECIPE, *args, nproc=nproc, port=port,
+                             launcher_args=["--nnodes", "2", "--node_rank", str(k), "--master_addr", "127.0.0.1"])
+            for k, args in enumerate(machine_args)]
+
+
 def run_launch(cmd: list[str], *, timeout: float, check: bool = True) -> subprocess.CompletedProcess:
     """Run a launch command to its end from the repository root, in :func:`launch_env`, its output captured.
 

@@ -12,7 +12,7 @@ import sys
 from importlib import resources
 
 import pytest
-from launch import FAST, RECIPE, ROOT, deepspeed_command, free_port, launch_env, torchrun_command
+from launch import FAST, ROOT, free_port, launch_env, two_machine_commands
 
 from deca_ds.errors import EXIT_CONFIG
 
@@ -41,18 +41,8 @@ def _both(cmds: list[list[str]], envs: list[dict] | None = None,
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_machines_started_with_another_learning_rate_are_refused_on_both(launcher, tmp_path):
     out = tmp_path / "run"
-    port = free_port()
-    machines = ((0, "1e-3"), (1, "2e-3"))
-    if launcher == "deepspeed":
-        hostfile = tmp_path / "hostfile"
-        hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
-        cmds = [deepspeed_command(RECIPE, f"output_dir={out}", *SETTINGS, f"optim.lr={lr}", nproc=None, port=port,
-                                  launcher_args=["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
-                                                 "--master_addr", "127.0.0.1"]) for k, lr in machines]
-    else:
-        cmds = [torchrun_command(RECIPE, f"output_dir={out}", *SETTINGS, f"optim.lr={lr}", nproc=1, port=port,
-                                 launcher_args=["--nnodes", "2", "--node_rank", str(k), "--master_addr", "127.0.0.1"])
-                for k, lr in machines]
+    cmds = two_machine_commands(launcher, tmp_path, 1,
+                                [[f"output_dir={out}", *SETTINGS, f"optim.lr={lr}"] for lr in ("1e-3", "2e-3")])
     for k, res in enumerate(_both(cmds)):
         log = res.stdout + res.stderr
         if launcher == "deepspeed":  # the runner passes its worker's exit code on

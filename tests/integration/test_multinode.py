@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from launch import RECIPE, ROOT, deepspeed_command, free_port, launch_env, torchrun_command
+from launch import ROOT, launch_env, two_machine_commands
 
 from deca_ds.config import load_config
 from deca_ds.simulate import run_simulation
@@ -43,17 +43,7 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def _two_nodes(launcher: str, tmp_path: Path, out: Path) -> None:
     """Start both "machines" of a 2 x 2-process launch at once and wait for both."""
-    port = free_port()
-    if launcher == "deepspeed":
-        hostfile = tmp_path / "hostfile"
-        hostfile.write_text("node-a slots=2\nnode-b slots=2\n")
-        cmds = [deepspeed_command(RECIPE, f"output_dir={out}", *SETTINGS, nproc=None, port=port,
-                                  launcher_args=["--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(k),
-                                                 "--master_addr", "127.0.0.1"]) for k in (0, 1)]
-    else:
-        cmds = [torchrun_command(RECIPE, f"output_dir={out}", *SETTINGS, nproc=2, port=port,
-                                 launcher_args=["--nnodes", "2", "--node_rank", str(k), "--master_addr", "127.0.0.1"])
-                for k in (0, 1)]
+    cmds = two_machine_commands(launcher, tmp_path, 2, [[f"output_dir={out}", *SETTINGS]] * 2)
     procs = [subprocess.Popen(c, cwd=ROOT, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True) for c in cmds]
     try:

@@ -16,6 +16,7 @@ from torch import nn
 from deca_ds.blocks import BlockPartition, partition_blocks
 from deca_ds.config import BlocksConfig, ConfigError, RunConfig
 from deca_ds.consensus import ConsensusStep, MixFn, method_spec
+from deca_ds.optional import import_peft
 
 __all__ = ["partition_for", "check_blocks", "block_names_for", "uses_torch_adamw", "no_decay_names",
            "build_optimizer", "topology_options", "build_topology", "build_consensus_step", "check_lora_support",
@@ -34,7 +35,7 @@ def check_lora_support(cfg: RunConfig) -> None:
     if not method_spec(cfg.method).lora:
         return
     try:
-        import peft  # noqa: F401
+        import_peft()
     except ImportError:
         raise ConfigError("method=dec_lora needs the peft library, which is not installed: pip install "
                           "'deca_ds[lora]' (or 'peft>=0.13'), or choose another method") from None
@@ -56,7 +57,8 @@ def prepare_model(cfg: RunConfig, model: nn.Module) -> nn.Module:
     if not method_spec(cfg.method).lora:
         return model
     check_lora_support(cfg)
-    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+    peft = import_peft()
+    PeftLoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
 
     lo = cfg.lora
     targets = lo.target_modules if lo.target_modules is not None else "all-linear"

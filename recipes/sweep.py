@@ -226,15 +226,17 @@ def _run_pool(tasks: list[tuple[dict[str, Any], str, Path]], jobs: int) -> None:
 
 
 # What every run imports before its first step; a forkserver imports them once for all runs (see _run_context).
+# Not peft: a plain import of it imports bitsandbytes, which asks the Hugging Face Hub for a kernel (deca_ds.optional);
+# a dec_lora run imports it itself through deca_ds.optional.import_peft (~1 s).
 PRELOAD = ["deca_ds.config", "deca_ds.metrics", "deca_ds.simulate", "deca_ds.stacked", "deca_ds.models",
-           "deca_ds.data", "transformers.models.llama.modeling_llama", "peft"]
+           "deca_ds.data", "transformers.models.llama.modeling_llama"]
 
 
 def _run_context():
     """The multiprocessing context of a sweep's runs: a forkserver that has imported :data:`PRELOAD` on a machine
     without CUDA, else spawn.
 
-    A spawned run starts a new interpreter and imports torch, transformers, peft and deca_ds again: ~6 s of CPU per
+    A spawned run starts a new interpreter and imports torch, transformers and deca_ds again: ~6 s of CPU per
     run on a 2-core VM (measured: 8 spawned runs' start-up 24.5-26.1 s of wall time at 2 at a time, their imports
     4.6-7.0 s each). A forkserver child is a fork of one process that imported them once (8 starts 0.2 s), and is
     still a new process per run. Hazard: a process forked after CUDA's driver was touched cannot use CUDA, and

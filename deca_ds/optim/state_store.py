@@ -35,6 +35,7 @@ from typing import Iterator
 import torch
 
 from deca_ds.config import ConfigError
+from deca_ds.optional import bitsandbytes_functional
 
 OFFLOAD_DTYPES = ("fp32", "int8")
 QUANT_BLOCKSIZE = 256
@@ -73,7 +74,7 @@ def check_offload_support(offload_dtype: str, setting: str = "optim.offload_dtyp
         return
     fix = f"install it with pip install 'deca_ds[int8]' (or 'bitsandbytes>=0.43'), or set {setting}=fp32"
     try:
-        import bitsandbytes.functional  # noqa: F401
+        bitsandbytes_functional()
     except ImportError:
         raise ConfigError(f"{setting}=int8 needs bitsandbytes, which is not installed: {fix}") from None
     except Exception as e:  # a broken install (missing native library, CUDA mismatch) raises other types
@@ -101,9 +102,7 @@ def check_int8_support(optim) -> None:
 def _code_map(signed: bool, device: torch.device) -> torch.Tensor:
     # Cached: building the map takes tens of ms of Python, and the active block's 8-bit moments (BlockAdam
     # moment_dtype="int8") need it four times per tensor per step. Read-only for bitsandbytes' kernels.
-    from bitsandbytes.functional import create_dynamic_map
-
-    return create_dynamic_map(signed=signed).to(device)
+    return bitsandbytes_functional().create_dynamic_map(signed=signed).to(device)
 
 
 def quantization_bound() -> tuple[float, float]:
@@ -120,19 +119,17 @@ def quantization_bound() -> tuple[float, float]:
 
 def quantize(t: torch.Tensor, sqrt: bool) -> Quantized:
     """Quantize an fp32 tensor to 8 bits on its own device (``sqrt``: store ``sqrt(t)``, for ``t >= 0``)."""
-    from bitsandbytes.functional import quantize_blockwise
-
     src = t.float().sqrt() if sqrt else t.float()
-    codes, qstate = quantize_blockwise(src.contiguous(), code=_code_map(not sqrt, t.device), blocksize=QUANT_BLOCKSIZE)
+    codes, qstate = bitsandbytes_functional().quantize_blockwise(src.contiguous(), code=_code_map(not sqrt, t.device),
+                                                                 blocksize=QUANT_BLOCKSIZE)
     return Quantized(codes, qstate.absmax, sqrt)
 
 
 def dequantize(q: Quantized, shape: torch.Size) -> torch.Tensor:
     """The fp32 tensor a :class:`Quantized` stands for, on the device of its codes."""
-    from bitsandbytes.functional import dequantize_blockwise
-
-    out = dequantize_blockwise(q.codes, absmax=q.absmax, code=_code_map(not q.sqrt, q.codes.device),
-                               blocksize=QUANT_BLOCKSIZE).float().reshape(shape)
+    out = bitsandbytes_functional().dequantize_blockwise(q.codes, absmax=q.absmax,
+                                                         code=_code_map(not q.sqrt, q.codes.device),
+                                                         blocksize=QUANT_BLOCKSIZE).float().reshape(shape)
     return out.square_() if q.sqrt else out
 
 

@@ -362,7 +362,7 @@ def test_a_results_record_names_the_device_it_ran_on(tmp_path, monkeypatch):
 
 
 def test_sweep_runs_start_from_a_forkserver_that_imported_the_simulator():
-    """Without CUDA every run is a fork of one process that imported torch, transformers, peft and deca_ds once (a
+    """Without CUDA every run is a fork of one process that imported torch, transformers and deca_ds once (a
     spawned run imports them again: ~6 s of CPU per run), and still a new process per run."""
     import torch
 
@@ -374,4 +374,5 @@ def test_sweep_runs_start_from_a_forkserver_that_imported_the_simulator():
     with ctx.Pool(1, maxtasksperchild=1) as pool:
         (modules, first), (_, second) = pool.apply(eval, (probe,)), pool.apply(eval, (probe,))
     assert set(sweep.PRELOAD) <= set(modules), set(sweep.PRELOAD) - set(modules)
+    assert "bitsandbytes" not in modules  # its import asks the Hub for a kernel (deca_ds.optional)
     assert first != second and os.getpid() not in (first, second)

@@ -408,6 +408,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def launcher_args_after_command(argv: list[str]) -> list[str]:
+    """Move a launcher's ``--local_rank`` from before the subcommand to after it.
+
+    ``deepspeed --module deca_ds run ...`` starts every rank as ``python -m deca_ds --local_rank=N run ...``: the
+    launcher puts its flag first, where the top-level parser has no such option, while ``run`` accepts it
+    (:func:`add_run_args`). Any other argument is left in place.
+
+    Args:
+        argv: Arguments without the program name.
+
+    Returns:
+        The same arguments with leading ``--local_rank=N`` / ``--local_rank N`` (or ``--local-rank``) items moved
+        to just after the subcommand name.
+    """
+    moved: list[str] = []
+    rest = list(argv)
+    while rest and rest[0].split("=", 1)[0] in ("--local_rank", "--local-rank"):
+        flag = rest.pop(0)
+        moved.append(flag)
+        if "=" not in flag and rest:
+            moved.append(rest.pop(0))
+    if not moved or not rest:
+        return list(argv)
+    return rest[:1] + moved + rest[1:]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deca-ds`` console script.
 
@@ -417,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         Process exit code: 0 on success, 2 on a usage error the user can fix (message on stderr).
     """
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(launcher_args_after_command(sys.argv[1:] if argv is None else list(argv)))
     try:
         return args._run(args)
     except (ValueError, FileNotFoundError) as e:

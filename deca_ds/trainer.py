@@ -242,13 +242,30 @@ def _read_state_everywhere(found: Path, layout: ClientLayout) -> dict[str, Any]:
     return state
 
 
-def _gather_counts(counts, layout):
-    """Each client's own row of the partition summary, gathered (per-client files: nobody sees all data)."""
-    rows = [None] * dist.get_world_size()
-    dist.all_gather_object(rows, counts[0].tolist())
+def _gather_counts(counts, count_names, layout):
+    """Each client's own row of the partition summary, gathered (per-client files: nobody sees all data).
+
+    A client's row is ``counts[client_id]`` (the other rows are zero) and its columns are the groups its own file
+    and the shared test file hold, which differ between clients (each site has its own labels): every client's
+    row is placed under the union of all clients' column names, in the order first seen from client 0 on.
+
+    Returns:
+        ``(counts, names)``: ``[num_clients, len(names)]`` training rows per client per group, and the names.
+    """
     import numpy as np
 
-    return np.array([rows[layout.client_ranks(c)[0]] for c in range(layout.num_clients)])
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, (list(count_names), counts[layout.client_id].tolist()))
+    mine = [rows[layout.client_ranks(c)[0]] for c in range(layout.num_clients)]
+    names: list[str] = []
+    for client_names, _ in mine:
+        names += [n for n in client_names if n not in names]
+    column = {n: k for k, n in enumerate(names)}
+    out = np.zeros((layout.num_clients, len(names)), dtype=np.int64)
+    for c, (client_names, row) in enumerate(mine):
+        for n, v in zip(client_names, row):
+            out[c, column[n]] = v
+    return out, names
 
 
 def _resolve_epochs(cfg: RunConfig, engine: Engine, data, layout: ClientLayout, console) -> None:
@@ -468,9 +485,9 @@ def _run_launched(cfg: RunConfig, ds: dict[str, Any], layout: ClientLayout, topo
     model, tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
     model = prepare_model(cfg, model)  # dec_lora: the base wrapped with LoRA adapters (peft)
     data = build_client_data(cfg, tokenizer, layout.client_id, layout.num_clients)
-    counts = data.counts
+    counts, count_names = data.counts, data.count_names
     if data.counts_local_only:  # per-client files: only this client's row is known locally
-        counts = _gather_counts(counts, layout)
+        counts, count_names = _gather_counts(counts, count_names, layout)
     mixer = None
     if topo is not None:
         mixer = Mixer(layout, topo, chunk_bytes=int(cfg.gossip.chunk_mb * 2**20),
@@ -493,7 +510,7 @@ def _run_launched(cfg: RunConfig, ds: dict[str, Any], layout: ClientLayout, topo
         ckpt.append_run_leg(out, ckpt.run_record(cfg, ds, layout.world_size, layout.num_clients,
                                                  resumed_from=found.name if found is not None else None,
                                                  changed=list(changed), launch=launch_identity()))
-        write_partition_summary(counts, data.count_names, out, console=console)
+        write_partition_summary(counts, count_names, out, console=console)
         if layout.num_clients > 1 and topo is not None:
             topo.render(console=console)
         # Records past the resumed step (or every record of a run restarted before its first checkpoint) go.

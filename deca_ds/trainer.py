@@ -245,27 +245,17 @@ def _read_state_everywhere(found: Path, layout: ClientLayout) -> dict[str, Any]:
 def _gather_counts(counts, count_names, layout):
     """Each client's own row of the partition summary, gathered (per-client files: nobody sees all data).
 
-    A client's row is ``counts[client_id]`` (the other rows are zero) and its columns are the groups its own file
-    and the shared test file hold, which differ between clients (each site has its own labels): every client's
-    row is placed under the union of all clients' column names, in the order first seen from client 0 on.
+    A client's row is ``counts[client_id]`` (the other rows are zero) under its own column names; the rows are
+    merged by :func:`deca_ds.data.merge_client_counts`.
 
     Returns:
         ``(counts, names)``: ``[num_clients, len(names)]`` training rows per client per group, and the names.
     """
-    import numpy as np
+    from deca_ds.data import merge_client_counts
 
     rows = [None] * dist.get_world_size()
     dist.all_gather_object(rows, (list(count_names), counts[layout.client_id].tolist()))
-    mine = [rows[layout.client_ranks(c)[0]] for c in range(layout.num_clients)]
-    names: list[str] = []
-    for client_names, _ in mine:
-        names += [n for n in client_names if n not in names]
-    column = {n: k for k, n in enumerate(names)}
-    out = np.zeros((layout.num_clients, len(names)), dtype=np.int64)
-    for c, (client_names, row) in enumerate(mine):
-        for n, v in zip(client_names, row):
-            out[c, column[n]] = v
-    return out, names
+    return merge_client_counts([rows[layout.client_ranks(c)[0]] for c in range(layout.num_clients)])
 
 
 def _resolve_epochs(cfg: RunConfig, engine: Engine, data, layout: ClientLayout, console) -> None:

@@ -357,13 +357,16 @@ def _announce_first_run(cfg) -> None:
     task = f"synthetic {d.task} ({d.num_examples} rows, {d.num_labels} labels)" if d.path is None else d.path
     from deca_ds.consensus import method_spec
 
+    # With epochs the step count comes from the clients' rows once the data is built; max_steps is unused then.
+    length = (f"{cfg.epochs:g} epoch(s) (the step count follows from the clients' rows)" if cfg.epochs is not None
+              else f"{cfg.max_steps} steps")
     gossip = (f"after every step each client averages that block with its neighbours on a {cfg.topology.name} graph"
               if method_spec(cfg.method).gossip else "the clients never communicate (method=" + cfg.method + ")")
     print(f"deca_ds: no GPU and one process: running {cfg.num_clients} clients in this process (backend=simulate, "
           f"the numbers a launch of {cfg.num_clients} ranks computes). For one client per process launch "
           f"`deepspeed --num_gpus {cfg.num_clients} recipes/finetune.py`; backend=launcher keeps a single client.\n"
           f"deca_ds: each client trains the embedded tiny Llama on its own part of a {task}: {split}; method "
-          f"{cfg.method}, {cfg.max_steps} steps, one block of {b.layers_per_block} layer(s) trained at a time (switch "
+          f"{cfg.method}, {length}, one block of {b.layers_per_block} layer(s) trained at a time (switch "
           f"every {b.switch_every} steps); "
           f"{gossip}; no server, no data leaves a client.", file=sys.stderr)
 

@@ -182,3 +182,12 @@ def test_deepspeed_module_launch_puts_local_rank_before_the_subcommand(launcher_
     assert rows["optim.lr"][1:] == ["0.0005", "override"]
     assert cli.launcher_args_after_command(["run", "--local_rank=2", "x=1"]) == ["run", "--local_rank=2", "x=1"]
     assert cli.launcher_args_after_command(["--local_rank=2"]) == ["--local_rank=2"]
+
+
+def test_first_run_announces_epochs_not_the_unused_max_steps(capsys):
+    """With ``epochs=0.05`` the first run said "192 steps" (the unused library ``max_steps``) and then ran 1 step."""
+    cli._announce_first_run(load_config(None, ["backend=simulate", "num_clients=4", "epochs=0.05"]))
+    err = capsys.readouterr().err
+    assert "0.05 epoch(s)" in err and "192 steps" not in err
+    cli._announce_first_run(load_config(None, ["backend=simulate", "num_clients=4", "max_steps=288"]))
+    assert "method deca, 288 steps, one block" in capsys.readouterr().err

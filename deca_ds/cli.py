@@ -357,13 +357,16 @@ def _announce_first_run(cfg) -> None:
     task = f"synthetic {d.task} ({d.num_examples} rows, {d.num_labels} labels)" if d.path is None else d.path
     from deca_ds.consensus import method_spec
 
+    # With epochs the step count comes from the clients' rows once the data is built; max_steps is unused then.
+    length = (f"{cfg.epochs:g} epoch(s) (the step count follows from the clients' rows)" if cfg.epochs is not None
+              else f"{cfg.max_steps} steps")
     gossip = (f"after every step each client averages that block with its neighbours on a {cfg.topology.name} graph"
               if method_spec(cfg.method).gossip else "the clients never communicate (method=" + cfg.method + ")")
     print(f"deca_ds: no GPU and one process: running {cfg.num_clients} clients in this process (backend=simulate, "
           f"the numbers a launch of {cfg.num_clients} ranks computes). For one client per process launch "
           f"`deepspeed --num_gpus {cfg.num_clients} recipes/finetune.py`; backend=launcher keeps a single client.\n"
           f"deca_ds: each client trains the embedded tiny Llama on its own part of a {task}: {split}; method "
-          f"{cfg.method}, {cfg.max_steps} steps, one block of {b.layers_per_block} layer(s) trained at a time (switch "
+          f"{cfg.method}, {length}, one block of {b.layers_per_block} layer(s) trained at a time (switch "
           f"every {b.switch_every} steps); "
           f"{gossip}; no server, no data leaves a client.", file=sys.stderr)
 
@@ -408,6 +411,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def launcher_args_after_command(argv: list[str]) -> list[str]:
+    """Move a launcher's ``--local_rank`` from before the subcommand to after it.
+
+    ``deepspeed --module deca_ds run ...`` starts every rank as ``python -m deca_ds --local_rank=N run ...``: the
+    launcher puts its flag first, where the top-level parser has no such option, while ``run`` accepts it
+    (:func:`add_run_args`). Any other argument is left in place.
+
+    Args:
+        argv: Arguments without the program name.
+
+    Returns:
+        The same arguments with leading ``--local_rank=N`` / ``--local_rank N`` (or ``--local-rank``) items moved
+        to just after the subcommand name.
+    """
+    moved: list[str] = []
+    rest = list(argv)
+    while rest and rest[0].split("=", 1)[0] in ("--local_rank", "--local-rank"):
+        flag = rest.pop(0)
+        moved.append(flag)
+        if "=" not in flag and rest:
+            moved.append(rest.pop(0))
+    if not moved or not rest:
+        return list(argv)
+    return rest[:1] + moved + rest[1:]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deca-ds`` console script.
 
@@ -417,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         Process exit code: 0 on success, 2 on a usage error the user can fix (message on stderr).
     """
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(launcher_args_after_command(sys.argv[1:] if argv is None else list(argv)))
     try:
         return args._run(args)
     except (ValueError, FileNotFoundError) as e:

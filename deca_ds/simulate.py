@@ -682,7 +682,7 @@ def _run_and_summarize(sim, cfg: RunConfig, save_models: bool, quiet: bool) -> d
     """:func:`run_simulation`'s work on an already built simulation."""
     from rich.console import Console
 
-    from deca_ds.data import evaluate
+    from deca_ds.data import evaluate, merge_client_counts, write_partition_summary
     from deca_ds.metrics import JsonlWriter, plot_run
     from deca_ds.models import merged_model
 
@@ -690,6 +690,14 @@ def _run_and_summarize(sim, cfg: RunConfig, save_models: bool, quiet: bool) -> d
     out.mkdir(parents=True, exist_ok=True)
     ckpt.append_run_leg(out, ckpt.run_record(cfg, sim.ds_config, None, sim.num_clients, backend="simulate"))
     console = Console(stderr=True, quiet=quiet)
+    # The launcher's start-of-run outputs: partition.json/png (and the table), the never-trained-blocks warning.
+    if sim.data[0].counts_local_only:  # per-client files: each client's data knows only its own row and labels
+        counts, names = merge_client_counts([(d.count_names, d.counts[c]) for c, d in enumerate(sim.data)])
+    else:
+        counts, names = sim.data[0].counts, sim.data[0].count_names
+    write_partition_summary(counts, names, out, console=console)
+    if sim.schedule is not None:
+        sim.schedule.warn_if_incomplete(cfg.max_steps)
     t0 = time.perf_counter()
     writer = JsonlWriter(out / "metrics.jsonl")
     try:

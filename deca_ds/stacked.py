@@ -575,6 +575,12 @@ class StackedSimulation:
             numel += x[0].numel()
         return [math.sqrt(float(s) / max(numel, 1)) for s in sq]
 
+    @property
+    def schedule(self):
+        """The block schedule shared by every client (None for the torch-AdamW baseline), as
+        :attr:`deca_ds.simulate.Simulation.schedule`."""
+        return self.optimizer.schedule if self.block_wise else None
+
     def active_block(self) -> int:
         """Index of the active block (identical on every client)."""
         return self.optimizer.active_block_idx

@@ -242,13 +242,20 @@ def _read_state_everywhere(found: Path, layout: ClientLayout) -> dict[str, Any]:
     return state
 
 
-def _gather_counts(counts, layout):
-    """Each client's own row of the partition summary, gathered (per-client files: nobody sees all data)."""
-    rows = [None] * dist.get_world_size()
-    dist.all_gather_object(rows, counts[0].tolist())
-    import numpy as np
+def _gather_counts(counts, count_names, layout):
+    """Each client's own row of the partition summary, gathered (per-client files: nobody sees all data).
 
-    return np.array([rows[layout.client_ranks(c)[0]] for c in range(layout.num_clients)])
+    A client's row is ``counts[client_id]`` (the other rows are zero) under its own column names; the rows are
+    merged by :func:`deca_ds.data.merge_client_counts`.
+
+    Returns:
+        ``(counts, names)``: ``[num_clients, len(names)]`` training rows per client per group, and the names.
+    """
+    from deca_ds.data import merge_client_counts
+
+    rows = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, (list(count_names), counts[layout.client_id].tolist()))
+    return merge_client_counts([rows[layout.client_ranks(c)[0]] for c in range(layout.num_clients)])
 
 
 def _resolve_epochs(cfg: RunConfig, engine: Engine, data, layout: ClientLayout, console) -> None:
@@ -468,9 +475,9 @@ def _run_launched(cfg: RunConfig, ds: dict[str, Any], layout: ClientLayout, topo
     model, tokenizer = load_model_and_tokenizer(cfg.model, seed=cfg.seed)
     model = prepare_model(cfg, model)  # dec_lora: the base wrapped with LoRA adapters (peft)
     data = build_client_data(cfg, tokenizer, layout.client_id, layout.num_clients)
-    counts = data.counts
+    counts, count_names = data.counts, data.count_names
     if data.counts_local_only:  # per-client files: only this client's row is known locally
-        counts = _gather_counts(counts, layout)
+        counts, count_names = _gather_counts(counts, count_names, layout)
     mixer = None
     if topo is not None:
         mixer = Mixer(layout, topo, chunk_bytes=int(cfg.gossip.chunk_mb * 2**20),
@@ -493,7 +500,7 @@ def _run_launched(cfg: RunConfig, ds: dict[str, Any], layout: ClientLayout, topo
         ckpt.append_run_leg(out, ckpt.run_record(cfg, ds, layout.world_size, layout.num_clients,
                                                  resumed_from=found.name if found is not None else None,
                                                  changed=list(changed), launch=launch_identity()))
-        write_partition_summary(counts, data.count_names, out, console=console)
+        write_partition_summary(counts, count_names, out, console=console)
         if layout.num_clients > 1 and topo is not None:
             topo.render(console=console)
         # Records past the resumed step (or every record of a run restarted before its first checkpoint) go.

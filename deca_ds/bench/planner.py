@@ -515,6 +515,26 @@ class PlanRequest:
     """``optim.moment_dtype`` (``fp32``/``int8``); ``None``: fp32 as asked, int8 tried by the search as for
     ``fused_backward`` (:func:`int8_refusal`)."""
 
+    def command_flags(self) -> list[str]:
+        """The ``deca-ds plan`` flags that ask for this request: ``--gpu-memory`` and ``--seq-len``, then every
+        other setting that differs from its default (the CLI's defaults are this class's)."""
+        flags = [f"--gpu-memory {self.gpu_memory / GIB:g}GiB", f"--seq-len {self.seq_len}"]
+        defaults = PlanRequest(gpu_memory=self.gpu_memory)
+        for name in ("micro_batch", "clients", "ranks_per_client", "layers_per_block", "include_embeddings",
+                     "include_lm_head", "state_policy", "offload_dtype", "activation_checkpointing", "dtype",
+                     "topology", "max_degree", "gossip_chunk_mb", "overhead", "fused_backward", "moment_dtype"):
+            value = getattr(self, name)
+            if value == getattr(defaults, name):
+                continue
+            flag = "--" + name.replace("_", "-")
+            if name == "overhead":
+                flags.append(f"{flag} {value / GIB:g}GiB")
+            elif isinstance(value, bool):
+                flags.append(flag if value else (f"--no-{flag[2:]}" if name != "activation_checkpointing" else ""))
+            else:
+                flags.append(f"{flag} {value:g}" if isinstance(value, float) else f"{flag} {value}")
+        return [f for f in flags if f]
+
     def fused(self) -> bool:
         """Whether this request steps inside backward (``None`` counts as off)."""
         return bool(self.fused_backward)
@@ -983,6 +1003,8 @@ def write_plan(plan: Plan, model_dir: str, out_dir: str, overwrite: bool = False
         ValueError: nothing fits, so there is nothing to recommend; either file exists and ``overwrite`` is False;
             or (a planner bug) the settings it would write are refused.
     """
+    import shlex
+
     import yaml
 
     if not plan.recommended:
@@ -997,8 +1019,8 @@ def write_plan(plan: Plan, model_dir: str, out_dir: str, overwrite: bool = False
     ds = recommended_ds_config(plan)
     recipe = recommended_recipe(plan, os.path.abspath(model_dir), os.path.abspath(ds_path))
     req = plan.recommended_request or plan.request
-    header = (f"# Written by: deca-ds plan --model {model_dir} --gpu-memory {plan.request.gpu_memory / GIB:g}GiB "
-              f"--seq-len {plan.request.seq_len} --write {out_dir}\n"
+    header = (f"# Written by: deca-ds plan --model {shlex.quote(model_dir)} {' '.join(plan.request.command_flags())} "
+              f"--write {shlex.quote(out_dir)}\n"
               f"# Run: deepspeed --num_gpus {plan.request.clients * plan.request.ranks_per_client} "
               f"recipes/finetune.py --config {recipe_path} data.path=/data/your-data.jsonl\n"
               + (f"# optim.moment_dtype=int8 {INT8_NEEDS}\n" if req.moments() == "int8" else ""))

@@ -34,6 +34,7 @@ _EXPORTS = {
     "evaluate": "evaluation",
     "classification_metrics": "evaluation",
     "write_partition_summary": "summary",
+    "merge_client_counts": "summary",
 }
 
 __all__ = sorted(_EXPORTS)

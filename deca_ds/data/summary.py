@@ -15,7 +15,31 @@ import numpy as np
 
 from deca_ds.data.partition import label_entropy
 
-__all__ = ["write_partition_summary"]
+__all__ = ["merge_client_counts", "write_partition_summary"]
+
+
+def merge_client_counts(rows: Sequence[tuple[Sequence[str], Sequence[int]]]) -> tuple[np.ndarray, list[str]]:
+    """One client × group table from each client's own row (per-client files: no client sees the others' data).
+
+    Each client's groups are those its own file and the shared test file hold, which differ between clients (each
+    site has its own labels), so every row is placed under the union of the names, in the order first seen from
+    client 0 on.
+
+    Args:
+        rows: per client, ``(count_names, counts_row)``: its column names and its training rows per column.
+
+    Returns:
+        ``(counts, names)``: ``[len(rows), len(names)]`` training rows per client per group, and the names.
+    """
+    names: list[str] = []
+    for client_names, _ in rows:
+        names += [str(n) for n in client_names if str(n) not in names]
+    column = {n: k for k, n in enumerate(names)}
+    out = np.zeros((len(rows), len(names)), dtype=np.int64)
+    for c, (client_names, row) in enumerate(rows):
+        for n, v in zip(client_names, row):
+            out[c, column[str(n)]] = int(v)
+    return out, names
 
 
 def write_partition_summary(counts: np.ndarray, label_names: Sequence[str] | None, output_dir: str | os.PathLike,

@@ -167,3 +167,27 @@ def test_print_config_shows_the_schedule_and_epochs_with_their_sources(tmp_path,
     assert rows["optim.warmup_steps"] == ["0", "default"]
     assert rows["epochs"] == ["3", "override"] or rows["epochs"] == ["3.0", "override"]
     assert rows["max_steps"] == ["derived", "epochs"]  # the step count comes from the data, at start
+
+
+@pytest.mark.parametrize("launcher_flags", [["--local_rank=1"], ["--local_rank", "1"], ["--local-rank=0"]])
+def test_deepspeed_module_launch_puts_local_rank_before_the_subcommand(launcher_flags, tmp_path, capsys,
+                                                                       monkeypatch):
+    """``deepspeed --module deca_ds run ...`` starts ``python -m deca_ds --local_rank=N run ...``: accepted."""
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    yaml_path = tmp_path / "r.yaml"
+    yaml_path.write_text("max_steps: 7\n")
+    assert cli.main(launcher_flags + ["run", "--config", str(yaml_path), "optim.lr=5e-4", "--print-config"]) == 0
+    rows = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert rows["max_steps"][1:] == ["7", "yaml"]
+    assert rows["optim.lr"][1:] == ["0.0005", "override"]
+    assert cli.launcher_args_after_command(["run", "--local_rank=2", "x=1"]) == ["run", "--local_rank=2", "x=1"]
+    assert cli.launcher_args_after_command(["--local_rank=2"]) == ["--local_rank=2"]
+
+
+def test_first_run_announces_epochs_not_the_unused_max_steps(capsys):
+    """With ``epochs=0.05`` the first run said "192 steps" (the unused library ``max_steps``) and then ran 1 step."""
+    cli._announce_first_run(load_config(None, ["backend=simulate", "num_clients=4", "epochs=0.05"]))
+    err = capsys.readouterr().err
+    assert "0.05 epoch(s)" in err and "192 steps" not in err
+    cli._announce_first_run(load_config(None, ["backend=simulate", "num_clients=4", "max_steps=288"]))
+    assert "method deca, 288 steps, one block" in capsys.readouterr().err

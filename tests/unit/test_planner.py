@@ -518,3 +518,27 @@ def test_refused_settings_are_not_recommended_even_when_nothing_else_fits():
     assert two_ranks.recommended == {} and two_ranks.recommended_request is None
     with pytest.raises(ValueError, match="nothing fits"):
         planner.write_plan(two_ranks, "/m", "/x")
+
+
+@pytest.mark.parametrize("extra", [
+    ["--clients", "4"],
+    ["--seq-len", "512", "--micro-batch", "2", "--clients", "4", "--ranks-per-client", "2", "--no-include-lm-head",
+     "--activation-checkpointing", "--gossip-chunk-mb", "32", "--overhead", "2GiB", "--topology", "complete"],
+])
+def test_cli_plan_recipe_header_repeats_the_command_that_wrote_it(tmp_path, capsys, extra):
+    """The recipe's "# Written by:" line gave only --model, --gpu-memory and --seq-len: a plan made with
+    ``--clients 4`` said it was written by a command that plans 8 clients (other settings were lost as well)."""
+    import shlex
+
+    model = os.path.join(MODELS, "qwen2-1.5b")
+    first, second = tmp_path / "a", tmp_path / "b"
+    assert cli_main(["plan", "--model", model, "--gpu-memory", "40GiB", *extra, "--write", str(first)]) == 0
+    header = (first / "recipe.yaml").read_text().splitlines()[0]
+    assert header.startswith("# Written by: deca-ds plan ")
+    argv = shlex.split(header[len("# Written by: deca-ds "):])
+    assert argv[-2:] == ["--write", str(first)]
+    assert cli_main(argv[:-1] + [str(second)]) == 0  # the written command, into another directory
+    capsys.readouterr()
+    for name in ("recipe.yaml", "ds_config.json"):
+        a, b = ((d / name).read_text().replace(str(d), "DIR") for d in (first, second))
+        assert a == b, name

@@ -463,3 +463,35 @@ def test_compressed_bytes_per_step_are_a_quarter_and_an_eighth_of_fp32_plus_scal
     assert per_step["none"] == [4 * numel + HEADER_BYTES] * 2
     assert per_step["int8"] == [2 * numel + HEADER_BYTES, numel + 2 * groups + HEADER_BYTES]
     assert per_step["int4"] == [2 * numel + HEADER_BYTES, sum((s + 1) // 2 for s in sizes) + 2 * groups + HEADER_BYTES]
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+def test_simulation_writes_the_partition_summary_and_warns_of_untrained_blocks(tmp_path, stacked):
+    """The simulator (the first command's backend) wrote neither ``partition.json`` nor ``partition.png``, which the
+    reference promises "at the start of a run" and the launcher writes, and did not warn that ``max_steps`` leaves
+    blocks untrained (the launcher does)."""
+    cfg = _cfg(f"simulate.stacked={str(stacked).lower()}", tmp_path=tmp_path)
+    with pytest.warns(UserWarning, match=r"3 steps with switch_every=8 never train block"):
+        run_simulation(cfg, save_models=False, quiet=True)
+    doc = json.loads((tmp_path / "run" / "partition.json").read_text())
+    assert (tmp_path / "run" / "partition.png").is_file()
+    assert len(doc["counts"]) == 3 and doc["label_names"] and sum(doc["client_totals"]) > 0
+    assert all(t > 0 for t in doc["client_totals"])
+
+
+def test_simulated_per_client_files_summary_has_every_clients_row_under_its_labels(tmp_path):
+    """With per-client files each client's data knows only its own row and labels: the summary merges them."""
+    labels = {0: ("sports", "music"), 1: ("food", "weather")}
+    for c, names in labels.items():
+        rows = [{"instruction": "Topic?", "input": f"text {i}", "output": names[i % 2], "label": names[i % 2]}
+                for i in range(30)]
+        (tmp_path / f"client_{c}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = load_config(None, ["num_clients=2", "backend=simulate", "max_steps=1", "data.eval_examples=2",
+                             "data.test_size=0.2", f"data.path={tmp_path}/client_{{client}}.jsonl",
+                             f"output_dir={tmp_path / 'run'}"])
+    run_simulation(cfg, save_models=False, quiet=True)
+    doc = json.loads((tmp_path / "run" / "partition.json").read_text())
+    by_name = [dict(zip(doc["label_names"], row)) for row in doc["counts"]]
+    assert sorted(doc["label_names"]) == ["food", "music", "sports", "weather"]
+    assert doc["client_totals"] == [24, 24]
+    assert by_name[0]["food"] == by_name[0]["weather"] == 0 and by_name[1]["sports"] == by_name[1]["music"] == 0

@@ -651,7 +651,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of settings, got {data!r}")
+        name = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{name} must be a mapping of settings, got {data!r}: write its settings as "
+                          f"{name}.KEY=VALUE overrides or indented under '{name}:' in the YAML")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -662,7 +664,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             raise ConfigError(f"unknown setting {full!r}{extra}")
         tp = _type_of(cls, key)
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{full}.")
+            # An empty section (``optim:`` with nothing under it) is null; any other non-mapping (``optim=0``,
+            # ``model: false``, ``data: []``) is refused by _build instead of silently meaning "all defaults".
+            kwargs[key] = _build(tp, {} if value is None else value, f"{full}.")
         else:
             kwargs[key] = _coerce(full, value, tp)
     return cls(**kwargs)
@@ -700,14 +704,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     """
     data: dict[str, Any] = {}
     if path is not None:
+        if os.path.isdir(path):
+            raise ConfigError(f"--config {str(path)!r} is a directory: give the path of a recipe YAML file in it")
         if not os.path.isfile(path):
             raise ConfigError(f"--config {str(path)!r} does not exist: give the path of a recipe YAML")
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 data = yaml.safe_load(f) or {}
         except yaml.YAMLError as e:
             first = str(e).splitlines()[0]
             raise ConfigError(f"--config {str(path)!r} is not valid YAML ({first}): fix the file") from None
+        except UnicodeDecodeError as e:  # PyYAML decodes the stream itself; a bare traceback otherwise
+            raise ConfigError(f"--config {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}): save it as "
+                              "UTF-8") from None
         if not isinstance(data, dict):
             raise ConfigError(f"--config {str(path)!r} must hold a mapping of settings at the top level")
     for item in overrides or []:

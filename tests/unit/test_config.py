@@ -107,6 +107,33 @@ def test_bad_files(tmp_path):
     nested.write_text("optim: 3\n")
     with pytest.raises(ConfigError, match="optim must be a mapping"):
         load_config(nested)
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(folder)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("output_dir: runs/caf\xe9\n".encode("latin-1"))  # saved by an editor in Latin-1
+    with pytest.raises(ConfigError, match="not UTF-8 text") as e:  # was a bare UnicodeDecodeError traceback
+        load_config(latin)
+    assert "\n" not in str(e.value) and "latin1.yaml" in str(e.value)
+
+
+@pytest.mark.parametrize("override", ["optim=0", "model=false", "data=[]", "topology=ring"])
+def test_a_section_given_a_plain_value_is_refused(override):
+    """Once silently read as an empty section: every setting of it (and a YAML file's) fell back to its default."""
+    section = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"^{section} must be a mapping of settings.*{section}.KEY=VALUE"):
+        load_config(None, [override])
+
+
+def test_an_empty_section_is_its_defaults(tmp_path):
+    empty = tmp_path / "empty_section.yaml"
+    empty.write_text("optim:\n# nothing set yet\nmax_steps: 8\n")
+    cfg = load_config(empty)
+    assert cfg.optim.lr == RunConfig().optim.lr and cfg.max_steps == 8
 
 
 def test_resume_values_and_extremes_that_are_accepted():

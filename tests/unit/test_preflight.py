@@ -25,6 +25,10 @@ def _cfg(tmp_path, *overrides):
     (["ds_config=/no/such.json"], 2, "ds_config"),
     (["data.path=/no/such.jsonl"], 2, "data.path"),
     (["data.alpha=0.001", "data.min_partition_size=200"], 2, "data"),
+    # Once "data.num_labels=4: Maximum allowed size exceeded" (the wrong setting), or a MemoryError traceback.
+    (["data.num_examples=1e20"], 2, "data.num_examples=100000000000000000000 synthetic rows cannot be generated"),
+    (["data.num_examples=1e13"], 2, "data.num_examples=10000000000000 synthetic rows cannot be generated"),
+    (["data.num_labels=9"], 2, "data.num_labels=9: the classification task supports 2 to 8 labels"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, world, words):
     cfg = _cfg(tmp_path, *overrides)

@@ -101,11 +101,14 @@ def load_ds_config(path: str | os.PathLike | None, device_type: str | None = Non
         raise ConfigError(f"ds_config={str(path)!r} does not exist: give the path of a DeepSpeed JSON "
                           "(see ds_configs/)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             ds = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"ds_config={str(path)!r} is not valid JSON (line {e.lineno}: {e.msg}): fix the file") \
             from None
+    except UnicodeDecodeError as e:  # a bare traceback otherwise
+        raise ConfigError(f"ds_config={str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}): save it as "
+                          "UTF-8 JSON") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"ds_config={str(path)!r} must hold a JSON object: write {{...}} at the top level, as in "
                           "ds_configs/cpu_fp32.json")

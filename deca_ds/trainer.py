@@ -83,6 +83,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     from deca_ds.data import check_data_config
     from deca_ds.devices import accelerator_type
     from deca_ds.ds_config import check_ds_config, load_ds_config
+    from deca_ds.engine.ds_check import check_with_deepspeed
     from deca_ds.lr_schedule import uses_schedule, warmup_steps
     from deca_ds.models import check_model_config
     from deca_ds.optim.state_store import check_int8_support
@@ -102,6 +103,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     layout = ClientLayout(world_size, rank, cfg.clients.ranks_per_client)
     ds = load_ds_config(ds_config_path or cfg.ds_config, device_type=accelerator_type())
     check_ds_config(ds, cfg, world_size=world_size)
+    check_with_deepspeed(ds, cfg)  # what deepspeed.initialize would refuse, after the model and data were built
     check_model_config(cfg.model)
     check_blocks(cfg)
     check_lora_support(cfg)

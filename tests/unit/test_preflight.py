@@ -134,3 +134,26 @@ def test_deepspeeds_reading_accepts_the_shipped_configs_and_a_valid_scheduler(tm
     path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "comms_logger": {"enabled": False},
                                 "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 2}}}))
     preflight(_cfg(tmp_path, f"ds_config={path}"), 2, None)
+
+
+def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path):
+    """Resumed at max_steps, a launch trained nothing and rewrote summary.json with every final_loss null."""
+    from deca_ds.trainer import RunFinished, check_resume_step
+
+    _fake_run(tmp_path, 2)
+    out = tmp_path / "out"
+    (out / "summary.json").write_text(json.dumps({"method": "deca", "steps": 4, "clients": [{"final_loss": 1.5}]}))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for resume in ("true", "auto"):
+        with pytest.raises(RunFinished) as e:
+            preflight(_cfg(tmp_path, f"resume={resume}", "max_steps=4"), 2, None)
+        assert "already finished" in str(e.value) and "raise max_steps" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="max_steps=3 is below step 4 of the checkpoint to resume"):
+        preflight(_cfg(tmp_path, "resume=true", "max_steps=3"), 2, None)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert preflight(_cfg(tmp_path, "resume=true", "max_steps=8"), 2, None).resume_from.name == "step_00000004"
+    # epochs: max_steps is derived at start; the run calls the same check then
+    with pytest.raises(RunFinished):
+        check_resume_step(_cfg(tmp_path, "resume=true", "max_steps=4"), 4, out / "checkpoints" / "step_00000004")
+    (out / "summary.json").unlink()  # stopped after its last checkpoint, before its summary: it may still finish
+    assert preflight(_cfg(tmp_path, "resume=true", "max_steps=4"), 2, None).resume_from.name == "step_00000004"

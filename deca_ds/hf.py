@@ -483,7 +483,8 @@ def _check_trainer_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int
     plus the stage the Trainer path supports (0).
 
     Raises:
-        ConfigError: ZeRO 1-3, a bf16/fp16 section, an ``optimizer`` section, parameter offload, ...
+        ConfigError: ZeRO 1-3, a bf16/fp16 section, an ``optimizer`` section, parameter offload, ..., or what
+            DeepSpeed itself refuses (:func:`deca_ds.engine.ds_check.check_with_deepspeed`).
     """
     from deca_ds.ds_config import check_ds_config, zero_stage
 
@@ -501,6 +502,9 @@ def _check_trainer_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int
     ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas)
     ds.pop("train_batch_size", None)
     check_ds_config(ds, cfg, world_size=world_size)
+    from deca_ds.engine.ds_check import check_with_deepspeed
+
+    check_with_deepspeed(ds, cfg)  # what deepspeed.initialize inside trainer.train() would refuse
 
 
 # -------------------------------------------------------------------------------------------------------------------

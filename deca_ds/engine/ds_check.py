@@ -33,6 +33,15 @@ EDITED_KEYS = (*OBJECT_SECTIONS, *BATCH_KEYS, "gradient_clipping", "steps_per_pr
 _FIX = "fix or remove that setting (https://www.deepspeed.ai/docs/config-json/)"
 
 
+class _OneRank:
+    """An ``mpu`` of one data-parallel rank: DeepSpeedConfig then reads the batch keys as one rank's whether or not
+    a process group exists (the Hugging Face integration checks after ``init_distributed``)."""
+
+    @staticmethod
+    def get_data_parallel_world_size() -> int:
+        return 1
+
+
 def _known_top_level_keys() -> set[str]:
     """Every lowercase key name DeepSpeed's config module defines a constant for, plus :data:`EDITED_KEYS`."""
     import re
@@ -124,12 +133,12 @@ def check_with_deepspeed(ds: dict[str, Any], cfg: RunConfig) -> None:
     probe = copy.deepcopy(ds)
     micro, gas = probe.get("train_micro_batch_size_per_gpu"), probe.get("gradient_accumulation_steps")
     if isinstance(micro, int) and isinstance(gas, int):
-        probe["train_batch_size"] = micro * gas  # DeepSpeedConfig sees a world of one rank here
+        probe["train_batch_size"] = micro * gas  # DeepSpeedConfig sees one data-parallel rank (_OneRank)
     quiet = logging.getLogger("DeepSpeed")
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        DeepSpeedConfig(probe)
+        DeepSpeedConfig(probe, mpu=_OneRank())
     except ValidationError as e:
         errors = e.errors()
         first = errors[0] if errors else {}

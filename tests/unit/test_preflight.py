@@ -29,6 +29,8 @@ def _cfg(tmp_path, *overrides):
     (["data.num_examples=1e20"], 2, "data.num_examples=100000000000000000000 synthetic rows cannot be generated"),
     (["data.num_examples=1e13"], 2, "data.num_examples=10000000000000 synthetic rows cannot be generated"),
     (["data.num_labels=9"], 2, "data.num_labels=9: the classification task supports 2 to 8 labels"),
+    # A natural split of the synthetic labels over the wrong number of clients once named no fix.
+    (["data.partition=natural"], 2, "column 'label' names 4 clients but there are 2: launch 4 clients"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, world, words):
     cfg = _cfg(tmp_path, *overrides)

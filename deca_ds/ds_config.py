@@ -441,6 +441,15 @@ def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int | None =
     if stage == 0 and devices["offload_optimizer"] != "none":
         raise ConfigError("ds_config offload_optimizer needs ZeRO: set zero_optimization.stage to 1, 2 or 3, or use "
                           "optim.state_policy=offload to park inactive blocks' state in host memory")
+    if devices["offload_optimizer"] == "nvme":
+        if stage < 3:  # DeepSpeed's stage 1/2 optimizer treats any offload device as CPU memory
+            raise ConfigError(f"ds_config zero_optimization.offload_optimizer.device=\"nvme\" with ZeRO stage {stage}: "
+                              "stages 1-2 offload to CPU memory only (DeepSpeed would silently use it); set the "
+                              "device to \"cpu\", or use stage 3 with an nvme_path")
+        if not _section(zero, "offload_optimizer").get("nvme_path"):
+            raise ConfigError("ds_config zero_optimization.offload_optimizer.device=\"nvme\" needs nvme_path: add "
+                              "\"nvme_path\": \"/local_nvme\" (a directory on the NVMe drive), or set the device to "
+                              "\"cpu\"")
     if devices["offload_param"] != "none":
         raise ConfigError("ds_config offload_param is not supported with block switching: remove it (use "
                           "offload_optimizer and optim.state_policy=offload)")

@@ -689,6 +689,40 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two YAML 1.1 surprises of recipe files removed.
+
+    - ``lr: 1e-4`` (an exponent without a dot) is a string in YAML 1.1, so a number was refused as "the wrong type:
+      expected a number" (the same value as an override, ``optim.lr=1e-4``, was accepted); here it is a float.
+    - A key given twice (two ``optim:`` sections, or ``lr`` twice in one) kept only the last: every setting of the
+      first section silently fell back to its default. Here it is an error naming both lines.
+    """
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line)
+        except TypeError:  # an unhashable key: SafeLoader refuses it itself
+            continue
+        if first != key_node.start_mark.line:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} on line {key_node.start_mark.line + 1} repeats the one on line {first + 1} "
+                "(only the last would count): merge them into one", key_node.start_mark)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a recipe config: YAML file (optional) plus dotted ``key=value`` overrides, then validate.
 
@@ -710,7 +744,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             raise ConfigError(f"--config {str(path)!r} does not exist: give the path of a recipe YAML")
         try:
             with open(path, encoding="utf-8") as f:
-                data = yaml.safe_load(f) or {}
+                data = yaml.load(f, Loader=_RecipeLoader) or {}  # noqa: S506 -- a SafeLoader subclass
         except yaml.YAMLError as e:
             first = str(e).splitlines()[0]
             raise ConfigError(f"--config {str(path)!r} is not valid YAML ({first}): fix the file") from None

@@ -155,3 +155,30 @@ def test_validate_checks_values_set_in_code(dotted, value):
     setattr(cfg if not section else getattr(cfg, section), name, value)
     with pytest.raises(ConfigError, match=dotted.replace(".", r"\.")):
         cfg.validate()
+
+
+def test_a_yaml_number_with_an_exponent_is_a_number(tmp_path):
+    """YAML 1.1 reads 1e-4 (no dot) as a string: the file's lr was refused as "the wrong type: expected a number",
+    while the same override (optim.lr=1e-4) was accepted."""
+    sci = tmp_path / "sci.yaml"
+    sci.write_text("optim:\n  lr: 1e-4\n  eps: 1E-8\nmax_steps: 2e2\ndeca:\n  betas: [0.9, 1.0e+0]\n")
+    cfg = load_config(sci)
+    assert (cfg.optim.lr, cfg.optim.eps, cfg.max_steps, cfg.deca.betas) == (1e-4, 1e-8, 200, [0.9, 1.0])
+    quoted = tmp_path / "quoted.yaml"
+    quoted.write_text("optim:\n  lr: '1e-4'\n")  # quoted on purpose: still a string
+    with pytest.raises(ConfigError, match="optim.lr='1e-4' has the wrong type"):
+        load_config(quoted)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("optim:\n  lr: 0.001\nmax_steps: 4\noptim:\n  betas: [0.9, 0.99]\n",
+     "key 'optim' on line 4 repeats the one on line 1"),
+    ("optim:\n  lr: 0.001\n  lr: 0.1\n", "key 'lr' on line 3 repeats the one on line 2"),
+])
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path, text, words):
+    """Once the last won silently: with two optim sections the first one's lr fell back to the default."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(text)
+    with pytest.raises(ConfigError, match="not valid YAML") as e:
+        load_config(dup)
+    assert words in str(e.value) and "\n" not in str(e.value)

@@ -736,7 +736,7 @@ class DecaTrainerMixin:
         Raises:
             ConfigError: ``output_dir`` holds a run and ``resume_from_checkpoint`` is not given, or
                 ``resume_from_checkpoint=True`` finds no step every client has a complete checkpoint of (nothing
-                changed; raised on every rank).
+                changed; raised on every rank), or ``resume_from_checkpoint`` names a path that is not a directory.
         """
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
         if not resume:
@@ -744,6 +744,10 @@ class DecaTrainerMixin:
         elif resume is True:
             kwargs["resume_from_checkpoint"] = self._common_checkpoint()
             args = args[1:]
+        elif isinstance(resume, (str, os.PathLike)) and not os.path.isdir(resume):  # the Trainer's bare ValueError
+            raise ConfigError(f"resume_from_checkpoint={str(resume)!r} is not a checkpoint directory: give "
+                              f"{str(self.run_dir)!r}/client_<c>/checkpoint-<N> of this client, or True for the latest "
+                              "step every client has")
         if not (self.args.max_steps and self.args.max_steps > 0):
             self._steps_from_epochs()
         self._agree_on_evaluation()

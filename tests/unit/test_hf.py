@@ -314,6 +314,11 @@ def test_a_new_run_in_an_output_dir_holding_a_run_is_refused_and_nothing_is_chan
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0, "client": 0, "loss": 1.0}\n' and ck.is_dir()
     trainer._common_checkpoint = lambda: str(ck)  # the collective choice of a step (tested below)
     assert trainer.train(resume_from_checkpoint=True) == "trained" and trainer.train(str(ck)) == "trained"
+    # A path that is not there: the Trainer's bare "Can't find a valid checkpoint" ValueError on every rank, after
+    # the process group, model and data were built.
+    for missing in (str(tmp_path / "client_0" / "checkpoint-99"), str(tmp_path / "metrics.jsonl")):
+        with pytest.raises(ConfigError, match="is not a checkpoint directory: give .*client_<c>/checkpoint-<N>"):
+            trainer.train(resume_from_checkpoint=missing)
 
 
 def test_resume_true_takes_the_latest_step_every_client_has_complete(tmp_path, monkeypatch):

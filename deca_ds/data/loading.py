@@ -527,10 +527,16 @@ def _make_plan(cfg, num_clients: int, client_id: int | None) -> _Plan:
         keep, held = _split_off(len(part), d.test_size, np.random.default_rng([d.seed, i, 11]))
         rows = rest[part[keep]]
         if len(rows) == 0:
+            # The fixes that apply: alpha and min_partition_size shape only a Dirichlet split (the message named
+            # them for every split), and data.test_size holds rows out twice (the test split, then each client's).
+            fixes = ["use more data", "fewer clients"]
+            if d.test_size > 0:
+                fixes.append(f"a smaller data.test_size (now {d.test_size:g})")
+            if d.partition == "dirichlet":
+                fixes.append("raise data.min_partition_size / data.alpha")
             raise ConfigError(
                 f"data.partition={d.partition!r}: client {i} gets no training examples "
-                f"({len(pool)} rows, {num_clients} clients): use more data, fewer clients, or raise "
-                "data.min_partition_size / data.alpha"
+                f"({len(pool)} rows, {num_clients} clients): {', '.join(fixes[:-1])} or {fixes[-1]}"
             )
         train_idx.append(rows)
         eval_idx.append(rest[part[held]])

@@ -705,9 +705,11 @@ _RecipeLoader.add_implicit_resolver(
 
 
 def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
+    # The mapping's own keys only (before a merge key's are added): overriding a merged key (<<: *base) is meant.
     seen: dict[Any, int] = {}
     for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=True)
         try:
             first = seen.setdefault(key, key_node.start_mark.line)
@@ -717,6 +719,7 @@ def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode,
             raise yaml.constructor.ConstructorError(
                 None, None, f"key {key!r} on line {key_node.start_mark.line + 1} repeats the one on line {first + 1} "
                 "(only the last would count): merge them into one", key_node.start_mark)
+    loader.flatten_mapping(node)
     return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
 

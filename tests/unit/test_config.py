@@ -182,3 +182,10 @@ def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path, text, words):
     with pytest.raises(ConfigError, match="not valid YAML") as e:
         load_config(dup)
     assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_key_overriding_a_yaml_merge_is_not_a_duplicate(tmp_path):
+    base = tmp_path / "anchors.yaml"
+    base.write_text("optim:\n  <<: {lr: 0.001, eps: 1.0e-6}\n  lr: 0.1\n")
+    cfg = load_config(base)
+    assert (cfg.optim.lr, cfg.optim.eps) == (0.1, 1e-6)

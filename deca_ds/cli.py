@@ -84,6 +84,8 @@ def _plan_sizes(args: argparse.Namespace) -> tuple[int, int]:
                         ("--clients", args.clients), ("--ranks-per-client", args.ranks_per_client)):
         if value < 1:
             raise ValueError(f"{flag} {value} is out of range: use an integer >= 1")
+    if args.layers_per_block is not None and args.layers_per_block < 1:  # was the planner's "layers_per_block must
+        raise ValueError(f"--layers-per-block {args.layers_per_block} is out of range: use an integer >= 1")  # be >= 1"
     if args.max_degree is not None and not 0 <= args.max_degree <= args.clients - 1:
         raise ValueError(f"--max-degree {args.max_degree} is out of range for {args.clients} clients: use 0 to "
                          f"{args.clients - 1}")

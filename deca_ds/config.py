@@ -651,7 +651,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
 
 def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a mapping of settings, got {data!r}")
+        name = prefix.rstrip(".") or "config"
+        raise ConfigError(f"{name} must be a mapping of settings, got {data!r}: write its settings as "
+                          f"{name}.KEY=VALUE overrides or indented under '{name}:' in the YAML")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -662,7 +664,9 @@ def _build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             raise ConfigError(f"unknown setting {full!r}{extra}")
         tp = _type_of(cls, key)
         if dataclasses.is_dataclass(tp):
-            kwargs[key] = _build(tp, value or {}, f"{full}.")
+            # An empty section (``optim:`` with nothing under it) is null; any other non-mapping (``optim=0``,
+            # ``model: false``, ``data: []``) is refused by _build instead of silently meaning "all defaults".
+            kwargs[key] = _build(tp, {} if value is None else value, f"{full}.")
         else:
             kwargs[key] = _coerce(full, value, tp)
     return cls(**kwargs)
@@ -685,6 +689,43 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with two YAML 1.1 surprises of recipe files removed.
+
+    - ``lr: 1e-4`` (an exponent without a dot) is a string in YAML 1.1, so a number was refused as "the wrong type:
+      expected a number" (the same value as an override, ``optim.lr=1e-4``, was accepted); here it is a float.
+    - A key given twice (two ``optim:`` sections, or ``lr`` twice in one) kept only the last: every setting of the
+      first section silently fell back to its default. Here it is an error naming both lines.
+    """
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _mapping_without_duplicates(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    # The mapping's own keys only (before a merge key's are added): overriding a merged key (<<: *base) is meant.
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node.start_mark.line)
+        except TypeError:  # an unhashable key: SafeLoader refuses it itself
+            continue
+        if first != key_node.start_mark.line:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} on line {key_node.start_mark.line + 1} repeats the one on line {first + 1} "
+                "(only the last would count): merge them into one", key_node.start_mark)
+    loader.flatten_mapping(node)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Load a recipe config: YAML file (optional) plus dotted ``key=value`` overrides, then validate.
 
@@ -700,14 +741,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     """
     data: dict[str, Any] = {}
     if path is not None:
+        if os.path.isdir(path):
+            raise ConfigError(f"--config {str(path)!r} is a directory: give the path of a recipe YAML file in it")
         if not os.path.isfile(path):
             raise ConfigError(f"--config {str(path)!r} does not exist: give the path of a recipe YAML")
         try:
-            with open(path) as f:
-                data = yaml.safe_load(f) or {}
+            with open(path, encoding="utf-8") as f:
+                data = yaml.load(f, Loader=_RecipeLoader) or {}  # noqa: S506 -- a SafeLoader subclass
         except yaml.YAMLError as e:
             first = str(e).splitlines()[0]
             raise ConfigError(f"--config {str(path)!r} is not valid YAML ({first}): fix the file") from None
+        except UnicodeDecodeError as e:  # PyYAML decodes the stream itself; a bare traceback otherwise
+            raise ConfigError(f"--config {str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}): save it as "
+                              "UTF-8") from None
         if not isinstance(data, dict):
             raise ConfigError(f"--config {str(path)!r} must hold a mapping of settings at the top level")
     for item in overrides or []:

@@ -101,11 +101,14 @@ def load_ds_config(path: str | os.PathLike | None, device_type: str | None = Non
         raise ConfigError(f"ds_config={str(path)!r} does not exist: give the path of a DeepSpeed JSON "
                           "(see ds_configs/)")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             ds = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"ds_config={str(path)!r} is not valid JSON (line {e.lineno}: {e.msg}): fix the file") \
             from None
+    except UnicodeDecodeError as e:  # a bare traceback otherwise
+        raise ConfigError(f"ds_config={str(path)!r} is not UTF-8 text (byte {e.start}: {e.reason}): save it as "
+                          "UTF-8 JSON") from None
     if not isinstance(ds, dict):
         raise ConfigError(f"ds_config={str(path)!r} must hold a JSON object: write {{...}} at the top level, as in "
                           "ds_configs/cpu_fp32.json")
@@ -438,6 +441,15 @@ def check_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int | None =
     if stage == 0 and devices["offload_optimizer"] != "none":
         raise ConfigError("ds_config offload_optimizer needs ZeRO: set zero_optimization.stage to 1, 2 or 3, or use "
                           "optim.state_policy=offload to park inactive blocks' state in host memory")
+    if devices["offload_optimizer"] == "nvme":
+        if stage < 3:  # DeepSpeed's stage 1/2 optimizer treats any offload device as CPU memory
+            raise ConfigError(f"ds_config zero_optimization.offload_optimizer.device=\"nvme\" with ZeRO stage {stage}: "
+                              "stages 1-2 offload to CPU memory only (DeepSpeed would silently use it); set the "
+                              "device to \"cpu\", or use stage 3 with an nvme_path")
+        if not _section(zero, "offload_optimizer").get("nvme_path"):
+            raise ConfigError("ds_config zero_optimization.offload_optimizer.device=\"nvme\" needs nvme_path: add "
+                              "\"nvme_path\": \"/local_nvme\" (a directory on the NVMe drive), or set the device to "
+                              "\"cpu\"")
     if devices["offload_param"] != "none":
         raise ConfigError("ds_config offload_param is not supported with block switching: remove it (use "
                           "offload_optimizer and optim.state_policy=offload)")

@@ -483,7 +483,8 @@ def _check_trainer_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int
     plus the stage the Trainer path supports (0).
 
     Raises:
-        ConfigError: ZeRO 1-3, a bf16/fp16 section, an ``optimizer`` section, parameter offload, ...
+        ConfigError: ZeRO 1-3, a bf16/fp16 section, an ``optimizer`` section, parameter offload, ..., or what
+            DeepSpeed itself refuses (:func:`deca_ds.engine.ds_check.check_with_deepspeed`).
     """
     from deca_ds.ds_config import check_ds_config, zero_stage
 
@@ -501,6 +502,9 @@ def _check_trainer_ds_config(ds: dict[str, Any], cfg: RunConfig, world_size: int
     ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=gas)
     ds.pop("train_batch_size", None)
     check_ds_config(ds, cfg, world_size=world_size)
+    from deca_ds.engine.ds_check import check_with_deepspeed
+
+    check_with_deepspeed(ds, cfg)  # what deepspeed.initialize inside trainer.train() would refuse
 
 
 # -------------------------------------------------------------------------------------------------------------------
@@ -732,7 +736,7 @@ class DecaTrainerMixin:
         Raises:
             ConfigError: ``output_dir`` holds a run and ``resume_from_checkpoint`` is not given, or
                 ``resume_from_checkpoint=True`` finds no step every client has a complete checkpoint of (nothing
-                changed; raised on every rank).
+                changed; raised on every rank), or ``resume_from_checkpoint`` names a path that is not a directory.
         """
         resume = kwargs.get("resume_from_checkpoint", args[0] if args else None)
         if not resume:
@@ -740,6 +744,10 @@ class DecaTrainerMixin:
         elif resume is True:
             kwargs["resume_from_checkpoint"] = self._common_checkpoint()
             args = args[1:]
+        elif isinstance(resume, (str, os.PathLike)) and not os.path.isdir(resume):  # the Trainer's bare ValueError
+            raise ConfigError(f"resume_from_checkpoint={str(resume)!r} is not a checkpoint directory: give "
+                              f"{str(self.run_dir)!r}/client_<c>/checkpoint-<N> of this client, or True for the latest "
+                              "step every client has")
         if not (self.args.max_steps and self.args.max_steps > 0):
             self._steps_from_epochs()
         self._agree_on_evaluation()

@@ -33,7 +33,7 @@ from deca_ds.loop import NonFiniteError, StepRecord, gather_step, nonfinite_erro
 from deca_ds.step import Engine
 from deca_ds.supervise import LauncherWatch, elastic_restart_count, launch_identity, started_elsewhere
 
-__all__ = ["preflight", "Preflight", "LauncherDriver", "run", "NonFiniteError"]
+__all__ = ["preflight", "check_resume_step", "RunFinished", "Preflight", "LauncherDriver", "run", "NonFiniteError"]
 
 
 class Preflight(NamedTuple):
@@ -83,6 +83,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     from deca_ds.data import check_data_config
     from deca_ds.devices import accelerator_type
     from deca_ds.ds_config import check_ds_config, load_ds_config
+    from deca_ds.engine.ds_check import check_with_deepspeed
     from deca_ds.lr_schedule import uses_schedule, warmup_steps
     from deca_ds.models import check_model_config
     from deca_ds.optim.state_store import check_int8_support
@@ -102,6 +103,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     layout = ClientLayout(world_size, rank, cfg.clients.ranks_per_client)
     ds = load_ds_config(ds_config_path or cfg.ds_config, device_type=accelerator_type())
     check_ds_config(ds, cfg, world_size=world_size)
+    check_with_deepspeed(ds, cfg)  # what deepspeed.initialize would refuse, after the model and data were built
     check_model_config(cfg.model)
     check_blocks(cfg)
     check_lora_support(cfg)
@@ -123,7 +125,45 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     if found is not None:  # the newest checkpoint complete for the clients this machine holds
         found = ckpt.find_resume_checkpoint(cfg.output_dir, found.name if cfg.resume not in (True, "auto")
                                             else "latest", client_ids=_node_clients(layout))
+    if found is not None and cfg.epochs is None:  # with epochs, max_steps is known once the data is (the run checks)
+        check_resume_step(cfg, int(found.name.split("_")[1]), found)
     return Preflight(ds, layout, topology, found, tuple(changed))
+
+
+class RunFinished(ConfigError):
+    """The run to resume already finished: its last checkpoint is at ``max_steps`` and its summary is written."""
+
+
+def check_resume_step(cfg: RunConfig, step: int, found: Path) -> None:
+    """Refuse to resume a checkpoint with no step left to train.
+
+    Resumed at or past ``max_steps`` the loop trains nothing, and the end of the run rewrote ``summary.json`` with
+    every client's ``final_loss`` null (the finished run's figures lost) and appended a leg to ``run.json``.
+
+    Args:
+        cfg: the run's settings (``max_steps`` final: derived from ``epochs`` already when that is set).
+        step: the optimizer steps the checkpoint holds.
+        found: the checkpoint directory (for the message).
+
+    Raises:
+        ConfigError: ``step`` > ``max_steps``, or ``step`` == ``max_steps`` and ``summary.json`` records that
+            many steps (the run finished there; :class:`RunFinished`); a run stopped after its last checkpoint and
+            before its summary still finishes.
+    """
+    out = Path(cfg.output_dir)
+    shown = str(cfg.resume).lower() if isinstance(cfg.resume, bool) else cfg.resume
+    if step > cfg.max_steps:
+        raise ConfigError(f"max_steps={cfg.max_steps} is below step {step} of the checkpoint to resume ({found}): set "
+                          f"max_steps above {step} to train further, or resume=step_N from an earlier checkpoint "
+                          "(nothing in output_dir was changed)")
+    try:
+        finished = json.loads((out / "summary.json").read_text()).get("steps") == step
+    except (OSError, ValueError, AttributeError):  # no summary (stopped before it), or not one deca_ds wrote
+        finished = False
+    if step == cfg.max_steps and finished:
+        raise RunFinished(f"resume={shown}: the run in output_dir={str(out)!r} already finished (its checkpoint is at "
+                          f"max_steps={cfg.max_steps} and summary.json is written): raise max_steps to train further, "
+                          "or choose another output_dir (nothing there was changed)")
 
 
 def _model_architecture(cfg: RunConfig) -> dict[str, Any]:
@@ -431,7 +471,14 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     restarts = elastic_restart_count()
     if restarts and cfg.resume is False and not _started_elsewhere(cfg.output_dir):
         cfg.resume = "auto"  # torchrun --max-restarts restarted us: continue, never start over
-    ds, layout, topo, found, changed = preflight(cfg, world_size, ds_config_path)
+    try:
+        ds, layout, topo, found, changed = preflight(cfg, world_size, ds_config_path)
+    except RunFinished as e:
+        if not restarts:
+            raise
+        # torchrun restarted a worker that failed after the run had finished (e.g. at interpreter exit): done.
+        print(f"deca_ds: elastic restart {restarts}: {e}; nothing left to do", flush=True)
+        return None
 
     from deca_ds.engine import setup_distributed
 
@@ -492,6 +539,8 @@ def _run_launched(cfg: RunConfig, ds: dict[str, Any], layout: ClientLayout, topo
         if "scheduler" not in ds:  # a changed optim.lr applies from the resumed step on (recorded in run.json)
             engine.set_lr(cfg.optim.lr)
         start_step = engine.global_step
+        if cfg.epochs is not None:  # max_steps known only now (preflight checks the others)
+            check_resume_step(cfg, start_step, found)
     # Outputs only once the engine stands: a start that fails leaves nothing behind.
     if found is not None and layout.local_rank == 0:  # every client's writer (one disk per machine: each its own)
         ckpt.rewind_latest(out, found)  # resumed from an older checkpoint: the newer ones are abandoned

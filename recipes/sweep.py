@@ -192,9 +192,60 @@ def _worker(args):
                 "error": f"{type(e).__name__}: {e}"}
 
 
+class GridError(ValueError):
+    """A grid YAML, or the settings of one of its runs, refused before any run starts (one line with the fix)."""
+
+
+def load_grid(grid: str) -> list[dict[str, Any]]:
+    """Every run of the grid YAML ``grid`` (:func:`expand_grid`), each run's settings checked as the run will load
+    them, so that a misspelt or out-of-range setting stops the sweep before its first run instead of being recorded
+    as an error line by every run of the grid.
+
+    Args:
+        grid: path of the grid YAML.
+
+    Returns:
+        The runs, as :func:`expand_grid` returns them.
+
+    Raises:
+        GridError: the file is missing, not UTF-8 YAML, not a mapping with ``base``/``grid`` mappings, an axis is
+            malformed, or a run's settings are refused (:class:`deca_ds.config.ConfigError`, naming the run).
+    """
+    from deca_ds.config import ConfigError, load_config
+
+    path = Path(grid)
+    if not path.is_file():
+        raise GridError(f"grid {grid!r} does not exist: give the path of a grid YAML (see recipes/configs/sweeps/)")
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise GridError(f"grid {grid!r} is not valid YAML ({str(e).splitlines()[0]}): fix the file") from None
+    except UnicodeDecodeError as e:
+        raise GridError(f"grid {grid!r} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
+    if not isinstance(spec, dict):
+        raise GridError(f"grid {grid!r} must hold a mapping (base: settings, grid: axes) at the top level")
+    for key in ("base", "grid"):
+        if spec.get(key) is not None and not isinstance(spec[key], dict):
+            raise GridError(f"grid {grid!r}: {key} must be a mapping, got {spec[key]!r}")
+    try:
+        runs = expand_grid(spec)
+    except ValueError as e:
+        raise GridError(f"grid {grid!r}: {e}") from None
+    for run in runs:
+        try:
+            load_config(None, _overrides({**run["settings"], "output_dir": "unused", "backend": "simulate"}))
+        except ConfigError as e:
+            raise GridError(f"grid {grid!r}, run {run['run_id']}: {e}; nothing was run") from None
+    return runs
+
+
 def _todo(grid: str, results: Path, limit: int = 0) -> tuple[int, int, list[dict[str, Any]]]:
-    """The runs of a grid YAML not yet in ``results``: ``(runs in grid, runs done, runs to do)``."""
-    runs = expand_grid(yaml.safe_load(Path(grid).read_text()))
+    """The runs of a grid YAML not yet in ``results``: ``(runs in grid, runs done, runs to do)``.
+
+    Raises:
+        GridError: as :func:`load_grid`.
+    """
+    runs = load_grid(grid)
     done = set()
     if results.exists():
         for line in results.read_text().splitlines():
@@ -801,10 +852,14 @@ def main(argv=None) -> int:
     s.add_argument("--out", default="docs/results")
     s.add_argument("--list", action="store_true", help="only print the number of runs per setting")
     args = parser.parse_args(argv)
-    if args.cmd == "run":
-        return cmd_run(args)
-    if args.cmd == "all":
-        return cmd_all(args)
+    try:
+        if args.cmd == "run":
+            return cmd_run(args)
+        if args.cmd == "all":
+            return cmd_all(args)
+    except GridError as e:
+        print(f"sweep: error: {e}", file=sys.stderr)
+        return 2
     if args.cmd == "protocol":
         return cmd_protocol(args)
     if args.cmd == "summarize-protocol":

@@ -77,6 +77,19 @@ METHODS = ("adamw", "adamw_fused", "zero_offload") + DECA_METHODS + ("badam", "d
 """Every ``--methods`` name."""
 
 
+def _check_out_dir(out: str) -> None:
+    """``--out`` is a writable directory or can be created as one (checked when the first worker's partial results
+    were written: a FileExistsError traceback after minutes of benchmarking)."""
+    probe = os.path.abspath(out)
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == os.path.abspath(out) else f"cannot be created: {probe} is a file"
+        raise ValueError(f"--out {out} {where}: give a directory for benchmark.json, benchmark.md and benchmark.png")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: {probe} is not writable: give a directory you can write to")
+
+
 def check_arguments(args: argparse.Namespace) -> None:
     """Refuse bad benchmark arguments before any worker starts (each worker would otherwise fail on its own, or a
     zero count would be quietly raised to one).
@@ -100,6 +113,7 @@ def check_arguments(args: argparse.Namespace) -> None:
                         ("--lr", args.lr)):
         if not (math.isfinite(value) and value > 0):
             raise ValueError(f"{flag} {value} is out of range: use a number > 0")
+    _check_out_dir(args.out)
     methods = [m.strip() for m in str(args.methods).split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if not methods or bad:

@@ -1026,7 +1026,16 @@ def write_plan(plan: Plan, model_dir: str, out_dir: str, overwrite: bool = False
               + (f"# optim.moment_dtype=int8 {INT8_NEEDS}\n" if req.moments() == "int8" else ""))
     text = header + yaml.safe_dump(recipe, sort_keys=False)
     _check_written(text, ds, plan.request.clients * plan.request.ranks_per_client)
-    os.makedirs(out_dir, exist_ok=True)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"--write {out_dir} is a file, not a directory; nothing was written: choose a directory")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # a file where the directory goes, a read-only or missing parent: a bare traceback before
+        raise ValueError(f"--write {out_dir}: cannot create the directory ({e.strerror or e}); nothing was written: "
+                         "choose a directory you can write to") from None
+    if not os.access(out_dir, os.W_OK | os.X_OK):
+        raise ValueError(f"--write {out_dir} is not writable; nothing was written: choose a directory you can write "
+                         "to")
     with open(ds_path, "w") as f:
         json.dump(ds, f, indent=2)
         f.write("\n")

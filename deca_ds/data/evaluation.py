@@ -205,6 +205,18 @@ def _reference_lengths(tokenizer, rows) -> int:
     return max(len(tokenizer(r["response"], add_special_tokens=False)["input_ids"]) for r in rows) + 1
 
 
+def _new_tokens(longest: int, max_length: int) -> int:
+    """Tokens to generate for references of up to ``longest`` tokens (EOS included) in rows of ``max_length``.
+
+    A reference shorter than a row: all of it, after a prompt cut to the rest of the row, as before. One as long as
+    a row or longer (a user's long answers with a small ``data.max_length``, or a label as long as the row) left a
+    prompt of no tokens, and the final evaluation, after the whole run, failed in the model's forward ("cannot
+    reshape tensor of 0 elements"); it gets half the row, the prompt the other half (such a reference cannot match
+    exactly; training also cut it).
+    """
+    return longest if longest < max_length else max(1, max_length // 2)
+
+
 def _forward_passes(tokenizer, data, n: int, batch_size: int, generate: bool = True) -> int:
     """Upper bound of the forward passes :func:`evaluate` makes on ``n`` test rows (generation may stop sooner)."""
     if n == 0:
@@ -215,7 +227,8 @@ def _forward_passes(tokenizer, data, n: int, batch_size: int, generate: bool = T
         names = list(data.label_names)
         longest = max(len(c) for c in _label_ids(tokenizer, names))
         return batches + math.ceil(n * len(names) / batch_size) + (batches * longest if generate else 0)
-    return batches + (batches * _reference_lengths(tokenizer, rows) if generate else 0)
+    longest = _new_tokens(_reference_lengths(tokenizer, rows), data.max_length)
+    return batches + (batches * longest if generate else 0)
 
 
 def _position_limit(model) -> int | None:
@@ -309,7 +322,8 @@ def _evaluate(model, tokenizer, data, n: int, batch_size: int, tick: _Ticker, ge
     if data.label_names:
         names = list(data.label_names)
         conts = _label_ids(tokenizer, names)
-        prompts = [prompt_ids_for_eval(r["prompt"], tokenizer, data.max_length - max(len(c) for c in conts))
+        # At least one prompt token: an empty prompt fails in the model's forward (labels as long as the row).
+        prompts = [prompt_ids_for_eval(r["prompt"], tokenizer, max(1, data.max_length - max(len(c) for c in conts)))
                    for r in rows]
         scores = continuation_logprobs(
             model, [p for p in prompts for _ in names], [c for _ in prompts for c in conts], pad_id, batch_size,
@@ -333,7 +347,7 @@ def _evaluate(model, tokenizer, data, n: int, batch_size: int, tick: _Ticker, ge
         out["per_label_accuracy"] = out["per_label_accuracy_ll"]
     elif generate:
         refs = [r["response"] for r in rows]
-        longest = _reference_lengths(tokenizer, rows)
+        longest = _new_tokens(_reference_lengths(tokenizer, rows), data.max_length)
         prompts = [prompt_ids_for_eval(r["prompt"], tokenizer, data.max_length - longest) for r in rows]
         gen = greedy_generate(model, prompts, longest, eos, pad_id, batch_size, on_forward=tick)
         hits = [tokenizer.decode(g, skip_special_tokens=True).strip() == ref.strip() for g, ref in zip(gen, refs)]

@@ -40,7 +40,8 @@ from deca_ds.config import DATA_FORMATS, PARTITIONS, ConfigError
 from deca_ds.data.formatting import (IGNORE_INDEX, conversation_turns, detect_format, pack_examples, render_example,
                                      tokenize_row)
 from deca_ds.data.partition import DirichletPartitioner, IidPartitioner, NaturalPartitioner, ShardPartitioner
-from deca_ds.data.synthetic import make_synthetic_rows
+from deca_ds.data.synthetic import GENERATION_TASKS, TOPICS, make_synthetic_rows
+from deca_ds.errors import first_line
 
 __all__ = [
     "ClientData",
@@ -476,10 +477,15 @@ def _make_plan(cfg, num_clients: int, client_id: int | None) -> _Plan:
     column = d.partition_by
     synthetic_names = None
     if d.path is None:
+        families = len(TOPICS) if d.task == "classification" else len(GENERATION_TASKS)
+        if not 2 <= d.num_labels <= families:
+            raise ConfigError(f"data.num_labels={d.num_labels}: the {d.task} task supports 2 to {families} "
+                              f"labels: set data.num_labels to at most {families}")
         try:
             cols, synthetic_names = make_synthetic_rows(d.task, d.num_examples, d.num_labels, d.seed)
-        except ValueError as e:
-            raise ConfigError(f"data.num_labels={d.num_labels}: {e}") from None
+        except (ValueError, MemoryError) as e:  # numpy cannot hold that many rows (was blamed on data.num_labels)
+            raise ConfigError(f"data.num_examples={d.num_examples} synthetic rows cannot be generated "
+                              f"({type(e).__name__}: {first_line(e)}): use fewer, e.g. the default 6000") from None
         pool, fmt, column = datasets.Dataset.from_dict(cols), "alpaca", "label"
     elif _is_per_client(d.path):
         return _plan_per_client(cfg, num_clients, client_id)
@@ -521,10 +527,16 @@ def _make_plan(cfg, num_clients: int, client_id: int | None) -> _Plan:
         keep, held = _split_off(len(part), d.test_size, np.random.default_rng([d.seed, i, 11]))
         rows = rest[part[keep]]
         if len(rows) == 0:
+            # The fixes that apply: alpha and min_partition_size shape only a Dirichlet split (the message named
+            # them for every split), and data.test_size holds rows out twice (the test split, then each client's).
+            fixes = ["use more data", "fewer clients"]
+            if d.test_size > 0:
+                fixes.append(f"a smaller data.test_size (now {d.test_size:g})")
+            if d.partition == "dirichlet":
+                fixes.append("raise data.min_partition_size / data.alpha")
             raise ConfigError(
                 f"data.partition={d.partition!r}: client {i} gets no training examples "
-                f"({len(pool)} rows, {num_clients} clients): use more data, fewer clients, or raise "
-                "data.min_partition_size / data.alpha"
+                f"({len(pool)} rows, {num_clients} clients): {', '.join(fixes[:-1])} or {fixes[-1]}"
             )
         train_idx.append(rows)
         eval_idx.append(rest[part[held]])

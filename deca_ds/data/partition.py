@@ -238,7 +238,9 @@ class NaturalPartitioner(Partitioner):
         codes, uniques = _codes(self._column(self.partition_by))
         if self._expected is not None and len(uniques) != self._expected:
             raise ValueError(
-                f"column {self.partition_by!r} names {len(uniques)} clients but there are {self._expected}"
+                f"column {self.partition_by!r} names {len(uniques)} clients but there are {self._expected}: launch "
+                f"{len(uniques)} clients (one per value of {self.partition_by!r}), or set data.partition_by to the "
+                "field that names each row's client"
             )
         self._num_partitions = len(uniques)
         self.values = uniques

@@ -3,7 +3,8 @@
 - :mod:`~deca_ds.engine.accelerator`: process start, this rank's device, barriers, peak memory;
 - :mod:`~deca_ds.engine.stage0`: :class:`DecaEngine`, ZeRO stage 0 around BlockAdam;
 - :mod:`~deca_ds.engine.zero`: :class:`ZeroBlockEngine`, ZeRO stages 1-3 (block switch by re-initialization);
-- :mod:`~deca_ds.engine.full_adam`: DeepSpeed's own full-parameter Adam, the benchmark's GPU baseline.
+- :mod:`~deca_ds.engine.full_adam`: DeepSpeed's own full-parameter Adam, the benchmark's GPU baseline;
+- :mod:`~deca_ds.engine.ds_check`: DeepSpeed's own reading of a ds_config, run by the launcher's preflight.
 
 Both training engines implement :class:`deca_ds.step.Engine` and run DECA's between-steps sequence through the same
 :class:`deca_ds.consensus.ConsensusStep`. ds_config loading and checks live in :mod:`deca_ds.ds_config` (no

@@ -203,6 +203,21 @@ def test_bad_benchmark_arguments_are_refused_before_any_worker(tmp_path, monkeyp
     assert not out.exists()
 
 
+@pytest.mark.parametrize("where, words", [("file", "is a file: give a directory"),
+                                          ("file/bench", "cannot be created:")])
+def test_an_out_that_is_a_file_is_refused_before_any_worker(tmp_path, monkeypatch, capsys, where, words):
+    """Once: the first worker ran (minutes on a real model), then writing its partial results raised a
+    FileExistsError / NotADirectoryError traceback."""
+    from deca_ds.bench import benchmark
+
+    monkeypatch.setattr(benchmark, "run_spec", lambda spec, timeout: pytest.fail("a worker was started"))
+    (tmp_path / "file").write_text("mine\n")
+    assert benchmark.main(["--out", str(tmp_path / where), "--methods", "deca", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err
+    assert (tmp_path / "file").read_text() == "mine\n"
+
+
 def test_summarize_rounds_medians_over_rounds_of_the_rank_mean():
     per_rank = [{"real": [1.0, 3.0, 2.0], "local": [1.0, 1.0, 1.0]},
                 {"real": [3.0, 1.0, 2.0], "local": [1.0, 2.0, 1.0]}]

@@ -107,6 +107,33 @@ def test_bad_files(tmp_path):
     nested.write_text("optim: 3\n")
     with pytest.raises(ConfigError, match="optim must be a mapping"):
         load_config(nested)
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(folder)
+
+
+def test_a_config_file_that_is_not_utf8_is_one_line(tmp_path):
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("output_dir: runs/caf\xe9\n".encode("latin-1"))  # saved by an editor in Latin-1
+    with pytest.raises(ConfigError, match="not UTF-8 text") as e:  # was a bare UnicodeDecodeError traceback
+        load_config(latin)
+    assert "\n" not in str(e.value) and "latin1.yaml" in str(e.value)
+
+
+@pytest.mark.parametrize("override", ["optim=0", "model=false", "data=[]", "topology=ring"])
+def test_a_section_given_a_plain_value_is_refused(override):
+    """Once silently read as an empty section: every setting of it (and a YAML file's) fell back to its default."""
+    section = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"^{section} must be a mapping of settings.*{section}.KEY=VALUE"):
+        load_config(None, [override])
+
+
+def test_an_empty_section_is_its_defaults(tmp_path):
+    empty = tmp_path / "empty_section.yaml"
+    empty.write_text("optim:\n# nothing set yet\nmax_steps: 8\n")
+    cfg = load_config(empty)
+    assert cfg.optim.lr == RunConfig().optim.lr and cfg.max_steps == 8
 
 
 def test_resume_values_and_extremes_that_are_accepted():
@@ -128,3 +155,37 @@ def test_validate_checks_values_set_in_code(dotted, value):
     setattr(cfg if not section else getattr(cfg, section), name, value)
     with pytest.raises(ConfigError, match=dotted.replace(".", r"\.")):
         cfg.validate()
+
+
+def test_a_yaml_number_with_an_exponent_is_a_number(tmp_path):
+    """YAML 1.1 reads 1e-4 (no dot) as a string: the file's lr was refused as "the wrong type: expected a number",
+    while the same override (optim.lr=1e-4) was accepted."""
+    sci = tmp_path / "sci.yaml"
+    sci.write_text("optim:\n  lr: 1e-4\n  eps: 1E-8\nmax_steps: 2e2\ndeca:\n  betas: [0.9, 1.0e+0]\n")
+    cfg = load_config(sci)
+    assert (cfg.optim.lr, cfg.optim.eps, cfg.max_steps, cfg.deca.betas) == (1e-4, 1e-8, 200, [0.9, 1.0])
+    quoted = tmp_path / "quoted.yaml"
+    quoted.write_text("optim:\n  lr: '1e-4'\n")  # quoted on purpose: still a string
+    with pytest.raises(ConfigError, match="optim.lr='1e-4' has the wrong type"):
+        load_config(quoted)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("optim:\n  lr: 0.001\nmax_steps: 4\noptim:\n  betas: [0.9, 0.99]\n",
+     "key 'optim' on line 4 repeats the one on line 1"),
+    ("optim:\n  lr: 0.001\n  lr: 0.1\n", "key 'lr' on line 3 repeats the one on line 2"),
+])
+def test_a_key_given_twice_in_a_yaml_file_is_refused(tmp_path, text, words):
+    """Once the last won silently: with two optim sections the first one's lr fell back to the default."""
+    dup = tmp_path / "dup.yaml"
+    dup.write_text(text)
+    with pytest.raises(ConfigError, match="not valid YAML") as e:
+        load_config(dup)
+    assert words in str(e.value) and "\n" not in str(e.value)
+
+
+def test_a_key_overriding_a_yaml_merge_is_not_a_duplicate(tmp_path):
+    base = tmp_path / "anchors.yaml"
+    base.write_text("optim:\n  <<: {lr: 0.001, eps: 1.0e-6}\n  lr: 0.1\n")
+    cfg = load_config(base)
+    assert (cfg.optim.lr, cfg.optim.eps) == (0.1, 1e-6)

@@ -201,3 +201,19 @@ def test_max_length_beyond_the_models_positions():
     model.config.max_position_embeddings = 32
     with pytest.warns(UserWarning, match="data.max_length=64 .* max_position_embeddings=32"):
         evaluate(model, tok, data, max_examples=2)
+
+
+@pytest.mark.parametrize("task, max_length", [("generation", 12), ("classification", 8)])
+def test_references_as_long_as_a_row_are_evaluated_not_crashed_on(task, max_length):
+    """A reference (or label) of at least data.max_length tokens left an empty prompt, and the final evaluation, after
+    the whole run, failed in the model's forward ("cannot reshape tensor of 0 elements"). Now the prompt keeps at
+    least one token (half the row for generation), and the bound on forward passes still holds."""
+    tok = make_byte_tokenizer()
+    cfg = RunConfig()
+    cfg.data.task, cfg.data.num_examples, cfg.data.partition, cfg.data.max_length = task, 200, "iid", max_length
+    data = build_client_data(cfg, tok, 0, 2)
+    model = _Counting(_tiny_llama(tok))
+    seen = []
+    r = evaluate(model, tok, data, max_examples=6, batch_size=4, progress=lambda done, total: seen.append(total))
+    assert math.isfinite(r["loss"]) and model.calls <= seen[0]
+    assert (r["exact_match"] if task == "generation" else r["accuracy_gen"]) >= 0.0

@@ -210,6 +210,10 @@ def test_each_bad_input_gives_its_error(tmp_path):
     (p / "few.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(3)))
     msg = _one_line_error(_cfg(path=str(p / "few.jsonl"), partition="iid", test_size=0.0), num_clients=5)
     assert "client 3 gets no training examples" in msg and "data.partition" in msg
+    assert msg.endswith("use more data or fewer clients")  # alpha and min_partition_size shape Dirichlet splits only
+    (p / "forty.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _rows(40)))
+    msg = _one_line_error(_cfg(path=str(p / "forty.jsonl"), partition="iid", test_size=0.99), num_clients=2)
+    assert "client 1 gets no training examples" in msg and "a smaller data.test_size (now 0.99)" in msg
     assert "data.format='xml' is not known" in _one_line_error(_cfg(format="xml"))
     assert "data.num_labels=20" in _one_line_error(_cfg(num_labels=20))
     assert "not loadable from the hub" in _one_line_error(_cfg(path="no-such-org/no-such-dataset"))

@@ -24,6 +24,10 @@ def test_ds_config_checks_name_the_fix(tmp_path):
         ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "cpu"}}}, "offload_optimizer needs ZeRO"),
         ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "gpu"}}}, "device=\"gpu\" is not known"),
         ({"optimizer": {"type": "Adam"}}, "optim.lr"),
+        # Stages 1-2 took nvme for CPU memory without a word; stage 3 without nvme_path has nowhere to write.
+        ({"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "nvme"}}}, "stages 1-2 offload to CPU"),
+        ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}, "needs nvme_path"),
+        ({"zero_optimization": {"stage": 0, "offload_optimizer": {"device": "nvme"}}}, "offload_optimizer needs ZeRO"),
     ]:
         with pytest.raises(ConfigError, match=words):
             check_ds_config({"train_micro_batch_size_per_gpu": 2, **ds}, cfg)

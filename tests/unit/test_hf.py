@@ -93,6 +93,31 @@ def test_deepspeed_settings_the_trainer_path_cannot_honour_are_refused(ds, match
         _check_trainer_ds_config(ds, DecaSettings().config, world_size=4, micro=8, gas=1)
 
 
+@pytest.mark.parametrize("ds,match", [
+    # Refused by deepspeed.initialize inside trainer.train(), as a pydantic/assertion traceback on every rank.
+    ({"zero_optimization": {"stage": 0, "stgae": 0}}, "zero_optimization.stgae is refused by DeepSpeed"),
+    ({"scheduler": {"type": "WarmupLRR", "params": {}}}, "did you mean 'WarmupLR'"),
+])
+def test_deepspeed_settings_deepspeed_refuses_are_refused_at_construction(ds, match):
+    with pytest.raises(ConfigError, match=match):
+        _check_trainer_ds_config(ds, DecaSettings().config, world_size=4, micro=8, gas=1)
+
+
+def test_hf_auto_config_passes_deepspeeds_reading_inside_a_process_group(monkeypatch):
+    """The Trainer path checks after init_distributed: DeepSpeedConfig must not read the batch keys against the
+    launch's world size (once: 'train_batch_size is not equal to ... 8 != 8 * 1 * 2' for every 2-rank launch)."""
+    import json
+
+    import deepspeed.comm
+
+    from deca_ds.ds_config import REPO_DS_CONFIGS
+
+    monkeypatch.setattr(deepspeed.comm, "get_rank", lambda *a, **k: 0)
+    monkeypatch.setattr(deepspeed.comm, "get_world_size", lambda *a, **k: 4)
+    ds = json.loads((REPO_DS_CONFIGS / "hf_auto.json").read_text())
+    _check_trainer_ds_config(ds, DecaSettings().config, world_size=4, micro=8, gas=2)
+
+
 def test_hf_auto_config_passes_the_checks():
     import json
 
@@ -289,6 +314,11 @@ def test_a_new_run_in_an_output_dir_holding_a_run_is_refused_and_nothing_is_chan
     assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0, "client": 0, "loss": 1.0}\n' and ck.is_dir()
     trainer._common_checkpoint = lambda: str(ck)  # the collective choice of a step (tested below)
     assert trainer.train(resume_from_checkpoint=True) == "trained" and trainer.train(str(ck)) == "trained"
+    # A path that is not there: the Trainer's bare "Can't find a valid checkpoint" ValueError on every rank, after
+    # the process group, model and data were built.
+    for missing in (str(tmp_path / "client_0" / "checkpoint-99"), str(tmp_path / "metrics.jsonl")):
+        with pytest.raises(ConfigError, match="is not a checkpoint directory: give .*client_<c>/checkpoint-<N>"):
+            trainer.train(resume_from_checkpoint=missing)
 
 
 def test_resume_true_takes_the_latest_step_every_client_has_complete(tmp_path, monkeypatch):

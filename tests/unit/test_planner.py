@@ -189,6 +189,7 @@ def test_cli_plan_recommends_checkpointing_or_refuses(tmp_path, capsys):
     (["--gpu-memory", "0GiB"], "--gpu-memory '0GiB' is out of range"),
     (["--gpu-memory", "lots"], "--gpu-memory 'lots' is not a memory size"),
     (["--overhead", "1XB"], "--overhead '1XB' is not a memory size"),
+    (["--layers-per-block", "0"], "--layers-per-block 0 is out of range: use an integer >= 1"),
 ])
 def test_cli_plan_refuses_bad_arguments_in_one_line_and_writes_nothing(tmp_path, capsys, extra, words):
     """Once: --clients 0 wrote a recipe for 0 GPUs, --seq-len 0 blamed a planner bug, a NaN chunk size crashed."""
@@ -542,3 +543,15 @@ def test_cli_plan_recipe_header_repeats_the_command_that_wrote_it(tmp_path, caps
     for name in ("recipe.yaml", "ds_config.json"):
         a, b = ((d / name).read_text().replace(str(d), "DIR") for d in (first, second))
         assert a == b, name
+
+
+@pytest.mark.parametrize("where, words", [("file", "is a file, not a directory"),
+                                          ("file/sub", "cannot create the directory")])
+def test_cli_plan_write_into_a_file_is_one_line(tmp_path, capsys, where, words):
+    """``--write`` naming a file (or a path below one) was a FileExistsError / NotADirectoryError traceback."""
+    (tmp_path / "file").write_text("mine\n")
+    model = os.path.join(MODELS, "llama-3.1-8b")
+    assert cli_main(["plan", "--model", model, "--gpu-memory", "80GiB", "--write", str(tmp_path / where)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "nothing was written" in err and "\n" not in err
+    assert (tmp_path / "file").read_text() == "mine\n"

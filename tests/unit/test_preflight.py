@@ -25,6 +25,12 @@ def _cfg(tmp_path, *overrides):
     (["ds_config=/no/such.json"], 2, "ds_config"),
     (["data.path=/no/such.jsonl"], 2, "data.path"),
     (["data.alpha=0.001", "data.min_partition_size=200"], 2, "data"),
+    # Once "data.num_labels=4: Maximum allowed size exceeded" (the wrong setting), or a MemoryError traceback.
+    (["data.num_examples=1e20"], 2, "data.num_examples=100000000000000000000 synthetic rows cannot be generated"),
+    (["data.num_examples=1e13"], 2, "data.num_examples=10000000000000 synthetic rows cannot be generated"),
+    (["data.num_labels=9"], 2, "data.num_labels=9: the classification task supports 2 to 8 labels"),
+    # A natural split of the synthetic labels over the wrong number of clients once named no fix.
+    (["data.partition=natural"], 2, "column 'label' names 4 clients but there are 2: launch 4 clients"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, world, words):
     cfg = _cfg(tmp_path, *overrides)
@@ -88,3 +94,68 @@ def test_resume_of_nothing_says_so(tmp_path):
     with pytest.raises(ConfigError, match="holds no run to resume"):
         preflight(_cfg(tmp_path, "resume=true"), 2, None)
     assert preflight(_cfg(tmp_path, "resume=auto"), 2, None).resume_from is None
+
+
+@pytest.mark.parametrize("ds, words", [
+    # Each of these reached deepspeed.initialize, after the process group, model and data, as a pydantic, assertion
+    # or TypeError traceback on every rank (or, the top-level typo, trained silently without ZeRO).
+    ({"zero_optimization": {"stgae": 2}}, "ds_config zero_optimization.stgae is refused by DeepSpeed: Extra inputs"),
+    ({"zero_optimisation": {"stage": 2}}, "ds_config key 'zero_optimisation' is not a DeepSpeed setting (DeepSpeed "
+                                          "would ignore it): did you mean 'zero_optimization'?"),
+    ({"communication_data_type": "fp8"}, "ds_config is refused by DeepSpeed (ValueError: Invalid communication_data"),
+    ({"amp": {"enabled": True}}, "NVIDIA Apex AMP integration has been removed"),
+    ({"zero_optimization": None}, "ds_config is refused by DeepSpeed (TypeError"),
+    ({"scheduler": {"type": "NoSuchLR", "params": {}}}, 'scheduler.type="NoSuchLR" is not an LR scheduler'),
+    ({"scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "x"}}},
+     "scheduler WarmupLR refuses its params (ValueError: warmup_num_steps must be a positive integer, got x)"),
+    ({"scheduler": {"type": "WarmupLR"}}, 'scheduler.params=null must be a JSON object'),
+    ({"scheduler": {"params": {"warmup_num_steps": 10}}}, "scheduler.type=null is missing"),
+])
+def test_a_ds_config_deepspeed_refuses_is_refused_before_anything(tmp_path, ds, words):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, **ds}))
+    with pytest.raises(ConfigError) as e:
+        preflight(_cfg(tmp_path, f"ds_config={path}"), 2, None)
+    assert words in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_ds_config_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_bytes(b'\xff\xfe{"train_micro_batch_size_per_gpu": 2}')  # e.g. saved as UTF-16 on Windows
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):  # was a UnicodeDecodeError traceback
+        preflight(_cfg(tmp_path, f"ds_config={path}"), 2, None)
+
+
+@pytest.mark.parametrize("name", ["cpu_fp32", "cpu_fp32_act_ckpt", "cpu_fp32_zero2", "cpu_fp32_zero3", "hf_auto"])
+def test_deepspeeds_reading_accepts_the_shipped_configs_and_a_valid_scheduler(tmp_path, name):
+    from deca_ds.ds_config import shipped_path
+
+    preflight(_cfg(tmp_path, f"ds_config={shipped_path(f'ds_configs/{name}.json')}"), 2, None)
+    path = tmp_path / "sched.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "comms_logger": {"enabled": False},
+                                "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 2}}}))
+    preflight(_cfg(tmp_path, f"ds_config={path}"), 2, None)
+
+
+def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path):
+    """Resumed at max_steps, a launch trained nothing and rewrote summary.json with every final_loss null."""
+    from deca_ds.trainer import RunFinished, check_resume_step
+
+    _fake_run(tmp_path, 2)
+    out = tmp_path / "out"
+    (out / "summary.json").write_text(json.dumps({"method": "deca", "steps": 4, "clients": [{"final_loss": 1.5}]}))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for resume in ("true", "auto"):
+        with pytest.raises(RunFinished) as e:
+            preflight(_cfg(tmp_path, f"resume={resume}", "max_steps=4"), 2, None)
+        assert "already finished" in str(e.value) and "raise max_steps" in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(ConfigError, match="max_steps=3 is below step 4 of the checkpoint to resume"):
+        preflight(_cfg(tmp_path, "resume=true", "max_steps=3"), 2, None)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert preflight(_cfg(tmp_path, "resume=true", "max_steps=8"), 2, None).resume_from.name == "step_00000004"
+    # epochs: max_steps is derived at start; the run calls the same check then
+    with pytest.raises(RunFinished):
+        check_resume_step(_cfg(tmp_path, "resume=true", "max_steps=4"), 4, out / "checkpoints" / "step_00000004")
+    (out / "summary.json").unlink()  # stopped after its last checkpoint, before its summary: it may still finish
+    assert preflight(_cfg(tmp_path, "resume=true", "max_steps=4"), 2, None).resume_from.name == "step_00000004"

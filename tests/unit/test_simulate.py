@@ -231,6 +231,30 @@ def test_every_sweep_grid_expands_to_valid_run_configs_and_starts_with_its_comma
                 assert all(not k.startswith("topology.") for k in r["settings"])
 
 
+@pytest.mark.parametrize("text, words", [
+    # Once every run of such a grid started and appended an error record (and the sweep exited 0), or a traceback.
+    ("base: {max_steps: 2, optim.lrr: 0.01}\ngrid:\n  seed: [0, 1]\n",
+     "run seed=0: unknown setting 'optim.lrr'; did you mean optim.lr?; nothing was run"),
+    ("base: {max_steps: 2}\ngrid:\n  optim.lr: [0.01, -1]\n", "run optim.lr=-1: optim.lr=-1.0 is out of range"),
+    ("base: [unclosed\n", "is not valid YAML"),
+    ("grid:\n  seed: 3\n", "grid axis 'seed' must be a list of values or a mapping"),
+    ("- 1\n- 2\n", "must hold a mapping (base: settings, grid: axes)"),
+    ("base: 3\n", "base must be a mapping"),
+    (None, "does not exist"),
+])
+def test_sweep_run_refuses_a_bad_grid_before_any_run(tmp_path, capsys, text, words):
+    sweep, _ = _sweep_module()
+    grid = tmp_path / "grid.yaml"
+    if text is not None:
+        grid.write_text(text)
+    results = tmp_path / "results.jsonl"
+    assert sweep.main(["run", str(grid), "--results", str(results), "--runs-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("sweep: error: ") and words in err and "\n" not in err
+    assert not results.exists() or not results.read_text()
+    assert not (tmp_path / "runs").exists()
+
+
 def test_sweep_all_covers_every_published_grid_with_three_seeds():
     # `sweep.py all` is the one documented command that regenerates docs/results.md: every grid file except the
     # smoke grid must be in it, and the issue asks for at least 3 seeds per reported figure.

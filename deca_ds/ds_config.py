@@ -81,6 +81,22 @@ def default_ds_config_path(device_type: str | None = None) -> Path:
     return shipped_dir("ds_configs") / ("cpu_fp32.json" if device_type == "cpu" else "gpu_bf16.json")
 
 
+class _RepeatedKey(ValueError):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_repeated_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.load``'s object hook: a JSON object as a dict, refusing a key given twice (JSON keeps the last)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
+
+
 def load_ds_config(path: str | os.PathLike | None, device_type: str | None = None) -> dict[str, Any]:
     """Read a DeepSpeed JSON (the default one when ``path`` is None) and fill batch keys it leaves out.
 
@@ -102,7 +118,10 @@ def load_ds_config(path: str | os.PathLike | None, device_type: str | None = Non
                           "(see ds_configs/)")
     try:
         with open(path, encoding="utf-8") as f:
-            ds = json.load(f)
+            ds = json.load(f, object_pairs_hook=_refuse_repeated_keys)
+    except _RepeatedKey as e:
+        raise ConfigError(f"ds_config={str(path)!r} gives the key {e.key!r} twice in one object (JSON keeps the last "
+                          "silently, so the first is ignored): keep one") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"ds_config={str(path)!r} is not valid JSON (line {e.lineno}: {e.msg}): fix the file") \
             from None

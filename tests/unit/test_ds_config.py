@@ -35,6 +35,15 @@ def test_ds_config_checks_name_the_fix(tmp_path):
     bad.write_text("{ nope")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_ds_config(bad)
+    # A key given twice: JSON keeps the last, so the first (here the ZeRO stage the user meant) was silently lost.
+    twice = tmp_path / "twice.json"
+    twice.write_text('{"train_micro_batch_size_per_gpu": 2,\n "zero_optimization": {"stage": 2, "stage": 0}}')
+    with pytest.raises(ConfigError, match="gives the key 'stage' twice in one object") as e:
+        load_ds_config(twice)
+    assert "\n" not in str(e.value)
+    twice.write_text('{"a": {"stage": 2}, "b": {"stage": 0}}')  # the same key in two objects is not a repeat
+    ds = load_ds_config(twice)
+    assert ds["a"] == {"stage": 2} and ds["b"] == {"stage": 0}
     for stage in (1, 2, 3):  # ZeRO inside a client is accepted (ZeroBlockEngine)
         check_ds_config({"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": stage}}, cfg)
     filled = load_ds_config(None)

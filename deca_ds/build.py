@@ -20,6 +20,7 @@ from deca_ds.optional import import_peft
 
 __all__ = ["partition_for", "check_blocks", "block_names_for", "uses_torch_adamw", "no_decay_names",
            "build_optimizer", "topology_options", "build_topology", "build_consensus_step", "check_lora_support",
+           "check_lora_targets",
            "prepare_model", "lora_param_names"]
 
 LORA_MARK = "lora_"
@@ -57,11 +58,7 @@ def prepare_model(cfg: RunConfig, model: nn.Module) -> nn.Module:
     if not method_spec(cfg.method).lora:
         return model
     check_lora_support(cfg)
-    peft = import_peft()
-    PeftLoraConfig, get_peft_model = peft.LoraConfig, peft.get_peft_model
-
     lo = cfg.lora
-    targets = lo.target_modules if lo.target_modules is not None else "all-linear"
     if cfg.model.path is None and "lm_head" not in (lo.target_modules or []):
         # The embedded model is randomly initialised: its frozen random head after a frozen RMSNorm bounds every
         # logit gap, so adapters below it leave every token's loss above ~3 nats (tests/unit/test_dec_lora_model.py
@@ -73,16 +70,40 @@ def prepare_model(cfg: RunConfig, model: nn.Module) -> nn.Module:
                       "fit the task (a frozen random head bounds the logits): add lm_head to lora.target_modules, "
                       "e.g. lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]",
                       UserWarning, stacklevel=2)
-    peft_cfg = PeftLoraConfig(r=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=targets,
-                              bias="none", task_type="CAUSAL_LM")
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(cfg.seed)
-        try:
-            wrapped = get_peft_model(model, peft_cfg)
-        except ValueError as e:
-            raise ConfigError(f"lora.target_modules={lo.target_modules!r}: {str(e).splitlines()[0][:200]}") from None
-    return wrapped
+        return _wrap_lora(cfg, model)
+
+
+def _wrap_lora(cfg: RunConfig, model: nn.Module) -> nn.Module:
+    """``peft.get_peft_model`` with the run's LoRA settings; peft's refusal of them as one ConfigError line."""
+    peft = import_peft()
+    lo = cfg.lora
+    targets = lo.target_modules if lo.target_modules is not None else "all-linear"
+    peft_cfg = peft.LoraConfig(r=lo.rank, lora_alpha=lo.alpha, lora_dropout=lo.dropout, target_modules=targets,
+                               bias="none", task_type="CAUSAL_LM")
+    try:
+        return peft.get_peft_model(model, peft_cfg)
+    except ValueError as e:
+        raise ConfigError(f"lora.target_modules={lo.target_modules!r}: {str(e).splitlines()[0][:200]}") from None
+
+
+def check_lora_targets(cfg: RunConfig) -> None:
+    """Wrap the model on the meta device as :func:`prepare_model` will (``method=dec_lora``), so that LoRA settings
+    peft refuses (``lora.target_modules`` naming no module of the model) fail before any process group, model or
+    data exists. Shapes only: no weights, no memory (~0.1 s for an 8B model).
+
+    Raises:
+        ConfigError: as :func:`check_lora_support`, or peft refuses the LoRA settings for this model.
+    """
+    if not method_spec(cfg.method).lora:
+        return
+    check_lora_support(cfg)
+    from deca_ds.models import build_meta_model
+
+    with torch.random.fork_rng(devices=[]):  # a check leaves the run's random state alone
+        _wrap_lora(cfg, build_meta_model(cfg.model.path))
 
 
 def lora_param_names(model: nn.Module) -> list[str]:

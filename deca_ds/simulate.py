@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from deca_ds import checkpoint as ckpt
-from deca_ds.build import (build_consensus_step, build_optimizer, build_topology, check_blocks, check_lora_support,
+from deca_ds.build import (build_consensus_step, build_optimizer, build_topology, check_blocks, check_lora_targets,
                            prepare_model, uses_torch_adamw)
 from deca_ds.config import ConfigError, RunConfig
 from deca_ds.consensus import method_spec
@@ -179,7 +179,7 @@ def common_setup(sim, cfg: RunConfig) -> None:
     # Block settings against the (meta) model, as the launcher's preflight does: without it a prefix that matches
     # nothing or a fixed_order index past the last block surfaces as a traceback from the optimizer's constructor.
     check_blocks(cfg)
-    check_lora_support(cfg)
+    check_lora_targets(cfg)
     from deca_ds.optim.state_store import check_int8_support
 
     check_int8_support(cfg.optim)

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from deca_ds import checkpoint as ckpt
-from deca_ds.build import build_topology, check_blocks, check_lora_support, prepare_model
+from deca_ds.build import build_topology, check_blocks, check_lora_targets, prepare_model
 from deca_ds.config import ConfigError, RunConfig
 from deca_ds.consensus import method_spec
 from deca_ds.gossip import ClientLayout, client_distance
@@ -106,7 +106,7 @@ def preflight(cfg: RunConfig, world_size: int, ds_config_path: str | None, rank:
     check_with_deepspeed(ds, cfg)  # what deepspeed.initialize would refuse, after the model and data were built
     check_model_config(cfg.model)
     check_blocks(cfg)
-    check_lora_support(cfg)
+    check_lora_targets(cfg)
     check_int8_support(cfg.optim)
     if uses_schedule(cfg) and "scheduler" in ds:
         raise ConfigError(f"optim.schedule={cfg.optim.schedule} (with warm-up {warmup_steps(cfg)}) and the ds_config "

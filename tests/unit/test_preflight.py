@@ -31,6 +31,9 @@ def _cfg(tmp_path, *overrides):
     (["data.num_labels=9"], 2, "data.num_labels=9: the classification task supports 2 to 8 labels"),
     # A natural split of the synthetic labels over the wrong number of clients once named no fix.
     (["data.partition=natural"], 2, "column 'label' names 4 clients but there are 2: launch 4 clients"),
+    # Once refused only after the process group, the model and the data were built (prepare_model).
+    (["method=dec_lora", "lora.target_modules=[nothing]"], 2,
+     "lora.target_modules=['nothing']: Target modules {'nothing'} not found in the base model"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path, overrides, world, words):
     cfg = _cfg(tmp_path, *overrides)
@@ -159,3 +162,19 @@ def test_resuming_a_finished_run_is_refused_and_changes_nothing(tmp_path):
         check_resume_step(_cfg(tmp_path, "resume=true", "max_steps=4"), 4, out / "checkpoints" / "step_00000004")
     (out / "summary.json").unlink()  # stopped after its last checkpoint, before its summary: it may still finish
     assert preflight(_cfg(tmp_path, "resume=true", "max_steps=4"), 2, None).resume_from.name == "step_00000004"
+
+
+def test_the_simulator_refuses_lora_targets_naming_no_module_before_anything(tmp_path, monkeypatch):
+    """The simulator's set-up runs the same meta-device wrap as the launcher's preflight (check_lora_targets), before
+    any data is built (once it failed in prepare_model, after every client's data and model)."""
+    import deca_ds.data
+    from deca_ds.simulate import run_simulation
+
+    def built(*a, **k):
+        raise AssertionError("client data built before the LoRA settings were checked")
+
+    monkeypatch.setattr(deca_ds.data, "check_data_config", built)  # the set-up's step after the LoRA check
+    cfg = _cfg(tmp_path, "backend=simulate", "num_clients=2", "method=dec_lora", "lora.target_modules=[nothing]")
+    with pytest.raises(ConfigError, match="lora.target_modules=\\['nothing'\\]: Target modules") as e:
+        run_simulation(cfg, quiet=True)
+    assert "\n" not in str(e.value) and not (tmp_path / "out").exists()

@@ -763,5 +763,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r}: {k!r} is not a section")
+        if isinstance(node.get(keys[-1]), dict):  # the recipe (or an earlier override) gave this section settings
+            if value is None:
+                where = ".".join(keys)
+                raise ConfigError(f"override {item!r} gives the section {where} no settings, which would silently "
+                                  f"drop every {where} setting of the recipe: set one instead, e.g. {where}.<name>=...")
+            if isinstance(value, dict):  # a mapping adds to the section: the recipe's other settings stay
+                value = _merged(node[keys[-1]], value)
         node[keys[-1]] = value
     return _build(RunConfig, data).validate()
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra``'s settings put in, section by section (``extra`` wins)."""
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merged(out[key], value) if isinstance(out.get(key), dict) and isinstance(value, dict) else value
+    return out

@@ -189,3 +189,18 @@ def test_a_key_overriding_a_yaml_merge_is_not_a_duplicate(tmp_path):
     base.write_text("optim:\n  <<: {lr: 0.001, eps: 1.0e-6}\n  lr: 0.1\n")
     cfg = load_config(base)
     assert (cfg.optim.lr, cfg.optim.eps) == (0.1, 1e-6)
+
+
+def test_a_section_override_adds_to_the_recipes_section_and_an_empty_one_is_refused(tmp_path):
+    """``optim=`` (or ``optim=null``) silently dropped every optim setting of the recipe file (lr back to its
+    default); ``optim={betas: ...}`` replaced the section, dropping the file's lr the same way."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("optim:\n  lr: 0.05\n  weight_decay: 0.1\n")
+    for item in ("optim=", "optim=null"):
+        with pytest.raises(ConfigError, match="gives the section optim no settings, which would silently drop") as e:
+            load_config(recipe, [item])
+        assert "\n" not in str(e.value)
+    cfg = load_config(recipe, ["optim={betas: [0.9, 0.99]}"])
+    assert (cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.betas) == (0.05, 0.1, [0.9, 0.99])
+    assert load_config(recipe, ["optim={lr: 0.2}"]).optim.lr == 0.2  # the override wins where both set a key
+    assert load_config(None, ["optim="]).optim.lr == load_config(None).optim.lr  # no section given: nothing lost

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -474,10 +475,10 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     try:
         ds, layout, topo, found, changed = preflight(cfg, world_size, ds_config_path)
     except RunFinished as e:
-        if not restarts:
-            raise
-        # torchrun restarted a worker that failed after the run had finished (e.g. at interpreter exit): done.
-        print(f"deca_ds: elastic restart {restarts}: {e}; nothing left to do", flush=True)
+        # Nothing to train, nothing changed: a success, as the HF Trainer's resume of a finished run is, so that a
+        # job rerun with resume=true/auto (a scheduler that cannot tell whether the run finished before it was
+        # killed) or an elastic restart after the end does not fail.
+        _say_finished(e, restarts)
         return None
 
     from deca_ds.engine import setup_distributed
@@ -485,6 +486,11 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
     setup_distributed(cfg.comm_timeout)
     try:
         return _run_launched(cfg, ds, layout, topo, found, changed, restarts)
+    except RunFinished as e:  # with epochs, found once max_steps is derived, after the group exists
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _say_finished(e, restarts)
+        return None
     except ConfigError:
         # A refusal made together by every rank (settings or checkpoints that differ between machines, a state that
         # cannot be loaded): tear the group down before exiting, as at the end of a run - left to interpreter exit,
@@ -493,6 +499,13 @@ def run(cfg: RunConfig, ds_config_path: str | None = None) -> dict[str, Any] | N
         if dist.is_initialized():
             dist.destroy_process_group()
         raise
+
+
+def _say_finished(e: RunFinished, restarts: int) -> None:
+    """Rank 0's one line for a resumed run that had already finished (see :class:`RunFinished`)."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        where = f"elastic restart {restarts}: " if restarts else ""
+        print(f"deca_ds: {where}{e}; nothing left to do", file=sys.stderr, flush=True)
 
 
 def _run_launched(cfg: RunConfig, ds: dict[str, Any], layout: ClientLayout, topo, found: Path | None,

@@ -93,3 +93,19 @@ def test_an_elastic_restart_still_continues_its_own_run(tmp_path):
     legs = ckpt.read_run_legs(out)
     assert len(legs) == 2 and legs[0]["resumed_from"] is None and legs[1]["resumed_from"] is not None
     assert legs[0]["launch"] == legs[1]["launch"] is not None
+
+
+def test_resuming_a_finished_run_exits_0_and_changes_nothing(tmp_path):
+    """A job rerun with resume=true after its run had finished (a scheduler cannot tell whether the kill came before
+    the end) once trained nothing and rewrote summary.json with every client's final_loss null; then (3f89ea8) it
+    exited 2, failing such a job. It succeeds without touching a file, saying so in one line."""
+    from launch import torchrun
+
+    out = tmp_path / "out"
+    args = [f"output_dir={out}", "max_steps=4", "checkpoint_every=2", *FAST]
+    torchrun(RECIPE, *args)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert json.loads((out / "summary.json").read_text())["clients"][0]["final_loss"] is not None
+    res = torchrun(RECIPE, *args, "resume=true")  # exit 0 (checked)
+    assert res.stderr.count("already finished") == 1 and "nothing left to do" in res.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

@@ -376,8 +376,8 @@ def _announce_first_run(cfg) -> None:
 def _announce_outputs(cfg) -> None:
     out = Path(cfg.output_dir)
     print(f"deca_ds: wrote {out}/metrics.jsonl, {out}/training.png (loss and consensus distance per client), "
-          f"{out}/summary.json and the consensus model {out}/consensus (AutoModelForCausalLM.from_pretrained)",
-          file=sys.stderr)
+          f"{out}/partition.json and .png (training rows per client and label), {out}/summary.json and the "
+          f"consensus model {out}/consensus (AutoModelForCausalLM.from_pretrained)", file=sys.stderr)
 
 
 def _add_bench_args(p: argparse.ArgumentParser) -> None:

@@ -107,7 +107,7 @@ def test_torchrun_trainer_two_clients_of_two_ranks_equal_finetune(tmp_path):
 TRL_SCRIPT = '''
 import sys
 from trl import SFTConfig, SFTTrainer
-from deca_ds.hf import DataCollator, DecaSettings, deca_trainer_class, init_distributed
+from deca_ds.hf import DataCollator, DecaSettings, deca_trainer_class, finish_distributed, init_distributed
 from deca_ds.models import load_model_and_tokenizer
 
 out, steps = sys.argv[1], int(sys.argv[2])
@@ -120,6 +120,7 @@ model, tok = load_model_and_tokenizer(deca.config.model, seed=0)
 trainer = deca_trainer_class(SFTTrainer)(model=model, args=args, train_dataset=deca.client_data(tok).train,
                                          processing_class=tok, data_collator=DataCollator(tok.pad_token_id), deca=deca)
 trainer.train()
+finish_distributed()  # as the README's scripts end: a gloo group left to exit can abort a rank
 '''
 
 
@@ -149,7 +150,7 @@ import torch.nn.functional as F
 from transformers import HfArgumentParser, TrainingArguments
 sys.path.insert(0, "recipes")
 from hf_trainer import recipe_defaults
-from deca_ds.hf import DataCollator, DecaSettings, DecaTrainer, init_distributed
+from deca_ds.hf import DataCollator, DecaSettings, DecaTrainer, finish_distributed, init_distributed
 from deca_ds.models import load_model_and_tokenizer
 
 
@@ -168,6 +169,7 @@ model, tok = load_model_and_tokenizer(deca.config.model, seed=args.seed)
 trainer = DecaTrainer(model=model, args=args, train_dataset=deca.client_data(tok).train, processing_class=tok,
                       data_collator=DataCollator(tok.pad_token_id), deca=deca, compute_loss_func=token_mean)
 trainer.train()
+finish_distributed()  # as the README's scripts end: a gloo group left to exit can abort a rank
 '''
 LOSS_FUNC_STEPS = 6
 
